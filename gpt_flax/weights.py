@@ -1,0 +1,71 @@
+"""Canonical state dict <-> NNX state. Every rename and transpose between the twins is in `_LEAVES`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gpt_spec import StateDict, check_state_dict
+
+# NNX parameter name -> (canonical name, transposed?). nnx.Linear keeps its kernel (in, out)
+# where nn.Linear keeps its weight (out, in); nnx.Embed's table is nn.Embedding's weight as is.
+_LEAVES = {
+    "embedding": ("weight", False),
+    "kernel": ("weight", True),
+    "bias": ("bias", False),
+    "scale": ("scale", False),
+    "shift": ("shift", False),
+}
+# nnx.Sequential holds its children under `.layers`; nn.Sequential names them directly.
+_SEQUENTIAL_CHILDREN = "layers"
+
+
+def _canonical(path: tuple) -> tuple[str, bool]:
+    *modules, leaf = path
+    if leaf not in _LEAVES:
+        raise ValueError(f"no canonical name for parameter {'/'.join(map(str, path))}")
+    name, transposed = _LEAVES[leaf]
+    parts = [str(p) for p in modules if p != _SEQUENTIAL_CHILDREN]
+    return ".".join([*parts, name]), transposed
+
+
+def _params(model: nnx.Module) -> dict[str, tuple[nnx.Variable, bool]]:
+    """Canonical name -> (the live parameter, transposed?)."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name, transposed = _canonical(path)
+        out[name] = (var, transposed)
+    return out
+
+
+def state_dict(model: nnx.Module) -> StateDict:
+    """The model's parameters as the canonical `{name: numpy array}` (torch names and layouts)."""
+    out = {}
+    for name, (var, transposed) in _params(model).items():
+        value = np.asarray(var[...])
+        out[name] = np.ascontiguousarray(value.T if transposed else value)
+    return out
+
+
+def load_state_dict(model: nnx.Module, sd: Mapping[str, object]) -> None:
+    """Copy a canonical state dict into `model`, all or nothing.
+
+    Every key, shape and dtype is checked before any parameter changes; a bad dict raises
+    ValueError and leaves the model untouched. Values are cast to each parameter's dtype.
+    """
+    params = _params(model)
+    expected = {
+        name: var.shape[::-1] if transposed else var.shape
+        for name, (var, transposed) in params.items()
+    }
+    arrays = check_state_dict(expected, sd, type(model).__name__)
+    # Convert everything before assigning anything: nnx.state hands out the live Variables.
+    updates = [
+        (var, jnp.asarray(arrays[name].T if transposed else arrays[name], dtype=var.dtype))
+        for name, (var, transposed) in params.items()
+    ]
+    for var, value in updates:
+        var[...] = value

@@ -1,0 +1,116 @@
+"""One config schema for both twins: the book's GPT_CONFIG_124M keys, typed, frozen and checked."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+import os
+from collections.abc import Mapping
+from typing import Any
+
+# Sizes from the book's chapter 5 table of GPT-2 models; the other fields are GPT_CONFIG_124M's.
+_GPT2_BASE = {"vocab_size": 50257, "context_length": 1024, "drop_rate": 0.1, "qkv_bias": False}
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2-small": {**_GPT2_BASE, "emb_dim": 768, "n_layers": 12, "n_heads": 12},  # 124M
+    "gpt2-medium": {**_GPT2_BASE, "emb_dim": 1024, "n_layers": 24, "n_heads": 16},  # 355M
+    "gpt2-large": {**_GPT2_BASE, "emb_dim": 1280, "n_layers": 36, "n_heads": 20},  # 774M
+    "gpt2-xl": {**_GPT2_BASE, "emb_dim": 1600, "n_layers": 48, "n_heads": 25},  # 1558M
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GPTConfig:
+    """Hyperparameters of the chapter-4 GPT, with the book's field names."""
+
+    vocab_size: int
+    context_length: int
+    emb_dim: int
+    n_heads: int
+    n_layers: int
+    drop_rate: float
+    qkv_bias: bool
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+            object.__setattr__(self, name, int(value))
+        if self.emb_dim % self.n_heads:
+            raise ValueError(
+                f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
+            )
+        rate = self.drop_rate
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
+            raise ValueError(f"drop_rate must be a number, got {rate!r} ({type(rate).__name__})")
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {rate}")
+        object.__setattr__(self, "drop_rate", float(rate))
+        # numpy.bool_ is not a bool subclass; accept it, refuse 0/1 and strings.
+        if type(self.qkv_bias).__name__ not in ("bool", "bool_"):
+            raise ValueError(
+                f"qkv_bias must be a bool, got {self.qkv_bias!r} ({type(self.qkv_bias).__name__})"
+            )
+        object.__setattr__(self, "qkv_bias", bool(self.qkv_bias))
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    @classmethod
+    def preset(cls, name: str) -> GPTConfig:
+        """One of the book's GPT-2 sizes: gpt2-small, gpt2-medium, gpt2-large, gpt2-xl."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any]) -> GPTConfig:
+        """Build from a plain dict such as the book's GPT_CONFIG_124M."""
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"config must be a mapping, got {type(cfg).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(cfg) - set(known), key=str)
+        if unknown:
+            raise ValueError(
+                f"unknown config key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}"
+            )
+        missing = [k for k in known if k not in cfg]
+        if missing:
+            raise ValueError(f"missing config key(s): {', '.join(missing)}")
+        return cls(**cfg)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> GPTConfig:
+        """Read a JSON object with the book's keys."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except OSError as e:
+            raise ValueError(f"cannot read config file {os.fspath(path)!r}: {e.strerror}") from e
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {os.fspath(path)!r} is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+    @classmethod
+    def coerce(cls, cfg: GPTConfig | Mapping[str, Any]) -> GPTConfig:
+        """Accept a GPTConfig or the book's plain dict; the twins' constructors call this."""
+        return cfg if isinstance(cfg, cls) else cls.from_dict(cfg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> GPTConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def resolve_config(spec: str) -> GPTConfig:
+    """A preset name or the path of a JSON config file (what the CLI's --config takes)."""
+    if spec in PRESETS:
+        return GPTConfig.preset(spec)
+    if spec.endswith(".json") or os.path.sep in spec:
+        return GPTConfig.from_json(spec)
+    return GPTConfig.preset(spec)  # raises with the list of presets

@@ -1,0 +1,72 @@
+"""Plain-text tables for the terminal, and progress lines on stderr for anything slow."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Columns padded to their widest cell; numbers right-aligned, text left-aligned."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [all(_is_number(row[i]) for row in rows) and bool(rows) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _cell(v: object) -> str:
+    if not isinstance(v, float):
+        return str(v)
+    if v != v or v in (float("inf"), float("-inf")):
+        return str(v)
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if v == 0 or abs(v) >= 0.01:
+        return f"{v:.4g}"
+    return f"{v:.2e}"
+
+
+class Progress:
+    """`[i/n] what ... done in 1.2s` lines on stderr, so stdout stays a clean table."""
+
+    def __init__(self, total: int, stream=None, enabled: bool = True):
+        self.total = total
+        self.done = 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+
+    def step(self, what: str):
+        return _Step(self, what)
+
+
+class _Step:
+    def __init__(self, progress: Progress, what: str):
+        self.progress = progress
+        self.what = what
+
+    def __enter__(self):
+        p = self.progress
+        p.done += 1
+        self.t0 = time.perf_counter()
+        if p.enabled:
+            print(f"[{p.done}/{p.total}] {self.what} ...", file=p.stream, flush=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        p = self.progress
+        if p.enabled and exc_type is None:
+            print(f"[{p.done}/{p.total}] {self.what}: done in {time.perf_counter() - self.t0:.1f}s",
+                  file=p.stream, flush=True)
+        return False

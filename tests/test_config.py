@@ -1,0 +1,95 @@
+import json
+
+import pytest
+
+from conftest import GPT_CONFIG_124M
+from gpt_spec import PRESETS, GPTConfig, resolve_config
+
+
+def test_book_dict_is_gpt2_small_and_round_trips():
+    cfg = GPTConfig.from_dict(GPT_CONFIG_124M)
+    assert cfg == GPTConfig.preset("gpt2-small")
+    assert cfg.to_dict() == GPT_CONFIG_124M
+    assert cfg.head_dim == 64
+
+
+@pytest.mark.parametrize(
+    "name, emb_dim, n_layers, n_heads",
+    [("gpt2-small", 768, 12, 12), ("gpt2-medium", 1024, 24, 16),
+     ("gpt2-large", 1280, 36, 20), ("gpt2-xl", 1600, 48, 25)],
+)
+def test_presets_have_the_books_sizes(name, emb_dim, n_layers, n_heads):
+    cfg = GPTConfig.preset(name)
+    assert (cfg.emb_dim, cfg.n_layers, cfg.n_heads) == (emb_dim, n_layers, n_heads)
+    assert (cfg.vocab_size, cfg.context_length) == (50257, 1024)
+
+
+def test_config_is_frozen():
+    cfg = GPTConfig.preset("gpt2-small")
+    with pytest.raises(AttributeError):
+        cfg.emb_dim = 1  # type: ignore[misc]
+    assert cfg.replace(emb_dim=24, n_heads=3).emb_dim == 24
+    assert hash(cfg) == hash(GPTConfig.preset("gpt2-small"))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"vocab_size": 0}, "vocab_size must be positive, got 0"),
+        ({"context_length": -4}, "context_length must be positive, got -4"),
+        ({"n_layers": 2.0}, "n_layers must be an int, got 2.0 (float)"),
+        ({"n_heads": True}, "n_heads must be an int, got True (bool)"),
+        ({"emb_dim": 770}, "emb_dim (770) must be divisible by n_heads (12)"),
+        ({"drop_rate": 1.0}, "drop_rate must be in [0, 1), got 1.0"),
+        ({"drop_rate": -0.1}, "drop_rate must be in [0, 1), got -0.1"),
+        ({"drop_rate": "0.1"}, "drop_rate must be a number, got '0.1' (str)"),
+        ({"qkv_bias": 1}, "qkv_bias must be a bool, got 1 (int)"),
+    ],
+)
+def test_bad_values_name_the_field_and_rule(change, message):
+    with pytest.raises(ValueError) as e:
+        GPTConfig.from_dict({**GPT_CONFIG_124M, **change})
+    assert str(e.value) == message
+
+
+def test_unknown_and_missing_keys():
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) 'emb_size'; known keys: vocab_size"):
+        GPTConfig.from_dict({**GPT_CONFIG_124M, "emb_size": 768})
+    partial = {k: v for k, v in GPT_CONFIG_124M.items() if k != "qkv_bias"}
+    with pytest.raises(ValueError, match=r"missing config key\(s\): qkv_bias"):
+        GPTConfig.from_dict(partial)
+    with pytest.raises(ValueError, match="config must be a mapping, got list"):
+        GPTConfig.from_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ValueError) as e:
+        GPTConfig.preset("gpt2-tiny")
+    assert str(e.value) == f"unknown preset 'gpt2-tiny'; known presets: {', '.join(PRESETS)}"
+
+
+def test_numpy_scalars_are_accepted_as_plain_python():
+    np = pytest.importorskip("numpy")
+    cfg = GPTConfig.from_dict({**GPT_CONFIG_124M, "emb_dim": np.int64(768), "qkv_bias": np.bool_(True),
+                               "drop_rate": np.float32(0.0)})
+    assert type(cfg.emb_dim) is int and cfg.qkv_bias is True and type(cfg.drop_rate) is float
+
+
+def test_coerce_accepts_both_forms(tiny_cfg):
+    assert GPTConfig.coerce(tiny_cfg) is tiny_cfg
+    assert GPTConfig.coerce(tiny_cfg.to_dict()) == tiny_cfg
+
+
+def test_json_files_and_resolve(tmp_path, tiny_cfg):
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(tiny_cfg.to_dict()))
+    assert resolve_config(str(path)) == tiny_cfg
+    assert resolve_config("gpt2-medium") == GPTConfig.preset("gpt2-medium")
+    with pytest.raises(ValueError, match="cannot read config file .*missing.json"):
+        resolve_config(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        resolve_config(str(bad))
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        resolve_config("nope")
