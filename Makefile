@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 run: $(STAMP)
-	$(BIN)/gpt-parity check
-	$(BIN)/gpt-parity bench --repeats 3
+	mkdir -p out
+	$(BIN)/gpt-parity check --layers --train-steps 10 --plot out/layers.png --json out/check.json
+	$(BIN)/gpt-parity bench --repeats 3 --json out/bench.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

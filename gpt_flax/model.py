@@ -16,21 +16,22 @@ from gpt_spec import GPTConfig, check_token_ids
 FINAL_NORMS = ("dummy", "layernorm")
 
 
-def check_ids(in_idx: Any, cfg: GPTConfig) -> jax.Array:
+def check_ids(in_idx: Any, cfg: GPTConfig, *, check_length: bool = True) -> jax.Array:
     """Refuse ids the embedding lookup would clamp, as torch's twin refuses them; return a jax array.
 
     Inside a trace the values are unknown, so only shape and dtype are checked; the jitted entry
     points check values on the host before dispatch.
     """
     if isinstance(in_idx, jax.core.Tracer):
-        check_token_ids(in_idx.shape, in_idx.dtype.kind, str(in_idx.dtype), None, None, cfg)
+        check_token_ids(in_idx.shape, in_idx.dtype.kind, str(in_idx.dtype), None, None, cfg,
+                        check_length=check_length)
         return in_idx
     host = np.asarray(in_idx)
     kind = host.dtype.kind
     lo = hi = None
     if kind in ("i", "u") and host.size > 0:
         lo, hi = int(host.min()), int(host.max())
-    check_token_ids(host.shape, kind, str(host.dtype), lo, hi, cfg)
+    check_token_ids(host.shape, kind, str(host.dtype), lo, hi, cfg, check_length=check_length)
     return jnp.asarray(in_idx)
 
 
@@ -77,10 +78,100 @@ class LayerNorm(nnx.Module):
         return self.scale[...] * norm_x + self.shift[...]
 
 
+class GELU(nnx.Module):
+    """The book's GELU: the tanh approximation, written out (jax.nn.gelu's default is the same form)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return 0.5 * x * (1 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * jnp.power(x, 3))))
+
+
+class FeedForward(nnx.Module):
+    """emb_dim -> 4 * emb_dim -> GELU -> emb_dim."""
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.layers = nnx.Sequential(
+            torch_linear(cfg.emb_dim, 4 * cfg.emb_dim, use_bias=True, rngs=rngs),
+            GELU(),
+            torch_linear(4 * cfg.emb_dim, cfg.emb_dim, use_bias=True, rngs=rngs),
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.layers(x)
+
+
+class MultiHeadAttention(nnx.Module):
+    """Causal multi-head self-attention with separate query, key and value projections."""
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
+                 qkv_bias: bool = False, *, rngs: nnx.Rngs):
+        if d_out % num_heads:
+            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.W_query = torch_linear(d_in, d_out, use_bias=qkv_bias, rngs=rngs)
+        self.W_key = torch_linear(d_in, d_out, use_bias=qkv_bias, rngs=rngs)
+        self.W_value = torch_linear(d_in, d_out, use_bias=qkv_bias, rngs=rngs)
+        self.out_proj = torch_linear(d_out, d_out, use_bias=True, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        # torch keeps a (context_length, context_length) mask buffer; here the mask is built from
+        # the input's shape at trace time, a constant, so context_length is not needed.
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, num_tokens, d_in = x.shape
+        keys = self.W_key(x)  # (b, num_tokens, d_out)
+        queries = self.W_query(x)
+        values = self.W_value(x)
+        keys = keys.reshape(b, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        queries = queries.reshape(b, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        values = values.reshape(b, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        # (b, num_heads, num_tokens, head_dim)
+        attn_scores = queries @ keys.transpose(0, 1, 3, 2)  # (b, num_heads, num_tokens, num_tokens)
+        mask_bool = jnp.triu(jnp.ones((num_tokens, num_tokens), dtype=bool), k=1)
+        attn_scores = jnp.where(mask_bool, -jnp.inf, attn_scores)
+        attn_weights = jax.nn.softmax(attn_scores / keys.shape[-1] ** 0.5, axis=-1)
+        attn_weights = self.dropout(attn_weights)
+        context_vec = (attn_weights @ values).transpose(0, 2, 1, 3)  # (b, num_tokens, num_heads, head_dim)
+        context_vec = context_vec.reshape(b, num_tokens, self.d_out)
+        return self.out_proj(context_vec)
+
+
+class TransformerBlock(nnx.Module):
+    """Pre-LayerNorm block: attention and feed-forward, each with shortcut dropout and a residual add."""
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.att = MultiHeadAttention(
+            d_in=cfg.emb_dim,
+            d_out=cfg.emb_dim,
+            context_length=cfg.context_length,
+            num_heads=cfg.n_heads,
+            dropout=cfg.drop_rate,
+            qkv_bias=cfg.qkv_bias,
+            rngs=rngs,
+        )
+        self.ff = FeedForward(cfg, rngs=rngs)
+        self.norm1 = LayerNorm(cfg.emb_dim)
+        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.drop_shortcut = nnx.Dropout(cfg.drop_rate, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shortcut = x
+        x = self.norm1(x)
+        x = self.att(x)
+        x = self.drop_shortcut(x)
+        x = x + shortcut
+
+        shortcut = x
+        x = self.norm2(x)
+        x = self.ff(x)
+        x = self.drop_shortcut(x)
+        return x + shortcut
+
+
 class DummyTransformerBlock(nnx.Module):
     """Placeholder for the transformer block of §4.2-4.5: the identity."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs | None = None):
         pass
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -97,49 +188,73 @@ class DummyLayerNorm(nnx.Module):
         return x
 
 
-def _final_norm(kind: str, emb_dim: int) -> nnx.Module:
+def _final_norm(kind: str) -> type[nnx.Module]:
     if kind not in FINAL_NORMS:
         raise ValueError(f"final_norm must be one of {', '.join(FINAL_NORMS)}, got {kind!r}")
-    return LayerNorm(emb_dim) if kind == "layernorm" else DummyLayerNorm(emb_dim)
+    return LayerNorm if kind == "layernorm" else DummyLayerNorm
 
 
-class DummyGPTModel(nnx.Module):
-    """The §4.1 skeleton: embeddings, identity blocks, a final norm and the vocabulary head.
+class _GPT(nnx.Module):
+    """What DummyGPTModel and GPTModel share: the book's modules, in the book's order, and __call__."""
 
-    `final_norm="layernorm"` puts a real LayerNorm where the book has its placeholder.
-    """
-
-    def __init__(
-        self, cfg: GPTConfig | Mapping[str, Any], final_norm: str = "dummy", *, rngs: nnx.Rngs
-    ):
-        cfg = GPTConfig.coerce(cfg)
+    def _build(self, cfg: GPTConfig, block: type[nnx.Module], final_norm: type[nnx.Module],
+               rngs: nnx.Rngs) -> None:
         self.cfg = cfg
         self.tok_emb = torch_embedding(cfg.vocab_size, cfg.emb_dim, rngs=rngs)
         self.pos_emb = torch_embedding(cfg.context_length, cfg.emb_dim, rngs=rngs)
         self.drop_emb = nnx.Dropout(cfg.drop_rate, rngs=rngs)
-        self.trf_blocks = nnx.Sequential(*[DummyTransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        self.final_norm = _final_norm(final_norm, cfg.emb_dim)
+        self.trf_blocks = nnx.Sequential(*[block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = final_norm(cfg.emb_dim)
         self.out_head = torch_linear(cfg.emb_dim, cfg.vocab_size, use_bias=False, rngs=rngs)
 
-    def __call__(self, in_idx: Any) -> jax.Array:
-        """(batch, seq_len) integer ids -> (batch, seq_len, vocab_size) logits."""
+    def __call__(self, in_idx: Any, return_activations: bool = False):
+        """(batch, seq_len) integer ids -> (batch, seq_len, vocab_size) logits.
+
+        With `return_activations`, a dict of every stage's output instead, each named by the module
+        that produced it: drop_emb, trf_blocks.0 ... trf_blocks.{n-1}, final_norm, out_head (the logits).
+        """
         in_idx = check_ids(in_idx, self.cfg)
         batch_size, seq_len = in_idx.shape
         tok_embeds = self.tok_emb(in_idx)  # (batch_size, seq_len, emb_dim)
         pos_embeds = self.pos_emb(jnp.arange(seq_len))  # (seq_len, emb_dim)
         x = self.drop_emb(tok_embeds + pos_embeds)
-        x = self.trf_blocks(x)
+        activations = {"drop_emb": x}
+        for i, block in enumerate(self.trf_blocks.layers):
+            x = block(x)
+            activations[f"trf_blocks.{i}"] = x
         x = self.final_norm(x)
-        return self.out_head(x)  # (batch_size, seq_len, vocab_size)
+        logits = self.out_head(x)  # (batch_size, seq_len, vocab_size)
+        if return_activations:
+            return {**activations, "final_norm": x, "out_head": logits}
+        return logits
 
 
-def jit_forward(model: nnx.Module, *, device: jax.Device | None = None):
+class DummyGPTModel(_GPT):
+    """The §4.1 skeleton: embeddings, identity blocks, a final norm and the vocabulary head.
+
+    `final_norm="layernorm"` puts a real LayerNorm where the book has its placeholder.
+    """
+
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any], final_norm: str = "dummy", *,
+                 rngs: nnx.Rngs):
+        self._build(GPTConfig.coerce(cfg), DummyTransformerBlock, _final_norm(final_norm), rngs)
+
+
+class GPTModel(_GPT):
+    """The GPT of §4.6: n_layers transformer blocks between the embeddings and the head."""
+
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any], *, rngs: nnx.Rngs):
+        self._build(GPTConfig.coerce(cfg), TransformerBlock, LayerNorm, rngs)
+
+
+def jit_forward(model: nnx.Module, *, device: jax.Device | None = None, return_activations: bool = False):
     """The model's forward as one compiled function of the ids, for inference and benchmarks.
 
     `nnx.split` runs once here, not per call, and `jax.jit` traces the pure function of the state,
-    so a call costs one dispatch. Ids are checked on the host before dispatch (inside the trace
-    their values are unknown). Dropout keys advance from call to call as in the eager model.
-    Returns `forward(ids) -> logits`; with `device`, weights and ids live on that device.
+    so a call costs one dispatch; the weights are those the model holds now. Ids are checked on
+    the host before dispatch (inside the trace their values are unknown). Dropout keys advance
+    from call to call as in the eager model. With `device`, weights and ids live on that device.
+    Returns `forward(ids)`, giving what `model(ids, return_activations)` gives.
     """
     cfg = model.cfg
     graphdef, rng_state, params = nnx.split(model, nnx.RngState, ...)
@@ -149,14 +264,14 @@ def jit_forward(model: nnx.Module, *, device: jax.Device | None = None):
     @jax.jit
     def pure_forward(rng_state, params, in_idx):
         m = nnx.merge(graphdef, rng_state, params)
-        return m(in_idx), nnx.state(m, nnx.RngState)
+        return m(in_idx, return_activations), nnx.state(m, nnx.RngState)
 
-    def forward(in_idx: Any) -> jax.Array:
+    def forward(in_idx: Any):
         nonlocal rng_state
         ids = check_ids(in_idx, cfg)
         if device is not None:
             ids = jax.device_put(ids, device)
-        logits, rng_state = pure_forward(rng_state, params, ids)
-        return logits
+        out, rng_state = pure_forward(rng_state, params, ids)
+        return out
 
     return forward

@@ -19,8 +19,9 @@ _LEAVES = {
     "scale": ("scale", False),
     "shift": ("shift", False),
 }
-# nnx.Sequential holds its children under `.layers`; nn.Sequential names them directly.
-_SEQUENTIAL_CHILDREN = "layers"
+# nnx.Sequential holds its children in a list `.layers`, so its paths read `trf_blocks/layers/0/...`
+# where nn.Sequential's read `trf_blocks.0...`. FeedForward's own attribute `layers` stays.
+_SEQUENTIAL_LIST = "layers"
 
 
 def _canonical(path: tuple) -> tuple[str, bool]:
@@ -28,7 +29,10 @@ def _canonical(path: tuple) -> tuple[str, bool]:
     if leaf not in _LEAVES:
         raise ValueError(f"no canonical name for parameter {'/'.join(map(str, path))}")
     name, transposed = _LEAVES[leaf]
-    parts = [str(p) for p in modules if p != _SEQUENTIAL_CHILDREN]
+    parts = [
+        str(p) for p, nxt in zip(modules, [*modules[1:], leaf])
+        if not (p == _SEQUENTIAL_LIST and isinstance(nxt, int))
+    ]
     return ".".join([*parts, name]), transposed
 
 
@@ -41,13 +45,20 @@ def _params(model: nnx.Module) -> dict[str, tuple[nnx.Variable, bool]]:
     return out
 
 
+def to_canonical(params: nnx.State) -> StateDict:
+    """An NNX state of parameters (or of their gradients) as a canonical `{name: numpy array}`."""
+    out = {}
+    for path, var in nnx.to_flat_state(params):
+        name, transposed = _canonical(path)
+        value = np.asarray(var[...] if isinstance(var, nnx.Variable) else var)
+        # A copy, never a view: the JAX buffer may be donated to (and overwritten by) a train step.
+        out[name] = np.array(value.T if transposed else value, order="C", copy=True)
+    return out
+
+
 def state_dict(model: nnx.Module) -> StateDict:
     """The model's parameters as the canonical `{name: numpy array}` (torch names and layouts)."""
-    out = {}
-    for name, (var, transposed) in _params(model).items():
-        value = np.asarray(var[...])
-        out[name] = np.ascontiguousarray(value.T if transposed else value)
-    return out
+    return to_canonical(nnx.state(model, nnx.Param))
 
 
 def load_state_dict(model: nnx.Module, sd: Mapping[str, object]) -> None:

@@ -2,14 +2,16 @@
 
 from .checkpoint import StateDict, check_state_dict
 from .config import PRESETS, GPTConfig, resolve_config
-from .inputs import check_token_ids
+from .inputs import check_generation, check_targets, check_token_ids
 from .tokenizer import get_tokenizer
 
 __all__ = [
     "PRESETS",
     "GPTConfig",
     "StateDict",
+    "check_generation",
     "check_state_dict",
+    "check_targets",
     "check_token_ids",
     "get_tokenizer",
     "resolve_config",

@@ -1,10 +1,12 @@
-"""Checks on token-id batches shared by both twins, so both refuse the same input with the same words.
+"""Checks on inputs shared by both twins, so both refuse the same input with the same words.
 
 torch raises IndexError on an out-of-range id while JAX clamps it and returns plausible logits;
 each twin reduces its input to (shape, dtype, min, max) and calls `check_token_ids`.
 """
 
 from __future__ import annotations
+
+import numbers
 
 from .config import GPTConfig
 
@@ -16,11 +18,14 @@ def check_token_ids(
     lo: int | None,
     hi: int | None,
     cfg: GPTConfig,
+    *,
+    check_length: bool = True,
 ) -> None:
     """Raise ValueError unless the ids are a non-empty (batch, seq_len) integer batch the model accepts.
 
     `dtype_kind` is numpy's kind letter ('i', 'u', 'b', 'f', ...). `lo`/`hi` are the smallest and
-    largest id, or None when the values are not known on the host (inside a JAX trace).
+    largest id, or None when the values are not known on the host (inside a JAX trace). Prompts
+    for generation pass `check_length=False`: generation crops them to the context.
     """
     if len(shape) != 2:
         raise ValueError(f"token ids must have shape (batch, seq_len), got shape {tuple(shape)}")
@@ -29,11 +34,43 @@ def check_token_ids(
     batch, seq_len = shape
     if batch == 0 or seq_len == 0:
         raise ValueError(f"token ids must be non-empty, got shape {tuple(shape)}")
-    if seq_len > cfg.context_length:
-        raise ValueError(
-            f"sequence length {seq_len} exceeds context_length {cfg.context_length}"
-        )
+    if check_length and seq_len > cfg.context_length:
+        raise ValueError(f"sequence length {seq_len} exceeds context_length {cfg.context_length}")
     if lo is not None and lo < 0:
         raise ValueError(f"token id {lo} is out of range [0, {cfg.vocab_size}) (vocab_size)")
     if hi is not None and hi >= cfg.vocab_size:
         raise ValueError(f"token id {hi} is out of range [0, {cfg.vocab_size}) (vocab_size)")
+
+
+def _count(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_generation(prompt_len: int, max_new_tokens: object, context_size: object,
+                     cfg: GPTConfig) -> tuple[int, int]:
+    """Check generate_text_simple's arguments; return (max_new_tokens, context_size) as ints.
+
+    The book's loop feeds the model the last `context_size` tokens at each step; it fails only if
+    such a window ever outgrows the model's context_length. That is known before the first step,
+    so both twins refuse it up front, with the message the forward would give.
+    """
+    max_new_tokens = _count("max_new_tokens", max_new_tokens, 0)
+    context_size = _count("context_size", context_size, 1)
+    if max_new_tokens:
+        longest = min(context_size, prompt_len + max_new_tokens - 1)
+        if longest > cfg.context_length:
+            first = min(context_size, max(prompt_len, cfg.context_length + 1))
+            raise ValueError(f"sequence length {first} exceeds context_length {cfg.context_length}")
+    return max_new_tokens, context_size
+
+
+def check_targets(input_shape: tuple[int, ...], target_shape: tuple[int, ...]) -> None:
+    """Next-token targets pair one-to-one with the inputs."""
+    if tuple(target_shape) != tuple(input_shape):
+        raise ValueError(
+            f"targets have shape {tuple(target_shape)}, expected the inputs' shape {tuple(input_shape)}"
+        )

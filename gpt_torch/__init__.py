@@ -1,13 +1,35 @@
 """The PyTorch twin of the chapter-4 GPT."""
 
-from .model import DummyGPTModel, DummyLayerNorm, DummyTransformerBlock, LayerNorm
+from .model import (
+    DummyGPTModel,
+    DummyLayerNorm,
+    DummyTransformerBlock,
+    FeedForward,
+    GELU,
+    GPTModel,
+    LayerNorm,
+    MultiHeadAttention,
+    TransformerBlock,
+)
+from .generate import generate_text_simple
+from .train import adamw, calc_loss_batch, loss_and_grads, train_step
 from .weights import load_state_dict, state_dict
 
 __all__ = [
     "DummyGPTModel",
     "DummyLayerNorm",
     "DummyTransformerBlock",
+    "FeedForward",
+    "GELU",
+    "GPTModel",
     "LayerNorm",
+    "MultiHeadAttention",
+    "TransformerBlock",
+    "adamw",
+    "calc_loss_batch",
+    "generate_text_simple",
     "load_state_dict",
+    "loss_and_grads",
     "state_dict",
+    "train_step",
 ]

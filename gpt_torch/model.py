@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,7 +14,7 @@ from gpt_spec import GPTConfig, check_token_ids
 FINAL_NORMS = ("dummy", "layernorm")
 
 
-def check_ids(in_idx: torch.Tensor, cfg: GPTConfig) -> None:
+def check_ids(in_idx: torch.Tensor, cfg: GPTConfig, *, check_length: bool = True) -> None:
     """Refuse ids nn.Embedding would index out of range (or silently accept), as the Flax twin does."""
     if torch.compiler.is_compiling():
         return  # a data-dependent check would break the graph; callers validate before compiling
@@ -29,7 +30,8 @@ def check_ids(in_idx: torch.Tensor, cfg: GPTConfig) -> None:
     lo = hi = None
     if kind in ("i", "u") and in_idx.numel() > 0:
         lo, hi = (int(v) for v in torch.aminmax(in_idx))
-    check_token_ids(tuple(in_idx.shape), kind, str(dtype).removeprefix("torch."), lo, hi, cfg)
+    check_token_ids(tuple(in_idx.shape), kind, str(dtype).removeprefix("torch."), lo, hi, cfg,
+                    check_length=check_length)
 
 
 class LayerNorm(nn.Module):
@@ -46,6 +48,101 @@ class LayerNorm(nn.Module):
         var = x.var(dim=-1, keepdim=True, unbiased=False)
         norm_x = (x - mean) / torch.sqrt(var + self.eps)
         return self.scale * norm_x + self.shift
+
+
+class GELU(nn.Module):
+    """The book's GELU: the tanh approximation (torch.nn.GELU() defaults to the exact erf form)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+class FeedForward(nn.Module):
+    """emb_dim -> 4 * emb_dim -> GELU -> emb_dim."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
+            GELU(),
+            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention with separate query, key and value projections."""
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
+                 qkv_bias: bool = False):
+        super().__init__()
+        if d_out % num_heads:
+            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        # Not persistent: the mask is derived from context_length, so it stays out of the
+        # canonical state dict (the book's own model.pth carries it; loaders drop it).
+        self.register_buffer(
+            "mask", torch.triu(torch.ones(context_length, context_length), diagonal=1), persistent=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, num_tokens, d_in = x.shape
+        keys = self.W_key(x)  # (b, num_tokens, d_out)
+        queries = self.W_query(x)
+        values = self.W_value(x)
+        keys = keys.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        queries = queries.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        values = values.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        # (b, num_heads, num_tokens, head_dim)
+        attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_tokens, num_tokens)
+        mask_bool = self.mask.bool()[:num_tokens, :num_tokens]
+        attn_scores = attn_scores.masked_fill(mask_bool, -torch.inf)
+        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+        attn_weights = self.dropout(attn_weights)
+        context_vec = (attn_weights @ values).transpose(1, 2)  # (b, num_tokens, num_heads, head_dim)
+        context_vec = context_vec.contiguous().view(b, num_tokens, self.d_out)
+        return self.out_proj(context_vec)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: attention and feed-forward, each with shortcut dropout and a residual add."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg.emb_dim,
+            d_out=cfg.emb_dim,
+            context_length=cfg.context_length,
+            num_heads=cfg.n_heads,
+            dropout=cfg.drop_rate,
+            qkv_bias=cfg.qkv_bias,
+        )
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg.emb_dim)
+        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.norm1(x)
+        x = self.att(x)
+        x = self.drop_shortcut(x)
+        x = x + shortcut
+
+        shortcut = x
+        x = self.norm2(x)
+        x = self.ff(x)
+        x = self.drop_shortcut(x)
+        return x + shortcut
 
 
 class DummyTransformerBlock(nn.Module):
@@ -68,13 +165,48 @@ class DummyLayerNorm(nn.Module):
         return x
 
 
-def _final_norm(kind: str, emb_dim: int) -> nn.Module:
+def _final_norm(kind: str) -> type[nn.Module]:
     if kind not in FINAL_NORMS:
         raise ValueError(f"final_norm must be one of {', '.join(FINAL_NORMS)}, got {kind!r}")
-    return LayerNorm(emb_dim) if kind == "layernorm" else DummyLayerNorm(emb_dim)
+    return LayerNorm if kind == "layernorm" else DummyLayerNorm
 
 
-class DummyGPTModel(nn.Module):
+class _GPT(nn.Module):
+    """What DummyGPTModel and GPTModel share: the book's modules, in the book's order, and forward."""
+
+    def _build(self, cfg: GPTConfig, block: type[nn.Module], final_norm: type[nn.Module]) -> None:
+        self.cfg = cfg
+        # Creation order is the book's: it fixes which numbers torch.manual_seed(123) gives each.
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.Sequential(*[block(cfg) for _ in range(cfg.n_layers)])
+        self.final_norm = final_norm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+
+    def forward(self, in_idx: torch.Tensor, return_activations: bool = False):
+        """(batch, seq_len) integer ids -> (batch, seq_len, vocab_size) logits.
+
+        With `return_activations`, a dict of every stage's output instead, each named by the module
+        that produced it: drop_emb, trf_blocks.0 ... trf_blocks.{n-1}, final_norm, out_head (the logits).
+        """
+        check_ids(in_idx, self.cfg)
+        batch_size, seq_len = in_idx.shape
+        tok_embeds = self.tok_emb(in_idx)  # (batch_size, seq_len, emb_dim)
+        pos_embeds = self.pos_emb(torch.arange(seq_len, device=in_idx.device))  # (seq_len, emb_dim)
+        x = self.drop_emb(tok_embeds + pos_embeds)
+        activations = {"drop_emb": x}
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x)
+            activations[f"trf_blocks.{i}"] = x
+        x = self.final_norm(x)
+        logits = self.out_head(x)  # (batch_size, seq_len, vocab_size)
+        if return_activations:
+            return {**activations, "final_norm": x, "out_head": logits}
+        return logits
+
+
+class DummyGPTModel(_GPT):
     """The §4.1 skeleton: embeddings, identity blocks, a final norm and the vocabulary head.
 
     `final_norm="layernorm"` puts a real LayerNorm where the book has its placeholder (the
@@ -83,23 +215,12 @@ class DummyGPTModel(nn.Module):
 
     def __init__(self, cfg: GPTConfig | Mapping[str, Any], final_norm: str = "dummy"):
         super().__init__()
-        cfg = GPTConfig.coerce(cfg)
-        self.cfg = cfg
-        # Creation order is the book's: it fixes which numbers torch.manual_seed(123) gives each.
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
-        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
-        self.drop_emb = nn.Dropout(cfg.drop_rate)
-        self.trf_blocks = nn.Sequential(*[DummyTransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        self.final_norm = _final_norm(final_norm, cfg.emb_dim)
-        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self._build(GPTConfig.coerce(cfg), DummyTransformerBlock, _final_norm(final_norm))
 
-    def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
-        """(batch, seq_len) integer ids -> (batch, seq_len, vocab_size) logits."""
-        check_ids(in_idx, self.cfg)
-        batch_size, seq_len = in_idx.shape
-        tok_embeds = self.tok_emb(in_idx)  # (batch_size, seq_len, emb_dim)
-        pos_embeds = self.pos_emb(torch.arange(seq_len, device=in_idx.device))  # (seq_len, emb_dim)
-        x = self.drop_emb(tok_embeds + pos_embeds)
-        x = self.trf_blocks(x)
-        x = self.final_norm(x)
-        return self.out_head(x)  # (batch_size, seq_len, vocab_size)
+
+class GPTModel(_GPT):
+    """The GPT of §4.6: n_layers transformer blocks between the embeddings and the head."""
+
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any]):
+        super().__init__()
+        self._build(GPTConfig.coerce(cfg), TransformerBlock, LayerNorm)

@@ -9,7 +9,6 @@ tokens/s and as a ratio to torch eager measured in the same run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -96,10 +95,6 @@ class BenchReport:
             "versions": versions(),
         }
 
-    def write_json(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_json(), f, indent=2)
-            f.write("\n")
 
 
 def _describe(cfg: GPTConfig) -> str:

@@ -19,3 +19,8 @@ DUMMY_LOGITS_CORNERS = np.array([
      [0.3567, 1.2698, -0.6398, -0.0162, -0.1296, 0.3717],
      [-0.2407, -0.7349, -0.5102, 2.0057, -0.3694, 0.1814]],
 ])
+
+# §4.7: GPTModel(GPT_CONFIG_124M) after torch.manual_seed(123), eval(), generate_text_simple on
+# "Hello, I am" with max_new_tokens=6 prints these ids ("Hello, I am Featureiman Byeswickattribute argue").
+GENERATE_PROMPT = "Hello, I am"
+GENERATE_IDS = [15496, 11, 314, 716, 27018, 24086, 47843, 30961, 42348, 7267]

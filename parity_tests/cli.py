@@ -1,4 +1,4 @@
-"""`gpt-parity`: run the parity check or the benchmark from the shell.
+"""`gpt-parity`: check, benchmark and generate with the twins from the shell.
 
 Exit status: 0 when every comparison passes, 1 when one fails, 2 for bad arguments (one line on
 stderr, no traceback).
@@ -15,43 +15,6 @@ from gpt_spec import GPTConfig, resolve_config
 from . import bench, harness
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def _add_model_args(p: argparse.ArgumentParser, seq_default: int) -> None:
-    p.add_argument("--config", default="gpt2-small",
-                   help="a preset (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl) or a JSON file "
-                        "with the book's keys (default: gpt2-small)")
-    p.add_argument("--model", default="dummy", choices=sorted(harness.MODELS),
-                   help="which model of the book to build (default: dummy)")
-    p.add_argument("--final-norm", default="dummy", choices=["dummy", "layernorm"],
-                   help="the dummy model's final norm: the book's placeholder or a real LayerNorm")
-    p.add_argument("--drop-rate", type=float, default=None, help="override the config's drop_rate")
-    p.add_argument("--batch", type=_positive, default=2, help="batch size (default: 2)")
-    p.add_argument("--seq", type=_positive, default=None,
-                   help=f"sequence length (default: {seq_default}, at most context_length)")
-    p.add_argument("--seed", type=_non_negative, default=0, help="seed for weights and token ids")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-
-
 class _Parser(argparse.ArgumentParser):
     """Errors as one line on stderr and exit status 2: no usage dump, no traceback."""
 
@@ -59,65 +22,190 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _int_at_least(minimum: int):
+    word = "positive" if minimum == 1 else "non-negative"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {word} integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a {word} integer, got {value}")
+        return value
+
+    return parse
+
+
+_positive, _non_negative = _int_at_least(1), _int_at_least(0)
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, batch: bool = True) -> None:
+    p.add_argument("--config", default="gpt2-small",
+                   help="a preset (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl) or a JSON file "
+                        "with the book's keys (default: gpt2-small)")
+    p.add_argument("--model", default="gpt", choices=list(harness.MODELS),
+                   help="the full GPTModel of §4.6 or the §4.1 DummyGPTModel (default: gpt)")
+    p.add_argument("--final-norm", choices=["dummy", "layernorm"],
+                   help="the dummy model's final norm: the book's placeholder (default) or a LayerNorm")
+    p.add_argument("--drop-rate", type=float, default=None, help="override the config's drop_rate")
+    if batch:
+        p.add_argument("--batch", type=_positive, default=2, help="batch size (default: 2)")
+        p.add_argument("--seq", type=_positive, default=None,
+                       help="sequence length (default: 128, at most context_length)")
+    p.add_argument("--seed", type=_non_negative, default=0, help="seed for weights and token ids")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="gpt-parity",
-        description="Check and benchmark the PyTorch and Flax NNX twins of the chapter-4 GPT.",
+        description="Check, benchmark and generate with the PyTorch and Flax NNX twins of the "
+                    "chapter-4 GPT.",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    check = sub.add_parser("check", help="copy weights both ways and compare logits on every backend")
-    _add_model_args(check, seq_default=128)
+    check = sub.add_parser("check", help="copy weights both ways and compare every stage on every backend")
+    _add_model_args(check)
     check.add_argument("--mode", default="eval", choices=harness.MODES,
                        help="eval (dropout off) or train (needs --drop-rate 0)")
+    check.add_argument("--layers", action="store_true", help="print max |Δ| of every stage")
+    check.add_argument("--plot", metavar="PNG", help="save max |Δ| per stage as a log-scale plot")
+    check.add_argument("--train-steps", type=_non_negative, default=0, metavar="N",
+                       help="also compare loss, every gradient and N AdamW steps (default: 0)")
     b = sub.add_parser("bench", help="time the jitted Flax forward against torch eager and torch.compile")
-    _add_model_args(b, seq_default=128)
+    _add_model_args(b)
     b.add_argument("--repeats", type=_positive, default=5, help="timed calls per backend (default: 5)")
     b.add_argument("--warmup", type=_non_negative, default=1, help="untimed calls after the first")
     b.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
+    g = sub.add_parser("generate", help="greedy text from a prompt, with either twin or both")
+    g.add_argument("prompt", help="the text to continue")
+    _add_model_args(g, batch=False)
+    g.add_argument("--backend", default="both", choices=["torch", "flax", "both"],
+                   help="which twin generates; both also checks that their tokens agree (default)")
+    g.add_argument("--max-new-tokens", type=_non_negative, default=20, help="tokens to add (default: 20)")
     return parser
 
 
-def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[GPTConfig, int]:
+def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> GPTConfig:
     try:
         cfg = resolve_config(args.config)
         if args.drop_rate is not None:
             cfg = cfg.replace(drop_rate=args.drop_rate)
     except ValueError as e:
         parser.error(str(e))
-    seq = args.seq if args.seq is not None else min(128, cfg.context_length)
-    if seq > cfg.context_length:
+    if args.final_norm is not None and args.model != "dummy":
+        parser.error("--final-norm applies to --model dummy only")
+    if getattr(args, "train_steps", 0) and args.model != "gpt":
+        parser.error("--train-steps needs --model gpt (the dummy model has blocks without weights)")
+    seq = getattr(args, "seq", None)
+    if seq is not None and seq > cfg.context_length:
         parser.error(f"--seq {seq} exceeds context_length {cfg.context_length}")
-    return cfg, seq
+    return cfg
+
+
+def _options(args: argparse.Namespace) -> dict:
+    return {"final_norm": args.final_norm} if args.final_norm else {}
+
+
+def _check(args: argparse.Namespace, cfg: GPTConfig, parser: argparse.ArgumentParser) -> int:
+    if args.mode == "train" and cfg.drop_rate != 0:
+        parser.error("--mode train compares the twins at drop_rate 0; add --drop-rate 0")
+    seq = args.seq or min(128, cfg.context_length)
+    report = harness.run_parity(
+        cfg, model=args.model, batch=args.batch, seq=seq, seed=args.seed, mode=args.mode,
+        options=_options(args), progress=not args.quiet,
+    )
+    print(f"{args.model} model, {args.config}, {args.mode} mode, batch {args.batch} x {seq} tokens, "
+          f"matmuls {report.precision}")
+    print(report.format_table())
+    if args.layers:
+        print()
+        print(report.format_layers())
+    if args.plot:
+        report.plot(args.plot)
+        print(f"plot written to {args.plot}")
+    result = {"forward": report.to_json()}
+    passed = report.passed
+    if args.train_steps:
+        training = harness.run_training_parity(
+            cfg, model=args.model, batch=args.batch, seq=min(seq, 32), steps=args.train_steps,
+            seed=args.seed, progress=not args.quiet,
+        )
+        print()
+        print(f"training, train mode at drop_rate 0, batch {args.batch} x {training.seq} tokens, "
+              f"AdamW lr {training.lr:g}, weight decay {training.weight_decay:g}")
+        print(training.format_table())
+        result["training"] = training.to_json()
+        passed = passed and training.passed
+    print("PASS" if passed else "FAIL")
+    if args.json:
+        harness.write_json(result, args.json)
+    return 0 if passed else 1
+
+
+def _bench(args: argparse.Namespace, cfg: GPTConfig) -> int:
+    backends = tuple(b for b in bench.BACKENDS if not (args.no_compile and b == "torch-compile"))
+    report = bench.run_bench(
+        cfg, model=args.model, batch=args.batch, seq=args.seq or min(128, cfg.context_length),
+        repeats=args.repeats, warmup=args.warmup, backends=backends, seed=args.seed,
+        options=_options(args), progress=not args.quiet,
+    )
+    print(report.format_table())
+    if args.json:
+        harness.write_json(report.to_json(), args.json)
+    return 0
+
+
+def _generate(args: argparse.Namespace, cfg: GPTConfig, parser: argparse.ArgumentParser) -> int:
+    import numpy as np
+    import torch
+
+    import gpt_flax
+    import gpt_torch
+    from gpt_spec import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    ids = np.array([tokenizer.encode(args.prompt, allowed_special="all")], dtype=np.int64)
+    if ids.size == 0:
+        parser.error("the prompt encodes to no tokens")
+    tm, fm = harness.build_pair(args.model, cfg, source="torch", seed=args.seed, **_options(args))
+    wanted = ["torch", "flax"] if args.backend == "both" else [args.backend]
+    outputs = {}
+    with harness.float32_matmuls():
+        try:
+            if "torch" in wanted:
+                outputs["torch"] = gpt_torch.generate_text_simple(
+                    tm, torch.from_numpy(ids), args.max_new_tokens, cfg.context_length).numpy()
+            if "flax" in wanted:
+                outputs["flax"] = np.asarray(gpt_flax.generate_text_simple(
+                    fm, ids, args.max_new_tokens, cfg.context_length))
+        except ValueError as e:
+            parser.error(str(e))
+    print(f"{args.model} model, {args.config}, weights from torch.manual_seed({args.seed}), greedy, "
+          f"{args.max_new_tokens} new tokens")
+    for name, out in outputs.items():
+        print(f"[{name}] {tokenizer.decode(out[0].tolist())}")
+    agree = len(outputs) < 2 or np.array_equal(outputs["torch"], outputs["flax"])
+    if len(outputs) == 2:
+        print("the twins generated the same token ids" if agree else "the twins' token ids DIFFER")
+    if args.json:
+        harness.write_json({"prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
+                            "token_ids": {k: v[0].tolist() for k, v in outputs.items()},
+                            "text": {k: tokenizer.decode(v[0].tolist()) for k, v in outputs.items()},
+                            "agree": agree}, args.json)
+    return 0 if agree else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    cfg, seq = _config(args, parser)
+    cfg = _config(args, parser)
     if args.command == "check":
-        if args.mode == "train" and cfg.drop_rate != 0:
-            parser.error("--mode train compares the twins at drop_rate 0; add --drop-rate 0")
-        report = harness.run_parity(
-            cfg, model=args.model, batch=args.batch, seq=seq, seed=args.seed, mode=args.mode,
-            options={"final_norm": args.final_norm}, progress=not args.quiet,
-        )
-        print(f"{args.model} model, {args.config}, {args.mode} mode, batch {args.batch} x {seq} "
-              f"tokens, matmuls {report.precision}")
-        print(report.format_table())
-        print("PASS" if report.passed else "FAIL")
-        if args.json:
-            report.write_json(args.json)
-        return 0 if report.passed else 1
-    backends = tuple(b for b in bench.BACKENDS if not (args.no_compile and b == "torch-compile"))
-    report = bench.run_bench(
-        cfg, model=args.model, batch=args.batch, seq=seq, repeats=args.repeats,
-        warmup=args.warmup, backends=backends, seed=args.seed,
-        options={"final_norm": args.final_norm}, progress=not args.quiet,
-    )
-    print(report.format_table())
-    if args.json:
-        report.write_json(args.json)
-    return 0
+        return _check(args, cfg, parser)
+    if args.command == "bench":
+        return _bench(args, cfg)
+    return _generate(args, cfg, parser)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The parity suite: weights copied both ways by the production converters, logits compared per backend.
+"""The parity suite: weights copied both ways by the production converters, every forward stage compared.
 
 Runs on every JAX platform present (cpu always; gpu and tpu when jax.devices() has them) and on
 CUDA torch when present; an absent backend is skipped with the reason. Matmuls pinned to float32.
@@ -8,14 +8,19 @@ import jax
 import pytest
 import torch
 
-import gpt_flax
-import gpt_torch
 from conftest import GPT_CONFIG_124M, TINY, TINY_BIAS
 from gpt_spec import GPTConfig
 
-from .compare import compare
-from .harness import build_flax, build_torch, float32_matmuls, run_flax, run_parity, run_torch, set_mode, token_batch
-from .tolerances import FP32_DUMMY_LOGITS
+from .harness import (
+    build_pair,
+    compare_stages,
+    float32_matmuls,
+    run_flax,
+    run_parity,
+    run_torch,
+    token_batch,
+)
+from .tolerances import FP32_FORWARD
 
 CONFIGS = {"tiny": TINY, "tiny-bias": TINY_BIAS}
 
@@ -33,27 +38,17 @@ def torch_device(name: str) -> str:
     return name
 
 
-def _pair(cfg, source, mode, final_norm="dummy", seed=0):
-    """(torch model, flax model) holding the same weights, the source twin's own init."""
-    tm = build_torch("dummy", cfg, seed=seed, final_norm=final_norm)
-    fm = build_flax("dummy", cfg, seed=seed, final_norm=final_norm)
-    if source == "torch":
-        gpt_flax.load_state_dict(fm, gpt_torch.state_dict(tm))
-    else:
-        gpt_torch.load_state_dict(tm, gpt_flax.state_dict(fm))
-    set_mode(tm, mode)
-    set_mode(fm, mode)
-    return tm, fm
-
-
 def _check(cfg, tm, fm, batch, seq, *, platform="cpu", torch_dev="cpu", jit=True):
+    """Compare every stage; fail naming the first stage past the bound."""
     ids = token_batch(cfg, batch, seq, seed=batch * 100 + seq)
     with float32_matmuls():
-        ref = run_torch(tm, ids, torch_dev)
-        out = run_flax(fm, ids, jax_device(platform), jit=jit)
-    result = compare("logits", ref, out, FP32_DUMMY_LOGITS)
-    assert result.passed, result.describe()
-    return result
+        ref = run_torch(tm, ids, torch_dev, activations=True)
+        out = run_flax(fm, ids, jax_device(platform), jit=jit, activations=True)
+    stages = compare_stages(ref, out, FP32_FORWARD)
+    failed = [c.describe() for c in stages if not c.passed]
+    assert not failed, "\n".join(failed)
+    assert list(ref)[-1] == "out_head" and ref["out_head"].shape == (batch, seq, cfg.vocab_size)
+    return stages
 
 
 SHAPES = [(1, 1), (3, 7), (2, None)]  # None: the full context
@@ -63,31 +58,42 @@ SHAPES = [(1, 1), (3, 7), (2, None)]  # None: the full context
 @pytest.mark.parametrize("source", ["torch", "flax"])
 @pytest.mark.parametrize("batch, seq", SHAPES)
 @pytest.mark.parametrize("cfg_name", CONFIGS)
-def test_tiny_configs_eval(cfg_name, batch, seq, source, platform):
+@pytest.mark.parametrize("model", ["gpt", "dummy"])
+def test_tiny_configs_eval(model, cfg_name, batch, seq, source, platform):
+    jax_device(platform)
     cfg = CONFIGS[cfg_name]
     seq = min(seq or cfg.context_length, cfg.context_length)
-    tm, fm = _pair(cfg, source, "eval", final_norm="layernorm")
+    options = {"final_norm": "layernorm"} if model == "dummy" else {}
+    tm, fm = build_pair(model, cfg, source=source, **options)
     _check(cfg, tm, fm, batch, seq, platform=platform)
 
 
 @pytest.mark.parametrize("torch_dev", ["cpu", "cuda"])
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
-@pytest.mark.parametrize("final_norm", ["dummy", "layernorm"])
-def test_train_mode_at_drop_rate_zero(final_norm, jit, torch_dev):
-    cfg = TINY.replace(drop_rate=0.0)
-    tm, fm = _pair(cfg, "flax", "train", final_norm=final_norm)
+@pytest.mark.parametrize("model", ["gpt", "dummy"])
+def test_train_mode_at_drop_rate_zero(model, jit, torch_dev):
+    torch_device(torch_dev)
+    cfg = TINY_BIAS.replace(drop_rate=0.0)
+    tm, fm = build_pair(model, cfg, source="flax", mode="train")
     assert tm.training and not fm.drop_emb.deterministic
-    _check(cfg, tm, fm, 3, cfg.context_length, torch_dev=torch_device(torch_dev), jit=jit)
+    _check(cfg, tm, fm, 3, cfg.context_length, torch_dev=torch_dev, jit=jit)
 
 
-def test_a_perturbed_weight_is_caught(tiny_cfg):
-    """The suite can fail: one head weight off by 1e-3 in the Flax twin breaks the bound."""
-    tm, fm = _pair(tiny_cfg, "torch", "eval")
-    fm.out_head.kernel[...] = fm.out_head.kernel[...].at[5, 11].add(1e-3)
-    ids = token_batch(tiny_cfg, 2, 7, seed=0)
+def test_a_perturbed_weight_is_located_at_its_block():
+    """One weight of block 2 off by 1e-3 in the Flax twin: the stages before it still agree, and
+    the report names trf_blocks.2 as the first stage past the bound."""
+    cfg = TINY.replace(n_layers=4)
+    tm, fm = build_pair("gpt", cfg, source="torch")
+    kernel = fm.trf_blocks.layers[2].ff.layers.layers[0].kernel
+    kernel[...] = kernel[...].at[5, 11].add(1e-3)
+    ids = token_batch(cfg, 2, 9, seed=0)
     with float32_matmuls():
-        result = compare("logits", run_torch(tm, ids), run_flax(fm, ids), FP32_DUMMY_LOGITS)
-    assert not result.passed and result.worst_index[-1] == 11
+        stages = compare_stages(run_torch(tm, ids, activations=True),
+                                run_flax(fm, ids, activations=True), FP32_FORWARD)
+    verdicts = {c.name: c.passed for c in stages}
+    assert verdicts["drop_emb"] and verdicts["trf_blocks.0"] and verdicts["trf_blocks.1"]
+    assert next(c.name for c in stages if not c.passed) == "trf_blocks.2"
+    assert not verdicts["out_head"]
 
 
 def test_harness_report_on_a_tiny_config():
@@ -95,9 +101,30 @@ def test_harness_report_on_a_tiny_config():
     labels = {(r.direction, r.candidate) for r in report.rows}
     assert ("torch->flax", "flax/cpu:0") in labels and ("flax->torch", "torch/cpu") in labels
     assert report.passed, report.format_table()
+    assert [c.name for c in report.rows[0].stages] == [
+        "drop_emb", "trf_blocks.0", "trf_blocks.1", "final_norm", "out_head"]
     assert "float32" in report.precision
     data = report.to_json()
-    assert data["passed"] and {r["candidate"] for r in data["rows"]} >= {"flax/cpu:0", "torch/cpu"}
+    assert data["passed"] and all(r["first_failure"] is None for r in data["rows"])
+    assert len(data["rows"][0]["stages"]) == 5
+
+
+def test_harness_names_the_first_failing_stage(monkeypatch):
+    import parity_tests.harness as harness
+
+    real = harness.run_backend
+
+    def perturbed(backend, model, ids):
+        out = real(backend, model, ids)
+        if backend.framework == "flax":
+            out["trf_blocks.1"] = out["trf_blocks.1"] + 1e-3
+        return out
+
+    monkeypatch.setattr(harness, "run_backend", perturbed)
+    report = run_parity(TINY, batch=2, seq=5, directions=["torch->flax"])
+    assert not report.passed
+    assert report.rows[0].first_failure.name == "trf_blocks.1"
+    assert "first stage past its bound: trf_blocks.1: FAILED" in report.format_table()
 
 
 def test_harness_refuses_train_mode_with_dropout():
@@ -106,18 +133,25 @@ def test_harness_refuses_train_mode_with_dropout():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["torch", "flax"])
-def test_gpt2_small_full_context(source):
-    """GPT_CONFIG_124M at batch 1 x 1024 tokens and batch 2 x 4, both directions."""
+def test_gpt2_small_full_context():
+    """GPTModel(GPT_CONFIG_124M), torch's init: batch 1 x 1024 tokens, then batch 2 x 4."""
     cfg = GPTConfig.from_dict(GPT_CONFIG_124M)
-    tm, fm = _pair(cfg, source, "eval")
-    result = _check(cfg, tm, fm, 1, cfg.context_length)
-    assert result.max_abs > 0  # the twins are not secretly the same code path
+    tm, fm = build_pair("gpt", cfg, source="torch")
+    stages = _check(cfg, tm, fm, 1, cfg.context_length)
+    assert stages[-1].max_abs > 0  # the twins are not secretly the same code path
     _check(cfg, tm, fm, 2, 4)
 
 
 @pytest.mark.slow
-def test_gpt2_small_train_mode_at_drop_rate_zero():
+def test_gpt2_small_from_flax_init_in_train_mode():
     cfg = GPTConfig.from_dict({**GPT_CONFIG_124M, "drop_rate": 0.0})
-    tm, fm = _pair(cfg, "torch", "train", final_norm="layernorm")
+    tm, fm = build_pair("gpt", cfg, source="flax", mode="train")
     _check(cfg, tm, fm, 2, 64)
+
+
+@pytest.mark.slow
+def test_dummy_gpt2_small_both_directions():
+    cfg = GPTConfig.from_dict(GPT_CONFIG_124M)
+    for source in ("torch", "flax"):
+        tm, fm = build_pair("dummy", cfg, source=source)
+        _check(cfg, tm, fm, 1, cfg.context_length)

@@ -23,19 +23,56 @@ def test_check_passes_prints_a_row_per_backend_and_writes_json(tiny_json, tmp_pa
     assert main(["check", "--config", tiny_json, "--batch", "3", "--seq", "7", "--json", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert "torch->flax  torch/cpu   flax/cpu:0" in stdout and stdout.rstrip().endswith("PASS")
-    data = json.loads(out.read_text())
+    data = json.loads(out.read_text())["forward"]
     assert data["passed"] and data["seq"] == 7 and data["config"]["vocab_size"] == 97
-    assert all(r["passed"] and r["max_abs"] < r["atol"] for r in data["rows"])
+    assert data["model"] == "gpt" and len(data["rows"][0]["stages"]) == 2 + 2 + 1  # emb, 2 blocks, norm, head
+    assert all(r["passed"] and r["logits"]["max_abs"] < r["logits"]["atol"] for r in data["rows"])
     assert {r["candidate"] for r in data["rows"]} >= {"flax/cpu:0", "torch/cpu"}
     assert all(s["reason"] for s in data["skipped"])
 
 
+def test_check_layers_plot_and_training(tiny_json, tmp_path, capsys):
+    png, out = tmp_path / "layers.png", tmp_path / "check.json"
+    argv = ["check", "--config", tiny_json, "--drop-rate", "0", "--layers", "--plot", str(png),
+            "--train-steps", "2", "--quiet", "--json", str(out)]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "stage         torch->flax flax/cpu:0" in stdout and "trf_blocks.1" in stdout
+    assert "weights after 2 AdamW step(s)" in stdout and stdout.rstrip().endswith("PASS")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    training = json.loads(out.read_text())["training"]
+    assert training["passed"] and [w["step"] for w in training["weights"]] == [1, 2]
+
+
+def test_generate_prints_both_twins_text(tiny_json, tmp_path, capsys):
+    out = tmp_path / "gen.json"
+    vocab = json.loads(open(tiny_json).read())
+    big = tmp_path / "wide.json"  # the tokenizer's ids need the full GPT-2 vocabulary
+    big.write_text(json.dumps({**vocab, "vocab_size": 50257, "context_length": 32}))
+    assert main(["generate", "Hello, I am", "--config", str(big), "--max-new-tokens", "5",
+                 "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "[torch] Hello, I am" in stdout and "[flax] Hello, I am" in stdout
+    assert "the twins generated the same token ids" in stdout
+    data = json.loads(out.read_text())
+    assert data["agree"] and data["token_ids"]["torch"][:4] == [15496, 11, 314, 716]
+    assert len(data["token_ids"]["flax"]) == 4 + 5
+
+
 def test_check_exits_1_when_the_twins_disagree(tiny_json, monkeypatch, capsys):
-    real = harness.run_flax
-    monkeypatch.setattr(harness, "run_flax", lambda *a, **k: real(*a, **k) + np.float32(1e-3))
+    real = harness.run_backend
+
+    def off_by_1e3(backend, model, ids):
+        out = real(backend, model, ids)
+        if backend.framework == "flax":
+            out["out_head"] = out["out_head"] + np.float32(1e-3)
+        return out
+
+    monkeypatch.setattr(harness, "run_backend", off_by_1e3)
     assert main(["check", "--config", tiny_json, "--seq", "5", "--quiet"]) == 1
     stdout = capsys.readouterr().out
-    assert "FAIL" in stdout and "logits: FAILED: max |Δ| 0.001" in stdout
+    assert stdout.rstrip().endswith("FAIL")
+    assert "torch->flax flax/cpu:0: first stage past its bound: out_head: FAILED: max |Δ| 0.001" in stdout
 
 
 def test_train_mode_check(tiny_json, capsys):
@@ -54,6 +91,10 @@ def test_train_mode_check(tiny_json, capsys):
         (["check", "--drop-rate", "1.5"], "drop_rate must be in [0, 1), got 1.5"),
         (["check", "--config", "missing/cfg.json"], "cannot read config file 'missing/cfg.json'"),
         (["bench", "--repeats", "0"], "argument --repeats: expected a positive integer, got 0"),
+        (["check", "--final-norm", "layernorm"], "--final-norm applies to --model dummy only"),
+        (["check", "--model", "dummy", "--train-steps", "2"], "--train-steps needs --model gpt"),
+        (["generate", "x", "--max-new-tokens", "-1"], "argument --max-new-tokens: expected a non-negative integer"),
+        (["generate", "x", "--backend", "jax"], "argument --backend: invalid choice: 'jax'"),
         (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
     ],
 )

@@ -24,11 +24,15 @@ def _shell_lines() -> list[str]:
 
 def test_python_examples_run(capsys):
     blocks = _blocks("python")
-    assert len(blocks) >= 2
+    assert len(blocks) >= 3
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
-    assert "missing key(s) 'out_head.weight', 'pos_emb.weight'" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Hello, I am Featureiman Byeswickattribute argue" in out
+    assert "state dict does not match GPTModel: missing key(s) 'final_norm.scale'" in out
+    t_loss, f_loss = namespace["t_loss"], namespace["f_loss"]
+    assert abs(t_loss - f_loss) < 1e-5
 
 
 def test_the_make_commands_are_the_ones_ci_runs():
@@ -37,7 +41,7 @@ def test_the_make_commands_are_the_ones_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci and "make run" in ci
     makefile = (ROOT / "Makefile").read_text()
-    assert "gpt-parity check" in makefile and "-c $(CONSTRAINTS)" in makefile
+    assert "gpt-parity check --layers --train-steps 10" in makefile and "-c $(CONSTRAINTS)" in makefile
 
 
 GPT_PARITY_LINES = [line for line in _shell_lines() if line.startswith("gpt-parity")]

@@ -1,0 +1,63 @@
+"""Training pieces: the book's calc_loss_batch, gradients in the canonical layout, AdamW, one step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from gpt_spec import StateDict, check_targets
+
+from .model import check_ids
+from .weights import to_canonical
+
+
+def calc_loss_batch(input_batch: Any, target_batch: Any, model: nnx.Module) -> jax.Array:
+    """Mean next-token cross-entropy of `model` on (batch, seq_len) inputs and targets."""
+    target_batch = check_ids(target_batch, model.cfg)
+    check_targets(tuple(input_batch.shape), tuple(target_batch.shape))
+    logits = model(input_batch)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits.reshape(-1, logits.shape[-1]), target_batch.reshape(-1)
+    ).mean()
+
+
+@nnx.jit
+def _loss_and_grads(model: nnx.Module, input_batch: jax.Array, target_batch: jax.Array):
+    return nnx.value_and_grad(calc_loss_batch, argnums=2)(input_batch, target_batch, model)
+
+
+def loss_and_grads(model: nnx.Module, input_batch: Any, target_batch: Any) -> tuple[float, StateDict]:
+    """The loss and the gradient of every parameter, as a canonical `{name: numpy array}`."""
+    input_batch = check_ids(input_batch, model.cfg)
+    target_batch = check_ids(target_batch, model.cfg)
+    loss, grads = _loss_and_grads(model, input_batch, target_batch)
+    return float(loss), to_canonical(grads)
+
+
+def adamw(model: nnx.Module, lr: float = 4e-4, weight_decay: float = 0.1,
+          betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> nnx.Optimizer:
+    """optax.adamw over every parameter, the same update as torch.optim.AdamW with these settings:
+    p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p)."""
+    tx = optax.adamw(learning_rate=lr, b1=betas[0], b2=betas[1], eps=eps, weight_decay=weight_decay)
+    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+# Donated: the update writes parameters and optimizer state in place instead of a fresh copy
+# of both (2 GB at 124M parameters) per step.
+@nnx.jit(donate_argnums=(0, 1))
+def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, input_batch: jax.Array,
+                target_batch: jax.Array) -> jax.Array:
+    loss, grads = nnx.value_and_grad(calc_loss_batch, argnums=2)(input_batch, target_batch, model)
+    optimizer.update(model, grads)
+    return loss
+
+
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, input_batch: Any, target_batch: Any) -> float:
+    """One optimizer step on one batch (compiled once per shape); returns the loss before the step."""
+    input_batch = check_ids(input_batch, model.cfg)
+    target_batch = check_ids(target_batch, model.cfg)
+    return float(np.asarray(_train_step(model, optimizer, input_batch, target_batch)))

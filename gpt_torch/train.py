@@ -1,0 +1,48 @@
+"""Training pieces: the book's calc_loss_batch, gradients in the canonical layout, AdamW, one step."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gpt_spec import StateDict, check_targets
+
+from .model import check_ids
+
+
+def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model: torch.nn.Module,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of `model` on (batch, seq_len) inputs and targets."""
+    check_ids(target_batch, model.cfg)
+    check_targets(tuple(input_batch.shape), tuple(target_batch.shape))
+    if device is not None:
+        input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    logits = model(input_batch)
+    return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
+
+
+def loss_and_grads(model: torch.nn.Module, input_batch: torch.Tensor,
+                   target_batch: torch.Tensor) -> tuple[float, StateDict]:
+    """The loss and the gradient of every parameter, as a canonical `{name: numpy array}`."""
+    model.zero_grad(set_to_none=True)
+    loss = calc_loss_batch(input_batch, target_batch, model)
+    loss.backward()
+    grads = {name: p.grad.detach().cpu().numpy().copy() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+def adamw(model: torch.nn.Module, lr: float = 4e-4, weight_decay: float = 0.1,
+          betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over every parameter, the book's chapter-5 settings by default (the Flax twin's adamw)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_batch: torch.Tensor,
+               target_batch: torch.Tensor) -> float:
+    """One optimizer step on one batch; returns the loss before the step."""
+    optimizer.zero_grad()
+    loss = calc_loss_batch(input_batch, target_batch, model)
+    loss.backward()
+    optimizer.step()
+    return loss.item()

@@ -1,0 +1,92 @@
+"""Training parity: the book's loss, every gradient, and AdamW steps (torch.optim vs optax)."""
+
+import numpy as np
+import pytest
+import torch
+
+import gpt_flax
+import gpt_torch
+from conftest import GPT_CONFIG_124M, TINY, TINY_BIAS
+from gpt_spec import GPTConfig
+
+from .harness import _weights_check, build_pair, float32_matmuls, run_training_parity, token_batch
+from .tolerances import GRADS
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_BIAS.replace(n_layers=2)], ids=["tiny", "tiny-qkv-bias"])
+def test_loss_gradients_and_ten_adamw_steps_agree(cfg):
+    report = run_training_parity(cfg, batch=3, seq=cfg.context_length - 1, steps=10, outlier_fraction=0)
+    assert report.passed, report.format_table()
+    assert report.loss.max_abs <= 1e-5 and len(report.grads) == len(gpt_torch.state_dict(
+        gpt_torch.GPTModel(cfg)))
+    assert [w.step for w in report.weights] == [1, 10]
+    assert all(w.n_outliers == 0 for w in report.weights)
+    assert all(abs(a - b) < 1e-5 for a, b in report.step_losses)
+    if cfg.qkv_bias:  # the key bias's gradient is zero in exact arithmetic: noise on both sides
+        noise = [c for c in report.grads if c.name.endswith("W_key.bias")]
+        assert noise and all(c.ref_max <= GRADS.atol for c in noise)
+
+
+def test_gradients_are_compared_in_the_canonical_layout():
+    cfg = TINY.replace(drop_rate=0.0)
+    tm, fm = build_pair("gpt", cfg, source="torch", mode="train")
+    ids = token_batch(cfg, 2, 8, seed=0)
+    x, y = ids[:, :-1], ids[:, 1:]
+    with float32_matmuls():
+        _, t = gpt_torch.loss_and_grads(tm, torch.from_numpy(x), torch.from_numpy(y))
+        _, f = gpt_flax.loss_and_grads(fm, x, y)
+    name = "trf_blocks.0.ff.layers.0.weight"  # (4*emb, emb) in torch; the Flax kernel is (emb, 4*emb)
+    assert t[name].shape == f[name].shape == (4 * TINY.emb_dim, TINY.emb_dim)
+    np.testing.assert_allclose(f[name], t[name], atol=1e-7)
+
+
+def test_a_different_weight_decay_is_caught():
+    """The weight check can fail: optax without weight decay drifts from torch's AdamW."""
+    cfg = TINY.replace(drop_rate=0.0)
+    tm, fm = build_pair("gpt", cfg, source="torch", mode="train")
+    t_opt, f_opt = gpt_torch.adamw(tm), gpt_flax.adamw(fm, weight_decay=0.0)
+    ids = token_batch(cfg, 2, 9, seed=1)
+    with float32_matmuls():
+        gpt_torch.train_step(tm, t_opt, torch.from_numpy(ids[:, :-1]), torch.from_numpy(ids[:, 1:]))
+        gpt_flax.train_step(fm, f_opt, ids[:, :-1], ids[:, 1:])
+    check = _weights_check(1, gpt_torch.state_dict(tm), gpt_flax.state_dict(fm), 4e-4, 0.0)
+    assert not check.passed and check.n_outliers > 100
+
+
+def test_targets_must_pair_with_inputs():
+    tm, fm = build_pair("gpt", TINY, source="torch")
+    x, y = np.zeros((2, 4), np.int64), np.zeros((2, 5), np.int64)
+    message = "targets have shape (2, 5), expected the inputs' shape (2, 4)"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        gpt_torch.calc_loss_batch(torch.from_numpy(x), torch.from_numpy(y), tm)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        gpt_flax.calc_loss_batch(x, y, fm)
+
+
+@pytest.mark.slow
+def test_gpt2_small_loss_gradients_and_adamw_steps():
+    """The 124M case; its ten-step run is `make run`'s `gpt-parity check --train-steps 10`, in CI."""
+    report = run_training_parity(GPTConfig.from_dict(GPT_CONFIG_124M), batch=2, seq=32, steps=2)
+    assert report.passed, report.format_table()
+    assert len(report.grads) == 161 and report.weights[-1].n_elements == 163_009_536
+
+
+@pytest.mark.parametrize("twin", ["torch", "flax"])
+def test_an_exported_state_dict_survives_a_training_step(twin):
+    """The Flax step donates its buffers; what state_dict returned before must not change."""
+    cfg = TINY.replace(drop_rate=0.0)
+    tm, fm = build_pair("gpt", cfg, source="torch", mode="train")
+    ids = token_batch(cfg, 2, 9, seed=2)
+    if twin == "torch":
+        before = gpt_torch.state_dict(tm)
+        snapshot = {k: v.copy() for k, v in before.items()}
+        gpt_torch.train_step(tm, gpt_torch.adamw(tm), torch.from_numpy(ids[:, :-1]), torch.from_numpy(ids[:, 1:]))
+        after = gpt_torch.state_dict(tm)
+    else:
+        before = gpt_flax.state_dict(fm)
+        snapshot = {k: v.copy() for k, v in before.items()}
+        gpt_flax.train_step(fm, gpt_flax.adamw(fm), ids[:, :-1], ids[:, 1:])
+        after = gpt_flax.state_dict(fm)
+    for name in before:
+        np.testing.assert_array_equal(before[name], snapshot[name], err_msg=name)
+    assert any(not np.array_equal(after[k], snapshot[k]) for k in after)  # the step did train
