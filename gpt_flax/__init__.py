@@ -14,7 +14,7 @@ from .model import (
 )
 from .generate import generate_text_simple
 from .train import adamw, calc_loss_batch, loss_and_grads, train_step
-from .weights import load_state_dict, state_dict
+from .weights import load, load_state_dict, save, state_dict
 
 __all__ = [
     "DummyGPTModel",
@@ -30,8 +30,10 @@ __all__ = [
     "calc_loss_batch",
     "generate_text_simple",
     "jit_forward",
+    "load",
     "load_state_dict",
     "loss_and_grads",
+    "save",
     "state_dict",
     "train_step",
 ]

@@ -237,6 +237,7 @@ class DummyGPTModel(_GPT):
 
     def __init__(self, cfg: GPTConfig | Mapping[str, Any], final_norm: str = "dummy", *,
                  rngs: nnx.Rngs):
+        self.options = {"final_norm": final_norm}
         self._build(GPTConfig.coerce(cfg), DummyTransformerBlock, _final_norm(final_norm), rngs)
 
 

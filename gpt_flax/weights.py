@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gpt_spec import StateDict, check_state_dict
+from gpt_spec import GPTConfig, StateDict, check_state_dict
+from gpt_spec.checkpoint import load_checkpoint, save_checkpoint
 
 # NNX parameter name -> (canonical name, transposed?). nnx.Linear keeps its kernel (in, out)
 # where nn.Linear keeps its weight (out, in); nnx.Embed's table is nn.Embedding's weight as is.
@@ -80,3 +83,27 @@ def load_state_dict(model: nnx.Module, sd: Mapping[str, object]) -> None:
     ]
     for var, value in updates:
         var[...] = value
+
+
+def save(model: nnx.Module, path: str | os.PathLike[str]) -> None:
+    """Write the model's canonical state dict and config to a safetensors file."""
+    save_checkpoint(path, state_dict(model), model.cfg, model=type(model).__name__,
+                    options=getattr(model, "options", {}))
+
+
+def load(path: str | os.PathLike[str], *, config: GPTConfig | None = None,
+         rngs: nnx.Rngs | None = None) -> nnx.Module:
+    """Build the model a checkpoint describes and load its weights (canonical or HF GPT-2
+    safetensors, see gpt_spec.load_checkpoint). A torch.save file goes through the torch twin:
+    `gpt_flax.load_state_dict(model, gpt_torch.read_torch_file(path))`, or `gpt-parity convert`."""
+    from . import model as models
+
+    if Path(path).suffix in (".pth", ".pt"):
+        raise ValueError(
+            f"{os.fspath(path)!r} is a torch.save file, which only torch can read; convert it with "
+            "`gpt-parity convert SRC DST.safetensors` or read it with gpt_torch.read_torch_file"
+        )
+    ckpt = load_checkpoint(path, config=config)
+    model = getattr(models, ckpt.model)(ckpt.config, **ckpt.options, rngs=rngs or nnx.Rngs(0))
+    load_state_dict(model, ckpt.state_dict)
+    return model

@@ -1,11 +1,20 @@
 """What a GPT is, framework-free: the config schema, the GPT-2 tokenizer, the canonical state dict."""
 
-from .checkpoint import StateDict, check_state_dict
+from .checkpoint import (
+    Checkpoint,
+    StateDict,
+    check_state_dict,
+    from_hf,
+    load_checkpoint,
+    save_checkpoint,
+    to_hf,
+)
 from .config import PRESETS, GPTConfig, resolve_config
 from .inputs import check_generation, check_targets, check_token_ids
 from .tokenizer import get_tokenizer
 
 __all__ = [
+    "Checkpoint",
     "PRESETS",
     "GPTConfig",
     "StateDict",
@@ -13,6 +22,10 @@ __all__ = [
     "check_state_dict",
     "check_targets",
     "check_token_ids",
+    "from_hf",
     "get_tokenizer",
+    "load_checkpoint",
     "resolve_config",
+    "save_checkpoint",
+    "to_hf",
 ]

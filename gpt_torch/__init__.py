@@ -13,7 +13,7 @@ from .model import (
 )
 from .generate import generate_text_simple
 from .train import adamw, calc_loss_batch, loss_and_grads, train_step
-from .weights import load_state_dict, state_dict
+from .weights import load, load_state_dict, read_torch_file, save, state_dict
 
 __all__ = [
     "DummyGPTModel",
@@ -28,8 +28,11 @@ __all__ = [
     "adamw",
     "calc_loss_batch",
     "generate_text_simple",
+    "load",
     "load_state_dict",
     "loss_and_grads",
+    "read_torch_file",
+    "save",
     "state_dict",
     "train_step",
 ]

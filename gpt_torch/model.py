@@ -215,6 +215,7 @@ class DummyGPTModel(_GPT):
 
     def __init__(self, cfg: GPTConfig | Mapping[str, Any], final_norm: str = "dummy"):
         super().__init__()
+        self.options = {"final_norm": final_norm}
         self._build(GPTConfig.coerce(cfg), DummyTransformerBlock, _final_norm(final_norm))
 
 

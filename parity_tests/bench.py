@@ -20,7 +20,7 @@ import torch
 
 import gpt_flax
 import gpt_torch
-from gpt_spec import GPTConfig
+from gpt_spec import GPTConfig, StateDict
 
 from .harness import build_flax, build_torch, float32_matmuls, token_batch, versions
 from .table import Progress, format_table
@@ -107,9 +107,12 @@ def _time(fn: Callable[[], Any], sync: Callable[[Any], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def _forwards(model: str, cfg: GPTConfig, seed: int, backends: tuple[str, ...], options: dict[str, Any]):
-    """Each backend's forward on the CPU, all on the same weights (torch's init, copied to Flax)."""
+def _forwards(model: str, cfg: GPTConfig, seed: int, backends: tuple[str, ...], options: dict[str, Any],
+              weights: StateDict | None):
+    """Each backend's forward on the CPU, all on the same weights (`weights`, or torch's init)."""
     tm = build_torch(model, cfg, seed=seed, **options).eval()
+    if weights is not None:
+        gpt_torch.load_state_dict(tm, weights)
     out: dict[str, tuple[Callable[[np.ndarray], Any], Callable[[Any], Any]]] = {}
     if "flax-jit" in backends:
         fm = build_flax(model, cfg, seed=seed, **options)
@@ -142,6 +145,7 @@ def run_bench(
     backends: tuple[str, ...] = BACKENDS,
     seed: int = 0,
     options: dict[str, Any] | None = None,
+    weights: StateDict | None = None,
     progress: bool = True,
 ) -> BenchReport:
     """Time each backend's forward on one random batch; see the module docstring for the method."""
@@ -155,7 +159,7 @@ def run_bench(
     gpt_torch.model.check_ids(torch.from_numpy(ids), cfg)
     prog = Progress(len(backends) + 1, enabled=progress)
     with prog.step(f"building {model} twins on {_describe(cfg)}"):
-        forwards = _forwards(model, cfg, seed, backends, options or {})
+        forwards = _forwards(model, cfg, seed, backends, options or {}, weights)
     timings = []
     with float32_matmuls() as precision:
         for name in backends:

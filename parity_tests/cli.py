@@ -7,10 +7,12 @@ stderr, no traceback).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from collections.abc import Sequence
 
-from gpt_spec import GPTConfig, resolve_config
+from gpt_spec import GPTConfig, StateDict, resolve_config
 
 from . import bench, harness
 
@@ -41,9 +43,12 @@ _positive, _non_negative = _int_at_least(1), _int_at_least(0)
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, batch: bool = True) -> None:
-    p.add_argument("--config", default="gpt2-small",
+    p.add_argument("--config", default=None,
                    help="a preset (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl) or a JSON file "
                         "with the book's keys (default: gpt2-small)")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="weights (and config) from a file: canonical or HF GPT-2 safetensors, an HF "
+                        "snapshot directory, or the book's torch.save model.pth")
     p.add_argument("--model", default="gpt", choices=list(harness.MODELS),
                    help="the full GPTModel of §4.6 or the §4.1 DummyGPTModel (default: gpt)")
     p.add_argument("--final-norm", choices=["dummy", "layernorm"],
@@ -84,39 +89,59 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="both", choices=["torch", "flax", "both"],
                    help="which twin generates; both also checks that their tokens agree (default)")
     g.add_argument("--max-new-tokens", type=_non_negative, default=20, help="tokens to add (default: 20)")
+    c = sub.add_parser("convert", help="write any checkpoint the twins read as a canonical safetensors file")
+    c.add_argument("src", help="canonical or HF GPT-2 safetensors, an HF snapshot directory, or a .pth")
+    c.add_argument("dst", help="the .safetensors file to write")
+    c.add_argument("--config", default=None, help="override the config the source implies (preset or JSON)")
     return parser
 
 
-def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> GPTConfig:
-    try:
-        cfg = resolve_config(args.config)
-        if args.drop_rate is not None:
-            cfg = cfg.replace(drop_rate=args.drop_rate)
-    except ValueError as e:
-        parser.error(str(e))
+@dataclasses.dataclass
+class _Setup:
+    """What the model arguments resolve to: a config, which model, and weights if a file gave them."""
+
+    cfg: GPTConfig
+    label: str
+    model: str
+    options: dict
+    weights: StateDict | None = None
+
+
+def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _Setup:
     if args.final_norm is not None and args.model != "dummy":
         parser.error("--final-norm applies to --model dummy only")
-    if getattr(args, "train_steps", 0) and args.model != "gpt":
+    try:
+        if args.checkpoint:
+            override = resolve_config(args.config) if args.config else None
+            ckpt = harness.read_checkpoint(args.checkpoint, config=override)
+            setup = _Setup(ckpt.config, f"{args.checkpoint} ({ckpt.layout})",
+                           harness.MODEL_KINDS[ckpt.model], dict(ckpt.options), ckpt.state_dict)
+        else:
+            name = args.config or "gpt2-small"
+            options = {"final_norm": args.final_norm} if args.final_norm else {}
+            setup = _Setup(resolve_config(name), name, args.model, options)
+        if args.drop_rate is not None:
+            setup.cfg = setup.cfg.replace(drop_rate=args.drop_rate)
+    except ValueError as e:
+        parser.error(str(e))
+    if getattr(args, "train_steps", 0) and setup.model != "gpt":
         parser.error("--train-steps needs --model gpt (the dummy model has blocks without weights)")
     seq = getattr(args, "seq", None)
-    if seq is not None and seq > cfg.context_length:
-        parser.error(f"--seq {seq} exceeds context_length {cfg.context_length}")
-    return cfg
+    if seq is not None and seq > setup.cfg.context_length:
+        parser.error(f"--seq {seq} exceeds context_length {setup.cfg.context_length}")
+    return setup
 
 
-def _options(args: argparse.Namespace) -> dict:
-    return {"final_norm": args.final_norm} if args.final_norm else {}
-
-
-def _check(args: argparse.Namespace, cfg: GPTConfig, parser: argparse.ArgumentParser) -> int:
+def _check(args: argparse.Namespace, setup: _Setup, parser: argparse.ArgumentParser) -> int:
+    cfg = setup.cfg
     if args.mode == "train" and cfg.drop_rate != 0:
         parser.error("--mode train compares the twins at drop_rate 0; add --drop-rate 0")
     seq = args.seq or min(128, cfg.context_length)
     report = harness.run_parity(
-        cfg, model=args.model, batch=args.batch, seq=seq, seed=args.seed, mode=args.mode,
-        options=_options(args), progress=not args.quiet,
+        cfg, model=setup.model, batch=args.batch, seq=seq, seed=args.seed, mode=args.mode,
+        options=setup.options, weights=setup.weights, progress=not args.quiet,
     )
-    print(f"{args.model} model, {args.config}, {args.mode} mode, batch {args.batch} x {seq} tokens, "
+    print(f"{setup.model} model, {setup.label}, {args.mode} mode, batch {args.batch} x {seq} tokens, "
           f"matmuls {report.precision}")
     print(report.format_table())
     if args.layers:
@@ -129,8 +154,8 @@ def _check(args: argparse.Namespace, cfg: GPTConfig, parser: argparse.ArgumentPa
     passed = report.passed
     if args.train_steps:
         training = harness.run_training_parity(
-            cfg, model=args.model, batch=args.batch, seq=min(seq, 32), steps=args.train_steps,
-            seed=args.seed, progress=not args.quiet,
+            cfg, model=setup.model, batch=args.batch, seq=min(seq, 32), steps=args.train_steps,
+            seed=args.seed, weights=setup.weights, progress=not args.quiet,
         )
         print()
         print(f"training, train mode at drop_rate 0, batch {args.batch} x {training.seq} tokens, "
@@ -144,12 +169,12 @@ def _check(args: argparse.Namespace, cfg: GPTConfig, parser: argparse.ArgumentPa
     return 0 if passed else 1
 
 
-def _bench(args: argparse.Namespace, cfg: GPTConfig) -> int:
+def _bench(args: argparse.Namespace, setup: _Setup) -> int:
     backends = tuple(b for b in bench.BACKENDS if not (args.no_compile and b == "torch-compile"))
     report = bench.run_bench(
-        cfg, model=args.model, batch=args.batch, seq=args.seq or min(128, cfg.context_length),
+        setup.cfg, model=setup.model, batch=args.batch, seq=args.seq or min(128, setup.cfg.context_length),
         repeats=args.repeats, warmup=args.warmup, backends=backends, seed=args.seed,
-        options=_options(args), progress=not args.quiet,
+        options=setup.options, weights=setup.weights, progress=not args.quiet,
     )
     print(report.format_table())
     if args.json:
@@ -157,7 +182,7 @@ def _bench(args: argparse.Namespace, cfg: GPTConfig) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace, cfg: GPTConfig, parser: argparse.ArgumentParser) -> int:
+def _generate(args: argparse.Namespace, setup: _Setup, parser: argparse.ArgumentParser) -> int:
     import numpy as np
     import torch
 
@@ -165,11 +190,17 @@ def _generate(args: argparse.Namespace, cfg: GPTConfig, parser: argparse.Argumen
     import gpt_torch
     from gpt_spec import get_tokenizer
 
+    cfg = setup.cfg
     tokenizer = get_tokenizer()
     ids = np.array([tokenizer.encode(args.prompt, allowed_special="all")], dtype=np.int64)
     if ids.size == 0:
         parser.error("the prompt encodes to no tokens")
-    tm, fm = harness.build_pair(args.model, cfg, source="torch", seed=args.seed, **_options(args))
+    if ids.max() >= cfg.vocab_size:
+        parser.error(f"the prompt has token id {ids.max()}, past the model's vocab_size {cfg.vocab_size}")
+    tm, fm = harness.build_pair(setup.model, cfg, source="torch", seed=args.seed, mode="eval", **setup.options)
+    if setup.weights is not None:
+        gpt_torch.load_state_dict(tm, setup.weights)
+        gpt_flax.load_state_dict(fm, setup.weights)
     wanted = ["torch", "flax"] if args.backend == "both" else [args.backend]
     outputs = {}
     with harness.float32_matmuls():
@@ -182,8 +213,8 @@ def _generate(args: argparse.Namespace, cfg: GPTConfig, parser: argparse.Argumen
                     fm, ids, args.max_new_tokens, cfg.context_length))
         except ValueError as e:
             parser.error(str(e))
-    print(f"{args.model} model, {args.config}, weights from torch.manual_seed({args.seed}), greedy, "
-          f"{args.max_new_tokens} new tokens")
+    source = setup.label if setup.weights is not None else f"{setup.label}, weights from torch.manual_seed({args.seed})"
+    print(f"{setup.model} model, {source}, greedy, {args.max_new_tokens} new tokens")
     for name, out in outputs.items():
         print(f"[{name}] {tokenizer.decode(out[0].tolist())}")
     agree = len(outputs) < 2 or np.array_equal(outputs["torch"], outputs["flax"])
@@ -197,15 +228,35 @@ def _generate(args: argparse.Namespace, cfg: GPTConfig, parser: argparse.Argumen
     return 0 if agree else 1
 
 
+def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gpt_spec import save_checkpoint
+
+    if not args.dst.endswith(".safetensors"):
+        parser.error(f"the destination must be a .safetensors file, got {args.dst!r}")
+    try:
+        ckpt = harness.read_checkpoint(args.src, config=resolve_config(args.config) if args.config else None)
+        save_checkpoint(args.dst, ckpt.state_dict, ckpt.config, model=ckpt.model, options=ckpt.options)
+    except ValueError as e:
+        parser.error(str(e))
+    except OSError as e:
+        parser.error(f"cannot write {args.dst!r}: {e.strerror}")
+    n = sum(v.size for v in ckpt.state_dict.values())
+    print(f"{args.src} ({ckpt.layout}) -> {args.dst} (canonical): {ckpt.model}, {len(ckpt.state_dict)} "
+          f"tensors, {n:,} parameters, config {json.dumps(ckpt.config.to_dict())}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    cfg = _config(args, parser)
+    if args.command == "convert":
+        return _convert(args, parser)
+    setup = _setup(args, parser)
     if args.command == "check":
-        return _check(args, cfg, parser)
+        return _check(args, setup, parser)
     if args.command == "bench":
-        return _bench(args, cfg)
-    return _generate(args, cfg, parser)
+        return _bench(args, setup)
+    return _generate(args, setup, parser)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from flax import nnx
 
 import gpt_flax
 import gpt_torch
-from gpt_spec import GPTConfig
+from gpt_spec import GPTConfig, StateDict
+from gpt_spec.checkpoint import Checkpoint, infer_config, load_checkpoint
 
 from .compare import Comparison, compare
 from .table import Progress, format_table
@@ -40,6 +41,7 @@ from .tolerances import (
 )
 
 MODELS = {"gpt": "GPTModel", "dummy": "DummyGPTModel"}
+MODEL_KINDS = {cls: kind for kind, cls in MODELS.items()}
 DIRECTIONS = ("torch->flax", "flax->torch")
 MODES = ("eval", "train")
 
@@ -76,6 +78,15 @@ def build_pair(kind: str, cfg: GPTConfig, *, source: str, seed: int = 0, mode: s
     set_mode(tm, mode)
     set_mode(fm, mode)
     return tm, fm
+
+
+def read_checkpoint(path: str, *, config: GPTConfig | None = None) -> Checkpoint:
+    """Any checkpoint the twins read: canonical or HF GPT-2 safetensors (a file or an HF snapshot
+    directory), or a torch.save state dict (.pth/.pt, read with weights_only=True)."""
+    if str(path).endswith((".pth", ".pt")):
+        sd = gpt_torch.read_torch_file(path)
+        return Checkpoint(sd, config or infer_config(sd, source=f"checkpoint {path!r}"), layout="torch.save")
+    return load_checkpoint(path, config=config)
 
 
 def set_mode(model: Any, mode: str) -> None:
@@ -337,13 +348,15 @@ def run_parity(
     directions: Sequence[str] = DIRECTIONS,
     bound: Bound = FP32_FORWARD,
     options: dict[str, Any] | None = None,
+    weights: StateDict | None = None,
     progress: bool = False,
 ) -> ParityReport:
     """Build each direction's source twin, copy its weights into the other, compare every stage.
 
     The reference is the source twin on CPU; the candidates are the target twin on every device
     of its framework. Train mode is compared only at drop_rate 0 (the twins draw dropout masks
-    from different generators).
+    from different generators). With `weights` (a checkpoint's state dict) both twins hold those
+    instead of an init.
     """
     _check_args(model, mode, cfg)
     for d in directions:
@@ -360,7 +373,10 @@ def run_parity(
         with prog.step("building both twins, each with its own init"):
             twin = {"torch": build_torch(model, cfg, seed=seed, **(options or {})),
                     "flax": build_flax(model, cfg, seed=seed, **(options or {}))}
-            own = {"torch": gpt_torch.state_dict(twin["torch"]), "flax": gpt_flax.state_dict(twin["flax"])}
+            if weights is not None:
+                own = {"torch": weights, "flax": weights}
+            else:
+                own = {"torch": gpt_torch.state_dict(twin["torch"]), "flax": gpt_flax.state_dict(twin["flax"])}
             for m in twin.values():
                 set_mode(m, mode)
         load = {"torch": gpt_torch.load_state_dict, "flax": gpt_flax.load_state_dict}
@@ -498,12 +514,13 @@ def run_training_parity(
     lr: float = 4e-4,
     weight_decay: float = 0.1,
     outlier_fraction: float = ADAMW_OUTLIER_FRACTION,
+    weights: StateDict | None = None,
     progress: bool = False,
 ) -> TrainingReport:
     """Loss and every gradient on one batch, then `steps` AdamW steps on fresh batches in both twins.
 
-    Both twins train in train() mode at drop_rate 0 from the torch twin's init. Inputs and
-    next-token targets are windows of random ids, as the book's data loader makes them.
+    Both twins train in train() mode at drop_rate 0 from the torch twin's init (or `weights`).
+    Inputs and next-token targets are windows of random ids, as the book's data loader makes them.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -518,6 +535,9 @@ def run_training_parity(
     with float32_matmuls() as precision:
         with prog.step("building both twins"):
             tm, fm = build_pair(model, cfg, source="torch", seed=seed, mode="train")
+            if weights is not None:
+                gpt_torch.load_state_dict(tm, weights)
+                gpt_flax.load_state_dict(fm, weights)
         with prog.step("loss and gradients"):
             x, y = next_batch()
             t_loss, t_grads = gpt_torch.loss_and_grads(tm, torch.from_numpy(x), torch.from_numpy(y))

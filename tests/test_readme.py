@@ -22,7 +22,8 @@ def _shell_lines() -> list[str]:
     return [line for line in lines if line]
 
 
-def test_python_examples_run(capsys):
+def test_python_examples_run(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the examples write small.safetensors
     blocks = _blocks("python")
     assert len(blocks) >= 3
     namespace: dict = {}
@@ -33,10 +34,12 @@ def test_python_examples_run(capsys):
     assert "state dict does not match GPTModel: missing key(s) 'final_norm.scale'" in out
     t_loss, f_loss = namespace["t_loss"], namespace["f_loss"]
     assert abs(t_loss - f_loss) < 1e-5
+    assert (tmp_path / "small.safetensors").is_file() and type(namespace["fm2"]).__name__ == "GPTModel"
 
 
 def test_the_make_commands_are_the_ones_ci_runs():
     make_lines = [line for line in _shell_lines() if line.startswith("make")]
+    assert all(line.startswith(("make", "gpt-parity", "SNAPSHOT=")) for line in _shell_lines())
     assert make_lines == ["make run", "make test"]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci and "make run" in ci
@@ -47,10 +50,23 @@ def test_the_make_commands_are_the_ones_ci_runs():
 GPT_PARITY_LINES = [line for line in _shell_lines() if line.startswith("gpt-parity")]
 
 
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory):
+    """What an HF gpt2 snapshot folder holds, with random tensors of a small GPT-2's shapes."""
+    from safetensors.numpy import save_file
+
+    from parity_tests.hf_reference import random_hf_gpt2
+
+    folder = tmp_path_factory.mktemp("snapshot")
+    save_file(random_hf_gpt2(vocab_size=50257, n_positions=128, n_embd=64, n_layer=2), folder / "model.safetensors")
+    (folder / "config.json").write_text('{"n_head": 4, "n_layer": 2, "n_embd": 64}')
+    return str(folder)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("line", GPT_PARITY_LINES)
-def test_cli_examples_run(line, tmp_path):
-    args = shlex.split(line)[1:]
+def test_cli_examples_run(line, tmp_path, snapshot):
+    args = shlex.split(line.replace('"$SNAPSHOT"', snapshot))[1:]
     proc = subprocess.run([sys.executable, "-m", "parity_tests.cli", *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr + proc.stdout
