@@ -111,6 +111,6 @@ def resolve_config(spec: str) -> GPTConfig:
     """A preset name or the path of a JSON config file (what the CLI's --config takes)."""
     if spec in PRESETS:
         return GPTConfig.preset(spec)
-    if spec.endswith(".json") or os.path.sep in spec:
+    if spec.endswith(".json") or os.path.sep in spec or os.path.exists(spec):
         return GPTConfig.from_json(spec)
     return GPTConfig.preset(spec)  # raises with the list of presets

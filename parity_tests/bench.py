@@ -55,6 +55,7 @@ class BenchReport:
     precision: str
     device: str
     timings: list[Timing]
+    id_check_s: float  # median host-side token-id check (both twins run it before each forward)
 
     def _baseline(self) -> Timing | None:
         return next((t for t in self.timings if t.backend == "torch-eager"), None)
@@ -74,7 +75,10 @@ class BenchReport:
         table = format_table(
             ["backend", "first call ms", "median ms", "min ms", "max ms", "tokens/s", "vs torch eager"], rows
         )
-        return f"{head}\n{table}"
+        flax = next((t for t in self.timings if t.backend == "flax-jit"), None)
+        share = f" = {self.id_check_s / flax.median_s:.2%} of the flax-jit forward" if flax else ""
+        check = f"host-side token-id check before dispatch: {self.id_check_s * 1e6:.1f} µs{share}"
+        return f"{head}\n{table}\n{check}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -86,6 +90,7 @@ class BenchReport:
             "warmup": self.warmup,
             "matmul_precision": self.precision,
             "device": self.device,
+            "id_check_s": self.id_check_s,
             "results": [
                 {"backend": t.backend, "first_call_s": t.first_call_s, "median_s": t.median_s,
                  "min_s": min(t.times_s), "max_s": max(t.times_s), "times_s": t.times_s,
@@ -171,4 +176,16 @@ def run_bench(
                 times = [_time(lambda: forward(ids), sync) for _ in range(repeats)]
             timings.append(Timing(name, first, times, batch * seq))
     device = f"CPU, {torch.get_num_threads()} torch threads"
-    return BenchReport(cfg, model, batch, seq, repeats, warmup, precision, device, timings)
+    return BenchReport(cfg, model, batch, seq, repeats, warmup, precision, device, timings,
+                       _time_id_check(ids, cfg))
+
+
+def _time_id_check(ids: np.ndarray, cfg: GPTConfig, calls: int = 200) -> float:
+    """Median cost of the Flax twin's host-side id check (shape, dtype, min/max) on this batch."""
+    check = gpt_flax.model.check_ids
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        check(ids, cfg)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -252,11 +252,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "convert":
         return _convert(args, parser)
     setup = _setup(args, parser)
-    if args.command == "check":
-        return _check(args, setup, parser)
-    if args.command == "bench":
-        return _bench(args, setup)
-    return _generate(args, setup, parser)
+    try:
+        if args.command == "check":
+            return _check(args, setup, parser)
+        if args.command == "bench":
+            return _bench(args, setup)
+        return _generate(args, setup, parser)
+    except (ValueError, OSError) as e:  # bad input found while running, e.g. an unwritable --json
+        parser.error(str(e))
 
 
 if __name__ == "__main__":

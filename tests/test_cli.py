@@ -95,6 +95,7 @@ def test_train_mode_check(tiny_json, capsys):
         (["check", "--model", "dummy", "--train-steps", "2"], "--train-steps needs --model gpt"),
         (["generate", "x", "--max-new-tokens", "-1"], "argument --max-new-tokens: expected a non-negative integer"),
         (["generate", "x", "--backend", "jax"], "argument --backend: invalid choice: 'jax'"),
+        (["check", "--config", "tests", "--seq", "4"], "cannot read config file 'tests'"),
         (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
     ],
 )
@@ -129,3 +130,5 @@ def test_bench_writes_json_with_every_backend(tiny_json, tmp_path, capsys):
         assert len(r["times_s"]) == 3 and r["min_s"] <= r["median_s"] <= r["max_s"]
         assert r["tokens_per_s"] == pytest.approx(2 * 11 / r["median_s"])
     assert results["torch-eager"]["speedup_vs_torch_eager"] == 1.0
+    assert 0 < data["id_check_s"] < results["flax-jit"]["median_s"]
+    assert "host-side token-id check before dispatch" in captured.out
