@@ -22,7 +22,7 @@ import gpt_flax
 import gpt_torch
 from gpt_spec import GPTConfig, StateDict
 
-from .harness import build_flax, build_torch, float32_matmuls, token_batch, versions
+from .harness import _split_bytes, build_flax, build_torch, float32_matmuls, token_batch, versions
 from .table import Progress, format_table
 
 BACKENDS = ("flax-jit", "torch-eager", "torch-compile")
@@ -56,6 +56,7 @@ class BenchReport:
     device: str
     timings: list[Timing]
     id_check_s: float  # median host-side token-id check (both twins run it before each forward)
+    memory: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # per mesh, see _shard
 
     def _baseline(self) -> Timing | None:
         return next((t for t in self.timings if t.backend == "torch-eager"), None)
@@ -78,7 +79,18 @@ class BenchReport:
         flax = next((t for t in self.timings if t.backend == "flax-jit"), None)
         share = f" = {self.id_check_s / flax.median_s:.2%} of the flax-jit forward" if flax else ""
         check = f"host-side token-id check before dispatch: {self.id_check_s * 1e6:.1f} µs{share}"
-        return f"{head}\n{table}\n{check}"
+        lines = [head, table, check]
+        if self.memory:
+            lines.append(format_table(
+                ["mesh", "param bytes on one device, unsharded", "sharded: most on a device", "fraction",
+                 "split params: unsharded", "split params: most on a device", "fraction"],
+                [(m["mesh"], m["unsharded_bytes"], m["sharded_bytes_per_device"],
+                  f"{m['sharded_bytes_per_device'] / m['unsharded_bytes']:.3f}", m["split_unsharded_bytes"],
+                  m["split_bytes_per_device"], f"{m['split_bytes_per_device'] / m['split_unsharded_bytes']:.3f}")
+                 for m in self.memory]))
+            lines.append("(simulated devices share this machine's cores: sharded timings measure the "
+                         "program, not a speed-up)" if jax.devices()[0].platform == "cpu" else "")
+        return "\n".join(line for line in lines if line)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -91,6 +103,7 @@ class BenchReport:
             "matmul_precision": self.precision,
             "device": self.device,
             "id_check_s": self.id_check_s,
+            "memory": self.memory,
             "results": [
                 {"backend": t.backend, "first_call_s": t.first_call_s, "median_s": t.median_s,
                  "min_s": min(t.times_s), "max_s": max(t.times_s), "times_s": t.times_s,
@@ -112,8 +125,27 @@ def _time(fn: Callable[[], Any], sync: Callable[[Any], Any]) -> float:
     return time.perf_counter() - t0
 
 
+def _shard(fm, text: str, memory: list[dict[str, Any]]):
+    """A sharded copy of `fm` on mesh `text`, its forward, and its parameter memory per device."""
+    from gpt_flax import sharding
+
+    mesh = sharding.make_mesh(text)
+    copy = build_flax("gpt", fm.cfg, seed=0)
+    gpt_flax.load_state_dict(copy, gpt_flax.state_dict(fm))
+    copy.eval()
+    plan = sharding.shard_model(copy, mesh)
+    split = {p for p, spec in plan.specs.items() if any(a is not None for a in spec)}
+    split_total, split_most = _split_bytes(copy, split)
+    memory.append({"mesh": text, "unsharded_bytes": sum(v.nbytes for v in gpt_flax.state_dict(fm).values()),
+                   "sharded_bytes_per_device": max(sharding.param_bytes_per_device(copy).values()),
+                   "split_unsharded_bytes": split_total, "split_bytes_per_device": split_most,
+                   "replicated_for_divisibility": plan.describe()})
+    forward = gpt_flax.jit_forward(copy)
+    return (lambda ids: forward(sharding.shard_batch(ids, mesh))), jax.block_until_ready
+
+
 def _forwards(model: str, cfg: GPTConfig, seed: int, backends: tuple[str, ...], options: dict[str, Any],
-              weights: StateDict | None):
+              weights: StateDict | None, meshes: list[str], memory: list[dict[str, Any]]):
     """Each backend's forward on the CPU, all on the same weights (`weights`, or torch's init)."""
     tm = build_torch(model, cfg, seed=seed, **options).eval()
     if weights is not None:
@@ -124,6 +156,8 @@ def _forwards(model: str, cfg: GPTConfig, seed: int, backends: tuple[str, ...], 
         gpt_flax.load_state_dict(fm, gpt_torch.state_dict(tm))
         fm.eval()
         out["flax-jit"] = (gpt_flax.jit_forward(fm, device=jax.devices("cpu")[0]), jax.block_until_ready)
+        for text in meshes:
+            out[f"flax-jit@{text}"] = _shard(fm, text, memory)
 
     def torch_forward(module):
         def forward(ids: np.ndarray):
@@ -142,7 +176,7 @@ def _forwards(model: str, cfg: GPTConfig, seed: int, backends: tuple[str, ...], 
 def run_bench(
     cfg: GPTConfig,
     *,
-    model: str = "dummy",
+    model: str = "gpt",
     batch: int = 2,
     seq: int = 128,
     repeats: int = 5,
@@ -151,6 +185,7 @@ def run_bench(
     seed: int = 0,
     options: dict[str, Any] | None = None,
     weights: StateDict | None = None,
+    meshes: list[str] | None = None,
     progress: bool = True,
 ) -> BenchReport:
     """Time each backend's forward on one random batch; see the module docstring for the method."""
@@ -162,12 +197,18 @@ def run_bench(
     ids = token_batch(cfg, batch, seq, seed)
     # Data-dependent checks are skipped inside torch.compile's graph; make them once here.
     gpt_torch.model.check_ids(torch.from_numpy(ids), cfg)
-    prog = Progress(len(backends) + 1, enabled=progress)
-    with prog.step(f"building {model} twins on {_describe(cfg)}"):
-        forwards = _forwards(model, cfg, seed, backends, options or {}, weights)
+    meshes = list(meshes or [])
+    if meshes and ("flax-jit" not in backends or model != "gpt"):
+        raise ValueError("meshes need the flax-jit backend and the gpt model")
+    memory: list[dict[str, Any]] = []
+    order = [b for b in backends if b == "flax-jit"] + [f"flax-jit@{m}" for m in meshes] + [
+        b for b in backends if b != "flax-jit"]
+    prog = Progress(len(order) + 1, enabled=progress)
+    with prog.step(f"building {model} twins on {_describe(cfg)}" + (f", sharding on {', '.join(meshes)}" if meshes else "")):
+        forwards = _forwards(model, cfg, seed, backends, options or {}, weights, meshes, memory)
     timings = []
     with float32_matmuls() as precision:
-        for name in backends:
+        for name in order:
             forward, sync = forwards[name]
             with prog.step(f"{name}: first call, {warmup} warm-up, {repeats} timed"):
                 first = _time(lambda: forward(ids), sync)
@@ -177,7 +218,7 @@ def run_bench(
             timings.append(Timing(name, first, times, batch * seq))
     device = f"CPU, {torch.get_num_threads()} torch threads"
     return BenchReport(cfg, model, batch, seq, repeats, warmup, precision, device, timings,
-                       _time_id_check(ids, cfg))
+                       _time_id_check(ids, cfg), memory)
 
 
 def _time_id_check(ids: np.ndarray, cfg: GPTConfig, calls: int = 200) -> float:

@@ -59,6 +59,11 @@ def _add_model_args(p: argparse.ArgumentParser, *, batch: bool = True) -> None:
         p.add_argument("--seq", type=_positive, default=None,
                        help="sequence length (default: 128, at most context_length)")
     p.add_argument("--seed", type=_non_negative, default=0, help="seed for weights and token ids")
+    if batch:
+        p.add_argument("--mesh", metavar="DxM[,DxM...]",
+                       help="also run the Flax twin sharded on (data x model) device meshes, e.g. 2x4")
+        p.add_argument("--cpu-devices", type=_positive, metavar="N",
+                       help="simulate N CPU devices (for --mesh on a machine without N accelerators)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -105,6 +110,7 @@ class _Setup:
     model: str
     options: dict
     weights: StateDict | None = None
+    meshes: list[str] = dataclasses.field(default_factory=list)
 
 
 def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _Setup:
@@ -129,6 +135,23 @@ def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _Setup:
     seq = getattr(args, "seq", None)
     if seq is not None and seq > setup.cfg.context_length:
         parser.error(f"--seq {seq} exceeds context_length {setup.cfg.context_length}")
+    if getattr(args, "mesh", None):
+        if setup.model != "gpt":
+            parser.error("--mesh needs --model gpt")
+        if args.cpu_devices:
+            import jax
+
+            jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts its backends
+        from gpt_flax.sharding import make_mesh
+
+        setup.meshes = [m.strip() for m in args.mesh.split(",")]
+        try:
+            for text in setup.meshes:
+                make_mesh(text)
+        except ValueError as e:
+            parser.error(str(e))
+    elif getattr(args, "cpu_devices", None):
+        parser.error("--cpu-devices goes with --mesh")
     return setup
 
 
@@ -163,6 +186,17 @@ def _check(args: argparse.Namespace, setup: _Setup, parser: argparse.ArgumentPar
         print(training.format_table())
         result["training"] = training.to_json()
         passed = passed and training.passed
+    if setup.meshes:
+        sharded = harness.run_sharding_parity(
+            cfg, setup.meshes, batch=args.batch, seq=min(seq, 32), seed=args.seed,
+            weights=setup.weights, progress=not args.quiet,
+        )
+        print()
+        print(f"Flax twin sharded vs one device, train mode at drop_rate 0, batch {sharded.batch} x "
+              f"{sharded.seq} tokens, one AdamW step")
+        print(sharded.format_table())
+        result["sharding"] = sharded.to_json()
+        passed = passed and sharded.passed
     print("PASS" if passed else "FAIL")
     if args.json:
         harness.write_json(result, args.json)
@@ -174,7 +208,7 @@ def _bench(args: argparse.Namespace, setup: _Setup) -> int:
     report = bench.run_bench(
         setup.cfg, model=setup.model, batch=args.batch, seq=args.seq or min(128, setup.cfg.context_length),
         repeats=args.repeats, warmup=args.warmup, backends=backends, seed=args.seed,
-        options=setup.options, weights=setup.weights, progress=not args.quiet,
+        options=setup.options, weights=setup.weights, meshes=setup.meshes, progress=not args.quiet,
     )
     print(report.format_table())
     if args.json:

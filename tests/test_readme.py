@@ -34,6 +34,7 @@ def test_python_examples_run(capsys, tmp_path, monkeypatch):
     assert "state dict does not match GPTModel: missing key(s) 'final_norm.scale'" in out
     t_loss, f_loss = namespace["t_loss"], namespace["f_loss"]
     assert abs(t_loss - f_loss) < 1e-5
+    assert namespace["plan"].mesh.shape == {"data": 1, "model": 1} and namespace["loss"] > 0
     assert (tmp_path / "small.safetensors").is_file() and type(namespace["fm2"]).__name__ == "GPTModel"
 
 
@@ -66,7 +67,8 @@ def snapshot(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("line", GPT_PARITY_LINES)
 def test_cli_examples_run(line, tmp_path, snapshot):
-    args = shlex.split(line.replace('"$SNAPSHOT"', snapshot))[1:]
+    line = line.replace('"$SNAPSHOT"', snapshot).replace("examples/", str(ROOT / "examples") + "/")
+    args = shlex.split(line)[1:]
     proc = subprocess.run([sys.executable, "-m", "parity_tests.cli", *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr + proc.stdout
