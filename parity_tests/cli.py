@@ -141,7 +141,12 @@ def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _Setup:
         if args.cpu_devices:
             import jax
 
-            jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts its backends
+            try:  # JAX fixes its device count when its backends start
+                jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+            except RuntimeError:
+                if len(jax.devices("cpu")) != args.cpu_devices:
+                    parser.error(f"--cpu-devices {args.cpu_devices}: JAX has already started with "
+                                 f"{len(jax.devices('cpu'))} CPU device(s) in this process")
         from gpt_flax.sharding import make_mesh
 
         setup.meshes = [m.strip() for m in args.mesh.split(",")]

@@ -147,11 +147,3 @@ def test_gpt2_small_from_flax_init_in_train_mode():
     cfg = GPTConfig.from_dict({**GPT_CONFIG_124M, "drop_rate": 0.0})
     tm, fm = build_pair("gpt", cfg, source="flax", mode="train")
     _check(cfg, tm, fm, 2, 64)
-
-
-@pytest.mark.slow
-def test_dummy_gpt2_small_both_directions():
-    cfg = GPTConfig.from_dict(GPT_CONFIG_124M)
-    for source in ("torch", "flax"):
-        tm, fm = build_pair("dummy", cfg, source=source)
-        _check(cfg, tm, fm, 1, cfg.context_length)

@@ -96,10 +96,19 @@ def test_train_mode_check(tiny_json, capsys):
         (["generate", "x", "--max-new-tokens", "-1"], "argument --max-new-tokens: expected a non-negative integer"),
         (["generate", "x", "--backend", "jax"], "argument --backend: invalid choice: 'jax'"),
         (["check", "--config", "tests", "--seq", "4"], "cannot read config file 'tests'"),
+        (["check", "--mesh", "2y4"], "mesh must look like DATAxMODEL with positive sizes, e.g. 2x4; got '2y4'"),
+        (["check", "--mesh", "3x3"], "mesh 3x3 needs 9 devices, this job has 1"),
+        (["bench", "--mesh", "0x8"], "mesh must look like DATAxMODEL"),
+        (["check", "--cpu-devices", "8"], "--cpu-devices goes with --mesh"),
+        (["check", "--mesh", "2x4", "--cpu-devices", "8"], "--cpu-devices 8: JAX has already started with 1 CPU device(s)"),
+        (["check", "--mesh", "1x1", "--model", "dummy"], "--mesh needs --model gpt"),
         (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
+    import jax
+
+    jax.devices()  # JAX started, as in any process that already ran a model: --cpu-devices is too late
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
