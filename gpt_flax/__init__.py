@@ -7,14 +7,15 @@ from .model import (
     FeedForward,
     GELU,
     GPTModel,
+    KVCache,
     LayerNorm,
     MultiHeadAttention,
     TransformerBlock,
     jit_forward,
 )
-from .generate import generate_text_simple
+from .generate import generate_text_simple, generate_text_simple_cached
 from .train import adamw, calc_loss_batch, loss_and_grads, train_step
-from .weights import load, load_state_dict, save, state_dict
+from .weights import cast, load, load_state_dict, save, state_dict
 
 __all__ = [
     "DummyGPTModel",
@@ -23,12 +24,15 @@ __all__ = [
     "FeedForward",
     "GELU",
     "GPTModel",
+    "KVCache",
     "LayerNorm",
     "MultiHeadAttention",
     "TransformerBlock",
     "adamw",
     "calc_loss_batch",
+    "cast",
     "generate_text_simple",
+    "generate_text_simple_cached",
     "jit_forward",
     "load",
     "load_state_dict",

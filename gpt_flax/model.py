@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gpt_spec import GPTConfig, check_token_ids
+from gpt_spec import GPTConfig, check_cache_room, check_token_ids
 
 FINAL_NORMS = ("dummy", "layernorm")
 
@@ -72,10 +72,12 @@ class LayerNorm(nnx.Module):
         self.shift = nnx.Param(jnp.zeros(emb_dim))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        mean = x.mean(axis=-1, keepdims=True)
-        var = x.var(axis=-1, keepdims=True)  # biased (ddof=0), as torch's unbiased=False
-        norm_x = (x - mean) / jnp.sqrt(var + self.eps)
-        return self.scale[...] * norm_x + self.shift[...]
+        x32 = x.astype(jnp.float32)  # statistics in float32 whatever the parameter dtype
+        mean = x32.mean(axis=-1, keepdims=True)
+        var = x32.var(axis=-1, keepdims=True)  # biased (ddof=0), as torch's unbiased=False
+        norm_x = (x32 - mean) / jnp.sqrt(var + self.eps)
+        scale, shift = self.scale[...].astype(jnp.float32), self.shift[...].astype(jnp.float32)
+        return (scale * norm_x + shift).astype(x.dtype)
 
 
 class GELU(nnx.Module):
@@ -99,6 +101,10 @@ class FeedForward(nnx.Module):
         return self.layers(x)
 
 
+class KVCache(nnx.Variable):
+    """State of cached decoding (keys, values, positions): not a parameter, never in a state dict."""
+
+
 class MultiHeadAttention(nnx.Module):
     """Causal multi-head self-attention with separate query, key and value projections."""
 
@@ -115,21 +121,53 @@ class MultiHeadAttention(nnx.Module):
         self.out_proj = torch_linear(d_out, d_out, use_bias=True, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         # torch keeps a (context_length, context_length) mask buffer; here the mask is built from
-        # the input's shape at trace time, a constant, so context_length is not needed.
+        # the shapes at trace time, a constant.
+        self.context_length = context_length
+        # The KV cache: preallocated by init_cache (its shapes fixed, so a jitted decoder compiles
+        # once), with a pointer to the next free position, as the book's ptr_current_pos.
+        self.cache_k: KVCache | None = nnx.data(None)  # data, not static: it becomes a KVCache
+        self.cache_v: KVCache | None = nnx.data(None)
+        self.ptr_current_pos = KVCache(jnp.zeros((), jnp.int32))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def init_cache(self, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> None:
+        shape = (batch_size, self.num_heads, max_len, self.head_dim)
+        self.cache_k = KVCache(jnp.zeros(shape, dtype))
+        self.cache_v = KVCache(jnp.zeros(shape, dtype))
+        self.ptr_current_pos = KVCache(jnp.zeros((), jnp.int32))
+
+    def reset_cache(self) -> None:
+        self.cache_k, self.cache_v = nnx.data(None), nnx.data(None)
+        self.ptr_current_pos = KVCache(jnp.zeros((), jnp.int32))
+
+    def __call__(self, x: jax.Array, use_cache: bool = False) -> jax.Array:
         b, num_tokens, d_in = x.shape
-        keys = self.W_key(x)  # (b, num_tokens, d_out)
+        keys_new = self.W_key(x)  # (b, num_tokens, d_out)
         queries = self.W_query(x)
-        values = self.W_value(x)
-        keys = keys.reshape(b, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        values_new = self.W_value(x)
+        keys_new = keys_new.reshape(b, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         queries = queries.reshape(b, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        values = values.reshape(b, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        values_new = values_new.reshape(b, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         # (b, num_heads, num_tokens, head_dim)
-        attn_scores = queries @ keys.transpose(0, 1, 3, 2)  # (b, num_heads, num_tokens, num_tokens)
-        mask_bool = jnp.triu(jnp.ones((num_tokens, num_tokens), dtype=bool), k=1)
+        if use_cache:
+            if self.cache_k is None:
+                self.init_cache(b, self.context_length, keys_new.dtype)
+            if self.cache_k.shape[0] != b:
+                raise ValueError(f"the KV cache holds batch size {self.cache_k.shape[0]}, got {b}: reset it")
+            start = self.ptr_current_pos[...]
+            self.cache_k[...] = jax.lax.dynamic_update_slice(self.cache_k[...], keys_new, (0, 0, start, 0))
+            self.cache_v[...] = jax.lax.dynamic_update_slice(self.cache_v[...], values_new, (0, 0, start, 0))
+            self.ptr_current_pos[...] = start + num_tokens
+            keys, values = self.cache_k[...], self.cache_v[...]  # (b, num_heads, max_len, head_dim)
+            # Query i sits at position start + i: it sees keys up to there; the unfilled tail of
+            # the cache lies beyond every query, so the same mask hides it.
+            q_pos = start + jnp.arange(num_tokens)[:, None]
+            mask_bool = jnp.arange(keys.shape[2])[None, :] > q_pos
+        else:
+            keys, values = keys_new, values_new
+            mask_bool = jnp.triu(jnp.ones((num_tokens, num_tokens), dtype=bool), k=1)
+        attn_scores = queries @ keys.transpose(0, 1, 3, 2)  # (b, num_heads, num_tokens, num_keys)
         attn_scores = jnp.where(mask_bool, -jnp.inf, attn_scores)
-        attn_weights = jax.nn.softmax(attn_scores / keys.shape[-1] ** 0.5, axis=-1)
+        attn_weights = jax.nn.softmax(attn_scores.astype(jnp.float32) / keys.shape[-1] ** 0.5, axis=-1).astype(values.dtype)
         attn_weights = self.dropout(attn_weights)
         context_vec = (attn_weights @ values).transpose(0, 2, 1, 3)  # (b, num_tokens, num_heads, head_dim)
         context_vec = context_vec.reshape(b, num_tokens, self.d_out)
@@ -154,10 +192,10 @@ class TransformerBlock(nnx.Module):
         self.norm2 = LayerNorm(cfg.emb_dim)
         self.drop_shortcut = nnx.Dropout(cfg.drop_rate, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, use_cache: bool = False) -> jax.Array:
         shortcut = x
         x = self.norm1(x)
-        x = self.att(x)
+        x = self.att(x, use_cache=use_cache)
         x = self.drop_shortcut(x)
         x = x + shortcut
 
@@ -174,7 +212,7 @@ class DummyTransformerBlock(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs | None = None):
         pass
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, use_cache: bool = False) -> jax.Array:
         return x
 
 
@@ -206,27 +244,50 @@ class _GPT(nnx.Module):
         self.trf_blocks = nnx.Sequential(*[block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = final_norm(cfg.emb_dim)
         self.out_head = torch_linear(cfg.emb_dim, cfg.vocab_size, use_bias=False, rngs=rngs)
+        self.current_pos = KVCache(jnp.zeros((), jnp.int32))  # positions held by the KV cache
 
-    def __call__(self, in_idx: Any, return_activations: bool = False):
+    def __call__(self, in_idx: Any, return_activations: bool = False, use_cache: bool = False):
         """(batch, seq_len) integer ids -> (batch, seq_len, vocab_size) logits.
 
         With `return_activations`, a dict of every stage's output instead, each named by the module
         that produced it: drop_emb, trf_blocks.0 ... trf_blocks.{n-1}, final_norm, out_head (the logits).
+        With `use_cache`, the ids continue the sequence the KV cache holds (see reset_kv_cache).
         """
-        in_idx = check_ids(in_idx, self.cfg)
+        in_idx = check_ids(in_idx, self.cfg, check_length=not use_cache)
         batch_size, seq_len = in_idx.shape
+        start = 0
+        if use_cache:
+            start = self.current_pos[...]
+            if not isinstance(start, jax.core.Tracer):  # in a trace, the caller checked the room
+                check_cache_room(int(start), seq_len, self.cfg)
+            self.current_pos[...] = start + seq_len
         tok_embeds = self.tok_emb(in_idx)  # (batch_size, seq_len, emb_dim)
-        pos_embeds = self.pos_emb(jnp.arange(seq_len))  # (seq_len, emb_dim)
+        pos_embeds = self.pos_emb(start + jnp.arange(seq_len))  # (seq_len, emb_dim)
         x = self.drop_emb(tok_embeds + pos_embeds)
         activations = {"drop_emb": x}
         for i, block in enumerate(self.trf_blocks.layers):
-            x = block(x)
+            x = block(x, use_cache=use_cache)
             activations[f"trf_blocks.{i}"] = x
         x = self.final_norm(x)
-        logits = self.out_head(x)  # (batch_size, seq_len, vocab_size)
+        logits = self.out_head(x).astype(jnp.float32)  # (batch_size, seq_len, vocab_size), float32 in any dtype
         if return_activations:
             return {**activations, "final_norm": x, "out_head": logits}
         return logits
+
+    def reset_kv_cache(self, batch_size: int | None = None, max_len: int | None = None) -> None:
+        """Empty every block's KV cache; the next cached call starts at position 0.
+
+        Unlike torch's growing cache, this one is preallocated: with `batch_size` it is allocated
+        now, for `max_len` positions (default context_length); without, at the first cached call.
+        """
+        max_len = self.cfg.context_length if max_len is None else max_len
+        for block in self.trf_blocks.layers:
+            if isinstance(block, TransformerBlock):
+                if batch_size is None:
+                    block.att.reset_cache()
+                else:
+                    block.att.init_cache(batch_size, max_len, self.tok_emb.embedding[...].dtype)
+        self.current_pos = KVCache(jnp.zeros((), jnp.int32))
 
 
 class DummyGPTModel(_GPT):

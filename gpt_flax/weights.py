@@ -49,11 +49,12 @@ def _params(model: nnx.Module) -> dict[str, tuple[nnx.Variable, bool]]:
 
 
 def to_canonical(params: nnx.State) -> StateDict:
-    """An NNX state of parameters (or of their gradients) as a canonical `{name: numpy array}`."""
+    """An NNX state of parameters (or of their gradients) as a canonical `{name: numpy array}`,
+    in float32 (every bfloat16 value widens exactly)."""
     out = {}
     for path, var in nnx.to_flat_state(params):
         name, transposed = _canonical(path)
-        value = np.asarray(var[...] if isinstance(var, nnx.Variable) else var)
+        value = np.asarray((var[...] if isinstance(var, nnx.Variable) else var).astype(jnp.float32))
         # A copy, never a view: the JAX buffer may be donated to (and overwritten by) a train step.
         out[name] = np.array(value.T if transposed else value, order="C", copy=True)
     return out
@@ -106,4 +107,21 @@ def load(path: str | os.PathLike[str], *, config: GPTConfig | None = None,
     ckpt = load_checkpoint(path, config=config)
     model = getattr(models, ckpt.model)(ckpt.config, **ckpt.options, rngs=rngs or nnx.Rngs(0))
     load_state_dict(model, ckpt.state_dict)
+    return model
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def cast(model: nnx.Module, dtype: str) -> nnx.Module:
+    """Parameters (and so the compute) in `dtype`, "float32" or "bfloat16"; LayerNorm statistics,
+    softmax and logits stay float32. In place; returns the model."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    for var, _ in _params(model).values():
+        var.set_value(var[...].astype(DTYPES[dtype]))  # `var[...] =` would keep the old dtype
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, (nnx.Embed, nnx.Linear)):
+            # Their compute dtype was fixed at construction (Embed: float32, the param dtype then).
+            module.dtype = module.param_dtype = DTYPES[dtype]
     return model

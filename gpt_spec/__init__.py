@@ -10,7 +10,13 @@ from .checkpoint import (
     to_hf,
 )
 from .config import PRESETS, GPTConfig, resolve_config
-from .inputs import check_generation, check_targets, check_token_ids
+from .inputs import (
+    check_cache_room,
+    check_cached_generation,
+    check_generation,
+    check_targets,
+    check_token_ids,
+)
 from .tokenizer import get_tokenizer
 
 __all__ = [
@@ -18,6 +24,8 @@ __all__ = [
     "PRESETS",
     "GPTConfig",
     "StateDict",
+    "check_cache_room",
+    "check_cached_generation",
     "check_generation",
     "check_state_dict",
     "check_targets",

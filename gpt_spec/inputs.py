@@ -74,3 +74,32 @@ def check_targets(input_shape: tuple[int, ...], target_shape: tuple[int, ...]) -
         raise ValueError(
             f"targets have shape {tuple(target_shape)}, expected the inputs' shape {tuple(input_shape)}"
         )
+
+
+def check_cache_room(cached: int, new: int, cfg: GPTConfig) -> None:
+    """A KV cache holds at most context_length positions (it does not slide)."""
+    if cached + new > cfg.context_length:
+        raise ValueError(
+            f"sequence length {cached + new} exceeds context_length {cfg.context_length} "
+            f"({cached} cached + {new} new tokens; the KV cache does not slide: reset it)"
+        )
+
+
+def check_cached_generation(prompt_len: int, max_new_tokens: object, context_size: object,
+                            cfg: GPTConfig) -> tuple[int, int]:
+    """Check generate_text_simple_cached's arguments; return (max_new_tokens, context_size).
+
+    `context_size` None means cfg.context_length. The prompt is cropped to its last context_size
+    tokens and then every token stays in the cache, so the result equals generate_text_simple's
+    only while the window never has to slide: refused up front otherwise.
+    """
+    context_size = cfg.context_length if context_size is None else context_size
+    max_new_tokens, context_size = check_generation(prompt_len, max_new_tokens, context_size, cfg)
+    fed = min(prompt_len, context_size) + max(max_new_tokens - 1, 0)
+    if max_new_tokens and fed > min(context_size, cfg.context_length):
+        raise ValueError(
+            f"cached generation would hold {fed} tokens, more than context_size "
+            f"{min(context_size, cfg.context_length)}: the KV cache does not slide; use "
+            "generate_text_simple, or fewer new tokens"
+        )
+    return max_new_tokens, context_size

@@ -11,9 +11,9 @@ from .model import (
     MultiHeadAttention,
     TransformerBlock,
 )
-from .generate import generate_text_simple
+from .generate import generate_text_simple, generate_text_simple_cached
 from .train import adamw, calc_loss_batch, loss_and_grads, train_step
-from .weights import load, load_state_dict, read_torch_file, save, state_dict
+from .weights import cast, load, load_state_dict, read_torch_file, save, state_dict
 
 __all__ = [
     "DummyGPTModel",
@@ -27,7 +27,9 @@ __all__ = [
     "TransformerBlock",
     "adamw",
     "calc_loss_batch",
+    "cast",
     "generate_text_simple",
+    "generate_text_simple_cached",
     "load",
     "load_state_dict",
     "loss_and_grads",

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from gpt_spec import GPTConfig, check_token_ids
+from gpt_spec import GPTConfig, check_cache_room, check_token_ids
 
 FINAL_NORMS = ("dummy", "layernorm")
 
@@ -44,10 +44,11 @@ class LayerNorm(nn.Module):
         self.shift = nn.Parameter(torch.zeros(emb_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(dim=-1, keepdim=True)
-        var = x.var(dim=-1, keepdim=True, unbiased=False)
-        norm_x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.scale * norm_x + self.shift
+        x32 = x.float()  # statistics in float32 whatever the parameter dtype (a no-op in float32)
+        mean = x32.mean(dim=-1, keepdim=True)
+        var = x32.var(dim=-1, keepdim=True, unbiased=False)
+        norm_x = (x32 - mean) / torch.sqrt(var + self.eps)
+        return (self.scale.float() * norm_x + self.shift.float()).to(x.dtype)
 
 
 class GELU(nn.Module):
@@ -93,24 +94,45 @@ class MultiHeadAttention(nn.Module):
         self.register_buffer(
             "mask", torch.triu(torch.ones(context_length, context_length), diagonal=1), persistent=False
         )
+        # The KV cache of the book's chapter-4 variant: keys and values of every position fed so far.
+        self.register_buffer("cache_k", None, persistent=False)
+        self.register_buffer("cache_v", None, persistent=False)
+        self.ptr_current_pos = 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
         b, num_tokens, d_in = x.shape
-        keys = self.W_key(x)  # (b, num_tokens, d_out)
+        keys_new = self.W_key(x)  # (b, num_tokens, d_out)
         queries = self.W_query(x)
-        values = self.W_value(x)
-        keys = keys.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        values_new = self.W_value(x)
+        keys_new = keys_new.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         queries = queries.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        values = values.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        values_new = values_new.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         # (b, num_heads, num_tokens, head_dim)
-        attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_tokens, num_tokens)
-        mask_bool = self.mask.bool()[:num_tokens, :num_tokens]
+        if use_cache:
+            if self.cache_k is not None and self.cache_k.shape[0] != b:
+                raise ValueError(f"the KV cache holds batch size {self.cache_k.shape[0]}, got {b}: reset it")
+            if self.cache_k is None:
+                self.cache_k, self.cache_v = keys_new, values_new
+            else:
+                self.cache_k = torch.cat([self.cache_k, keys_new], dim=2)
+                self.cache_v = torch.cat([self.cache_v, values_new], dim=2)
+            keys, values = self.cache_k, self.cache_v  # (b, num_heads, cached + num_tokens, head_dim)
+            start = self.ptr_current_pos
+            self.ptr_current_pos += num_tokens
+        else:
+            keys, values, start = keys_new, values_new, 0
+        attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_tokens, num_keys)
+        mask_bool = self.mask.bool()[start:start + num_tokens, :keys.shape[2]]
         attn_scores = attn_scores.masked_fill(mask_bool, -torch.inf)
-        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+        attn_weights = torch.softmax(attn_scores.float() / keys.shape[-1] ** 0.5, dim=-1).to(values.dtype)
         attn_weights = self.dropout(attn_weights)
         context_vec = (attn_weights @ values).transpose(1, 2)  # (b, num_tokens, num_heads, head_dim)
         context_vec = context_vec.contiguous().view(b, num_tokens, self.d_out)
         return self.out_proj(context_vec)
+
+    def reset_cache(self) -> None:
+        self.cache_k, self.cache_v = None, None
+        self.ptr_current_pos = 0
 
 
 class TransformerBlock(nn.Module):
@@ -131,10 +153,10 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.emb_dim)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
         shortcut = x
         x = self.norm1(x)
-        x = self.att(x)
+        x = self.att(x, use_cache=use_cache)
         x = self.drop_shortcut(x)
         x = x + shortcut
 
@@ -151,7 +173,7 @@ class DummyTransformerBlock(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
         return x
 
 
@@ -183,27 +205,45 @@ class _GPT(nn.Module):
         self.trf_blocks = nn.Sequential(*[block(cfg) for _ in range(cfg.n_layers)])
         self.final_norm = final_norm(cfg.emb_dim)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.current_pos = 0  # positions held by the KV cache
 
-    def forward(self, in_idx: torch.Tensor, return_activations: bool = False):
+    def forward(self, in_idx: torch.Tensor, return_activations: bool = False, use_cache: bool = False):
         """(batch, seq_len) integer ids -> (batch, seq_len, vocab_size) logits.
 
         With `return_activations`, a dict of every stage's output instead, each named by the module
         that produced it: drop_emb, trf_blocks.0 ... trf_blocks.{n-1}, final_norm, out_head (the logits).
+        With `use_cache`, the ids continue the sequence the KV cache holds (see reset_kv_cache).
         """
-        check_ids(in_idx, self.cfg)
+        check_ids(in_idx, self.cfg, check_length=not use_cache)
         batch_size, seq_len = in_idx.shape
+        start = 0
+        if use_cache:
+            check_cache_room(self.current_pos, seq_len, self.cfg)
+            start, self.current_pos = self.current_pos, self.current_pos + seq_len
         tok_embeds = self.tok_emb(in_idx)  # (batch_size, seq_len, emb_dim)
-        pos_embeds = self.pos_emb(torch.arange(seq_len, device=in_idx.device))  # (seq_len, emb_dim)
+        pos_ids = torch.arange(start, start + seq_len, device=in_idx.device)
+        pos_embeds = self.pos_emb(pos_ids)  # (seq_len, emb_dim)
         x = self.drop_emb(tok_embeds + pos_embeds)
         activations = {"drop_emb": x}
         for i, block in enumerate(self.trf_blocks):
-            x = block(x)
+            x = block(x, use_cache=use_cache)
             activations[f"trf_blocks.{i}"] = x
         x = self.final_norm(x)
-        logits = self.out_head(x)  # (batch_size, seq_len, vocab_size)
+        logits = self.out_head(x).float()  # (batch_size, seq_len, vocab_size), float32 in any dtype
         if return_activations:
             return {**activations, "final_norm": x, "out_head": logits}
         return logits
+
+    def reset_kv_cache(self, batch_size: int | None = None, max_len: int | None = None) -> None:
+        """Empty every block's KV cache; the next cached call starts at position 0.
+
+        This cache grows with torch.cat as the book's does; `batch_size` and `max_len` are
+        accepted for the Flax twin's signature, whose cache is preallocated.
+        """
+        for block in self.trf_blocks:
+            if isinstance(block, TransformerBlock):
+                block.att.reset_cache()
+        self.current_pos = 0
 
 
 class DummyGPTModel(_GPT):

@@ -14,8 +14,9 @@ from gpt_spec.checkpoint import Checkpoint, infer_config, load_checkpoint, save_
 
 
 def state_dict(model: torch.nn.Module) -> StateDict:
-    """The model's parameters as the canonical `{name: numpy array}` (copies, on the host)."""
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    """The model's parameters as the canonical `{name: numpy array}` (float32 copies, on the host)."""
+    # bfloat16 has no numpy dtype: parameters leave as float32, which holds every bfloat16 exactly.
+    return {k: v.detach().cpu().float().numpy().copy() for k, v in model.state_dict().items()}
 
 
 def load_state_dict(model: torch.nn.Module, sd: Mapping[str, object]) -> None:
@@ -83,3 +84,14 @@ def load(path: str | os.PathLike[str], *, config: GPTConfig | None = None) -> to
     model = getattr(models, ckpt.model)(ckpt.config, **ckpt.options)
     load_state_dict(model, ckpt.state_dict)
     return model
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cast(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """Parameters (and so the compute) in `dtype`, "float32" or "bfloat16"; LayerNorm statistics,
+    softmax and logits stay float32. In place; returns the model."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return model.to(DTYPES[dtype])

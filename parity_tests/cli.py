@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(check)
     check.add_argument("--mode", default="eval", choices=harness.MODES,
                        help="eval (dropout off) or train (needs --drop-rate 0)")
+    check.add_argument("--dtype", default="float32", choices=list(harness.DTYPES),
+                       help="parameters and compute of both twins (default: float32); bfloat16 has its own bound")
     check.add_argument("--layers", action="store_true", help="print max |Δ| of every stage")
     check.add_argument("--plot", metavar="PNG", help="save max |Δ| per stage as a log-scale plot")
     check.add_argument("--train-steps", type=_non_negative, default=0, metavar="N",
@@ -167,10 +169,10 @@ def _check(args: argparse.Namespace, setup: _Setup, parser: argparse.ArgumentPar
     seq = args.seq or min(128, cfg.context_length)
     report = harness.run_parity(
         cfg, model=setup.model, batch=args.batch, seq=seq, seed=args.seed, mode=args.mode,
-        options=setup.options, weights=setup.weights, progress=not args.quiet,
+        options=setup.options, weights=setup.weights, progress=not args.quiet, dtype=args.dtype,
     )
-    print(f"{setup.model} model, {setup.label}, {args.mode} mode, batch {args.batch} x {seq} tokens, "
-          f"matmuls {report.precision}")
+    print(f"{setup.model} model, {setup.label}, {args.mode} mode, {args.dtype}, batch {args.batch} x "
+          f"{seq} tokens, matmuls {report.precision}")
     print(report.format_table())
     if args.layers:
         print()

@@ -34,6 +34,7 @@ from .tolerances import (
     ADAMW_NOISE_ONLY,
     ADAMW_OUTLIER_FRACTION,
     ADAMW_WEIGHTS,
+    BF16_FORWARD,
     FP32_FORWARD,
     GRADS,
     LOSS,
@@ -44,6 +45,7 @@ MODELS = {"gpt": "GPTModel", "dummy": "DummyGPTModel"}
 MODEL_KINDS = {cls: kind for kind, cls in MODELS.items()}
 DIRECTIONS = ("torch->flax", "flax->torch")
 MODES = ("eval", "train")
+DTYPES = {"float32": FP32_FORWARD, "bfloat16": BF16_FORWARD}  # each tier's bound
 
 
 def _model_class(module: Any, kind: str):
@@ -209,6 +211,7 @@ class ParityReport:
     precision: str
     rows: list[ParityRow]
     skipped: list[tuple[str, str]]
+    dtype: str = "float32"
 
     @property
     def passed(self) -> bool:
@@ -273,7 +276,7 @@ class ParityReport:
         ax.set_yscale("log")
         ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
         ax.set_ylabel("max |Δ| between twins")
-        ax.set_title(f"{self.model} {self.mode}, batch {self.batch} x {self.seq}, matmuls float32")
+        ax.set_title(f"{self.model} {self.mode} {self.dtype}, batch {self.batch} x {self.seq}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -285,6 +288,7 @@ class ParityReport:
             "config": self.config.to_dict(),
             "model": self.model,
             "mode": self.mode,
+            "dtype": self.dtype,
             "batch": self.batch,
             "seq": self.seq,
             "seed": self.seed,
@@ -346,19 +350,24 @@ def run_parity(
     seed: int = 0,
     mode: str = "eval",
     directions: Sequence[str] = DIRECTIONS,
-    bound: Bound = FP32_FORWARD,
+    bound: Bound | None = None,
     options: dict[str, Any] | None = None,
     weights: StateDict | None = None,
     progress: bool = False,
+    dtype: str = "float32",
 ) -> ParityReport:
     """Build each direction's source twin, copy its weights into the other, compare every stage.
 
     The reference is the source twin on CPU; the candidates are the target twin on every device
     of its framework. Train mode is compared only at drop_rate 0 (the twins draw dropout masks
     from different generators). With `weights` (a checkpoint's state dict) both twins hold those
-    instead of an init.
+    instead of an init. With `dtype` "bfloat16" both twins run cast to bfloat16 (the weights
+    rounded identically) and the bound defaults to that tier's.
     """
     _check_args(model, mode, cfg)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    bound = DTYPES[dtype] if bound is None else bound
     for d in directions:
         if d not in DIRECTIONS:
             raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {d!r}")
@@ -379,6 +388,8 @@ def run_parity(
                 own = {"torch": gpt_torch.state_dict(twin["torch"]), "flax": gpt_flax.state_dict(twin["flax"])}
             for m in twin.values():
                 set_mode(m, mode)
+            gpt_torch.cast(twin["torch"], dtype)  # loads below round into this dtype
+            gpt_flax.cast(twin["flax"], dtype)
         load = {"torch": gpt_torch.load_state_dict, "flax": gpt_flax.load_state_dict}
         for direction in directions:
             source, target = direction.split("->")
@@ -393,7 +404,7 @@ def run_parity(
                     out = run_backend(backend, twin[target], ids)
                 rows.append(ParityRow(direction, cpu[source].label, backend.label,
                                       compare_stages(reference, out, bound)))
-    return ParityReport(cfg, model, mode, batch, seq, seed, precision, rows, skipped)
+    return ParityReport(cfg, model, mode, batch, seq, seed, precision, rows, skipped, dtype)
 
 
 # --- training: loss, gradients and AdamW steps ---------------------------------------------------

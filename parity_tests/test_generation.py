@@ -83,10 +83,15 @@ def test_a_long_context_size_is_fine_while_the_sequence_fits():
 
 
 @pytest.mark.slow
-def test_gpt2_small_prints_the_books_generation_and_the_twins_agree_for_24_tokens():
+def test_gpt2_small_prints_the_books_generation_and_the_twins_agree_for_24_tokens_with_and_without_cache():
     cfg = GPTConfig.from_dict(GPT_CONFIG_124M)
     tm, fm = build_pair("gpt", cfg, source="torch", seed=book.SEED)  # the book's torch.manual_seed(123)
     prompt = np.array([get_tokenizer().encode(book.GENERATE_PROMPT)])
     t, f = _both(tm, fm, prompt, 24, cfg.context_length)
     assert t[0, : len(book.GENERATE_IDS)].tolist() == book.GENERATE_IDS
     np.testing.assert_array_equal(f, t)
+    with float32_matmuls():  # and with the KV cache
+        tc = gpt_torch.generate_text_simple_cached(tm, torch.from_numpy(prompt), 24).numpy()
+        fc = np.asarray(gpt_flax.generate_text_simple_cached(fm, prompt, 24))
+    np.testing.assert_array_equal(tc, t)
+    np.testing.assert_array_equal(fc, t)

@@ -101,3 +101,20 @@ ADAMW_FLIP_ENVELOPE = 2.0  # ... but none may differ by more than this times lr 
 # softmax row, which softmax ignores. Their gradients are pure rounding noise (checked against
 # GRADS.atol), so only the envelope applies to them.
 ADAMW_NOISE_ONLY = ("att.W_key.bias",)
+
+# The bfloat16 tier: both twins with bfloat16 parameters and compute (LayerNorm statistics,
+# softmax and logits in float32), against each other. bfloat16 keeps 8 significant bits
+# (eps = 2^-7): every rounded matmul output may round the other way in the other twin, and the
+# residual stream carries that on from block to block, so the bound scales with each tensor's
+# largest value: 4 eps * max|ref| = 2^-5 * max|ref|, 4 to 8 bfloat16 ulps of that value.
+# Measured (weights from either twin, cast to bfloat16, bit-identical in both after the cast):
+# tiny configs max |Δ| 0.031 (block 1, |x| 4.3), logits 0.0098; gpt2-small B=2 x T=128: block 9
+# 0.125 (|x| 7.6), logits 0.028; B=1 x T=1024: block 11 0.141 (|x| 7.9, 4.5 ulps of its largest
+# value; bound there 0.257), logits 0.027 (|x| 3.2). For scale: the bfloat16 torch twin against its own float32
+# logits differs by 0.032.
+BF16_FORWARD = Bound(
+    atol=1e-2,
+    rtol=0.0,
+    stol=2.0 ** -5,
+    measured="gpt2-small: max |Δ| 0.141 (block 11, 4.5 bf16 ulps of max |x| 7.9), logits 0.028",
+)
