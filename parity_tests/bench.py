@@ -1,13 +1,24 @@
-"""The benchmark: jit-compiled Flax forward vs torch eager vs torch.compile, same weights, same batch.
+"""The benchmark: the jitted Flax forward vs torch eager vs torch.compile on the same weights and
+batches, measured against what this machine can do, in the same run.
 
-A program, not a test: fixed seed, dropout off, the first call (compilation) timed on its own,
-untimed warm-ups, then `repeats` timed calls each ended by `block_until_ready()` (JAX) or a
-synchronize (CUDA); the median is reported, with min and max as the spread. Speed is given as
-tokens/s and as a ratio to torch eager measured in the same run.
+A program, not a test. Method:
+- Forward: for every dtype x batch x sequence length of the grid, each backend is called once
+  (compilation, timed on its own), `warmup` more times untimed, then `repeats` times, each call
+  ended by `block_until_ready()` (torch on the CPU returns when done). Median, min and max.
+- Roofline references, measured in the same run: this machine's GEMM throughput (a 2048^3
+  matmul in XLA and in torch, the better of the two, per dtype; sampled before and after the
+  forwards, median) and its read bandwidth (a jitted sum over 512 MiB, the better of XLA and
+  torch). A forward's achieved FLOP/s (gpt_spec.flops.forward_flops: every matmul, the full
+  T x T attention matmuls included) is reported as a fraction of that GEMM throughput.
+- Decoding (`decode` > 0): greedy generation of `decode` new tokens at batch 1 from an 8-token
+  prompt, per twin, with the KV cache and without (the book's loop, re-running the whole
+  sequence per token: timed over `decode_uncached` tokens only). Its limit: a step must read every
+  weight once (and the cache), so tokens/s <= read bandwidth / bytes read per token.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import statistics
 import time
@@ -15,25 +26,80 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 
 import gpt_flax
 import gpt_torch
 from gpt_spec import GPTConfig, StateDict
+from gpt_spec.flops import forward_flops, kv_cache_bytes_read, weight_bytes_per_token
 
 from .harness import _split_bytes, build_flax, build_torch, float32_matmuls, token_batch, versions
 from .table import Progress, format_table
 
 BACKENDS = ("flax-jit", "torch-eager", "torch-compile")
+DTYPES = ("float32", "bfloat16")
+GEMM_N = 2048
+READ_BYTES = 512 * 2**20
+DECODE_PROMPT = 8
+
+
+# --- what the machine can do -------------------------------------------------------------------
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gemm_flops(dtype: str, n: int = GEMM_N, repeats: int = 3) -> dict[str, float]:
+    """FLOP/s of an n x n x n matmul in XLA and in torch (median of `repeats`), inputs in `dtype`.
+
+    torch multiplies as nn.Linear does, by a transposed weight (a @ b.T): its bfloat16 kernels are
+    fast in that layout only (18 GFLOP/s vs 0.9 for a @ b on this AVX2 CPU)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    ja, jb = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    ta, tb = torch.from_numpy(a).to(getattr(torch, dtype)), torch.from_numpy(b).to(getattr(torch, dtype))
+    flops = 2 * n**3
+    with float32_matmuls():
+        return {"xla": flops / _median_time(lambda: matmul(ja, jb).block_until_ready(), repeats),
+                "torch": flops / _median_time(lambda: torch.nn.functional.linear(ta, tb), repeats)}
+
+
+def read_bandwidth(nbytes: int = READ_BYTES, repeats: int = 5) -> dict[str, float]:
+    """Bytes/s of summing a float32 array of `nbytes` (read once, nothing written back)."""
+    x = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32)
+    jx, tx = jnp.asarray(x), torch.from_numpy(x)
+    total = jax.jit(jnp.sum)
+    return {"xla": nbytes / _median_time(lambda: total(jx).block_until_ready(), repeats),
+            "torch": nbytes / _median_time(lambda: tx.sum(), repeats)}
+
+
+# --- results -------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class Timing:
     backend: str
+    dtype: str
+    batch: int
+    seq: int
     first_call_s: float  # compilation (and tracing) plus one run
     times_s: list[float]
-    tokens: int
+    flops: int  # of one forward, counted analytically
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
 
     @property
     def median_s(self) -> float:
@@ -43,80 +109,177 @@ class Timing:
     def tokens_per_s(self) -> float:
         return self.tokens / self.median_s
 
+    @property
+    def flops_per_s(self) -> float:
+        return self.flops / self.median_s
+
+
+@dataclasses.dataclass
+class DecodeTiming:
+    twin: str  # torch or flax
+    dtype: str
+    cache: bool
+    new_tokens: int
+    first_call_s: float  # flax: compilation plus one run; torch: one run
+    time_s: float  # median over the timed runs
+    limit_tokens_per_s: float  # read bandwidth / bytes read per token
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.time_s
+
+    @property
+    def fraction_of_limit(self) -> float:
+        return self.tokens_per_s / self.limit_tokens_per_s
+
 
 @dataclasses.dataclass
 class BenchReport:
     config: GPTConfig
     model: str
-    batch: int
-    seq: int
     repeats: int
     warmup: int
     precision: str
     device: str
+    gemm: dict[str, dict[str, list[float]]]  # dtype -> {"xla": samples, "torch": samples}, FLOP/s
+    gemm_n: int
     timings: list[Timing]
     id_check_s: float  # median host-side token-id check (both twins run it before each forward)
+    read_bw: dict[str, float] = dataclasses.field(default_factory=dict)  # bytes/s, see read_bandwidth
+    decode: list[DecodeTiming] = dataclasses.field(default_factory=list)
     memory: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # per mesh, see _shard
 
-    def _baseline(self) -> Timing | None:
-        return next((t for t in self.timings if t.backend == "torch-eager"), None)
+    def gemm_throughput(self, dtype: str) -> float:
+        """The machine's GEMM FLOP/s in `dtype`: the better library's median."""
+        return max(statistics.median(s) for s in self.gemm[dtype].values())
 
-    def speedup(self, t: Timing) -> float | None:
-        base = self._baseline()
+    def fraction_of_gemm(self, t: Timing) -> float:
+        return t.flops_per_s / self.gemm_throughput(t.dtype)
+
+    def _same_cell(self, t: Timing, backend: str) -> Timing | None:
+        return next((u for u in self.timings if u.backend == backend and
+                     (u.dtype, u.batch, u.seq) == (t.dtype, t.batch, t.seq)), None)
+
+    def speedup(self, t: Timing, over: str = "torch-eager") -> float | None:
+        base = self._same_cell(t, over)
         return base.median_s / t.median_s if base else None
 
     def format_table(self) -> str:
+        lines = [f"{self.model} {_describe(self.config)}, {self.device}, matmuls "
+                 f"{self.precision.split(' ')[0]}, median of {self.repeats} after {self.warmup} warm-up"]
+        gemm_rows = []
+        for dtype, samples in self.gemm.items():
+            for lib, values in samples.items():
+                gemm_rows.append((dtype, f"{self.gemm_n}^3 matmul, {lib}", statistics.median(values) / 1e9,
+                                  min(values) / 1e9, max(values) / 1e9))
+        if self.read_bw:
+            for lib, value in self.read_bw.items():
+                gemm_rows.append(("float32", f"sum over {READ_BYTES >> 20} MiB, {lib} (GB/s)", value / 1e9, "", ""))
+        lines += ["", "this machine, measured in this run (GFLOP/s unless marked):",
+                  format_table(["dtype", "reference", "median", "min", "max"], gemm_rows)]
         rows = []
         for t in self.timings:
-            sp = self.speedup(t)
-            rows.append((t.backend, t.first_call_s * 1e3, t.median_s * 1e3, min(t.times_s) * 1e3,
-                         max(t.times_s) * 1e3, t.tokens_per_s, "-" if sp is None else f"{sp:.2f}x"))
-        head = (f"{self.model} {_describe(self.config)}, batch {self.batch} x {self.seq} tokens, "
-                f"{self.device}, matmuls {self.precision.split(' ')[0]}, median of {self.repeats}")
-        table = format_table(
-            ["backend", "first call ms", "median ms", "min ms", "max ms", "tokens/s", "vs torch eager"], rows
-        )
+            eager, compiled = self.speedup(t), self.speedup(t, "torch-compile")
+            rows.append((t.dtype, f"{t.batch}x{t.seq}", t.backend, t.first_call_s, t.median_s * 1e3,
+                         f"{min(t.times_s) * 1e3:.0f}-{max(t.times_s) * 1e3:.0f}", t.tokens_per_s,
+                         t.flops_per_s / 1e9, f"{self.fraction_of_gemm(t):.3f}",
+                         "-" if eager is None else f"{eager:.2f}x", "-" if compiled is None else f"{compiled:.2f}x"))
+        lines += ["", "forward:", format_table(
+            ["dtype", "batch x seq", "backend", "first call s", "median ms", "min-max ms", "tokens/s",
+             "GFLOP/s", "of GEMM", "vs eager", "vs compile"], rows)]
         flax = next((t for t in self.timings if t.backend == "flax-jit"), None)
         share = f" = {self.id_check_s / flax.median_s:.2%} of the flax-jit forward" if flax else ""
-        check = f"host-side token-id check before dispatch: {self.id_check_s * 1e6:.1f} µs{share}"
-        lines = [head, table, check]
+        lines.append(f"host-side token-id check before dispatch: {self.id_check_s * 1e6:.1f} µs{share}")
+        if self.decode:
+            lines += ["", f"greedy decoding at batch 1 from a {DECODE_PROMPT}-token prompt; limit = read "
+                          "bandwidth / bytes of weights and cache read per token:",
+                      format_table(["twin", "dtype", "KV cache", "new tokens", "first call s", "tokens/s",
+                                    "limit tokens/s", "of limit"],
+                                   [(d.twin, d.dtype, "yes" if d.cache else "no", d.new_tokens, d.first_call_s,
+                                     d.tokens_per_s, d.limit_tokens_per_s, f"{d.fraction_of_limit:.3f}")
+                                    for d in self.decode])]
         if self.memory:
-            lines.append(format_table(
+            lines += ["", format_table(
                 ["mesh", "param bytes on one device, unsharded", "sharded: most on a device", "fraction",
                  "split params: unsharded", "split params: most on a device", "fraction"],
                 [(m["mesh"], m["unsharded_bytes"], m["sharded_bytes_per_device"],
                   f"{m['sharded_bytes_per_device'] / m['unsharded_bytes']:.3f}", m["split_unsharded_bytes"],
                   m["split_bytes_per_device"], f"{m['split_bytes_per_device'] / m['split_unsharded_bytes']:.3f}")
-                 for m in self.memory]))
-            lines.append("(simulated devices share this machine's cores: sharded timings measure the "
-                         "program, not a speed-up)" if jax.devices()[0].platform == "cpu" else "")
-        return "\n".join(line for line in lines if line)
+                 for m in self.memory])]
+            if jax.devices()[0].platform == "cpu":
+                lines.append("(simulated devices share this machine's cores: sharded timings measure the "
+                             "program, not a speed-up)")
+        return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),
             "model": self.model,
-            "batch": self.batch,
-            "seq": self.seq,
             "repeats": self.repeats,
             "warmup": self.warmup,
             "matmul_precision": self.precision,
             "device": self.device,
+            "gemm_flops_per_s": {
+                dtype: {"throughput": self.gemm_throughput(dtype), "n": self.gemm_n,
+                        **{lib: {"median": statistics.median(v), "samples": v} for lib, v in s.items()}}
+                for dtype, s in self.gemm.items()},
+            "read_bytes_per_s": {**self.read_bw, "throughput": max(self.read_bw.values())} if self.read_bw else None,
             "id_check_s": self.id_check_s,
             "memory": self.memory,
             "results": [
-                {"backend": t.backend, "first_call_s": t.first_call_s, "median_s": t.median_s,
-                 "min_s": min(t.times_s), "max_s": max(t.times_s), "times_s": t.times_s,
-                 "tokens_per_s": t.tokens_per_s, "speedup_vs_torch_eager": self.speedup(t)}
+                {"backend": t.backend, "dtype": t.dtype, "batch": t.batch, "seq": t.seq,
+                 "first_call_s": t.first_call_s, "median_s": t.median_s, "min_s": min(t.times_s),
+                 "max_s": max(t.times_s), "times_s": t.times_s, "tokens_per_s": t.tokens_per_s,
+                 "flops": t.flops, "flops_per_s": t.flops_per_s, "fraction_of_gemm": self.fraction_of_gemm(t),
+                 "speedup_vs_torch_eager": self.speedup(t), "speedup_vs_torch_compile": self.speedup(t, "torch-compile")}
                 for t in self.timings
+            ],
+            "decode": [
+                {"twin": d.twin, "dtype": d.dtype, "kv_cache": d.cache, "batch": 1, "prompt_tokens": DECODE_PROMPT,
+                 "new_tokens": d.new_tokens, "first_call_s": d.first_call_s, "time_s": d.time_s,
+                 "tokens_per_s": d.tokens_per_s, "limit_tokens_per_s": d.limit_tokens_per_s,
+                 "fraction_of_limit": d.fraction_of_limit}
+                for d in self.decode
             ],
             "versions": versions(),
         }
 
+    def plot(self, path: str) -> None:
+        """Tokens/s against sequence length, one line per backend, dtype and batch size; and the
+        same forwards as a fraction of GEMM throughput."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax, frac) = plt.subplots(1, 2, figsize=(11, 4.2))
+        lines: dict[tuple[str, str, int], list[Timing]] = {}
+        for t in self.timings:
+            lines.setdefault((t.backend, t.dtype, t.batch), []).append(t)
+        for (backend, dtype, batch), ts in lines.items():
+            ts = sorted(ts, key=lambda t: t.seq)
+            label = f"{backend} {dtype} batch {batch}"
+            ax.plot([t.seq for t in ts], [t.tokens_per_s for t in ts], marker="o", label=label)
+            frac.plot([t.seq for t in ts], [self.fraction_of_gemm(t) for t in ts], marker="o", label=label)
+        for a in (ax, frac):
+            a.set_xscale("log", base=2)
+            a.set_xlabel("sequence length (tokens)")
+            a.grid(True, which="both", alpha=0.3)
+        ax.set_ylabel("tokens/s (forward)")
+        frac.set_ylabel("achieved FLOP/s / GEMM FLOP/s")
+        frac.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        ax.legend(fontsize=7)
+        fig.suptitle(f"{self.model} {_describe(self.config)}, {self.device}")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
 
 
 def _describe(cfg: GPTConfig) -> str:
     return f"(emb {cfg.emb_dim}, {cfg.n_layers} layers, vocab {cfg.vocab_size})"
+
+
+# --- the runs ------------------------------------------------------------------------------------
 
 
 def _time(fn: Callable[[], Any], sync: Callable[[Any], Any]) -> float:
@@ -130,35 +293,44 @@ def _shard(fm, text: str, memory: list[dict[str, Any]]):
     from gpt_flax import sharding
 
     mesh = sharding.make_mesh(text)
-    copy = build_flax("gpt", fm.cfg, seed=0)
-    gpt_flax.load_state_dict(copy, gpt_flax.state_dict(fm))
-    copy.eval()
-    plan = sharding.shard_model(copy, mesh)
+    twin = build_flax("gpt", fm.cfg, seed=0)
+    gpt_flax.load_state_dict(twin, gpt_flax.state_dict(fm))
+    twin.eval()
+    plan = sharding.shard_model(twin, mesh)
     split = {p for p, spec in plan.specs.items() if any(a is not None for a in spec)}
-    split_total, split_most = _split_bytes(copy, split)
+    split_total, split_most = _split_bytes(twin, split)
     memory.append({"mesh": text, "unsharded_bytes": sum(v.nbytes for v in gpt_flax.state_dict(fm).values()),
-                   "sharded_bytes_per_device": max(sharding.param_bytes_per_device(copy).values()),
+                   "sharded_bytes_per_device": max(sharding.param_bytes_per_device(twin).values()),
                    "split_unsharded_bytes": split_total, "split_bytes_per_device": split_most,
                    "replicated_for_divisibility": plan.describe()})
-    forward = gpt_flax.jit_forward(copy)
+    forward = gpt_flax.jit_forward(twin)
     return (lambda ids: forward(sharding.shard_batch(ids, mesh))), jax.block_until_ready
 
 
-def _forwards(model: str, cfg: GPTConfig, seed: int, backends: tuple[str, ...], options: dict[str, Any],
-              weights: StateDict | None, meshes: list[str], memory: list[dict[str, Any]]):
-    """Each backend's forward on the CPU, all on the same weights (`weights`, or torch's init)."""
+@dataclasses.dataclass
+class _Twins:
+    torch: torch.nn.Module
+    flax: Any
+
+
+def _build_twins(model: str, cfg: GPTConfig, seed: int, dtypes: tuple[str, ...], options: dict[str, Any],
+                 weights: StateDict | None) -> dict[str, _Twins]:
+    """Both twins per dtype, all on the same weights (`weights`, or torch's init), in eval mode."""
     tm = build_torch(model, cfg, seed=seed, **options).eval()
     if weights is not None:
         gpt_torch.load_state_dict(tm, weights)
-    out: dict[str, tuple[Callable[[np.ndarray], Any], Callable[[Any], Any]]] = {}
-    if "flax-jit" in backends:
+    sd = gpt_torch.state_dict(tm)
+    out = {}
+    for dtype in dtypes:
         fm = build_flax(model, cfg, seed=seed, **options)
-        gpt_flax.load_state_dict(fm, gpt_torch.state_dict(tm))
+        gpt_flax.load_state_dict(fm, sd)
         fm.eval()
-        out["flax-jit"] = (gpt_flax.jit_forward(fm, device=jax.devices("cpu")[0]), jax.block_until_ready)
-        for text in meshes:
-            out[f"flax-jit@{text}"] = _shard(fm, text, memory)
+        twin = tm if dtype == "float32" else gpt_torch.cast(copy.deepcopy(tm), dtype)
+        out[dtype] = _Twins(twin, gpt_flax.cast(fm, dtype))
+    return out
 
+
+def _forwards(twins: _Twins, backends: tuple[str, ...]):
     def torch_forward(module):
         def forward(ids: np.ndarray):
             with torch.inference_mode():
@@ -166,19 +338,66 @@ def _forwards(model: str, cfg: GPTConfig, seed: int, backends: tuple[str, ...], 
         return forward
 
     no_sync = lambda x: x  # noqa: E731 - torch CPU ops return when done
+    out: dict[str, tuple[Callable[[np.ndarray], Any], Callable[[Any], Any]]] = {}
+    if "flax-jit" in backends:
+        out["flax-jit"] = (gpt_flax.jit_forward(twins.flax, device=jax.devices("cpu")[0]), jax.block_until_ready)
     if "torch-eager" in backends:
-        out["torch-eager"] = (torch_forward(tm), no_sync)
+        out["torch-eager"] = (torch_forward(twins.torch), no_sync)
     if "torch-compile" in backends:
-        out["torch-compile"] = (torch_forward(torch.compile(tm)), no_sync)
+        out["torch-compile"] = (torch_forward(torch.compile(twins.torch)), no_sync)
     return out
+
+
+def _decode_limit(cfg: GPTConfig, model: str, dtype: str, new_tokens: int, read_bw: float) -> float:
+    """Tokens/s if each step only had to read the weights and the cache once at `read_bw`."""
+    size = 2 if dtype == "bfloat16" else 4
+    mean_positions = DECODE_PROMPT + (new_tokens - 1) / 2
+    per_token = weight_bytes_per_token(cfg, size, model) + kv_cache_bytes_read(cfg, int(mean_positions), size)
+    return read_bw / per_token
+
+
+def _time_decode(twins: _Twins, cfg: GPTConfig, model: str, dtype: str, decode: int, decode_uncached: int,
+                 read_bw: float, repeats: int, prog: Progress) -> list[DecodeTiming]:
+    prompt = token_batch(cfg, 1, DECODE_PROMPT, seed=7)
+    tprompt = torch.from_numpy(prompt)
+    runs = {
+        ("torch", True): lambda n: gpt_torch.generate_text_simple_cached(twins.torch, tprompt, n),
+        ("flax", True): lambda n: gpt_flax.generate_text_simple_cached(twins.flax, prompt, n).block_until_ready(),
+        ("torch", False): lambda n: gpt_torch.generate_text_simple(twins.torch, tprompt, n, cfg.context_length),
+        ("flax", False): lambda n: gpt_flax.generate_text_simple(
+            twins.flax, prompt, n, cfg.context_length).block_until_ready(),
+    }
+    out = []
+    for (twin, cache), run in runs.items():
+        n = decode if cache else min(decode, decode_uncached)
+        with prog.step(f"decode {dtype} {twin} {'with' if cache else 'without'} KV cache: {n} tokens, "
+                       f"first call + {repeats} timed"):
+            with torch.inference_mode():
+                first = _time(lambda: run(n), lambda x: x)
+                times = [_time(lambda: run(n), lambda x: x) for _ in range(repeats)]
+        out.append(DecodeTiming(twin, dtype, cache, n, first, statistics.median(times),
+                                _decode_limit(cfg, model, dtype, n, read_bw)))
+    return out
+
+
+def _check_grid(batches: list[int], seqs: list[int], dtypes: tuple[str, ...], cfg: GPTConfig) -> None:
+    if not batches or not seqs:
+        raise ValueError("the grid needs at least one batch size and one sequence length")
+    bad = [s for s in seqs if s > cfg.context_length]
+    if bad:
+        raise ValueError(f"sequence length {bad[0]} exceeds context_length {cfg.context_length}")
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown or not dtypes:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {', '.join(unknown) or 'none'}")
 
 
 def run_bench(
     cfg: GPTConfig,
     *,
     model: str = "gpt",
-    batch: int = 2,
-    seq: int = 128,
+    batches: list[int] | tuple[int, ...] = (4,),
+    seqs: list[int] | tuple[int, ...] = (256,),
+    dtypes: tuple[str, ...] = ("float32",),
     repeats: int = 5,
     warmup: int = 1,
     backends: tuple[str, ...] = BACKENDS,
@@ -186,39 +405,75 @@ def run_bench(
     options: dict[str, Any] | None = None,
     weights: StateDict | None = None,
     meshes: list[str] | None = None,
+    decode: int = 0,
+    decode_uncached: int = 32,
+    decode_repeats: int = 1,
+    gemm_n: int = GEMM_N,
     progress: bool = True,
 ) -> BenchReport:
-    """Time each backend's forward on one random batch; see the module docstring for the method."""
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    """Time each backend's forward over the grid (and decoding if `decode`); see the module docstring."""
+    if repeats < 1 or warmup < 0 or decode < 0 or decode_uncached < 1 or decode_repeats < 1 or gemm_n < 1:
+        raise ValueError(f"repeats must be >= 1, warmup and decode >= 0, got {repeats}, {warmup} and {decode}")
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ValueError(f"unknown backend(s) {', '.join(unknown)}; known: {', '.join(BACKENDS)}")
-    ids = token_batch(cfg, batch, seq, seed)
-    # Data-dependent checks are skipped inside torch.compile's graph; make them once here.
-    gpt_torch.model.check_ids(torch.from_numpy(ids), cfg)
+    batches, seqs, dtypes = list(batches), list(seqs), tuple(dict.fromkeys(dtypes))
+    _check_grid(batches, seqs, dtypes, cfg)
     meshes = list(meshes or [])
     if meshes and ("flax-jit" not in backends or model != "gpt"):
         raise ValueError("meshes need the flax-jit backend and the gpt model")
-    memory: list[dict[str, Any]] = []
-    order = [b for b in backends if b == "flax-jit"] + [f"flax-jit@{m}" for m in meshes] + [
-        b for b in backends if b != "flax-jit"]
-    prog = Progress(len(order) + 1, enabled=progress)
-    with prog.step(f"building {model} twins on {_describe(cfg)}" + (f", sharding on {', '.join(meshes)}" if meshes else "")):
-        forwards = _forwards(model, cfg, seed, backends, options or {}, weights, meshes, memory)
+    if decode:
+        if model != "gpt":
+            raise ValueError("decoding needs the gpt model (the dummy model has no KV cache)")
+        if DECODE_PROMPT + decode - 1 > cfg.context_length:
+            raise ValueError(f"decoding {decode} tokens after a {DECODE_PROMPT}-token prompt exceeds "
+                             f"context_length {cfg.context_length}")
+    cells = [(d, b, s) for d in dtypes for b in batches for s in seqs]
+    n_steps = 3 + len(cells) * len(backends) + len(meshes) * len(batches) * len(seqs) * ("float32" in dtypes) + (
+        1 + 4 * len(dtypes) if decode else 0)
+    prog = Progress(n_steps, enabled=progress)
+    with prog.step(f"building {model} twins on {_describe(cfg)} in {', '.join(dtypes)}"):
+        twins = _build_twins(model, cfg, seed, dtypes, options or {}, weights)
+        forwards = {d: _forwards(twins[d], backends) for d in dtypes}
+        memory: list[dict[str, Any]] = []
+        if meshes and "float32" in dtypes:
+            for text in meshes:
+                forwards["float32"][f"flax-jit@{text}"] = _shard(twins["float32"].flax, text, memory)
+    gemm: dict[str, dict[str, list[float]]] = {d: {"xla": [], "torch": []} for d in dtypes}
+
+    def sample_gemm(when: str):
+        with prog.step(f"GEMM throughput, {gemm_n}^3 matmul in XLA and torch, {', '.join(dtypes)} ({when})"):
+            for d in dtypes:
+                for lib, value in gemm_flops(d, gemm_n).items():
+                    gemm[d][lib].append(value)
+
     timings = []
     with float32_matmuls() as precision:
-        for name in order:
-            forward, sync = forwards[name]
-            with prog.step(f"{name}: first call, {warmup} warm-up, {repeats} timed"):
-                first = _time(lambda: forward(ids), sync)
-                for _ in range(warmup):
-                    sync(forward(ids))
-                times = [_time(lambda: forward(ids), sync) for _ in range(repeats)]
-            timings.append(Timing(name, first, times, batch * seq))
+        sample_gemm("before the forwards")
+        for dtype, batch, seq in cells:
+            ids = token_batch(cfg, batch, seq, seed)
+            # Data-dependent checks are skipped inside torch.compile's graph; make them once here.
+            gpt_torch.model.check_ids(torch.from_numpy(ids), cfg)
+            for name, (forward, sync) in forwards[dtype].items():
+                with prog.step(f"{dtype} {batch}x{seq} {name}: first call, {warmup} warm-up, {repeats} timed"):
+                    first = _time(lambda: forward(ids), sync)
+                    for _ in range(warmup):
+                        sync(forward(ids))
+                    times = [_time(lambda: forward(ids), sync) for _ in range(repeats)]
+                timings.append(Timing(name, dtype, batch, seq, first, times, forward_flops(cfg, batch, seq, model)))
+        sample_gemm("after the forwards")
+        read_bw: dict[str, float] = {}
+        decoded: list[DecodeTiming] = []
+        if decode:
+            with prog.step(f"read bandwidth: sum over {READ_BYTES >> 20} MiB in XLA and torch"):
+                read_bw = read_bandwidth()
+            for dtype in dtypes:
+                decoded += _time_decode(twins[dtype], cfg, model, dtype, decode, decode_uncached,
+                                        max(read_bw.values()), decode_repeats, prog)
     device = f"CPU, {torch.get_num_threads()} torch threads"
-    return BenchReport(cfg, model, batch, seq, repeats, warmup, precision, device, timings,
-                       _time_id_check(ids, cfg), memory)
+    check_ids = token_batch(cfg, batches[0], seqs[0], seed)
+    return BenchReport(cfg, model, repeats, warmup, precision, device, gemm, gemm_n, timings,
+                       _time_id_check(check_ids, cfg), read_bw, decoded, memory)
 
 
 def _time_id_check(ids: np.ndarray, cfg: GPTConfig, calls: int = 200) -> float:

@@ -42,7 +42,20 @@ def _int_at_least(minimum: int):
 _positive, _non_negative = _int_at_least(1), _int_at_least(0)
 
 
-def _add_model_args(p: argparse.ArgumentParser, *, batch: bool = True) -> None:
+def _positive_list(text: str) -> list[int]:
+    """`4` or `1,4,8`: positive integers, for a benchmark grid."""
+    return [_positive(part.strip()) for part in text.split(",")]
+
+
+def _dtype_list(text: str) -> list[str]:
+    dtypes = [part.strip() for part in text.split(",")]
+    bad = [d for d in dtypes if d not in bench.DTYPES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"expected dtypes from {', '.join(bench.DTYPES)}, got {bad[0]!r}")
+    return dtypes
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, batch: bool = True, grid: bool = False) -> None:
     p.add_argument("--config", default=None,
                    help="a preset (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl) or a JSON file "
                         "with the book's keys (default: gpt2-small)")
@@ -54,7 +67,12 @@ def _add_model_args(p: argparse.ArgumentParser, *, batch: bool = True) -> None:
     p.add_argument("--final-norm", choices=["dummy", "layernorm"],
                    help="the dummy model's final norm: the book's placeholder (default) or a LayerNorm")
     p.add_argument("--drop-rate", type=float, default=None, help="override the config's drop_rate")
-    if batch:
+    if grid:
+        p.add_argument("--batch", type=_positive_list, default=[4], metavar="B[,B...]",
+                       help="batch sizes of the grid (default: 4)")
+        p.add_argument("--seq", type=_positive_list, default=None, metavar="T[,T...]",
+                       help="sequence lengths of the grid (default: 256, at most context_length)")
+    elif batch:
         p.add_argument("--batch", type=_positive, default=2, help="batch size (default: 2)")
         p.add_argument("--seq", type=_positive, default=None,
                        help="sequence length (default: 128, at most context_length)")
@@ -85,11 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--plot", metavar="PNG", help="save max |Δ| per stage as a log-scale plot")
     check.add_argument("--train-steps", type=_non_negative, default=0, metavar="N",
                        help="also compare loss, every gradient and N AdamW steps (default: 0)")
-    b = sub.add_parser("bench", help="time the jitted Flax forward against torch eager and torch.compile")
-    _add_model_args(b)
-    b.add_argument("--repeats", type=_positive, default=5, help="timed calls per backend (default: 5)")
+    b = sub.add_parser("bench", help="time the jitted Flax forward against torch eager and torch.compile, "
+                                     "as fractions of this machine's GEMM throughput")
+    _add_model_args(b, grid=True)
+    b.add_argument("--dtype", type=_dtype_list, default=["float32"], metavar="D[,D...]",
+                   help="float32 and/or bfloat16 (default: float32)")
+    b.add_argument("--repeats", type=_positive, default=3, help="timed calls per backend (default: 3)")
     b.add_argument("--warmup", type=_non_negative, default=1, help="untimed calls after the first")
     b.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
+    b.add_argument("--decode", type=_non_negative, default=0, metavar="N",
+                   help="also time greedy decoding of N tokens at batch 1, with and without the KV "
+                        "cache, against the memory-bandwidth limit (default: 0, off)")
+    b.add_argument("--decode-uncached", type=_positive, default=32, metavar="N",
+                   help="tokens timed without the cache, at most --decode (default: 32)")
+    b.add_argument("--gemm-size", type=_positive, default=bench.GEMM_N, metavar="N",
+                   help=f"the N^3 matmul that measures GEMM throughput (default: {bench.GEMM_N})")
+    b.add_argument("--plot", metavar="PNG", help="save tokens/s against sequence length as a plot")
     g = sub.add_parser("generate", help="greedy text from a prompt, with either twin or both")
     g.add_argument("prompt", help="the text to continue")
     _add_model_args(g, batch=False)
@@ -134,9 +163,10 @@ def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _Setup:
         parser.error(str(e))
     if getattr(args, "train_steps", 0) and setup.model != "gpt":
         parser.error("--train-steps needs --model gpt (the dummy model has blocks without weights)")
-    seq = getattr(args, "seq", None)
-    if seq is not None and seq > setup.cfg.context_length:
-        parser.error(f"--seq {seq} exceeds context_length {setup.cfg.context_length}")
+    seqs = getattr(args, "seq", None)
+    for seq in seqs if isinstance(seqs, list) else [seqs]:
+        if seq is not None and seq > setup.cfg.context_length:
+            parser.error(f"--seq {seq} exceeds context_length {setup.cfg.context_length}")
     if getattr(args, "mesh", None):
         if setup.model != "gpt":
             parser.error("--mesh needs --model gpt")
@@ -213,11 +243,15 @@ def _check(args: argparse.Namespace, setup: _Setup, parser: argparse.ArgumentPar
 def _bench(args: argparse.Namespace, setup: _Setup) -> int:
     backends = tuple(b for b in bench.BACKENDS if not (args.no_compile and b == "torch-compile"))
     report = bench.run_bench(
-        setup.cfg, model=setup.model, batch=args.batch, seq=args.seq or min(128, setup.cfg.context_length),
-        repeats=args.repeats, warmup=args.warmup, backends=backends, seed=args.seed,
-        options=setup.options, weights=setup.weights, meshes=setup.meshes, progress=not args.quiet,
+        setup.cfg, model=setup.model, batches=args.batch, seqs=args.seq or [min(256, setup.cfg.context_length)],
+        dtypes=tuple(args.dtype), repeats=args.repeats, warmup=args.warmup, backends=backends, seed=args.seed,
+        options=setup.options, weights=setup.weights, meshes=setup.meshes, decode=args.decode,
+        decode_uncached=args.decode_uncached, gemm_n=args.gemm_size, progress=not args.quiet,
     )
     print(report.format_table())
+    if args.plot:
+        report.plot(args.plot)
+        print(f"plot written to {args.plot}")
     if args.json:
         harness.write_json(report.to_json(), args.json)
     return 0

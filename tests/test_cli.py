@@ -7,6 +7,8 @@ import sys
 import numpy as np
 import pytest
 
+from gpt_spec import GPTConfig
+from gpt_spec.flops import forward_flops, weight_bytes_per_token
 from parity_tests import harness
 from parity_tests.cli import main
 
@@ -91,6 +93,11 @@ def test_train_mode_check(tiny_json, capsys):
         (["check", "--drop-rate", "1.5"], "drop_rate must be in [0, 1), got 1.5"),
         (["check", "--config", "missing/cfg.json"], "cannot read config file 'missing/cfg.json'"),
         (["bench", "--repeats", "0"], "argument --repeats: expected a positive integer, got 0"),
+        (["bench", "--batch", "4,0"], "argument --batch: expected a positive integer, got 0"),
+        (["bench", "--seq", "64,2048"], "--seq 2048 exceeds context_length 1024"),
+        (["bench", "--dtype", "float32,float16"], "argument --dtype: expected dtypes from float32, bfloat16, got 'float16'"),
+        (["bench", "--decode", "1020"], "decoding 1020 tokens after a 8-token prompt exceeds context_length 1024"),
+        (["bench", "--model", "dummy", "--decode", "8"], "decoding needs the gpt model"),
         (["check", "--final-norm", "layernorm"], "--final-norm applies to --model dummy only"),
         (["check", "--model", "dummy", "--train-steps", "2"], "--train-steps needs --model gpt"),
         (["generate", "x", "--max-new-tokens", "-1"], "argument --max-new-tokens: expected a non-negative integer"),
@@ -126,18 +133,55 @@ def test_console_script_prints_no_traceback():
 
 def test_bench_writes_json_with_every_backend(tiny_json, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    argv = ["bench", "--config", tiny_json, "--seq", "11", "--repeats", "3", "--json", str(out)]
+    argv = ["bench", "--config", tiny_json, "--batch", "2", "--seq", "11", "--repeats", "3", "--gemm-size", "256",
+            "--json", str(out)]
     assert main(argv) == 0
     captured = capsys.readouterr()
-    assert "[4/4] torch-compile" in captured.err  # progress on stderr, table on stdout
+    assert "[5/6] float32 2x11 torch-compile" in captured.err  # progress on stderr, table on stdout
     for backend in ("flax-jit", "torch-eager", "torch-compile"):
         assert backend in captured.out
     data = json.loads(out.read_text())
     results = {r["backend"]: r for r in data["results"]}
     assert set(results) == {"flax-jit", "torch-eager", "torch-compile"}
+    gemm = data["gemm_flops_per_s"]["float32"]
+    assert gemm["n"] == 256 and len(gemm["xla"]["samples"]) == len(gemm["torch"]["samples"]) == 2
+    assert gemm["throughput"] == max(gemm["xla"]["median"], gemm["torch"]["median"]) > 0
     for r in results.values():
         assert len(r["times_s"]) == 3 and r["min_s"] <= r["median_s"] <= r["max_s"]
         assert r["tokens_per_s"] == pytest.approx(2 * 11 / r["median_s"])
+        assert r["flops"] == forward_flops(GPTConfig.from_dict(data["config"]), 2, 11)
+        assert r["fraction_of_gemm"] == pytest.approx(r["flops"] / r["median_s"] / gemm["throughput"])
     assert results["torch-eager"]["speedup_vs_torch_eager"] == 1.0
+    assert results["torch-compile"]["speedup_vs_torch_compile"] == 1.0
+    assert results["flax-jit"]["speedup_vs_torch_compile"] == pytest.approx(
+        results["torch-compile"]["median_s"] / results["flax-jit"]["median_s"])
     assert 0 < data["id_check_s"] < results["flax-jit"]["median_s"]
-    assert "host-side token-id check before dispatch" in captured.out
+    assert data["decode"] == [] and data["read_bytes_per_s"] is None
+    assert "host-side token-id check before dispatch" in captured.out and "of GEMM" in captured.out
+
+
+def test_bench_grid_dtypes_decoding_and_plot(tiny_json, tmp_path, capsys):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    argv = ["bench", "--config", tiny_json, "--batch", "1,3", "--seq", "9", "--dtype", "float32,bfloat16",
+            "--no-compile", "--repeats", "2", "--gemm-size", "256", "--decode", "4", "--decode-uncached", "2",
+            "--quiet", "--plot", str(png), "--json", str(out)]
+    assert main(argv) == 0
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    data = json.loads(out.read_text())
+    cells = {(r["dtype"], r["batch"], r["seq"], r["backend"]) for r in data["results"]}
+    assert cells == {(d, b, s, k) for d in ("float32", "bfloat16") for b in (1, 3) for s in (9,)
+                     for k in ("flax-jit", "torch-eager")}
+    assert set(data["gemm_flops_per_s"]) == {"float32", "bfloat16"}
+    decode = {(d["twin"], d["dtype"], d["kv_cache"]): d for d in data["decode"]}
+    assert len(decode) == 8
+    assert {d["new_tokens"] for d in data["decode"] if d["kv_cache"]} == {4}
+    assert {d["new_tokens"] for d in data["decode"] if not d["kv_cache"]} == {2}
+    bandwidth = data["read_bytes_per_s"]["throughput"]
+    for d in data["decode"]:
+        assert d["tokens_per_s"] == pytest.approx(d["new_tokens"] / d["time_s"])
+        assert d["fraction_of_limit"] == pytest.approx(d["tokens_per_s"] / d["limit_tokens_per_s"])
+    # bfloat16 reads half the bytes per token: twice the limit
+    f32, bf16 = decode[("flax", "float32", True)], decode[("flax", "bfloat16", True)]
+    assert bf16["limit_tokens_per_s"] == pytest.approx(2 * f32["limit_tokens_per_s"])
+    assert f32["limit_tokens_per_s"] < bandwidth / weight_bytes_per_token(GPTConfig.from_dict(data["config"]))
+    assert "greedy decoding at batch 1" in capsys.readouterr().out
