@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 run: $(STAMP)
 	mkdir -p out
 	$(BIN)/gpt-parity check --layers --train-steps 10 --plot out/layers.png --json out/check.json
-	$(BIN)/gpt-parity bench --dtype float32,bfloat16 --decode 256 --decode-uncached 16 --plot out/bench.png --json out/bench.json
+	$(BIN)/gpt-parity bench --dtype float32,bfloat16 --decode 256 --plot out/bench.png --json out/bench.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
