@@ -32,14 +32,14 @@ def book_cfg() -> dict:
     return dict(GPT_CONFIG_124M)
 
 
-# Hypothesis: 12 examples per property in the default run (400 each passed in a longer hunt), keeping the suite within its
+# Hypothesis: 8 examples per property in the default run (400 each passed in a longer hunt), keeping the suite within its
 # time budget; `HYPOTHESIS_PROFILE=thorough` for a long hunt. No deadline: the first example of a
 # shape includes XLA compilation.
 import os  # noqa: E402
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-settings.register_profile("default", max_examples=12, deadline=None,
+settings.register_profile("default", max_examples=8, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("thorough", max_examples=400, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

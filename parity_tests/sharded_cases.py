@@ -91,7 +91,7 @@ def test_bench_reports_memory_per_device(tmp_path):
     config.write_text(json.dumps(CFG.to_dict()))
     bench_out = tmp_path / "bench.json"
     assert main(["bench", "--config", str(config), "--mesh", "1x8", "--batch", "8", "--seq", "10",
-                 "--no-compile", "--repeats", "2", "--quiet", "--json", str(bench_out)]) == 0
+                 "--no-compile", "--repeats", "2", "--gemm-size", "256", "--quiet", "--json", str(bench_out)]) == 0
     bench = json.loads(bench_out.read_text())
     memory = bench["memory"][0]
     assert memory["split_bytes_per_device"] * 8 == memory["split_unsharded_bytes"]

@@ -34,8 +34,9 @@ def test_the_cast_rounds_both_twins_to_the_same_weights_and_dtypes():
     assert acts_t["out_head"].dtype == torch.float32 and acts_f["out_head"].dtype == np.float32  # ... logits not
 
 
-@pytest.mark.parametrize("cfg", [TINY, TINY_BIAS], ids=["tiny", "tiny-bias"])
-def test_tiny_configs_agree_within_the_bf16_bound_both_directions(cfg):
+def test_a_tiny_config_agrees_within_the_bf16_bound_both_directions():
+    """gpt2-small's bfloat16 parity is run by the README's `gpt-parity check --dtype bfloat16`."""
+    cfg = TINY_BIAS
     report = run_parity(cfg, batch=3, seq=cfg.context_length, seed=4, dtype="bfloat16")
     assert report.dtype == "bfloat16" and report.to_json()["dtype"] == "bfloat16"
     assert {r.logits.bound for r in report.rows} == {BF16_FORWARD}

@@ -52,7 +52,7 @@ def test_zero_new_tokens_returns_the_prompt():
 
 
 def test_logits_fed_piece_by_piece_equal_the_full_forward():
-    """Prompt of 4, then chunks of 1, 2 and 4 through the cache: each chunk's logits are the full
+    """Prompt of 4, then chunks of 1 and 6 through the cache: each chunk's logits are the full
     forward's at those positions, in both twins (and both twins agree)."""
     tm, fm = build_pair("gpt", TINY, source="flax", seed=2)
     ids = np.random.default_rng(0).integers(0, TINY.vocab_size, (2, TINY.context_length))
@@ -60,7 +60,7 @@ def test_logits_fed_piece_by_piece_equal_the_full_forward():
         full = tm(torch.from_numpy(ids)).numpy()
         tm.reset_kv_cache()
         fm.reset_kv_cache(batch_size=2)
-        for lo, hi in [(0, 4), (4, 5), (5, 7), (7, 11)]:
+        for lo, hi in [(0, 4), (4, 5), (5, 11)]:
             t = tm(torch.from_numpy(ids[:, lo:hi]), use_cache=True).numpy()
             f = np.asarray(fm(ids[:, lo:hi], use_cache=True))
             assert_close(full[:, lo:hi], t, FP32_FORWARD, name=f"torch cached [{lo}:{hi})")
