@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gpt_spec import GPTConfig, StateDict, check_state_dict
+from gpt_spec import GPTConfig, StateDict, check_dtype, check_state_dict
 from gpt_spec.checkpoint import load_checkpoint, save_checkpoint
 
 # NNX parameter name -> (canonical name, transposed?). nnx.Linear keeps its kernel (in, out)
@@ -110,18 +110,18 @@ def load(path: str | os.PathLike[str], *, config: GPTConfig | None = None,
     return model
 
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def cast(model: nnx.Module, dtype: str) -> nnx.Module:
     """Parameters (and so the compute) in `dtype`, "float32" or "bfloat16"; LayerNorm statistics,
     softmax and logits stay float32. In place; returns the model."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    target = _JAX_DTYPES[check_dtype(dtype)]
     for var, _ in _params(model).values():
-        var.set_value(var[...].astype(DTYPES[dtype]))  # `var[...] =` would keep the old dtype
+        var.set_value(var[...].astype(target))  # `var[...] =` would keep the old dtype
     for _, module in nnx.iter_modules(model):
-        if isinstance(module, (nnx.Embed, nnx.Linear)):
-            # Their compute dtype was fixed at construction (Embed: float32, the param dtype then).
-            module.dtype = module.param_dtype = DTYPES[dtype]
+        if isinstance(module, nnx.Embed):
+            # nnx.Embed fixes its compute dtype at construction (the float32 of its table then);
+            # nnx.Linear computes in the dtype of its inputs and kernel, so follows the cast.
+            module.dtype = module.param_dtype = target
     return model

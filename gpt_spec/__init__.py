@@ -11,8 +11,10 @@ from .checkpoint import (
 )
 from .config import PRESETS, GPTConfig, resolve_config
 from .inputs import (
+    DTYPES,
     check_cache_room,
     check_cached_generation,
+    check_dtype,
     check_generation,
     check_targets,
     check_token_ids,
@@ -20,12 +22,14 @@ from .inputs import (
 from .tokenizer import get_tokenizer
 
 __all__ = [
+    "DTYPES",
     "Checkpoint",
     "PRESETS",
     "GPTConfig",
     "StateDict",
     "check_cache_room",
     "check_cached_generation",
+    "check_dtype",
     "check_generation",
     "check_state_dict",
     "check_targets",

@@ -76,6 +76,16 @@ def check_targets(input_shape: tuple[int, ...], target_shape: tuple[int, ...]) -
         )
 
 
+DTYPES = ("float32", "bfloat16")  # the tiers both twins run in (see each twin's cast)
+
+
+def check_dtype(dtype: object) -> str:
+    """Refuse a dtype name neither twin casts to; return it."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
 def check_cache_room(cached: int, new: int, cfg: GPTConfig) -> None:
     """A KV cache holds at most context_length positions (it does not slide)."""
     if cached + new > cfg.context_length:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt_spec import GPTConfig, StateDict, check_state_dict
+from gpt_spec import GPTConfig, StateDict, check_dtype, check_state_dict
 from gpt_spec.checkpoint import Checkpoint, infer_config, load_checkpoint, save_checkpoint
 
 
@@ -86,12 +86,10 @@ def load(path: str | os.PathLike[str], *, config: GPTConfig | None = None) -> to
     return model
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def cast(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
     """Parameters (and so the compute) in `dtype`, "float32" or "bfloat16"; LayerNorm statistics,
     softmax and logits stay float32. In place; returns the model."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return model.to(DTYPES[dtype])
+    return model.to(_TORCH_DTYPES[check_dtype(dtype)])

@@ -32,14 +32,13 @@ import torch
 
 import gpt_flax
 import gpt_torch
-from gpt_spec import GPTConfig, StateDict
+from gpt_spec import DTYPES, GPTConfig, StateDict, check_dtype
 from gpt_spec.flops import forward_flops, kv_cache_bytes_read, weight_bytes_per_token
 
 from .harness import _split_bytes, build_flax, build_torch, float32_matmuls, token_batch, versions
 from .table import Progress, format_table
 
 BACKENDS = ("flax-jit", "torch-eager", "torch-compile")
-DTYPES = ("float32", "bfloat16")
 GEMM_N = 2048
 READ_BYTES = 512 * 2**20
 DECODE_PROMPT = 8
@@ -350,7 +349,7 @@ def _forwards(twins: _Twins, backends: tuple[str, ...]):
 
 def _decode_limit(cfg: GPTConfig, model: str, dtype: str, new_tokens: int, read_bw: float) -> float:
     """Tokens/s if each step only had to read the weights and the cache once at `read_bw`."""
-    size = 2 if dtype == "bfloat16" else 4
+    size = jnp.dtype(dtype).itemsize
     mean_positions = DECODE_PROMPT + (new_tokens - 1) / 2
     per_token = weight_bytes_per_token(cfg, size, model) + kv_cache_bytes_read(cfg, int(mean_positions), size)
     return read_bw / per_token
@@ -386,9 +385,10 @@ def _check_grid(batches: list[int], seqs: list[int], dtypes: tuple[str, ...], cf
     bad = [s for s in seqs if s > cfg.context_length]
     if bad:
         raise ValueError(f"sequence length {bad[0]} exceeds context_length {cfg.context_length}")
-    unknown = [d for d in dtypes if d not in DTYPES]
-    if unknown or not dtypes:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {', '.join(unknown) or 'none'}")
+    if not dtypes:
+        raise ValueError(f"the grid needs at least one dtype of {', '.join(DTYPES)}")
+    for d in dtypes:
+        check_dtype(d)
 
 
 def run_bench(
@@ -412,8 +412,11 @@ def run_bench(
     progress: bool = True,
 ) -> BenchReport:
     """Time each backend's forward over the grid (and decoding if `decode`); see the module docstring."""
-    if repeats < 1 or warmup < 0 or decode < 0 or decode_uncached < 1 or decode_repeats < 1 or gemm_n < 1:
-        raise ValueError(f"repeats must be >= 1, warmup and decode >= 0, got {repeats}, {warmup} and {decode}")
+    for name, value, least in [("repeats", repeats, 1), ("warmup", warmup, 0), ("decode", decode, 0),
+                               ("decode_uncached", decode_uncached, 1), ("decode_repeats", decode_repeats, 1),
+                               ("gemm_n", gemm_n, 1)]:
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ValueError(f"unknown backend(s) {', '.join(unknown)}; known: {', '.join(BACKENDS)}")

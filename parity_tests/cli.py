@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from gpt_spec import GPTConfig, StateDict, resolve_config
+from gpt_spec import DTYPES, GPTConfig, StateDict, resolve_config
 
 from . import bench, harness
 
@@ -49,9 +49,9 @@ def _positive_list(text: str) -> list[int]:
 
 def _dtype_list(text: str) -> list[str]:
     dtypes = [part.strip() for part in text.split(",")]
-    bad = [d for d in dtypes if d not in bench.DTYPES]
+    bad = [d for d in dtypes if d not in DTYPES]
     if bad:
-        raise argparse.ArgumentTypeError(f"expected dtypes from {', '.join(bench.DTYPES)}, got {bad[0]!r}")
+        raise argparse.ArgumentTypeError(f"expected dtypes from {', '.join(DTYPES)}, got {bad[0]!r}")
     return dtypes
 
 
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(check)
     check.add_argument("--mode", default="eval", choices=harness.MODES,
                        help="eval (dropout off) or train (needs --drop-rate 0)")
-    check.add_argument("--dtype", default="float32", choices=list(harness.DTYPES),
+    check.add_argument("--dtype", default="float32", choices=list(DTYPES),
                        help="parameters and compute of both twins (default: float32); bfloat16 has its own bound")
     check.add_argument("--layers", action="store_true", help="print max |Δ| of every stage")
     check.add_argument("--plot", metavar="PNG", help="save max |Δ| per stage as a log-scale plot")

@@ -24,7 +24,7 @@ from flax import nnx
 
 import gpt_flax
 import gpt_torch
-from gpt_spec import GPTConfig, StateDict
+from gpt_spec import GPTConfig, StateDict, check_dtype
 from gpt_spec.checkpoint import Checkpoint, infer_config, load_checkpoint
 
 from .compare import Comparison, compare
@@ -45,7 +45,7 @@ MODELS = {"gpt": "GPTModel", "dummy": "DummyGPTModel"}
 MODEL_KINDS = {cls: kind for kind, cls in MODELS.items()}
 DIRECTIONS = ("torch->flax", "flax->torch")
 MODES = ("eval", "train")
-DTYPES = {"float32": FP32_FORWARD, "bfloat16": BF16_FORWARD}  # each tier's bound
+DTYPE_BOUNDS = {"float32": FP32_FORWARD, "bfloat16": BF16_FORWARD}  # each tier's bound
 
 
 def _model_class(module: Any, kind: str):
@@ -365,9 +365,7 @@ def run_parity(
     rounded identically) and the bound defaults to that tier's.
     """
     _check_args(model, mode, cfg)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    bound = DTYPES[dtype] if bound is None else bound
+    bound = DTYPE_BOUNDS[check_dtype(dtype)] if bound is None else bound
     for d in directions:
         if d not in DIRECTIONS:
             raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {d!r}")
