@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -165,9 +166,15 @@ class MultiHeadAttention(nnx.Module):
         else:
             keys, values = keys_new, values_new
             mask_bool = jnp.triu(jnp.ones((num_tokens, num_tokens), dtype=bool), k=1)
+        # The book divides the scores by sqrt(head_dim); here the queries are scaled before the
+        # product (exact where head_dim is a power of 4, as GPT-2's 64). Scaling after it, XLA's
+        # CPU fusions recompute `scores * c` in each consumer and contract one copy into an FMA,
+        # so `scores - max(scores)` came out far from 0 at scores ~1e16: every exp underflowed,
+        # the row summed to 0, and the jitted forward returned NaN where torch and eager JAX did not.
+        queries = queries * (1.0 / keys.shape[-1] ** 0.5)
         attn_scores = queries @ keys.transpose(0, 1, 3, 2)  # (b, num_heads, num_tokens, num_keys)
         attn_scores = jnp.where(mask_bool, -jnp.inf, attn_scores)
-        attn_weights = jax.nn.softmax(attn_scores.astype(jnp.float32) / keys.shape[-1] ** 0.5, axis=-1).astype(values.dtype)
+        attn_weights = jax.nn.softmax(attn_scores.astype(jnp.float32), axis=-1).astype(values.dtype)
         attn_weights = self.dropout(attn_weights)
         context_vec = (attn_weights @ values).transpose(0, 2, 1, 3)  # (b, num_tokens, num_heads, head_dim)
         context_vec = context_vec.reshape(b, num_tokens, self.d_out)
@@ -192,16 +199,20 @@ class TransformerBlock(nnx.Module):
         self.norm2 = LayerNorm(cfg.emb_dim)
         self.drop_shortcut = nnx.Dropout(cfg.drop_rate, rngs=rngs)
 
-    def __call__(self, x: jax.Array, use_cache: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, use_cache: bool = False,
+                 activations: dict[str, jax.Array] | None = None) -> jax.Array:
+        """With `activations`, each sub-layer's output is also put in it by name: norm1, att,
+        residual (after the attention's shortcut add), norm2, ff (the block's output is returned)."""
+        out = {} if activations is None else activations
         shortcut = x
-        x = self.norm1(x)
-        x = self.att(x, use_cache=use_cache)
+        x = out["norm1"] = self.norm1(x)
+        x = out["att"] = self.att(x, use_cache=use_cache)
         x = self.drop_shortcut(x)
-        x = x + shortcut
+        x = out["residual"] = x + shortcut
 
         shortcut = x
-        x = self.norm2(x)
-        x = self.ff(x)
+        x = out["norm2"] = self.norm2(x)
+        x = out["ff"] = self.ff(x)
         x = self.drop_shortcut(x)
         return x + shortcut
 
@@ -212,7 +223,8 @@ class DummyTransformerBlock(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs | None = None):
         pass
 
-    def __call__(self, x: jax.Array, use_cache: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, use_cache: bool = False,
+                 activations: dict[str, jax.Array] | None = None) -> jax.Array:
         return x
 
 
@@ -250,7 +262,8 @@ class _GPT(nnx.Module):
         """(batch, seq_len) integer ids -> (batch, seq_len, vocab_size) logits.
 
         With `return_activations`, a dict of every stage's output instead, each named by the module
-        that produced it: drop_emb, trf_blocks.0 ... trf_blocks.{n-1}, final_norm, out_head (the logits).
+        that produced it: drop_emb; for each block i, trf_blocks.{i}.norm1, .att, .residual, .norm2,
+        .ff and its output trf_blocks.{i}; final_norm; out_head (the logits).
         With `use_cache`, the ids continue the sequence the KV cache holds (see reset_kv_cache).
         """
         in_idx = check_ids(in_idx, self.cfg, check_length=not use_cache)
@@ -264,10 +277,13 @@ class _GPT(nnx.Module):
         tok_embeds = self.tok_emb(in_idx)  # (batch_size, seq_len, emb_dim)
         pos_embeds = self.pos_emb(start + jnp.arange(seq_len))  # (seq_len, emb_dim)
         x = self.drop_emb(tok_embeds + pos_embeds)
-        activations = {"drop_emb": x}
+        activations = {"drop_emb": x}  # kept only when asked for: they hold every stage's memory
         for i, block in enumerate(self.trf_blocks.layers):
-            x = block(x, use_cache=use_cache)
-            activations[f"trf_blocks.{i}"] = x
+            inner = {} if return_activations else None
+            x = block(x, use_cache=use_cache, activations=inner)
+            if return_activations:
+                activations.update({f"trf_blocks.{i}.{name}": value for name, value in inner.items()})
+                activations[f"trf_blocks.{i}"] = x
         x = self.final_norm(x)
         logits = self.out_head(x).astype(jnp.float32)  # (batch_size, seq_len, vocab_size), float32 in any dtype
         if return_activations:
@@ -298,8 +314,13 @@ class DummyGPTModel(_GPT):
 
     def __init__(self, cfg: GPTConfig | Mapping[str, Any], final_norm: str = "dummy", *,
                  rngs: nnx.Rngs):
-        self.options = {"final_norm": final_norm}
+        self.final_norm_kind = final_norm
         self._build(GPTConfig.coerce(cfg), DummyTransformerBlock, _final_norm(final_norm), rngs)
+
+    @property
+    def options(self) -> dict[str, str]:
+        """The constructor's options, as a checkpoint records them."""
+        return {"final_norm": self.final_norm_kind}
 
 
 class GPTModel(_GPT):
@@ -309,11 +330,19 @@ class GPTModel(_GPT):
         self._build(GPTConfig.coerce(cfg), TransformerBlock, LayerNorm, rngs)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "return_activations"))
+def _forward(graphdef, rng_state, params, in_idx, *, return_activations: bool):
+    m = nnx.merge(graphdef, rng_state, params)
+    return m(in_idx, return_activations), nnx.state(m, nnx.RngState)
+
+
 def jit_forward(model: nnx.Module, *, device: jax.Device | None = None, return_activations: bool = False):
     """The model's forward as one compiled function of the ids, for inference and benchmarks.
 
-    `nnx.split` runs once here, not per call, and `jax.jit` traces the pure function of the state,
-    so a call costs one dispatch; the weights are those the model holds now. Ids are checked on
+    `nnx.split` runs once here, not per call, and one module-level `jax.jit` of the pure function
+    serves every model: it compiles once per graph definition (the model's structure, classes and
+    modes), dtypes and shapes, so a second model of the same shape, or a second `jit_forward` of
+    this one, reuses the program. The weights are those the model holds now. Ids are checked on
     the host before dispatch (inside the trace their values are unknown). Dropout keys advance
     from call to call as in the eager model. With `device`, weights and ids live on that device.
     Returns `forward(ids)`, giving what `model(ids, return_activations)` gives.
@@ -323,17 +352,12 @@ def jit_forward(model: nnx.Module, *, device: jax.Device | None = None, return_a
     if device is not None:
         rng_state, params = jax.device_put((rng_state, params), device)
 
-    @jax.jit
-    def pure_forward(rng_state, params, in_idx):
-        m = nnx.merge(graphdef, rng_state, params)
-        return m(in_idx, return_activations), nnx.state(m, nnx.RngState)
-
     def forward(in_idx: Any):
         nonlocal rng_state
         ids = check_ids(in_idx, cfg)
         if device is not None:
             ids = jax.device_put(ids, device)
-        out, rng_state = pure_forward(rng_state, params, ids)
+        out, rng_state = _forward(graphdef, rng_state, params, ids, return_activations=return_activations)
         return out
 
     return forward

@@ -19,12 +19,14 @@ from .inputs import (
     check_targets,
     check_token_ids,
 )
+from .stages import SUB_LAYERS, in_stage, stage_key, stage_names, stage_of
 from .tokenizer import get_tokenizer
 
 __all__ = [
     "DTYPES",
     "Checkpoint",
     "PRESETS",
+    "SUB_LAYERS",
     "GPTConfig",
     "StateDict",
     "check_cache_room",
@@ -36,8 +38,12 @@ __all__ = [
     "check_token_ids",
     "from_hf",
     "get_tokenizer",
+    "in_stage",
     "load_checkpoint",
     "resolve_config",
     "save_checkpoint",
+    "stage_key",
+    "stage_names",
+    "stage_of",
     "to_hf",
 ]

@@ -153,16 +153,20 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.emb_dim)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, use_cache: bool = False,
+                 activations: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """With `activations`, each sub-layer's output is also put in it by name: norm1, att,
+        residual (after the attention's shortcut add), norm2, ff (the block's output is returned)."""
+        out = {} if activations is None else activations
         shortcut = x
-        x = self.norm1(x)
-        x = self.att(x, use_cache=use_cache)
+        x = out["norm1"] = self.norm1(x)
+        x = out["att"] = self.att(x, use_cache=use_cache)
         x = self.drop_shortcut(x)
-        x = x + shortcut
+        x = out["residual"] = x + shortcut
 
         shortcut = x
-        x = self.norm2(x)
-        x = self.ff(x)
+        x = out["norm2"] = self.norm2(x)
+        x = out["ff"] = self.ff(x)
         x = self.drop_shortcut(x)
         return x + shortcut
 
@@ -173,7 +177,8 @@ class DummyTransformerBlock(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
 
-    def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, use_cache: bool = False,
+                 activations: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         return x
 
 
@@ -211,7 +216,8 @@ class _GPT(nn.Module):
         """(batch, seq_len) integer ids -> (batch, seq_len, vocab_size) logits.
 
         With `return_activations`, a dict of every stage's output instead, each named by the module
-        that produced it: drop_emb, trf_blocks.0 ... trf_blocks.{n-1}, final_norm, out_head (the logits).
+        that produced it: drop_emb; for each block i, trf_blocks.{i}.norm1, .att, .residual, .norm2,
+        .ff and its output trf_blocks.{i}; final_norm; out_head (the logits).
         With `use_cache`, the ids continue the sequence the KV cache holds (see reset_kv_cache).
         """
         check_ids(in_idx, self.cfg, check_length=not use_cache)
@@ -224,10 +230,13 @@ class _GPT(nn.Module):
         pos_ids = torch.arange(start, start + seq_len, device=in_idx.device)
         pos_embeds = self.pos_emb(pos_ids)  # (seq_len, emb_dim)
         x = self.drop_emb(tok_embeds + pos_embeds)
-        activations = {"drop_emb": x}
+        activations = {"drop_emb": x}  # kept only when asked for: they hold every stage's memory
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, use_cache=use_cache)
-            activations[f"trf_blocks.{i}"] = x
+            inner = {} if return_activations else None
+            x = block(x, use_cache=use_cache, activations=inner)
+            if return_activations:
+                activations.update({f"trf_blocks.{i}.{name}": value for name, value in inner.items()})
+                activations[f"trf_blocks.{i}"] = x
         x = self.final_norm(x)
         logits = self.out_head(x).float()  # (batch_size, seq_len, vocab_size), float32 in any dtype
         if return_activations:
@@ -255,8 +264,13 @@ class DummyGPTModel(_GPT):
 
     def __init__(self, cfg: GPTConfig | Mapping[str, Any], final_norm: str = "dummy"):
         super().__init__()
-        self.options = {"final_norm": final_norm}
+        self.final_norm_kind = final_norm
         self._build(GPTConfig.coerce(cfg), DummyTransformerBlock, _final_norm(final_norm))
+
+    @property
+    def options(self) -> dict[str, str]:
+        """The constructor's options, as a checkpoint records them."""
+        return {"final_norm": self.final_norm_kind}
 
 
 class GPTModel(_GPT):

@@ -35,8 +35,9 @@ import gpt_torch
 from gpt_spec import DTYPES, GPTConfig, StateDict, check_dtype
 from gpt_spec.flops import forward_flops, kv_cache_bytes_read, weight_bytes_per_token
 
-from .harness import _split_bytes, build_flax, build_torch, float32_matmuls, token_batch, versions
-from .table import Progress, format_table
+from .mesh import split_bytes
+from .output import Progress, format_table, versions
+from .twins import build_flax, build_torch, float32_matmuls, token_batch
 
 BACKENDS = ("flax-jit", "torch-eager", "torch-compile")
 GEMM_N = 2048
@@ -297,7 +298,7 @@ def _shard(fm, text: str, memory: list[dict[str, Any]]):
     twin.eval()
     plan = sharding.shard_model(twin, mesh)
     split = {p for p, spec in plan.specs.items() if any(a is not None for a in spec)}
-    split_total, split_most = _split_bytes(twin, split)
+    split_total, split_most = split_bytes(twin, split)
     memory.append({"mesh": text, "unsharded_bytes": sum(v.nbytes for v in gpt_flax.state_dict(fm).values()),
                    "sharded_bytes_per_device": max(sharding.param_bytes_per_device(twin).values()),
                    "split_unsharded_bytes": split_total, "split_bytes_per_device": split_most,

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 from gpt_spec import DTYPES, GPTConfig, StateDict, resolve_config
 
-from . import bench, harness
+from . import bench, forward, mesh, training, twins, zoo
+from .output import format_table, write_json
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,6 +56,30 @@ def _dtype_list(text: str) -> list[str]:
     return dtypes
 
 
+def _mutant_list(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",")]
+    bad = [n for n in names if n not in zoo.BY_NAME]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown mutant {bad[0]!r}; `gpt-parity mutants --list` names them")
+    return names
+
+
+def _plant(text: str) -> tuple[str, str]:
+    name, _, twin = text.partition("@")
+    twin = twin or "flax"
+    if name not in zoo.BY_NAME:
+        raise argparse.ArgumentTypeError(f"unknown mutant {name!r}; `gpt-parity mutants --list` names them")
+    if twin not in zoo.TWINS:
+        raise argparse.ArgumentTypeError(f"unknown twin {twin!r} in {text!r}; expected torch or flax")
+    return name, twin
+
+
+def _add_precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--matmul-precision", default="float32", choices=twins.MATMUL_PRECISIONS,
+                   help="float32 pins full-precision matmuls in both twins (default); default leaves "
+                        "each framework's own (JAX: TF32 on NVIDIA GPUs, bfloat16 passes on TPUs)")
+
+
 def _add_model_args(p: argparse.ArgumentParser, *, batch: bool = True, grid: bool = False) -> None:
     p.add_argument("--config", default=None,
                    help="a preset (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl) or a JSON file "
@@ -62,7 +87,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, batch: bool = True, grid: boo
     p.add_argument("--checkpoint", metavar="PATH",
                    help="weights (and config) from a file: canonical or HF GPT-2 safetensors, an HF "
                         "snapshot directory, or the book's torch.save model.pth")
-    p.add_argument("--model", default="gpt", choices=list(harness.MODELS),
+    p.add_argument("--model", default="gpt", choices=list(twins.MODELS),
                    help="the full GPTModel of §4.6 or the §4.1 DummyGPTModel (default: gpt)")
     p.add_argument("--final-norm", choices=["dummy", "layernorm"],
                    help="the dummy model's final norm: the book's placeholder (default) or a LayerNorm")
@@ -93,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "chapter-4 GPT.",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    check = sub.add_parser("check", help="copy weights both ways and compare every stage on every backend")
+    check = sub.add_parser("check", help="copy weights both ways; compare every stage on every backend and "
+                                         "every layer against float32's rounding envelope")
     _add_model_args(check)
-    check.add_argument("--mode", default="eval", choices=harness.MODES,
+    check.add_argument("--mode", default="eval", choices=twins.MODES,
                        help="eval (dropout off) or train (needs --drop-rate 0)")
     check.add_argument("--dtype", default="float32", choices=list(DTYPES),
                        help="parameters and compute of both twins (default: float32); bfloat16 has its own bound")
@@ -103,6 +129,29 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--plot", metavar="PNG", help="save max |Δ| per stage as a log-scale plot")
     check.add_argument("--train-steps", type=_non_negative, default=0, metavar="N",
                        help="also compare loss, every gradient and N AdamW steps (default: 0)")
+    check.add_argument("--no-layer-evidence", action="store_true",
+                       help="compare the whole forward only, not each layer on its own inputs and traps")
+    _add_precision_arg(check)
+    check.add_argument("--plant", type=_plant, metavar="MUTANT[@TWIN]",
+                       help="plant a bug of the zoo (`gpt-parity mutants --list`) in one twin "
+                            "(default: flax) for this check, to see what the suite says about it")
+    z = sub.add_parser("mutants", help="plant each bug of the zoo in each twin in turn and show that "
+                                       "check catches it where it was planted")
+    z.add_argument("--config", default=None,
+                   help="a preset or a JSON file with the book's keys (default: gpt2-small)")
+    z.add_argument("--mutant", type=_mutant_list, default=None, metavar="NAME[,NAME...]",
+                   help="only these mutants (default: all)")
+    z.add_argument("--twin", default="both", choices=["torch", "flax", "both"],
+                   help="the twin to plant each bug in (default: both, in turn)")
+    z.add_argument("--batch", type=_positive, default=1, help="batch size of each check (default: 1)")
+    z.add_argument("--seq", type=_positive, default=None,
+                   help="sequence length (default: 128, at most context_length)")
+    z.add_argument("--seed", type=_non_negative, default=0, help="seed for weights and token ids")
+    _add_precision_arg(z)
+    z.add_argument("--list", action="store_true", help="list the zoo and exit")
+    z.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    z.add_argument("--plot", metavar="PNG", help="save each mutant's margin at its first failure as a plot")
+    z.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     b = sub.add_parser("bench", help="time the jitted Flax forward against torch eager and torch.compile, "
                                      "as fractions of this machine's GEMM throughput")
     _add_model_args(b, grid=True)
@@ -150,9 +199,9 @@ def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _Setup:
     try:
         if args.checkpoint:
             override = resolve_config(args.config) if args.config else None
-            ckpt = harness.read_checkpoint(args.checkpoint, config=override)
+            ckpt = twins.read_checkpoint(args.checkpoint, config=override)
             setup = _Setup(ckpt.config, f"{args.checkpoint} ({ckpt.layout})",
-                           harness.MODEL_KINDS[ckpt.model], dict(ckpt.options), ckpt.state_dict)
+                           twins.MODEL_KINDS[ckpt.model], dict(ckpt.options), ckpt.state_dict)
         else:
             name = args.config or "gpt2-small"
             options = {"final_norm": args.final_norm} if args.final_norm else {}
@@ -197,13 +246,30 @@ def _check(args: argparse.Namespace, setup: _Setup, parser: argparse.ArgumentPar
     if args.mode == "train" and cfg.drop_rate != 0:
         parser.error("--mode train compares the twins at drop_rate 0; add --drop-rate 0")
     seq = args.seq or min(128, cfg.context_length)
-    report = harness.run_parity(
+    plant, planted = None, ""
+    if args.plant:
+        name, twin = args.plant
+        if setup.model != "gpt":
+            parser.error("--plant needs --model gpt")
+        mutant = zoo.get(name)
+        if mutant.adapt(cfg) != cfg:
+            parser.error(f"mutant {name} needs a config with {dict(mutant.needs)} to show")
+        plant, planted = zoo.plant(name, twin), f", with {name} planted in the {twin} twin ({mutant.bug})"
+    report = forward.run_parity(
         cfg, model=setup.model, batch=args.batch, seq=seq, seed=args.seed, mode=args.mode,
         options=setup.options, weights=setup.weights, progress=not args.quiet, dtype=args.dtype,
+        layer_evidence=not args.no_layer_evidence, matmul_precision=args.matmul_precision, plant=plant,
     )
     print(f"{setup.model} model, {setup.label}, {args.mode} mode, {args.dtype}, batch {args.batch} x "
-          f"{seq} tokens, matmuls {report.precision}")
+          f"{seq} tokens, matmuls {report.precision}{planted}")
     print(report.format_table())
+    evidence = report.format_evidence()
+    if evidence:
+        print()
+        print("layer evidence: each layer of each block fed the reference's own input to it, and inputs "
+              "built to expose its traps;\nlimits derived from float32 rounding (envelope) and a test for "
+              "systematic error (bias); |Δ|/allowed > 1 fails")
+        print(evidence)
     if args.layers:
         print()
         print(report.format_layers())
@@ -213,18 +279,18 @@ def _check(args: argparse.Namespace, setup: _Setup, parser: argparse.ArgumentPar
     result = {"forward": report.to_json()}
     passed = report.passed
     if args.train_steps:
-        training = harness.run_training_parity(
+        trained = training.run_training_parity(
             cfg, model=setup.model, batch=args.batch, seq=min(seq, 32), steps=args.train_steps,
             seed=args.seed, weights=setup.weights, progress=not args.quiet,
         )
         print()
-        print(f"training, train mode at drop_rate 0, batch {args.batch} x {training.seq} tokens, "
-              f"AdamW lr {training.lr:g}, weight decay {training.weight_decay:g}")
-        print(training.format_table())
-        result["training"] = training.to_json()
-        passed = passed and training.passed
+        print(f"training, train mode at drop_rate 0, batch {args.batch} x {trained.seq} tokens, "
+              f"AdamW lr {trained.lr:g}, weight decay {trained.weight_decay:g}")
+        print(trained.format_table())
+        result["training"] = trained.to_json()
+        passed = passed and trained.passed
     if setup.meshes:
-        sharded = harness.run_sharding_parity(
+        sharded = mesh.run_sharding_parity(
             cfg, setup.meshes, batch=args.batch, seq=min(seq, 32), seed=args.seed,
             weights=setup.weights, progress=not args.quiet,
         )
@@ -234,10 +300,39 @@ def _check(args: argparse.Namespace, setup: _Setup, parser: argparse.ArgumentPar
         print(sharded.format_table())
         result["sharding"] = sharded.to_json()
         passed = passed and sharded.passed
+    failures = report.failures()
+    if failures:
+        print()
+        print("\n".join(failures))
     print("PASS" if passed else "FAIL")
     if args.json:
-        harness.write_json(result, args.json)
+        write_json(result, args.json)
     return 0 if passed else 1
+
+
+def _mutants(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.list:
+        print(format_table(["mutant", "planted at", "the bug"], [(m.name, m.where, m.bug) for m in zoo.MUTANTS]))
+        return 0
+    try:
+        cfg = resolve_config(args.config or "gpt2-small")
+    except ValueError as e:
+        parser.error(str(e))
+    if args.seq is not None and args.seq > cfg.context_length:
+        parser.error(f"--seq {args.seq} exceeds context_length {cfg.context_length}")
+    chosen = [zoo.get(n) for n in args.mutant] if args.mutant else list(zoo.MUTANTS)
+    report = zoo.run_zoo(cfg, mutants=chosen, twins=zoo.TWINS if args.twin == "both" else (args.twin,),
+                         batch=args.batch, seq=args.seq, seed=args.seed,
+                         matmul_precision=args.matmul_precision, progress=not args.quiet)
+    print(f"{args.config or 'gpt2-small'}: the default check (whole forward and layer evidence, both "
+          f"directions), batch {report.batch} x {report.seq} tokens, matmuls {report.precision}")
+    print(report.format_table())
+    if args.plot:
+        report.plot(args.plot)
+        print(f"plot written to {args.plot}")
+    if args.json:
+        write_json(report.to_json(), args.json)
+    return 0 if report.passed else 1
 
 
 def _bench(args: argparse.Namespace, setup: _Setup) -> int:
@@ -253,7 +348,7 @@ def _bench(args: argparse.Namespace, setup: _Setup) -> int:
         report.plot(args.plot)
         print(f"plot written to {args.plot}")
     if args.json:
-        harness.write_json(report.to_json(), args.json)
+        write_json(report.to_json(), args.json)
     return 0
 
 
@@ -272,13 +367,13 @@ def _generate(args: argparse.Namespace, setup: _Setup, parser: argparse.Argument
         parser.error("the prompt encodes to no tokens")
     if ids.max() >= cfg.vocab_size:
         parser.error(f"the prompt has token id {ids.max()}, past the model's vocab_size {cfg.vocab_size}")
-    tm, fm = harness.build_pair(setup.model, cfg, source="torch", seed=args.seed, mode="eval", **setup.options)
+    tm, fm = twins.build_pair(setup.model, cfg, source="torch", seed=args.seed, mode="eval", **setup.options)
     if setup.weights is not None:
         gpt_torch.load_state_dict(tm, setup.weights)
         gpt_flax.load_state_dict(fm, setup.weights)
     wanted = ["torch", "flax"] if args.backend == "both" else [args.backend]
     outputs = {}
-    with harness.float32_matmuls():
+    with twins.float32_matmuls():
         try:
             if "torch" in wanted:
                 outputs["torch"] = gpt_torch.generate_text_simple(
@@ -296,7 +391,7 @@ def _generate(args: argparse.Namespace, setup: _Setup, parser: argparse.Argument
     if len(outputs) == 2:
         print("the twins generated the same token ids" if agree else "the twins' token ids DIFFER")
     if args.json:
-        harness.write_json({"prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
+        write_json({"prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
                             "token_ids": {k: v[0].tolist() for k, v in outputs.items()},
                             "text": {k: tokenizer.decode(v[0].tolist()) for k, v in outputs.items()},
                             "agree": agree}, args.json)
@@ -309,7 +404,7 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.dst.endswith(".safetensors"):
         parser.error(f"the destination must be a .safetensors file, got {args.dst!r}")
     try:
-        ckpt = harness.read_checkpoint(args.src, config=resolve_config(args.config) if args.config else None)
+        ckpt = twins.read_checkpoint(args.src, config=resolve_config(args.config) if args.config else None)
         save_checkpoint(args.dst, ckpt.state_dict, ckpt.config, model=ckpt.model, options=ckpt.options)
     except ValueError as e:
         parser.error(str(e))
@@ -326,6 +421,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "convert":
         return _convert(args, parser)
+    if args.command == "mutants":
+        try:
+            return _mutants(args, parser)
+        except (ValueError, OSError) as e:
+            parser.error(str(e))
     setup = _setup(args, parser)
     try:
         if args.command == "check":

@@ -1,4 +1,10 @@
-"""The comparator: walks nested outputs, checks shapes before values, names what failed and by how much."""
+"""The comparator: walks nested outputs, checks shapes before values, names what failed and by how much.
+
+Two kinds of evidence come out of it: `compare` holds each element to a bound (a `Bound`, or
+limits derived element by element, see envelopes.py), and `bias_check` looks for systematic error:
+a mean signed difference far beyond its standard error, which a biased op leaves even where
+every element is within its bound.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from .tolerances import Bound
+from .tolerances import BIAS_FLOOR_ULPS, BIAS_Z, Bound
+
+EPS32 = float(np.finfo(np.float32).eps)  # one ulp at 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,20 +34,20 @@ class Comparison:
     n_beyond: int = 0  # elements past the bound
     size: int = 0
     ref_max: float = float("nan")  # max |reference|
-
-    @property
-    def largest_allowed(self) -> float:
-        """The bound at the reference's largest element: atol + (rtol + stol) * max|ref|."""
-        return self.bound.atol + (self.bound.rtol + self.bound.stol) * self.ref_max
+    margin: float = float("nan")  # max |Δ| / allowed over the elements: > 1 fails
+    largest_allowed: float = float("nan")  # what the bound allows at the reference's largest element
+    evidence: str = "bound"  # "bound" (a named Bound) or "envelope" (derived element by element)
 
     def describe(self) -> str:
         verdict = "ok" if self.passed else "FAILED"
         if self.problem:
             return f"{self.name}: {verdict}: {self.problem}"
         at = f" at {self.worst_index}" if self.worst_index is not None else ""
+        allowed = self.bound.describe() if self.evidence == "envelope" else f"the bound {self.bound.describe()}"
         return (
-            f"{self.name}: {verdict}: max |Δ| {self.max_abs:.3g}{at}, max rel |Δ| {self.max_rel:.3g} "
-            f"(bound {self.bound.describe()}; {self.n_beyond} of {self.size} elements past it)"
+            f"{self.name}: {verdict}: max |Δ| {self.max_abs:.3g}{at}, max rel |Δ| {self.max_rel:.3g}; "
+            f"{self.margin:.3g}x what {allowed} allows at its worst element "
+            f"({self.n_beyond} of {self.size} elements past it)"
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -49,9 +57,11 @@ class Comparison:
             "max_abs": self.max_abs,
             "max_rel": self.max_rel,
             "worst_index": list(self.worst_index) if self.worst_index is not None else None,
-            "atol": self.bound.atol,
-            "rtol": self.bound.rtol,
-            "stol": self.bound.stol,
+            "evidence": self.evidence,
+            "bound": self.bound.describe(),
+            **{k: getattr(self.bound, k) for k in ("atol", "rtol", "stol") if hasattr(self.bound, k)},
+            "margin": self.margin,
+            "largest_allowed": self.largest_allowed,
             "n_beyond": self.n_beyond,
             "ref_max": self.ref_max,
             "size": self.size,
@@ -68,8 +78,14 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def compare(name: str, reference: Any, candidate: Any, bound: Bound) -> Comparison:
-    """Compare one tensor against its reference under `bound`; NaN or inf on either side fails."""
+def compare(name: str, reference: Any, candidate: Any, bound: Bound, *,
+            limit: np.ndarray | None = None) -> Comparison:
+    """Compare one tensor against its reference under `bound`; NaN or inf on either side fails.
+
+    With `limit` (an array of the reference's shape: what each element may differ by, derived
+    for this very input) the elements are held to it, and `bound` only names it.
+    """
+    evidence = "bound" if limit is None else "envelope"
     ref, cand = _as_numpy(reference), _as_numpy(candidate)
     # float32 pairs stay float32: the difference of two nearby float32 numbers is exact in
     # float32 (Sterbenz), and 163M-element tensors are not copied to float64.
@@ -80,6 +96,7 @@ def compare(name: str, reference: Any, candidate: Any, bound: Bound) -> Comparis
         return Comparison(
             name, tuple(ref.shape), nan, nan, None, bound, False,
             f"shape {tuple(cand.shape)} differs from reference shape {tuple(ref.shape)}",
+            margin=float("inf"), evidence=evidence,
         )
     shape = tuple(ref.shape)
     for side, arr in (("reference", ref), ("candidate", cand)):
@@ -89,19 +106,26 @@ def compare(name: str, reference: Any, candidate: Any, bound: Bound) -> Comparis
             return Comparison(
                 name, shape, nan, nan, where, bound, False,
                 f"{side} has {int(bad.sum())} non-finite value(s), first at {where}",
+                margin=float("inf"), evidence=evidence,
             )
     if ref.size == 0:
-        return Comparison(name, shape, 0.0, 0.0, None, bound, True)
+        return Comparison(name, shape, 0.0, 0.0, None, bound, True, margin=0.0, evidence=evidence)
     diff = np.abs(cand - ref)
     ref_abs = np.abs(ref)
-    limit = bound.limit(ref_abs).astype(work, copy=False)
-    worst = np.unravel_index(int(np.argmax(diff / np.maximum(limit, np.finfo(work).tiny))), shape)
+    if limit is None:
+        limit = bound.limit(ref_abs)
+    limit = np.broadcast_to(np.asarray(limit, dtype=np.float64), shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(diff == 0, 0.0, diff / limit)  # x/0 = inf: any difference where none is allowed
+    worst = np.unravel_index(int(np.argmax(ratio)), shape)
     max_abs = float(diff.max())
     scale = float(ref_abs.max())
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
     n_beyond = int((diff > limit).sum())
     return Comparison(name, shape, max_abs, max_rel, tuple(int(i) for i in worst), bound,
-                      n_beyond == 0, n_beyond=n_beyond, size=int(ref.size), ref_max=scale)
+                      n_beyond == 0, n_beyond=n_beyond, size=int(ref.size), ref_max=scale,
+                      margin=float(ratio[worst]), largest_allowed=float(limit[np.unravel_index(int(np.argmax(ref_abs)), shape)]),
+                      evidence=evidence)
 
 
 def compare_tree(reference: Any, candidate: Any, bound: Bound, name: str = "output") -> list[Comparison]:
@@ -121,7 +145,7 @@ def compare_tree(reference: Any, candidate: Any, bound: Bound, name: str = "outp
 
 def _structure_mismatch(name: str, problem: str, bound: Bound) -> Comparison:
     nan = float("nan")
-    return Comparison(name, (), nan, nan, None, bound, False, problem)
+    return Comparison(name, (), nan, nan, None, bound, False, problem, margin=float("inf"))
 
 
 def assert_close(reference: Any, candidate: Any, bound: Bound, name: str = "output") -> list[Comparison]:
@@ -131,3 +155,78 @@ def assert_close(reference: Any, candidate: Any, bound: Bound, name: str = "outp
     if failed:
         raise AssertionError("\n".join(c.describe() for c in failed))
     return results
+
+
+@dataclasses.dataclass(frozen=True)
+class BiasCheck:
+    """Systematic error of a candidate against its reference.
+
+    Two ratio estimates over all elements: the scale bias sum(Δ*ref)/sum(ref^2) (a candidate that
+    multiplies by 1 + δ gives δ) and the offset bias sum(Δ)/sum|ref| (one that adds b gives
+    b/mean|ref|), each with its standard error computed over rows (the last axis): rows, not
+    elements, are the independent units, since one row shares its mean, its variance, its
+    softmax. It fails where an estimate is both BIAS_Z standard errors from zero and more than
+    BIAS_FLOOR_ULPS ulps (of 1.0, relative): correctly rounded ops may be biased by a fraction of
+    an ulp (XLA multiplies by a rounded 1/K where torch divides by K), so a tiny bias measured
+    very precisely is no failure.
+    """
+
+    name: str
+    rows: int
+    scale_ulps: float  # mean scale bias, in float32 ulps (relative)
+    scale_z: float
+    offset_ulps: float  # mean offset bias / mean|ref|, in ulps
+    offset_z: float
+    evidence: str = "bias"
+
+    @property
+    def margin(self) -> float:
+        """min(|z| / BIAS_Z, |mean| / floor) of the worse statistic: > 1 fails."""
+        return max(min(abs(z) / BIAS_Z, abs(m) / BIAS_FLOOR_ULPS)
+                   for m, z in ((self.scale_ulps, self.scale_z), (self.offset_ulps, self.offset_z)))
+
+    @property
+    def passed(self) -> bool:
+        return not self.margin > 1.0
+
+    def describe(self) -> str:
+        verdict = "ok" if self.passed else "FAILED"
+        return (f"{self.name}: {verdict}: systematic error over {self.rows} rows: scale "
+                f"{self.scale_ulps:+.3g} ulps ({self.scale_z:+.3g} standard errors), offset "
+                f"{self.offset_ulps:+.3g} ulps ({self.offset_z:+.3g} s.e.); fails past {BIAS_Z:g} "
+                f"s.e. and {BIAS_FLOOR_ULPS:g} ulps together")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "evidence": self.evidence, "rows": self.rows,
+                "scale_ulps": self.scale_ulps, "scale_z": self.scale_z,
+                "offset_ulps": self.offset_ulps, "offset_z": self.offset_z,
+                "z_limit": BIAS_Z, "floor_ulps": BIAS_FLOOR_ULPS, "margin": self.margin,
+                "passed": self.passed}
+
+
+def _ratio_and_z(num: np.ndarray, den: np.ndarray) -> tuple[float, float]:
+    """sum(num)/sum(den) over rows, and that ratio over its cluster-robust standard error."""
+    total = float(den.sum())
+    if num.size < 2 or total == 0.0:
+        return 0.0, 0.0
+    ratio = float(num.sum()) / total
+    resid = num - ratio * den
+    se = np.sqrt(float((resid ** 2).sum()) * num.size / (num.size - 1)) / total
+    if se == 0.0:
+        return ratio, (0.0 if ratio == 0.0 else float("inf") * np.sign(ratio))
+    return ratio, ratio / se
+
+
+def bias_check(name: str, reference: Any, candidate: Any, *, row: int | None = None) -> BiasCheck:
+    """Test `candidate - reference` for systematic error, rows along the last axis (or, with
+    `row`, the flattened values cut into rows of that length)."""
+    ref = _as_numpy(reference).astype(np.float64)
+    cand = _as_numpy(candidate).astype(np.float64)
+    if row is not None:
+        n = ref.size // row * row
+        ref, cand = ref.reshape(-1)[:n].reshape(-1, row), cand.reshape(-1)[:n].reshape(-1, row)
+    ref, cand = ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1])
+    diff = cand - ref
+    scale, scale_z = _ratio_and_z((diff * ref).sum(axis=-1), (ref * ref).sum(axis=-1))
+    offset, offset_z = _ratio_and_z(diff.sum(axis=-1), np.abs(ref).sum(axis=-1))
+    return BiasCheck(name, int(ref.shape[0]), scale / EPS32, scale_z, offset / EPS32, offset_z)

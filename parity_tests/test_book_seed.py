@@ -19,7 +19,7 @@ from gpt_spec import get_tokenizer
 
 from . import book
 from .compare import assert_close
-from .harness import float32_matmuls, run_flax, run_torch
+from .twins import float32_matmuls, run_flax, run_torch
 from .tolerances import BOOK_PRINTED, FP32_FORWARD
 
 

@@ -14,7 +14,7 @@ from gpt_spec import load_checkpoint
 
 from .cli import main
 from .compare import assert_close
-from .harness import float32_matmuls, run_flax, run_torch
+from .twins import float32_matmuls, run_flax, run_torch
 from .hf_reference import hf_gpt2_logits, random_hf_gpt2
 from .tolerances import FP32_FORWARD
 

@@ -11,7 +11,7 @@ from gpt_flax.generate import _generate
 from gpt_spec import GPTConfig, get_tokenizer
 
 from . import book
-from .harness import build_pair, float32_matmuls
+from .twins import build_pair, float32_matmuls
 
 
 def _both(tm, fm, prompt, max_new_tokens, context_size):

@@ -11,7 +11,7 @@ from conftest import TINY, TINY_BIAS
 from gpt_flax.generate import _generate_cached
 
 from .compare import assert_close
-from .harness import build_pair, float32_matmuls
+from .twins import build_pair, float32_matmuls
 from .tolerances import FP32_FORWARD
 
 

@@ -9,17 +9,10 @@ import pytest
 import torch
 
 from conftest import GPT_CONFIG_124M, TINY, TINY_BIAS
-from gpt_spec import GPTConfig
+from gpt_spec import GPTConfig, stage_names
 
-from .harness import (
-    build_pair,
-    compare_stages,
-    float32_matmuls,
-    run_flax,
-    run_parity,
-    run_torch,
-    token_batch,
-)
+from .forward import compare_stages, run_parity
+from .twins import build_pair, float32_matmuls, run_flax, run_torch, token_batch
 from .tolerances import FP32_FORWARD
 
 CONFIGS = {"tiny": TINY, "tiny-bias": TINY_BIAS}
@@ -92,7 +85,8 @@ def test_a_perturbed_weight_is_located_at_its_block():
                                 run_flax(fm, ids, activations=True), FP32_FORWARD)
     verdicts = {c.name: c.passed for c in stages}
     assert verdicts["drop_emb"] and verdicts["trf_blocks.0"] and verdicts["trf_blocks.1"]
-    assert next(c.name for c in stages if not c.passed) == "trf_blocks.2"
+    assert verdicts["trf_blocks.2.att"] and verdicts["trf_blocks.2.norm2"]
+    assert next(c.name for c in stages if not c.passed) == "trf_blocks.2.ff"
     assert not verdicts["out_head"]
 
 
@@ -101,18 +95,19 @@ def test_harness_report_on_a_tiny_config():
     labels = {(r.direction, r.candidate) for r in report.rows}
     assert ("torch->flax", "flax/cpu:0") in labels and ("flax->torch", "torch/cpu") in labels
     assert report.passed, report.format_table()
-    assert [c.name for c in report.rows[0].stages] == [
-        "drop_emb", "trf_blocks.0", "trf_blocks.1", "final_norm", "out_head"]
+    assert [c.name for c in report.rows[0].stages] == stage_names(2)
+    assert stage_names(2)[:8] == ["drop_emb", "trf_blocks.0.norm1", "trf_blocks.0.att", "trf_blocks.0.residual",
+                                  "trf_blocks.0.norm2", "trf_blocks.0.ff", "trf_blocks.0", "trf_blocks.1.norm1"]
     assert "float32" in report.precision
     data = report.to_json()
     assert data["passed"] and all(r["first_failure"] is None for r in data["rows"])
-    assert len(data["rows"][0]["stages"]) == 5
+    assert len(data["rows"][0]["stages"]) == 15 and data["rows"][0]["layers"]
 
 
 def test_harness_names_the_first_failing_stage(monkeypatch):
-    import parity_tests.harness as harness
+    import parity_tests.forward as forward
 
-    real = harness.run_backend
+    real = forward.run_backend
 
     def perturbed(backend, model, ids):
         out = real(backend, model, ids)
@@ -120,11 +115,11 @@ def test_harness_names_the_first_failing_stage(monkeypatch):
             out["trf_blocks.1"] = out["trf_blocks.1"] + 1e-3
         return out
 
-    monkeypatch.setattr(harness, "run_backend", perturbed)
+    monkeypatch.setattr(forward, "run_backend", perturbed)
     report = run_parity(TINY, batch=2, seq=5, directions=["torch->flax"])
     assert not report.passed
     assert report.rows[0].first_failure.name == "trf_blocks.1"
-    assert "first stage past its bound: trf_blocks.1: FAILED" in report.format_table()
+    assert "first failure at trf_blocks.1, bound evidence: trf_blocks.1: FAILED" in report.failures()[0]
 
 
 def test_harness_refuses_train_mode_with_dropout():

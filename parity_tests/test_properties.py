@@ -21,7 +21,7 @@ import gpt_torch
 from gpt_spec import GPTConfig
 
 from .compare import compare_tree
-from .harness import build_pair, float32_matmuls, run_flax, run_torch
+from .twins import build_pair, float32_matmuls, run_flax, run_torch
 from .tolerances import FP32_FORWARD
 
 

@@ -13,7 +13,8 @@ import gpt_flax
 import gpt_torch
 from conftest import TINY, TINY_BIAS
 
-from .harness import _weights_check, build_pair, float32_matmuls, run_training_parity, token_batch
+from .training import run_training_parity, weights_check
+from .twins import build_pair, float32_matmuls, token_batch
 from .tolerances import GRADS
 
 
@@ -53,7 +54,7 @@ def test_a_different_weight_decay_is_caught():
     with float32_matmuls():
         gpt_torch.train_step(tm, t_opt, torch.from_numpy(ids[:, :-1]), torch.from_numpy(ids[:, 1:]))
         gpt_flax.train_step(fm, f_opt, ids[:, :-1], ids[:, 1:])
-    check = _weights_check(1, gpt_torch.state_dict(tm), gpt_flax.state_dict(fm), 4e-4, 0.0)
+    check = weights_check(1, gpt_torch.state_dict(tm), gpt_flax.state_dict(fm), 4e-4, 0.0)
     assert not check.passed and check.n_outliers > 100
 
 

@@ -1,6 +1,7 @@
 """gpt-parity: tables on stdout, JSON on request, exit 0 / 1 (parity failed) / 2 (bad arguments)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 
 from gpt_spec import GPTConfig
 from gpt_spec.flops import forward_flops, weight_bytes_per_token
-from parity_tests import harness
+from parity_tests import forward
 from parity_tests.cli import main
 
 
@@ -27,8 +28,11 @@ def test_check_passes_prints_a_row_per_backend_and_writes_json(tiny_json, tmp_pa
     assert "torch->flax  torch/cpu   flax/cpu:0" in stdout and stdout.rstrip().endswith("PASS")
     data = json.loads(out.read_text())["forward"]
     assert data["passed"] and data["seq"] == 7 and data["config"]["vocab_size"] == 97
-    assert data["model"] == "gpt" and len(data["rows"][0]["stages"]) == 2 + 2 + 1  # emb, 2 blocks, norm, head
-    assert all(r["passed"] and r["logits"]["max_abs"] < r["logits"]["atol"] for r in data["rows"])
+    assert data["model"] == "gpt" and len(data["rows"][0]["stages"]) == 1 + 2 * 6 + 2  # emb, 2 blocks, norm, head
+    assert all(r["passed"] and r["logits"]["margin"] < 1 and r["first_failure"] is None for r in data["rows"])
+    layers = data["rows"][0]["layers"]
+    assert {f["evidence"] for f in layers} == {"envelope", "bias"} and all(f["passed"] for f in layers)
+    assert "layer evidence" in stdout and "LayerNorm           rows of tiny variance" in stdout
     assert {r["candidate"] for r in data["rows"]} >= {"flax/cpu:0", "torch/cpu"}
     assert all(s["reason"] for s in data["skipped"])
 
@@ -39,7 +43,8 @@ def test_check_layers_plot_and_training(tiny_json, tmp_path, capsys):
             "--train-steps", "2", "--quiet", "--json", str(out)]
     assert main(argv) == 0
     stdout = capsys.readouterr().out
-    assert "stage         torch->flax flax/cpu:0" in stdout and "trf_blocks.1" in stdout
+    assert re.search(r"^stage +torch->flax flax/cpu:0 +flax->torch torch/cpu +result$", stdout, re.M)
+    assert re.search(r"^trf_blocks\.1\.residual .* pass$", stdout, re.M)
     assert "weights after 2 AdamW step(s)" in stdout and stdout.rstrip().endswith("PASS")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     training = json.loads(out.read_text())["training"]
@@ -62,7 +67,7 @@ def test_generate_prints_both_twins_text(tiny_json, tmp_path, capsys):
 
 
 def test_check_exits_1_when_the_twins_disagree(tiny_json, monkeypatch, capsys):
-    real = harness.run_backend
+    real = forward.run_backend
 
     def off_by_1e3(backend, model, ids):
         out = real(backend, model, ids)
@@ -70,11 +75,11 @@ def test_check_exits_1_when_the_twins_disagree(tiny_json, monkeypatch, capsys):
             out["out_head"] = out["out_head"] + np.float32(1e-3)
         return out
 
-    monkeypatch.setattr(harness, "run_backend", off_by_1e3)
+    monkeypatch.setattr(forward, "run_backend", off_by_1e3)
     assert main(["check", "--config", tiny_json, "--seq", "5", "--quiet"]) == 1
     stdout = capsys.readouterr().out
     assert stdout.rstrip().endswith("FAIL")
-    assert "torch->flax flax/cpu:0: first stage past its bound: out_head: FAILED: max |Δ| 0.001" in stdout
+    assert "torch->flax flax/cpu:0: first failure at out_head, bound evidence: out_head: FAILED: max |Δ| 0.001" in stdout
 
 
 def test_train_mode_check(tiny_json, capsys):

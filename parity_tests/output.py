@@ -1,10 +1,14 @@
-"""Plain-text tables for the terminal, and progress lines on stderr for anything slow."""
+"""What the suite writes: plain-text tables for the terminal, progress lines on stderr for
+anything slow, and JSON for machines (with the versions that produced it)."""
 
 from __future__ import annotations
 
+import json
+import platform
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -70,3 +74,26 @@ class _Step:
             print(f"[{p.done}/{p.total}] {self.what}: done in {time.perf_counter() - self.t0:.1f}s",
                   file=p.stream, flush=True)
         return False
+
+
+def write_json(data: dict[str, Any], path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def versions() -> dict[str, str]:
+    import flax
+    import jax
+    import numpy as np
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "numpy": np.__version__,
+    }
+

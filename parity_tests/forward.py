@@ -1,0 +1,350 @@
+"""Forward parity, stage by stage: both twins on the same ids, every recorded stage compared.
+
+Each direction builds its source twin, copies the source's weights into the other with the
+production converters, and compares every stage of the forward (embeddings; in each block
+norm1, att, residual, norm2, ff and the block's output; final norm; logits) on every backend
+of the target framework, against the source twin on CPU. Stages are always matched and
+reported by name, in the model's order (`stage_key`), never by position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import jax
+import numpy as np
+
+import gpt_flax
+import gpt_torch
+from gpt_spec import GPTConfig, StateDict, check_dtype, stage_key, stage_of
+
+from .compare import Comparison, compare
+from .layers import Finding, build_probes, reference_outputs, run_probes
+from .output import Progress, format_table, versions
+from .tolerances import BF16_FORWARD, FP32_FORWARD, Bound
+from .twins import (
+    MODELS,
+    MODES,
+    Backend,
+    build_flax,
+    build_torch,
+    discover_backends,
+    matmuls,
+    run_backend,
+    set_mode,
+    token_batch,
+)
+
+DIRECTIONS = ("torch->flax", "flax->torch")
+DTYPE_BOUNDS = {"float32": FP32_FORWARD, "bfloat16": BF16_FORWARD}  # each tier's bound
+
+
+def compare_stages(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
+                   bound: Bound) -> list[Comparison]:
+    """One comparison per forward stage, matched by name and put in the model's order."""
+    if set(reference) != set(candidate):
+        raise ValueError(f"stages differ: {sorted(candidate)} vs reference {sorted(reference)}")
+    return [compare(name, reference[name], candidate[name], bound) for name in sorted(reference, key=stage_key)]
+
+
+def _failure_order(f: Finding) -> tuple:
+    return stage_key(f.name), -f.margin
+
+
+def first_failure(findings: Sequence[Finding]) -> Finding | None:
+    """The failing finding earliest in the forward; of those at one stage, the one furthest past
+    what it allows (the most telling figure, whichever kind of evidence it is)."""
+    return min((f for f in findings if not f.passed), key=_failure_order, default=None)
+
+
+@dataclasses.dataclass
+class ParityRow:
+    direction: str
+    reference: str
+    candidate: str
+    stages: list[Comparison]  # every recorded stage of the whole forward, in the model's order
+    layers: list[Finding] = dataclasses.field(default_factory=list)  # layers.py's evidence
+
+    def stage(self, name: str) -> Comparison:
+        return next(c for c in self.stages if c.name == name)
+
+    @property
+    def logits(self) -> Comparison:
+        return self.stage("out_head")
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.stages) and all(f.passed for f in self.layers)
+
+    @property
+    def first_failure(self) -> Finding | None:
+        return first_failure([*self.stages, *self.layers])
+
+    def to_json(self) -> dict[str, Any]:
+        first = self.first_failure
+        return {"direction": self.direction, "reference": self.reference, "candidate": self.candidate,
+                "passed": self.passed,
+                "first_failure": None if first is None else {
+                    "name": first.name, "stage": stage_of(first.name), "evidence": first.evidence,
+                    "margin": first.margin, "describe": first.describe()},
+                "logits": self.logits.to_json(),
+                "stages": [c.to_json() for c in self.stages],
+                "layers": [f.to_json() for f in self.layers]}
+
+
+@dataclasses.dataclass
+class ParityReport:
+    config: GPTConfig
+    model: str
+    mode: str
+    batch: int
+    seq: int
+    seed: int
+    precision: str
+    rows: list[ParityRow]
+    skipped: list[tuple[str, str]]
+    dtype: str = "float32"
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rows) and all(r.passed for r in self.rows)
+
+    @property
+    def first_failure(self) -> tuple[ParityRow, Finding] | None:
+        """The earliest failing finding of any row (a row's candidate named with it)."""
+        found = [(r, r.first_failure) for r in self.rows if r.first_failure is not None]
+        return min(found, key=lambda rf: _failure_order(rf[1]), default=None)
+
+    def failures(self) -> list[str]:
+        """Per row that fails: where, which evidence, the figure."""
+        out = []
+        for r in self.rows:
+            first = r.first_failure
+            if first is not None:
+                out.append(f"{r.direction} {r.candidate}: first failure at {stage_of(first.name)}, "
+                           f"{first.evidence} evidence: {first.describe()}")
+        return out
+
+    def format_table(self) -> str:
+        rows = [
+            (r.direction, r.reference, r.candidate, r.logits.max_abs, r.logits.max_rel,
+             max(c.max_abs for c in r.stages), max(c.margin for c in r.stages),
+             max((f.margin for f in r.layers), default=float("nan")), "pass" if r.passed else "FAIL")
+            for r in self.rows
+        ]
+        table = format_table(
+            ["direction", "reference", "candidate", "logits max |Δ|", "max rel |Δ|",
+             "any stage max |Δ|", "stages |Δ|/bound", "layers |Δ|/allowed", "result"], rows,
+        )
+        lines = [table, f"stages: every stage of the whole forward, bound {self.rows[0].logits.bound.describe()}"
+                        if self.rows else ""]
+        lines += self.notes
+        lines += [f"skipped {label}: {reason}" for label, reason in self.skipped]
+        return "\n".join(line for line in lines if line)
+
+    def format_layers(self) -> str:
+        """Max |Δ| of every stage (rows) for every backend compared (columns), matched by name."""
+        headers = ["stage"] + [f"{r.direction} {r.candidate}" for r in self.rows] + ["result"]
+        rows = []
+        for name in sorted({c.name for r in self.rows for c in r.stages}, key=stage_key):
+            cells = [r.stage(name) for r in self.rows]
+            rows.append([name, *(c.max_abs for c in cells),
+                         "pass" if all(c.passed for c in cells) else "FAIL"])
+        return format_table(headers, rows)
+
+    def format_evidence(self) -> str:
+        """The layer evidence in one table: per layer, input and kind of evidence, the number of
+        checks over every row and the worst margin (|Δ| / allowed; above 1 fails) with where."""
+        groups: dict[tuple[str, str, str], list[tuple[ParityRow, Finding]]] = {}
+        for r in self.rows:
+            for f in r.layers:
+                _, what = f.name.split(" ", 1)
+                layer, inputs = what.split(", ", 1)
+                groups.setdefault((layer, inputs, f.evidence), []).append((r, f))
+        if not groups:
+            return ""
+        rows = []
+        for (layer, inputs, evidence), found in groups.items():
+            r, worst = max(found, key=lambda rf: rf[1].margin)
+            rows.append([layer, inputs, evidence, len(found), worst.margin,
+                         f"{worst.name.split(' ', 1)[0]} ({r.direction})",
+                         "pass" if all(f.passed for _, f in found) else "FAIL"])
+        return format_table(["layer", "input", "evidence", "checks", "worst |Δ|/allowed", "at", "result"], rows)
+
+    def plot(self, path: str) -> None:
+        """Max |Δ| per stage on a log scale, one line per backend, with each stage's bound; below
+        it, the layer evidence's worst |Δ| / allowed per stage."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = sorted({c.name for r in self.rows for c in r.stages}, key=stage_key)
+        x = np.arange(len(names))
+        nonzero = [c.max_abs for r in self.rows for c in r.stages if c.max_abs > 0]
+        floor = min(nonzero, default=1e-7) / 10  # where exact agreement (|Δ| = 0) is drawn
+        layered = any(r.layers for r in self.rows)
+        fig, axes = plt.subplots(2 if layered else 1, 1, sharex=True, squeeze=False,
+                                 figsize=(max(6.0, 0.3 * len(names) + 2), 7.0 if layered else 4.2))
+        ax = axes[0][0]
+        for r in self.rows:
+            values = np.array([r.stage(n).max_abs for n in names])
+            ax.plot(x, np.where(values > 0, values, np.nan), marker="o", markersize=3,
+                    label=f"{r.direction} {r.candidate}")
+            zero = values == 0
+            if zero.any():
+                ax.scatter(x[zero], np.full(zero.sum(), floor), marker="v", color="black", zorder=3)
+        if any(c.max_abs == 0 for r in self.rows for c in r.stages):
+            ax.scatter([], [], marker="v", color="black", label="|Δ| = 0 (bit-identical)")
+        ax.plot(x, [self.rows[0].stage(n).largest_allowed for n in names], color="grey", linestyle="--",
+                label="bound at the largest |reference|")
+        ax.set_yscale("log")
+        ax.set_ylabel("max |Δ| between twins")
+        ax.set_title(f"{self.model} {self.mode} {self.dtype}, batch {self.batch} x {self.seq}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        if layered:
+            ax2 = axes[1][0]
+            index = {n: i for i, n in enumerate(names)}
+            for evidence, marker in (("envelope", "o"), ("bias", "s")):
+                pts = [(index[stage_of(f.name)], f.margin) for r in self.rows for f in r.layers
+                       if f.evidence == evidence and stage_of(f.name) in index]
+                if pts:
+                    px, py = zip(*pts)
+                    ax2.scatter(px, np.maximum(py, 1e-9), marker=marker, s=12, alpha=0.6,
+                                label=f"layer evidence: {evidence}")
+            ax2.axhline(1.0, color="red", linestyle="--", label="fails above 1")
+            ax2.set_yscale("log")
+            ax2.set_ylabel("|Δ| / allowed")
+            ax2.grid(True, which="both", alpha=0.3)
+            ax2.legend(fontsize=8)
+        bottom = axes[-1][0]
+        bottom.set_xticks(x, names, rotation=90, fontsize=6)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "model": self.model,
+            "mode": self.mode,
+            "dtype": self.dtype,
+            "batch": self.batch,
+            "seq": self.seq,
+            "seed": self.seed,
+            "matmul_precision": self.precision,
+            "passed": self.passed,
+            "rows": [r.to_json() for r in self.rows],
+            "notes": self.notes,
+            "skipped": [{"backend": b, "reason": why} for b, why in self.skipped],
+            "versions": versions(),
+        }
+
+
+def _check_args(model: str, mode: str, cfg: GPTConfig) -> None:
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; known models: {', '.join(MODELS)}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "train" and cfg.drop_rate != 0:
+        raise ValueError(
+            f"train-mode parity needs drop_rate 0, got {cfg.drop_rate}: the twins draw dropout "
+            "masks from different generators"
+        )
+
+
+# What a twin's own converters say it holds: unaffected by a planted converter bug (zoo.py
+# patches the package-level functions, which the checks below call).
+_TRUE_STATE_DICT = {"torch": gpt_torch.weights.state_dict, "flax": gpt_flax.weights.state_dict}
+
+
+def run_parity(
+    cfg: GPTConfig,
+    *,
+    model: str = "gpt",
+    batch: int = 2,
+    seq: int | None = None,
+    seed: int = 0,
+    mode: str = "eval",
+    directions: Sequence[str] = DIRECTIONS,
+    bound: Bound | None = None,
+    options: dict[str, Any] | None = None,
+    weights: StateDict | None = None,
+    progress: bool = False,
+    dtype: str = "float32",
+    layer_evidence: bool = True,
+    matmul_precision: str = "float32",
+    plant: Callable[[dict[str, Any]], AbstractContextManager] | None = None,
+    models: dict[str, Any] | None = None,
+) -> ParityReport:
+    """Build each direction's source twin, copy its weights into the other, compare every stage,
+    then (float32, `layer_evidence`) every building block on its own (layers.py).
+
+    The reference is the source twin on CPU; the candidates are the target twin on every device
+    of its framework. Train mode is compared only at drop_rate 0 (the twins draw dropout masks
+    from different generators). With `weights` (a checkpoint's state dict) both twins hold those
+    instead of an init. With `dtype` "bfloat16" both twins run cast to bfloat16 (the weights
+    rounded identically), the bound defaults to that tier's and the layer evidence (float32
+    envelopes) is left out. `matmul_precision` "default" leaves each framework's default (TF32
+    on GPUs, bfloat16 passes on TPUs) instead of pinning float32. `plant(twins)` is entered with
+    both twins built (a context manager: zoo.py plants a bug in one); `models` passes both
+    twins ready built ({"torch": ..., "flax": ...}, of `cfg`), which are left at their own weights.
+    """
+    _check_args(model, mode, cfg)
+    check_dtype(dtype)
+    bound = DTYPE_BOUNDS[dtype] if bound is None else bound
+    for d in directions:
+        if d not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {d!r}")
+    layer_evidence = layer_evidence and dtype == "float32"
+    seq = min(cfg.context_length, 128) if seq is None else seq
+    ids = token_batch(cfg, batch, seq, seed)
+    backends, skipped = discover_backends()
+    cpu = {"torch": Backend("torch", "cpu"), "flax": Backend("flax", jax.devices("cpu")[0])}
+    per_direction = 1 + sum(b.framework == d.split("->")[1] for b in backends for d in directions[:1])
+    prog = Progress(1 + len(directions) * per_direction, enabled=progress)
+    rows: list[ParityRow] = []
+    notes = [] if layer_evidence else [
+        "layer evidence left out: its envelopes are float32's" if dtype != "float32" else "layer evidence left out"]
+    with matmuls(matmul_precision) as precision, contextlib.ExitStack() as stack:
+        with prog.step("building both twins, each with its own init"):
+            twin = models if models is not None else {
+                "torch": build_torch(model, cfg, seed=seed, **(options or {})),
+                "flax": build_flax(model, cfg, seed=seed, **(options or {}))}
+            if plant is not None:
+                stack.enter_context(plant(twin))
+            own = ({"torch": weights, "flax": weights} if weights is not None else
+                   {"torch": gpt_torch.state_dict(twin["torch"]), "flax": gpt_flax.state_dict(twin["flax"])})
+            for m in twin.values():
+                set_mode(m, mode)
+            gpt_torch.cast(twin["torch"], dtype)  # loads below round into this dtype
+            gpt_flax.cast(twin["flax"], dtype)
+        load = {"torch": gpt_torch.load_state_dict, "flax": gpt_flax.load_state_dict}
+        for direction in directions:
+            source, target = direction.split("->")
+            with prog.step(f"{direction}: copy {source}'s weights into both, {cpu[source].label} reference"
+                           + (", layer probes" if layer_evidence else "")):
+                load[source](twin[source], own[source])  # back to its own weights after an earlier direction
+                load[target](twin[target], own[source])
+                reference = run_backend(cpu[source], twin[source], ids)
+                if layer_evidence:
+                    probes = build_probes(cfg, model, reference, _TRUE_STATE_DICT[source](twin[source]), seed=seed)
+                    ref_outputs = reference_outputs(probes, cpu[source], twin[source])
+            for backend in backends:
+                if backend.framework != target:
+                    continue
+                with prog.step(f"{direction}: {backend.label}"):
+                    out = run_backend(backend, twin[target], ids)
+                    found = run_probes(probes, ref_outputs, backend, twin[target]) if layer_evidence else []
+                rows.append(ParityRow(direction, cpu[source].label, backend.label,
+                                      compare_stages(reference, out, bound), found))
+        if models is not None:  # leave them as they came
+            for name in twin:
+                load[name](twin[name], own[name])
+    return ParityReport(cfg, model, mode, batch, seq, seed, precision, rows, skipped, dtype, notes)

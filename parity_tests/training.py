@@ -1,0 +1,185 @@
+"""Training parity: the loss, every gradient, and the weights after AdamW steps in both twins."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+
+import gpt_flax
+import gpt_torch
+from gpt_spec import GPTConfig, StateDict
+
+from .compare import Comparison, compare
+from .output import Progress, format_table, versions
+from .tolerances import (
+    ADAMW_FLIP_ENVELOPE,
+    ADAMW_NOISE_ONLY,
+    ADAMW_OUTLIER_FRACTION,
+    ADAMW_WEIGHTS,
+    GRADS,
+    LOSS,
+)
+from .twins import build_pair, float32_matmuls
+
+
+@dataclasses.dataclass
+class WeightCheck:
+    """The twins' weights after `step` AdamW steps, judged by the rule in tolerances.py."""
+
+    step: int
+    tensors: list[Comparison]  # against ADAMW_WEIGHTS, per parameter
+    envelope: float  # ADAMW_FLIP_ENVELOPE * lr * step
+    allowed_outliers: int
+
+    @property
+    def n_elements(self) -> int:
+        return sum(c.size for c in self.tensors)
+
+    @property
+    def n_outliers(self) -> int:
+        """Elements past ADAMW_WEIGHTS, not counting the noise-only parameters."""
+        return sum(c.n_beyond for c in self.tensors if not _noise_only(c.name))
+
+    @property
+    def max_abs(self) -> float:
+        return max(c.max_abs for c in self.tensors)
+
+    @property
+    def passed(self) -> bool:
+        finite = all(not c.problem for c in self.tensors)
+        return finite and self.n_outliers <= self.allowed_outliers and self.max_abs <= self.envelope
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "passed": self.passed, "max_abs": self.max_abs,
+                "envelope": self.envelope, "n_outliers": self.n_outliers,
+                "allowed_outliers": self.allowed_outliers, "n_elements": self.n_elements,
+                "tensors": [c.to_json() for c in self.tensors]}
+
+
+def _noise_only(name: str) -> bool:
+    return name.endswith(ADAMW_NOISE_ONLY)
+
+
+@dataclasses.dataclass
+class TrainingReport:
+    config: GPTConfig
+    model: str
+    batch: int
+    seq: int
+    lr: float
+    weight_decay: float
+    precision: str
+    loss: Comparison
+    grads: list[Comparison]
+    step_losses: list[tuple[float, float]]  # (torch, flax) loss at each step, before its update
+    weights: list[WeightCheck]
+
+    @property
+    def noise_grads_ok(self) -> bool:
+        """Gradients zero in exact arithmetic agree and are at the rounding floor in both twins,
+        which is why their AdamW updates are held to the envelope only."""
+        return all(c.passed and c.ref_max + c.max_abs <= GRADS.atol
+                   for c in self.grads if _noise_only(c.name))
+
+    @property
+    def passed(self) -> bool:
+        return (self.loss.passed and all(g.passed for g in self.grads) and self.noise_grads_ok
+                and all(w.passed for w in self.weights))
+
+    def format_table(self) -> str:
+        signal = [c for c in self.grads if not _noise_only(c.name)]
+        noise = [c for c in self.grads if _noise_only(c.name)]
+        worst = max(signal, key=lambda c: c.max_rel)
+        rows = [
+            ("loss", self.loss.max_abs, LOSS.describe(), "pass" if self.loss.passed else "FAIL"),
+            (f"gradients, {len(signal)} tensors (largest max|Δ|/max|g|: {worst.max_rel:.2g}, "
+             f"{worst.name.removeprefix('grad ')})", max(c.max_abs for c in signal),
+             GRADS.describe(), "pass" if all(c.passed for c in signal) else "FAIL"),
+        ]
+        if noise:
+            rows.append((f"gradients zero in exact arithmetic, {len(noise)} tensors (max |g| "
+                         f"{max(c.ref_max for c in noise):.2g})", max(c.max_abs for c in noise),
+                         f"|g| and |Δ| <= {GRADS.atol:g}", "pass" if self.noise_grads_ok else "FAIL"))
+        for w in self.weights:
+            rows.append((f"weights after {w.step} AdamW step(s): {w.n_outliers} of {w.n_elements} "
+                         f"elements past the bound (<= {w.allowed_outliers})", w.max_abs,
+                         f"{ADAMW_WEIGHTS.describe()}, all <= {w.envelope:.2g}",
+                         "pass" if w.passed else "FAIL"))
+        lines = [format_table(["what", "max |Δ|", "bound", "result"], rows)]
+        lines += [f"  {g.describe()}" for g in self.grads if not g.passed]
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "model": self.model, "batch": self.batch,
+                "seq": self.seq, "lr": self.lr, "weight_decay": self.weight_decay,
+                "matmul_precision": self.precision, "passed": self.passed,
+                "noise_only_gradients_at_rounding_floor": self.noise_grads_ok,
+                "loss": self.loss.to_json(), "grads": [g.to_json() for g in self.grads],
+                "step_losses": [list(p) for p in self.step_losses],
+                "weights": [w.to_json() for w in self.weights], "versions": versions()}
+
+
+def weights_check(step: int, ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], lr: float,
+                   outlier_fraction: float) -> WeightCheck:
+    tensors = [compare(name, ref[name], cand[name], ADAMW_WEIGHTS) for name in ref]
+    n = sum(v.size for k, v in ref.items() if not _noise_only(k))
+    return WeightCheck(step, tensors, ADAMW_FLIP_ENVELOPE * lr * step, int(outlier_fraction * n))
+
+
+def run_training_parity(
+    cfg: GPTConfig,
+    *,
+    model: str = "gpt",
+    batch: int = 2,
+    seq: int = 16,
+    steps: int = 10,
+    seed: int = 0,
+    lr: float = 4e-4,
+    weight_decay: float = 0.1,
+    outlier_fraction: float = ADAMW_OUTLIER_FRACTION,
+    weights: StateDict | None = None,
+    progress: bool = False,
+) -> TrainingReport:
+    """Loss and every gradient on one batch, then `steps` AdamW steps on fresh batches in both twins.
+
+    Both twins train in train() mode at drop_rate 0 from the torch twin's init (or `weights`).
+    Inputs and next-token targets are windows of random ids, as the book's data loader makes them.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    cfg = cfg.replace(drop_rate=0.0)
+    prog = Progress(2 + steps, enabled=progress)
+    rng = np.random.default_rng(seed)
+
+    def next_batch():
+        data = rng.integers(0, cfg.vocab_size, (batch, seq + 1), dtype=np.int64)
+        return data[:, :-1], data[:, 1:]
+
+    with float32_matmuls() as precision:
+        with prog.step("building both twins"):
+            tm, fm = build_pair(model, cfg, source="torch", seed=seed, mode="train")
+            if weights is not None:
+                gpt_torch.load_state_dict(tm, weights)
+                gpt_flax.load_state_dict(fm, weights)
+        with prog.step("loss and gradients"):
+            x, y = next_batch()
+            t_loss, t_grads = gpt_torch.loss_and_grads(tm, torch.from_numpy(x), torch.from_numpy(y))
+            f_loss, f_grads = gpt_flax.loss_and_grads(fm, x, y)
+        loss = compare("loss", np.float64(t_loss), np.float64(f_loss), LOSS)
+        grads = [compare(f"grad {name}", t_grads[name], f_grads[name], GRADS) for name in t_grads]
+        t_opt, f_opt = gpt_torch.adamw(tm, lr=lr, weight_decay=weight_decay), gpt_flax.adamw(fm, lr=lr, weight_decay=weight_decay)
+        step_losses, weights = [], []
+        for step in range(1, steps + 1):
+            with prog.step(f"AdamW step {step}"):
+                x, y = next_batch()
+                step_losses.append((gpt_torch.train_step(tm, t_opt, torch.from_numpy(x), torch.from_numpy(y)),
+                                    gpt_flax.train_step(fm, f_opt, x, y)))
+            if step in (1, steps):
+                weights.append(weights_check(step, gpt_torch.state_dict(tm), gpt_flax.state_dict(fm),
+                                              lr, outlier_fraction))
+    return TrainingReport(cfg, model, batch, seq, lr, weight_decay, precision, loss, grads,
+                          step_losses, weights)
+

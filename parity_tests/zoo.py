@@ -1,0 +1,370 @@
+"""The planted-bug zoo: the classic porting bugs as named mutants, each plantable in either twin for
+the duration of a check, and the run that shows the suite catches every one where it was planted.
+
+A mutant swaps the `__class__` of the model's modules of one kind (all LayerNorms, every Linear,
+...) for a subclass of that layer written as a porter might have (zoo_torch.py, zoo_flax.py) with
+the bug's knob set; a converter mutant wraps the twin's state-dict functions instead. Leaving the
+context puts every class and function back. The class is part of NNX's graph definition, so the
+jitted Flax forward traces the mutant anew and never reuses a clean program.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from flax import nnx
+
+import gpt_flax
+import gpt_torch
+from gpt_spec import GPTConfig, in_stage, stage_of
+
+from . import zoo_flax, zoo_torch
+from .forward import DIRECTIONS, run_parity
+from .output import Progress, format_table, versions
+from .twins import build_flax, build_torch
+
+TWINS = ("torch", "flax")
+
+
+@dataclasses.dataclass(frozen=True)
+class Swap:
+    """Every module of one kind (in the zoo's layer names) gets the zoo's class with these knobs."""
+
+    layer: str  # LayerNorm, GELU, Linear, MultiHeadAttention, TransformerBlock, Dropout, GPT
+    knobs: tuple[tuple[str, Any], ...]
+    only: str | None = None  # only the module of this attribute name ("out_head")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    bug: str  # what the port got wrong
+    where: str  # the stage the suite must name first: a sub-layer, or a block (any of its sub-layers)
+    swaps: tuple[Swap, ...] = ()
+    converter: bool = False  # the twin's weight converters leave square projections untransposed
+    needs: tuple[tuple[str, Any], ...] = ()  # config fields without which the bug cannot show
+
+    def adapt(self, cfg: GPTConfig) -> GPTConfig:
+        """The config to plant it in: `cfg`, with what the bug needs to exist (a qkv bias to drop,
+        a dropout rate to leave on)."""
+        changes = {k: v for k, v in self.needs if not (k == "drop_rate" and cfg.drop_rate > 0)}
+        return cfg.replace(**changes) if changes else cfg
+
+
+def _swap(layer: str, only: str | None = None, **knobs: Any) -> Swap:
+    return Swap(layer, tuple(sorted(knobs.items())), only)
+
+
+TF32, BF16 = 10, 7  # explicit mantissa bits
+
+MUTANTS: tuple[Mutant, ...] = (
+    Mutant("layernorm-eps-1e-6", "LayerNorm eps 1e-6 (nnx.LayerNorm's default), not the book's 1e-5",
+           "trf_blocks.0.norm1", (_swap("LayerNorm", bug_eps=1e-6),)),
+    Mutant("layernorm-eps-1e-12", "LayerNorm eps 1e-12 (BERT's), not the book's 1e-5",
+           "trf_blocks.0.norm1", (_swap("LayerNorm", bug_eps=1e-12),)),
+    Mutant("layernorm-unbiased-variance", "LayerNorm variance with Bessel's correction (torch.var's default)",
+           "trf_blocks.0.norm1", (_swap("LayerNorm", bug_variance="unbiased"),)),
+    Mutant("layernorm-moments-variance", "LayerNorm variance as E[x²] − E[x]² (nnx.LayerNorm's fast variance)",
+           "trf_blocks.0.norm1", (_swap("LayerNorm", bug_variance="moments"),)),
+    Mutant("layernorm-scale-shift-swapped", "LayerNorm scale and shift each in the other's place",
+           "trf_blocks.0.norm1", (_swap("LayerNorm", bug_swap=True),)),
+    Mutant("gelu-erf", "GELU in the exact erf form (torch.nn.GELU()'s default), not the tanh approximation",
+           "trf_blocks.0.ff", (_swap("GELU", bug_form="erf"),)),
+    Mutant("gelu-constant", "GELU's cubic constant 0.0447 for 0.044715",
+           "trf_blocks.0.ff", (_swap("GELU", bug_constant=0.0447),)),
+    Mutant("attention-unscaled", "attention scores not divided by sqrt(head_dim)",
+           "trf_blocks.0.att", (_swap("MultiHeadAttention", bug_scale="none"),)),
+    Mutant("attention-scaled-by-head-dim", "attention scores divided by head_dim, not its square root",
+           "trf_blocks.0.att", (_swap("MultiHeadAttention", bug_scale="head_dim"),)),
+    Mutant("mask-sees-next-token", "causal mask one off: each token also sees the next",
+           "trf_blocks.0.att", (_swap("MultiHeadAttention", bug_mask_diagonal=2),)),
+    Mutant("mask-hides-diagonal", "causal mask one off: a token cannot see itself",
+           "trf_blocks.0.att", (_swap("MultiHeadAttention", bug_mask_diagonal=0),)),
+    Mutant("heads-split-wrong-order", "heads split as (head_dim, n_heads), not (n_heads, head_dim)",
+           "trf_blocks.0.att", (_swap("MultiHeadAttention", bug_split="dims"),)),
+    Mutant("query-key-swapped", "the query and key projections swapped",
+           "trf_blocks.0.att", (_swap("MultiHeadAttention", bug_swap_qk=True),)),
+    Mutant("square-kernel-untransposed", "the square attention projections loaded untransposed "
+           "(the converter transposes only where shapes disagree)", "trf_blocks.0.att", converter=True),
+    Mutant("softmax-wrong-axis", "attention softmax over the query axis, not the key axis",
+           "trf_blocks.0.att", (_swap("MultiHeadAttention", bug_softmax_axis=-2),)),
+    Mutant("positions-off-by-one", "position ids counted from 1", "drop_emb",
+           (_swap("GPT", bug_position_offset=1),)),
+    Mutant("missing-residual", "the attention's shortcut add left out", "trf_blocks.0",
+           (_swap("TransformerBlock", bug_residual=False),)),
+    Mutant("post-norm", "LayerNorm after each residual add (the 2017 Transformer), not before",
+           "trf_blocks.0", (_swap("TransformerBlock", bug_post_norm=True),)),
+    Mutant("dropout-in-eval", "dropout left on in eval mode", "drop_emb", (_swap("Dropout"),),
+           needs=(("drop_rate", 0.1),)),
+    Mutant("qkv-bias-dropped", "the query/key/value biases not applied", "trf_blocks.0.att",
+           (_swap("MultiHeadAttention", bug_qkv_bias=False),), needs=(("qkv_bias", True),)),
+    Mutant("head-tied-to-embedding", "logits from the token embedding's table (GPT-2's tying), not out_head",
+           "out_head", (_swap("GPT", bug_tied_head=True),)),
+    Mutant("logits-bfloat16", "the head computed in bfloat16", "out_head",
+           (_swap("Linear", "out_head", bug_operand_bits=BF16, bug_output_bits=BF16),)),
+    Mutant("softmax-bfloat16", "attention softmax computed in bfloat16", "trf_blocks.0.att",
+           (_swap("MultiHeadAttention", bug_softmax_bf16=True),)),
+    Mutant("matmul-tf32", "every matmul's operands rounded to TF32 (JAX's default on NVIDIA GPUs)",
+           "trf_blocks.0.att", (_swap("Linear", bug_operand_bits=TF32),
+                                _swap("MultiHeadAttention", bug_operand_bits=TF32))),
+    Mutant("matmul-bfloat16-pass", "every matmul's operands rounded to bfloat16 (JAX's default on TPUs)",
+           "trf_blocks.0.att", (_swap("Linear", bug_operand_bits=BF16),
+                                _swap("MultiHeadAttention", bug_operand_bits=BF16))),
+)
+BY_NAME = {m.name: m for m in MUTANTS}
+
+
+def get(name: str) -> Mutant:
+    if name not in BY_NAME:
+        raise ValueError(f"unknown mutant {name!r}; known mutants: {', '.join(BY_NAME)}")
+    return BY_NAME[name]
+
+
+# What each zoo layer replaces, per twin: (the class a module must be, the zoo's class).
+_LAYERS: dict[str, dict[str, tuple[type, type]]] = {
+    "torch": {
+        "LayerNorm": (gpt_torch.LayerNorm, zoo_torch.LayerNorm),
+        "GELU": (gpt_torch.GELU, zoo_torch.GELU),
+        "Linear": (torch.nn.Linear, zoo_torch.Linear),
+        "MultiHeadAttention": (gpt_torch.MultiHeadAttention, zoo_torch.MultiHeadAttention),
+        "TransformerBlock": (gpt_torch.TransformerBlock, zoo_torch.TransformerBlock),
+        "Dropout": (torch.nn.Dropout, zoo_torch.Dropout),
+        "GPT": (gpt_torch.model._GPT, zoo_torch.GPT),
+    },
+    "flax": {
+        "LayerNorm": (gpt_flax.LayerNorm, zoo_flax.LayerNorm),
+        "GELU": (gpt_flax.GELU, zoo_flax.GELU),
+        "Linear": (nnx.Linear, zoo_flax.Linear),
+        "MultiHeadAttention": (gpt_flax.MultiHeadAttention, zoo_flax.MultiHeadAttention),
+        "TransformerBlock": (gpt_flax.TransformerBlock, zoo_flax.TransformerBlock),
+        "Dropout": (nnx.Dropout, zoo_flax.Dropout),
+        "GPT": (gpt_flax.model._GPT, zoo_flax.GPT),
+    },
+}
+
+
+@functools.cache
+def _mutant_class(zoo_cls: type, cls: type, knobs: tuple[tuple[str, Any], ...]) -> type:
+    bases = (zoo_cls,) if issubclass(zoo_cls, cls) else (zoo_cls, cls)
+    label = ",".join(f"{k.removeprefix('bug_')}={v}" for k, v in knobs)
+    return type(f"{cls.__name__}[{label}]", bases, dict(knobs))
+
+
+def _modules(twin: str, model: Any) -> Iterator[tuple[str, Any]]:
+    """(attribute name, module) for the model and every module in it."""
+    if twin == "torch":
+        for path, module in model.named_modules():
+            yield path.rsplit(".", 1)[-1], module
+    else:
+        for path, module in nnx.iter_modules(model):
+            yield (str(path[-1]) if path else ""), module
+
+
+def _square_projection(name: str, value: np.ndarray) -> bool:
+    return name.endswith(("W_query.weight", "W_key.weight", "W_value.weight", "out_proj.weight")) \
+        and value.ndim == 2 and value.shape[0] == value.shape[1]
+
+
+@contextlib.contextmanager
+def _untransposed_squares(twin: str) -> Iterator[None]:
+    """The twin's converters, as a port that transposes only where shapes disagree: a square
+    projection goes in (and comes out) the other way round."""
+    package = gpt_torch if twin == "torch" else gpt_flax
+    load, export = package.load_state_dict, package.state_dict
+
+    def flip(sd):
+        return {k: np.ascontiguousarray(np.asarray(v).T) if _square_projection(k, np.asarray(v)) else v
+                for k, v in sd.items()}
+
+    package.load_state_dict = lambda model, sd: load(model, flip(sd))
+    package.state_dict = lambda model: flip(export(model))
+    try:
+        yield
+    finally:
+        package.load_state_dict, package.state_dict = load, export
+
+
+@contextlib.contextmanager
+def planted(mutant: Mutant, twin: str, models: dict[str, Any]) -> Iterator[None]:
+    """Plant `mutant` in `models[twin]` (a dict of both twins, as forward.run_parity passes it)."""
+    if twin not in TWINS:
+        raise ValueError(f"twin must be one of {', '.join(TWINS)}, got {twin!r}")
+    model = models[twin]
+    swapped: list[tuple[Any, type]] = []
+    try:
+        for attr, module in list(_modules(twin, model)):
+            for swap in mutant.swaps:
+                base, zoo_cls = _LAYERS[twin][swap.layer]
+                if isinstance(module, base) and swap.only in (None, attr):
+                    swapped.append((module, type(module)))
+                    object.__setattr__(module, "__class__", _mutant_class(zoo_cls, type(module), swap.knobs))
+                    break
+        if mutant.swaps and not swapped:
+            raise ValueError(f"mutant {mutant.name} has nothing to replace in {type(model).__name__}")
+        with _untransposed_squares(twin) if mutant.converter else contextlib.nullcontext():
+            yield
+    finally:
+        for module, cls in reversed(swapped):
+            object.__setattr__(module, "__class__", cls)
+
+
+def plant(name: str, twin: str) -> Callable[[dict[str, Any]], contextlib.AbstractContextManager]:
+    """For forward.run_parity(plant=...): the named mutant in one twin."""
+    return functools.partial(planted, get(name), twin)
+
+
+# --- the zoo against the suite ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ZooRow:
+    mutant: str  # "" for the control: nothing planted
+    twin: str
+    where: str
+    passed: bool  # the check's verdict: the control must pass, a mutant must not
+    first: str = ""  # the first finding's name
+    evidence: str = ""
+    margin: float = float("nan")  # |Δ| / allowed of the first finding
+    direction: str = ""
+    describe: str = ""
+
+    @property
+    def caught(self) -> bool:
+        return not self.passed
+
+    @property
+    def located(self) -> bool:
+        return bool(self.first) and in_stage(self.first, self.where)
+
+    @property
+    def ok(self) -> bool:
+        return self.passed if not self.mutant else (self.caught and self.located)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mutant": self.mutant or None, "twin": self.twin, "planted_at": self.where,
+                "check_passed": self.passed, "caught": self.caught if self.mutant else None,
+                "first_failure": self.first or None, "first_stage": stage_of(self.first) if self.first else None,
+                "evidence": self.evidence or None, "margin": self.margin, "direction": self.direction or None,
+                "located": self.located if self.mutant else None, "ok": self.ok, "describe": self.describe}
+
+
+@dataclasses.dataclass
+class ZooReport:
+    config: GPTConfig
+    batch: int
+    seq: int
+    precision: str
+    rows: list[ZooRow]  # the control first
+
+    @property
+    def passed(self) -> bool:
+        return all(r.ok for r in self.rows)
+
+    def format_table(self) -> str:
+        body = []
+        for r in self.rows:
+            if not r.mutant:
+                verdict = "control: pass" if r.passed else "CONTROL FAILS"
+                body.append(["(nothing planted)", "-", "-", verdict, r.first and stage_of(r.first) or "-",
+                             r.evidence or "-", r.margin if r.first else float("nan"), "ok" if r.ok else "FAIL"])
+                continue
+            body.append([r.mutant, r.twin, r.where, "caught" if r.caught else "ESCAPED",
+                         stage_of(r.first) if r.first else "-", r.evidence or "-", r.margin,
+                         "ok" if r.ok else ("MISPLACED" if r.caught else "FAIL")])
+        table = format_table(["mutant", "twin", "planted at", "check", "first stage named", "evidence",
+                              "|Δ|/allowed", "result"], body)
+        bad = [r for r in self.rows if not r.ok]
+        lines = [table]
+        lines += [f"  {r.mutant or 'control'} in {r.twin}: {r.describe or 'no failure'}" for r in bad]
+        caught = sum(r.caught and r.located for r in self.rows if r.mutant)
+        lines.append(f"{caught} of {sum(1 for r in self.rows if r.mutant)} planted bugs caught at the stage "
+                     f"they were planted; control {'passes' if self.rows[0].passed else 'FAILS'}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "batch": self.batch, "seq": self.seq,
+                "matmul_precision": self.precision, "passed": self.passed,
+                "mutants": {m.name: {"bug": m.bug, "planted_at": m.where} for m in MUTANTS},
+                "rows": [r.to_json() for r in self.rows], "versions": versions()}
+
+    def plot(self, path: str) -> None:
+        """|Δ| / allowed at the first failure, per mutant and twin, on a log scale."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        mutants = [r for r in self.rows if r.mutant]
+        names = list(dict.fromkeys(r.mutant for r in mutants))
+        fig, ax = plt.subplots(figsize=(8.0, 0.28 * len(names) + 1.6))
+        y = np.arange(len(names))
+        for k, twin in enumerate(TWINS):
+            margins = {r.mutant: r.margin for r in mutants if r.twin == twin}
+            values = [margins.get(n, np.nan) for n in names]
+            finite = [v if np.isfinite(v) and v > 0 else 1e12 for v in values]  # non-finite: off the scale
+            ax.barh(y + (k - 0.5) * 0.4, finite, height=0.4, label=f"planted in {twin}")
+        ax.axvline(1.0, color="red", linestyle="--", label="caught above 1")
+        ax.set_xscale("log")
+        ax.set_yticks(y, names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("|Δ| / allowed at the first failing stage (NaN, inf: drawn at 1e12)")
+        ax.set_title(f"planted bugs, {self.config.emb_dim}-wide {self.config.n_layers}-layer GPT, "
+                     f"batch {self.batch} x {self.seq}")
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def _row(mutant: Mutant | None, twin: str, report) -> ZooRow:
+    found = report.first_failure
+    row = ZooRow(mutant.name if mutant else "", twin, mutant.where if mutant else "-", report.passed)
+    if found is not None:
+        r, finding = found
+        row.first, row.evidence, row.margin = finding.name, finding.evidence, finding.margin
+        row.direction, row.describe = f"{r.direction} {r.candidate}", finding.describe()
+    return row
+
+
+def run_zoo(
+    cfg: GPTConfig,
+    *,
+    mutants: Sequence[Mutant] = MUTANTS,
+    twins: Sequence[str] = TWINS,
+    batch: int = 1,
+    seq: int | None = None,
+    seed: int = 0,
+    directions: Sequence[str] = DIRECTIONS,
+    matmul_precision: str = "float32",
+    progress: bool = False,
+) -> ZooReport:
+    """The default check (whole forward and layer evidence, both directions) with nothing planted,
+    then with each mutant planted in each twin. Both twins are built once per config and reused."""
+    seq = min(cfg.context_length, 128) if seq is None else seq
+    built: dict[GPTConfig, dict[str, Any]] = {}
+
+    def models(c: GPTConfig) -> dict[str, Any]:
+        if c not in built:
+            built[c] = {"torch": build_torch("gpt", c, seed=seed), "flax": build_flax("gpt", c, seed=seed)}
+        return built[c]
+
+    prog = Progress(1 + len(mutants) * len(twins), enabled=progress)
+    check = functools.partial(run_parity, batch=batch, seq=seq, seed=seed, directions=directions,
+                              matmul_precision=matmul_precision)
+    with prog.step("control: nothing planted"):
+        control = check(cfg, models=models(cfg))
+    rows = [_row(None, "-", control)]
+    for mutant in mutants:
+        for twin in twins:
+            with prog.step(f"{mutant.name} in {twin}"):
+                c = mutant.adapt(cfg)
+                rows.append(_row(mutant, twin, check(c, models=models(c),
+                                                      plant=functools.partial(planted, mutant, twin))))
+    return ZooReport(cfg, batch, seq, control.precision, rows)

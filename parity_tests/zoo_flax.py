@@ -1,0 +1,164 @@
+"""The zoo's layers for the Flax twin: each written as a porter might have written it, with the
+mutant's bug behind a knob (a `bug_*` class attribute). With every knob at its default, each
+computes what gpt_flax.model computes (tests/test_zoo.py holds them to that).
+
+zoo.py makes a subclass of the layer's own class with the knobs set and swaps it in as the
+`__class__` of the model's modules for the duration of a check; the class is part of NNX's graph
+definition, so a jitted forward traces the mutant anew.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gpt_flax import model as book
+
+
+def round_mantissa(x: jax.Array, bits: int | None) -> jax.Array:
+    """float32 rounded to nearest (ties to even) with `bits` explicit mantissa bits, as TF32 (10)
+    or bfloat16 (7) hold it; None leaves x alone."""
+    if bits is None:
+        return x
+    return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=bits)
+
+
+class LayerNorm(book.LayerNorm):
+    bug_eps = 1e-5
+    bug_variance = "biased"  # or "unbiased" (Bessel's correction), "moments" (E[x^2] - E[x]^2)
+    bug_swap = False  # scale and shift each in the other's place
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        mean = x.mean(axis=-1, keepdims=True)
+        if self.bug_variance == "moments":
+            var = (x * x).mean(axis=-1, keepdims=True) - mean * mean
+        else:
+            var = x.var(axis=-1, keepdims=True, ddof=1 if self.bug_variance == "unbiased" else 0)
+        norm_x = (x - mean) / jnp.sqrt(var + self.bug_eps)
+        scale, shift = (self.shift, self.scale) if self.bug_swap else (self.scale, self.shift)
+        return scale[...] * norm_x + shift[...]
+
+
+class GELU(book.GELU):
+    bug_form = "tanh"  # or "erf", the exact form
+    bug_constant = 0.044715
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.bug_form == "erf":
+            return 0.5 * x * (1 + jax.scipy.special.erf(x / math.sqrt(2.0)))
+        return 0.5 * x * (1 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + self.bug_constant * jnp.power(x, 3))))
+
+
+class Linear(nnx.Linear):
+    bug_operand_bits: int | None = None  # matmul operands rounded to this many mantissa bits
+    bug_output_bits: int | None = None  # and the product too
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        bits = self.bug_operand_bits
+        y = round_mantissa(round_mantissa(x, bits) @ round_mantissa(self.kernel[...], bits), self.bug_output_bits)
+        return y if self.bias is None else y + self.bias[...]
+
+
+class MultiHeadAttention(book.MultiHeadAttention):
+    bug_scale = "sqrt"  # scores / sqrt(head_dim); or "none", "head_dim"
+    bug_mask_diagonal = 1  # jnp.triu's k: 1 hides the future; 2 shows the next token; 0 hides self
+    bug_split = "heads"  # (n_heads, head_dim); or "dims": (head_dim, n_heads)
+    bug_swap_qk = False
+    bug_softmax_axis = -1
+    bug_softmax_bf16 = False
+    bug_qkv_bias = True  # False: the projections' biases left out
+    bug_operand_bits: int | None = None  # the two attention matmuls' operands rounded
+
+    def _project(self, linear: nnx.Linear, x: jax.Array) -> jax.Array:
+        if self.bug_qkv_bias or linear.bias is None:
+            return linear(x)
+        return x @ linear.kernel[...]
+
+    def _heads(self, t: jax.Array) -> jax.Array:
+        b, n, _ = t.shape
+        if self.bug_split == "dims":
+            return t.reshape(b, n, self.head_dim, self.num_heads).transpose(0, 3, 1, 2)
+        return t.reshape(b, n, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+
+    def __call__(self, x: jax.Array, use_cache: bool = False) -> jax.Array:
+        if use_cache:
+            raise NotImplementedError("the zoo's attention has no KV cache")
+        b, num_tokens, _ = x.shape
+        queries = self._heads(self._project(self.W_query, x))
+        keys = self._heads(self._project(self.W_key, x))
+        values = self._heads(self._project(self.W_value, x))
+        if self.bug_swap_qk:
+            queries, keys = keys, queries
+        bits = self.bug_operand_bits
+        divisor = {"sqrt": self.head_dim ** 0.5, "none": 1.0, "head_dim": float(self.head_dim)}[self.bug_scale]
+        queries = queries * (1.0 / divisor)  # before the product, as gpt_flax.model does
+        attn_scores = round_mantissa(queries, bits) @ round_mantissa(keys, bits).transpose(0, 1, 3, 2)
+        mask = jnp.triu(jnp.ones((num_tokens, num_tokens), dtype=bool), k=self.bug_mask_diagonal)
+        attn_scores = jnp.where(mask, -jnp.inf, attn_scores)
+        if self.bug_softmax_bf16:
+            attn_weights = jax.nn.softmax(attn_scores.astype(jnp.bfloat16), axis=self.bug_softmax_axis)
+            attn_weights = attn_weights.astype(jnp.float32)
+        else:
+            attn_weights = jax.nn.softmax(attn_scores, axis=self.bug_softmax_axis)
+        attn_weights = self.dropout(attn_weights)
+        context_vec = (round_mantissa(attn_weights, bits) @ round_mantissa(values, bits)).transpose(0, 2, 1, 3)
+        return self.out_proj(context_vec.reshape(b, num_tokens, self.d_out))
+
+
+class TransformerBlock(book.TransformerBlock):
+    bug_residual = True  # False: the attention's shortcut add left out
+    bug_post_norm = False  # True: LayerNorm after each residual add
+
+    def __call__(self, x: jax.Array, use_cache: bool = False, activations=None) -> jax.Array:
+        out = {} if activations is None else activations
+        if self.bug_post_norm:
+            a = out["att"] = self.att(x, use_cache=use_cache)
+            x = out["residual"] = x + self.drop_shortcut(a)
+            x = out["norm1"] = self.norm1(x)
+            f = out["ff"] = self.ff(x)
+            x = out["norm2"] = self.norm2(x + self.drop_shortcut(f))
+            return x
+        shortcut = x
+        x = out["norm1"] = self.norm1(x)
+        x = out["att"] = self.att(x, use_cache=use_cache)
+        x = self.drop_shortcut(x)
+        x = out["residual"] = x + shortcut if self.bug_residual else x
+        shortcut = x
+        x = out["norm2"] = self.norm2(x)
+        x = out["ff"] = self.ff(x)
+        return self.drop_shortcut(x) + shortcut
+
+
+class Dropout(nnx.Dropout):
+    """Dropout that ignores eval(): always drops."""
+
+    def __call__(self, x: jax.Array, **kwargs) -> jax.Array:
+        return super().__call__(x, deterministic=False)
+
+
+class GPT(book._GPT):
+    bug_position_offset = 0  # position ids counted from this
+    bug_tied_head = False  # logits from the token embedding's table
+
+    def __call__(self, in_idx, return_activations: bool = False, use_cache: bool = False):
+        if use_cache:
+            raise NotImplementedError("the zoo's model has no KV cache")
+        in_idx = book.check_ids(in_idx, self.cfg)
+        seq_len = in_idx.shape[1]
+        pos_ids = jnp.arange(seq_len) + self.bug_position_offset  # JAX's gather clamps past the end
+        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos_ids))
+        activations = {"drop_emb": x}
+        for i, block in enumerate(self.trf_blocks.layers):
+            inner: dict = {}
+            x = block(x, activations=inner)
+            activations.update({f"trf_blocks.{i}.{k}": v for k, v in inner.items()})
+            activations[f"trf_blocks.{i}"] = x
+        x = self.final_norm(x)
+        head = self.tok_emb.embedding[...].T if self.bug_tied_head else self.out_head.kernel[...]
+        logits = (x @ head).astype(jnp.float32)
+        if return_activations:
+            return {**activations, "final_norm": x, "out_head": logits}
+        return logits
