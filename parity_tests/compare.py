@@ -115,6 +115,11 @@ def compare(name: str, reference: Any, candidate: Any, bound: Bound, *,
     if limit is None:
         limit = bound.limit(ref_abs)
     limit = np.broadcast_to(np.asarray(limit, dtype=np.float64), shape)
+    if np.isnan(limit).any():  # a limit that could not be derived judges nothing: fail, say why
+        where = tuple(int(i) for i in np.argwhere(np.isnan(limit))[0])
+        return Comparison(name, shape, nan, nan, where, bound, False,
+                          f"the limit is NaN at {where}: nothing to hold the difference to",
+                          margin=float("inf"), evidence=evidence)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(diff == 0, 0.0, diff / limit)  # x/0 = inf: any difference where none is allowed
     worst = np.unravel_index(int(np.argmax(ratio)), shape)

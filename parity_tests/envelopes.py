@@ -54,6 +54,8 @@ def magnitude(a, b) -> np.ndarray:
 def exactly_summable(x: np.ndarray) -> np.ndarray:
     """Per row (last axis): True where float32 sums every order of these values exactly."""
     x = np.asarray(x, dtype=np.float32)
+    finite = np.isfinite(x).all(axis=-1)
+    x = np.where(np.isfinite(x), x, np.float32(0.0))
     mant, exp = np.frexp(x.astype(np.float64))  # x = mant * 2^exp, 0.5 <= |mant| < 1
     ints = np.abs(mant * 2.0 ** 24).astype(np.int64)  # the 24-bit significand as an integer
     trailing = np.zeros(ints.shape, dtype=np.int64)
@@ -63,7 +65,7 @@ def exactly_summable(x: np.ndarray) -> np.ndarray:
     quantum = np.where(nz, exp.astype(np.int64) - 24 + trailing, np.iinfo(np.int64).max)
     q = quantum.min(axis=-1)  # the finest power of two any value of the row needs
     total = np.abs(x.astype(np.float64)).sum(axis=-1)
-    return (total == 0) | (total < np.ldexp(1.0, np.minimum(q, 900) + 24))
+    return finite & ((total == 0) | (total < np.ldexp(1.0, np.minimum(q, 900) + 24)))
 
 
 def linear(x, weight, bias=None) -> np.ndarray:
@@ -175,12 +177,12 @@ def attention(x, wq, bq, wk, bk, wv, bv, wo, bo, n_heads: int) -> np.ndarray:
     # [e^-d_i / sum_j p_j e^d_j, e^d_i / sum_j p_j e^-d_j]; written with expm1 so that small
     # d keep their digits.
     delta = np.where(mask, 0.0, e_s.astype(np.float32) + np.float32(U) * np.abs(np.where(mask, 0.0, z)))
-    with np.errstate(over="ignore", invalid="ignore"):
+    rounding = np.float32(2.0 * _FN + 2.0 * U + gamma(t))
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # huge d: no bound but 1
         up = (p * np.expm1(delta)).sum(axis=-1, keepdims=True)  # sum_j p_j e^d_j - 1
         down = (p * np.expm1(-delta)).sum(axis=-1, keepdims=True)  # sum_j p_j e^-d_j - 1
         ratio = np.maximum((np.expm1(delta) - down) / (1.0 + down), (up - np.expm1(-delta)) / (1.0 + up))
-    rounding = np.float32(2.0 * _FN + 2.0 * U + gamma(t))
-    e_p = np.minimum(np.nan_to_num(p * (ratio + rounding), nan=1.0, posinf=1.0), 1.0)
+        e_p = np.minimum(np.nan_to_num(p * (ratio + rounding), nan=1.0, posinf=1.0), 1.0)
     e_p = np.where(mask, 0.0, e_p)
     p_v = magnitude(p, v)
     e_ctx = magnitude(e_p, v) + magnitude(p, e_v) + gamma(t) * p_v

@@ -5,14 +5,18 @@ CUDA torch when present; an absent backend is skipped with the reason. Matmuls p
 """
 
 import jax
+import numpy as np
 import pytest
 import torch
+
+import gpt_flax
+import gpt_torch
 
 from conftest import GPT_CONFIG_124M, TINY, TINY_BIAS
 from gpt_spec import GPTConfig, stage_names
 
 from .forward import compare_stages, run_parity
-from .twins import build_pair, float32_matmuls, run_flax, run_torch, token_batch
+from .twins import build_pair, build_torch, float32_matmuls, run_flax, run_torch, token_batch
 from .tolerances import FP32_FORWARD
 
 CONFIGS = {"tiny": TINY, "tiny-bias": TINY_BIAS}
@@ -122,6 +126,36 @@ def test_harness_names_the_first_failing_stage(monkeypatch):
     assert "first failure at trf_blocks.1, bound evidence: trf_blocks.1: FAILED" in report.failures()[0]
 
 
+@pytest.mark.parametrize("scale", [0.01, 100.0])
+@pytest.mark.parametrize("cfg_name", CONFIGS)
+def test_every_evidence_passes_whatever_the_scale_of_the_weights(cfg_name, scale):
+    """Bounds that scale with the tensor and envelopes derived for each input: no false alarm when
+    every weight is 100x smaller or larger (activations, scores and logits with them)."""
+    cfg = CONFIGS[cfg_name]
+    sd = {k: v * np.float32(scale) for k, v in gpt_torch.state_dict(build_torch("gpt", cfg, seed=2)).items()}
+    report = run_parity(cfg, batch=3, seq=cfg.context_length, seed=2, weights=sd)
+    assert report.passed, report.failures()
+
+
+def test_the_jitted_forward_is_finite_wherever_torch_is():
+    """Weights x1e4: attention scores ~1e16. XLA's fusions once recomputed the scaled scores in
+    each consumer and contracted one copy into an FMA, so a row's `scores - max` came out ~-1e8
+    for its own maximum: every exp was 0 and the row 0/0 = NaN, where torch and eager JAX were finite."""
+    cfg = TINY
+    sd = {k: v * np.float32(1e4) for k, v in gpt_torch.state_dict(build_torch("gpt", cfg, seed=0)).items()}
+    tm, fm = build_pair("gpt", cfg, source="torch")
+    gpt_torch.load_state_dict(tm, sd)
+    gpt_flax.load_state_dict(fm, sd)
+    ids = token_batch(cfg, 2, cfg.context_length, seed=0)
+    with float32_matmuls():
+        ref = run_torch(tm, ids, activations=True)
+        jitted = run_flax(fm, ids, activations=True)
+    scores = np.abs(ref["trf_blocks.0.norm1"]).max() * np.abs(sd["trf_blocks.0.att.W_query.weight"]).max()
+    assert scores > 1e6  # queries alone; scores are their products
+    for name in ref:
+        assert np.array_equal(np.isfinite(ref[name]), np.isfinite(jitted[name])), name
+
+
 def test_harness_refuses_train_mode_with_dropout():
     with pytest.raises(ValueError, match="train-mode parity needs drop_rate 0, got 0.1"):
         run_parity(TINY, mode="train")
@@ -135,6 +169,14 @@ def test_gpt2_small_full_context():
     stages = _check(cfg, tm, fm, 1, cfg.context_length)
     assert stages[-1].max_abs > 0  # the twins are not secretly the same code path
     _check(cfg, tm, fm, 2, 4)
+
+
+@pytest.mark.slow
+def test_gpt2_small_passes_every_evidence_with_weights_x100():
+    cfg = GPTConfig.from_dict(GPT_CONFIG_124M)
+    sd = {k: v * np.float32(100) for k, v in gpt_torch.state_dict(build_torch("gpt", cfg, seed=0)).items()}
+    report = run_parity(cfg, batch=1, seq=64, weights=sd, directions=["torch->flax"])
+    assert report.passed, report.failures()
 
 
 @pytest.mark.slow

@@ -1,13 +1,14 @@
 """Property-based parity: on any valid config and any valid batch the twins agree; on any invalid
 config both refuse with ValueError and nothing else.
 
-The example count is set by the hypothesis profile in conftest.py (20 in the default run, so the
+The example count is set by the hypothesis profile in conftest.py (8 in the default run, so the
 suite keeps its time budget; `HYPOTHESIS_PROFILE=thorough` runs 400, which passed when this was written). Inputs hypothesis
 found that once broke an assumption stay here as explicit @example regression cases.
 """
 
 import math
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,8 @@ import gpt_torch
 from gpt_spec import GPTConfig
 
 from .compare import compare_tree
-from .twins import build_pair, float32_matmuls, run_flax, run_torch
+from .layers import build_probes, reference_outputs, run_probes
+from .twins import Backend, build_pair, float32_matmuls, run_flax, run_torch
 from .tolerances import FP32_FORWARD
 
 
@@ -55,12 +57,16 @@ EDGE = GPTConfig(vocab_size=1, context_length=1, emb_dim=1, n_heads=1, n_layers=
 @example((EDGE, np.zeros((1, 1), np.int64)), "torch", True)  # one token, one channel: var = 0
 @example((EDGE.replace(vocab_size=2, context_length=3, emb_dim=2, n_heads=2), np.array([[1, 0, 1]])), "flax", False)
 def test_twins_agree_on_any_valid_config_and_batch(case, source, jit):
+    """Every stage of the whole forward, and every layer's own evidence (envelopes, bias)."""
     cfg, ids = case
     tm, fm = build_pair("gpt", cfg, source=source, seed=int(ids.sum()) % 1000)
     with float32_matmuls():
         ref = run_torch(tm, ids, activations=True)
         out = run_flax(fm, ids, jit=jit, activations=True)
-    failed = [c.describe() for c in compare_tree(ref, out, FP32_FORWARD, "stages") if not c.passed]
+        probes = build_probes(cfg, "gpt", ref, gpt_torch.state_dict(tm), seed=int(ids.sum()))
+        torch_cpu, flax_cpu = Backend("torch", "cpu"), Backend("flax", jax.devices("cpu")[0])
+        found = run_probes(probes, reference_outputs(probes, torch_cpu, tm), flax_cpu, fm)
+    failed = [c.describe() for c in [*compare_tree(ref, out, FP32_FORWARD, "stages"), *found] if not c.passed]
     assert not failed, f"{cfg}\n" + "\n".join(failed)
 
 
