@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 run: $(STAMP)
 	mkdir -p out
 	$(BIN)/gpt-parity check --layers --train-steps 10 --plot out/layers.png --json out/check.json
+	$(BIN)/gpt-parity mutants --config examples/tiny-odd.json --plot out/mutants.png --json out/mutants.json
 	$(BIN)/gpt-parity bench --dtype float32,bfloat16 --decode 256 --plot out/bench.png --json out/bench.json
 
 test: $(STAMP)

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only these mutants (default: all)")
     z.add_argument("--twin", default="both", choices=["torch", "flax", "both"],
                    help="the twin to plant each bug in (default: both, in turn)")
-    z.add_argument("--batch", type=_positive, default=1, help="batch size of each check (default: 1)")
+    z.add_argument("--batch", type=_positive, default=2, help="batch size of each check (default: 2, as check's)")
     z.add_argument("--seq", type=_positive, default=None,
                    help="sequence length (default: 128, at most context_length)")
     z.add_argument("--seed", type=_non_negative, default=0, help="seed for weights and token ids")
@@ -326,13 +326,18 @@ def _mutants(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                          matmul_precision=args.matmul_precision, progress=not args.quiet)
     print(f"{args.config or 'gpt2-small'}: the default check (whole forward and layer evidence, both "
           f"directions), batch {report.batch} x {report.seq} tokens, matmuls {report.precision}")
+    _emit(report, args)
+    return 0 if report.passed else 1
+
+
+def _emit(report, args: argparse.Namespace) -> None:
+    """A report's table on stdout, its plot and JSON where asked for."""
     print(report.format_table())
     if args.plot:
         report.plot(args.plot)
         print(f"plot written to {args.plot}")
     if args.json:
         write_json(report.to_json(), args.json)
-    return 0 if report.passed else 1
 
 
 def _bench(args: argparse.Namespace, setup: _Setup) -> int:
@@ -343,12 +348,7 @@ def _bench(args: argparse.Namespace, setup: _Setup) -> int:
         options=setup.options, weights=setup.weights, meshes=setup.meshes, decode=args.decode,
         decode_uncached=args.decode_uncached, gemm_n=args.gemm_size, progress=not args.quiet,
     )
-    print(report.format_table())
-    if args.plot:
-        report.plot(args.plot)
-        print(f"plot written to {args.plot}")
-    if args.json:
-        write_json(report.to_json(), args.json)
+    _emit(report, args)
     return 0
 
 

@@ -41,8 +41,10 @@ def test_each_mutant_is_caught_where_it_was_planted(tiny_zoo, name, twin):
 def test_nothing_planted_passes_and_the_report_says_so(tiny_zoo, tmp_path):
     control = tiny_zoo.rows[0]
     assert control.mutant == "" and control.passed and control.ok and not control.first
+    assert 0 < control.margin < 1 and control.describe.startswith("closest to failing: ")
     assert tiny_zoo.passed and len(tiny_zoo.rows) == 1 + 2 * len(zoo.MUTANTS)
-    assert "50 of 50 planted bugs caught at the stage they were planted; control passes" in tiny_zoo.format_table()
+    assert "50 of 50 planted bugs caught at the stage they were planted; control passes (its closest call: " \
+        in tiny_zoo.format_table()
     data = tiny_zoo.to_json()
     assert data["passed"] and data["rows"][0]["mutant"] is None and data["rows"][0]["check_passed"]
     assert all(r["caught"] and r["located"] and r["first_stage"] for r in data["rows"][1:])

@@ -184,16 +184,23 @@ def submodule(model: Any, path: str) -> Any:
     return obj
 
 
+@jax.jit
+def _module_call(graphdef: Any, state: Any, x: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state)(x)
+
+
 def call_module(backend: Backend, module: Any, x: np.ndarray) -> np.ndarray:
-    """One module of a twin on a float32 input, on `backend`'s device: torch under no_grad,
-    Flax op by op (the jitted whole forward is the stream's evidence)."""
+    """One module of a twin on a float32 input, on `backend`'s device: torch under no_grad, Flax
+    jitted as production runs it (one program per module structure and shape: a model's twelve
+    blocks share theirs)."""
     if backend.framework == "torch":
         if backend.device != "cpu":
             module = copy.deepcopy(module).to(backend.device)
         with torch.no_grad():
             return numpy_tree(module(torch.from_numpy(np.array(x, copy=True)).to(backend.device)))
-    with jax.default_device(backend.device):
-        return numpy_tree(module(jax.device_put(x, backend.device)))
+    graphdef, state = nnx.split(module)
+    state, x = jax.device_put((state, x), backend.device)
+    return numpy_tree(_module_call(graphdef, state, x))
 
 
 

@@ -46,6 +46,7 @@ def test_the_make_commands_are_the_ones_ci_runs():
     assert "make test" in ci and "make run" in ci
     makefile = (ROOT / "Makefile").read_text()
     assert "gpt-parity check --layers --train-steps 10" in makefile and "-c $(CONSTRAINTS)" in makefile
+    assert "gpt-parity mutants --config examples/tiny-odd.json" in makefile
 
 
 GPT_PARITY_LINES = [line for line in _shell_lines() if line.startswith("gpt-parity")]
@@ -79,6 +80,7 @@ def test_cli_examples_run(line, tmp_path, snapshot, monkeypatch, capsys):
     else:
         from parity_tests.cli import main
 
-        assert main(args) == 0, capsys.readouterr().out
+        expected = 1 if "--plant" in args else 0  # a planted bug must fail the check
+        assert main(args) == expected, capsys.readouterr().out
     for json_name in [a for a in args if a.endswith(".json") and "/" not in a]:
         assert (tmp_path / json_name).stat().st_size > 0
