@@ -94,7 +94,7 @@ def test_a_perturbed_weight_is_located_at_its_block():
     assert not verdicts["out_head"]
 
 
-def test_harness_report_on_a_tiny_config():
+def test_report_on_a_tiny_config():
     report = run_parity(TINY, batch=3, seq=7, seed=1)
     labels = {(r.direction, r.candidate) for r in report.rows}
     assert ("torch->flax", "flax/cpu:0") in labels and ("flax->torch", "torch/cpu") in labels
@@ -108,7 +108,7 @@ def test_harness_report_on_a_tiny_config():
     assert len(data["rows"][0]["stages"]) == 15 and data["rows"][0]["layers"]
 
 
-def test_harness_names_the_first_failing_stage(monkeypatch):
+def test_the_report_names_the_first_failing_stage(monkeypatch):
     import parity_tests.forward as forward
 
     real = forward.run_backend
@@ -156,7 +156,7 @@ def test_the_jitted_forward_is_finite_wherever_torch_is():
         assert np.array_equal(np.isfinite(ref[name]), np.isfinite(jitted[name])), name
 
 
-def test_harness_refuses_train_mode_with_dropout():
+def test_train_mode_with_dropout_is_refused():
     with pytest.raises(ValueError, match="train-mode parity needs drop_rate 0, got 0.1"):
         run_parity(TINY, mode="train")
 

@@ -10,7 +10,7 @@ from safetensors.numpy import save_file
 import gpt_flax
 import gpt_torch
 from conftest import TINY, TINY_BIAS
-from gpt_spec import GPTConfig, from_hf, load_checkpoint, save_checkpoint, to_hf
+from gpt_spec import from_hf, load_checkpoint, save_checkpoint, to_hf
 from gpt_spec.checkpoint import gpt_shapes, infer_config
 from parity_tests.hf_reference import random_hf_gpt2
 

@@ -82,6 +82,13 @@ def test_check_exits_1_when_the_twins_disagree(tiny_json, monkeypatch, capsys):
     assert "torch->flax flax/cpu:0: first failure at out_head, bound evidence: out_head: FAILED: max |Δ| 0.001" in stdout
 
 
+def test_check_leaves_matmul_precision_to_each_framework_when_asked(tiny_json, capsys):
+    assert main(["check", "--config", tiny_json, "--seq", "5", "--quiet", "--no-layer-evidence",
+                 "--matmul-precision", "default"]) == 0
+    stdout = capsys.readouterr().out
+    assert "matmuls each framework's default" in stdout and "layer evidence left out" in stdout
+
+
 def test_train_mode_check(tiny_json, capsys):
     assert main(["check", "--config", tiny_json, "--mode", "train", "--drop-rate", "0", "--quiet"]) == 0
     assert "train mode" in capsys.readouterr().out
