@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .tolerances import BIAS_FLOOR_ULPS, BIAS_Z, Bound
+from .tolerances import BIAS_FLOOR_ULPS, BIAS_MIN_ROWS, BIAS_Z, Bound
 
 EPS32 = float(np.finfo(np.float32).eps)  # one ulp at 1.0
 
@@ -170,7 +170,8 @@ class BiasCheck:
     multiplies by 1 + δ gives δ) and the offset bias sum(Δ)/sum|ref| (one that adds b gives
     b/mean|ref|), each with its standard error computed over rows (the last axis): rows, not
     elements, are the independent units, since one row shares its mean, its variance, its
-    softmax. It fails where an estimate is both BIAS_Z standard errors from zero and more than
+    softmax; repeated rows count once, and with fewer than BIAS_MIN_ROWS distinct rows there is
+    no test. It fails where an estimate is both BIAS_Z standard errors from zero and more than
     BIAS_FLOOR_ULPS ulps (of 1.0, relative): correctly rounded ops may be biased by a fraction of
     an ulp (XLA multiplies by a rounded 1/K where torch divides by K), so a tiny bias measured
     very precisely is no failure.
@@ -194,9 +195,15 @@ class BiasCheck:
     def passed(self) -> bool:
         return not self.margin > 1.0
 
+    @property
+    def tested(self) -> bool:
+        return self.rows >= BIAS_MIN_ROWS
+
     def describe(self) -> str:
         verdict = "ok" if self.passed else "FAILED"
-        return (f"{self.name}: {verdict}: systematic error over {self.rows} rows: scale "
+        if not self.tested:
+            return f"{self.name}: not tested for systematic error: {self.rows} distinct rows, fewer than {BIAS_MIN_ROWS}"
+        return (f"{self.name}: {verdict}: systematic error over {self.rows} distinct rows: scale "
                 f"{self.scale_ulps:+.3g} ulps ({self.scale_z:+.3g} standard errors), offset "
                 f"{self.offset_ulps:+.3g} ulps ({self.offset_z:+.3g} s.e.); fails past {BIAS_Z:g} "
                 f"s.e. and {BIAS_FLOOR_ULPS:g} ulps together")
@@ -205,7 +212,8 @@ class BiasCheck:
         return {"name": self.name, "evidence": self.evidence, "rows": self.rows,
                 "scale_ulps": self.scale_ulps, "scale_z": self.scale_z,
                 "offset_ulps": self.offset_ulps, "offset_z": self.offset_z,
-                "z_limit": BIAS_Z, "floor_ulps": BIAS_FLOOR_ULPS, "margin": self.margin,
+                "z_limit": BIAS_Z, "floor_ulps": BIAS_FLOOR_ULPS, "min_rows": BIAS_MIN_ROWS,
+                "tested": self.tested, "margin": self.margin,
                 "passed": self.passed}
 
 
@@ -231,6 +239,11 @@ def bias_check(name: str, reference: Any, candidate: Any, *, row: int | None = N
         n = ref.size // row * row
         ref, cand = ref.reshape(-1)[:n].reshape(-1, row), cand.reshape(-1)[:n].reshape(-1, row)
     ref, cand = ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1])
+    # Rows are the independent units: a repeated row repeats the same roundings, not new evidence.
+    _, first = np.unique(ref, axis=0, return_index=True)
+    ref, cand = ref[np.sort(first)], cand[np.sort(first)]
+    if ref.shape[0] < BIAS_MIN_ROWS:  # a few rows' roundings can all lean one way by chance
+        return BiasCheck(name, int(ref.shape[0]), 0.0, 0.0, 0.0, 0.0)
     diff = cand - ref
     scale, scale_z = _ratio_and_z((diff * ref).sum(axis=-1), (ref * ref).sum(axis=-1))
     offset, offset_z = _ratio_and_z(diff.sum(axis=-1), np.abs(ref).sum(axis=-1))

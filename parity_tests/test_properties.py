@@ -56,6 +56,7 @@ EDGE = GPTConfig(vocab_size=1, context_length=1, emb_dim=1, n_heads=1, n_layers=
 @given(config_and_batch(), st.sampled_from(["torch", "flax"]), st.booleans())
 @example((EDGE, np.zeros((1, 1), np.int64)), "torch", True)  # one token, one channel: var = 0
 @example((EDGE.replace(vocab_size=2, context_length=3, emb_dim=2, n_heads=2), np.array([[1, 0, 1]])), "flax", False)
+@example((EDGE.replace(vocab_size=4, context_length=13), np.array([[0, 0]])), "torch", False)  # two identical rows
 def test_twins_agree_on_any_valid_config_and_batch(case, source, jit):
     """Every stage of the whole forward, and every layer's own evidence (envelopes, bias)."""
     cfg, ids = case

@@ -131,5 +131,9 @@ BF16_FORWARD = Bound(
 # at most 0.24 ulp (LayerNorm scale, 18 standard errors) and 0.13 ulp (attention offset, 19 s.e.);
 # the tiny configs at most 0.28 ulp and 3.4 s.e. A bug's: LayerNorm eps 1e-6 on rows of variance
 # 2, 19 ulps at 280 s.e.; GELU's 0.0447 on gpt2-small's first feed-forward, 22x the threshold.
+# Fewer than BIAS_MIN_ROWS distinct rows are not tested: the legitimate roundings of a couple of
+# rows, a few ulps each, can all lean one way (hypothesis found two identical rows of one element
+# 2.6 ulps apart, "significant" with a standard error of 0).
 BIAS_Z = 8.0
 BIAS_FLOOR_ULPS = 1.0
+BIAS_MIN_ROWS = 16

@@ -187,6 +187,10 @@ def test_the_bias_check_passes_noise_and_fails_a_bias_of_a_few_ulps():
     tiny = bias_check("tiny", ref, ref * (1 + 0.1 * 2.0 ** -23))
     assert tiny.scale_z > 1e6 and abs(tiny.scale_ulps) < BIAS_FLOOR_ULPS and tiny.passed
     assert bias_check("one row", ref[:1], ref[:1] * 2).passed  # no standard error from one row
+    few = bias_check("few", ref[:15], ref[:15] * (1 + 3 * 2.0 ** -23))
+    assert few.passed and not few.tested and "fewer than 16" in few.describe()
+    twice = np.concatenate([ref[:8]] * 4)  # 32 rows, 8 distinct: still too few
+    assert bias_check("repeated", twice, twice * (1 + 3 * 2.0 ** -23)).rows == 8
 
 
 def test_the_bias_check_finds_layernorm_eps_where_every_element_is_within_the_envelope():
