@@ -32,10 +32,12 @@ from .twins import (
     Backend,
     build_flax,
     build_torch,
+    call_module,
     discover_backends,
     matmuls,
     run_backend,
     set_mode,
+    submodule,
     token_batch,
 )
 
@@ -43,12 +45,83 @@ DIRECTIONS = ("torch->flax", "flax->torch")
 DTYPE_BOUNDS = {"float32": FP32_FORWARD, "bfloat16": BF16_FORWARD}  # each tier's bound
 
 
+@dataclasses.dataclass(frozen=True)
+class Carried:
+    """A stage's own bound plus the difference its inputs carried in (measured, see `carried`)."""
+
+    bound: Bound
+    extra: np.ndarray
+
+    def limit(self, reference_abs: np.ndarray) -> np.ndarray:
+        return self.bound.limit(reference_abs) + self.extra
+
+    def describe(self) -> str:
+        return f"{self.bound.describe()} + what its inputs' difference carried in"
+
+
+def _inputs(name: str, stages: set[str]) -> tuple[str, list[str]]:
+    """(the module that made a stage, or "" for a sum; the stages it read)."""
+    if name == "final_norm":
+        blocks = sorted((s for s in stages if s.count(".") == 1), key=stage_key)
+        return "final_norm", [blocks[-1] if blocks else "drop_emb"]
+    if name == "out_head":
+        return "out_head", ["final_norm"]
+    parts = name.split(".")
+    i = int(parts[1])
+    before = f"trf_blocks.{i - 1}" if i else "drop_emb"
+    sub = parts[2] if len(parts) > 2 else None
+    p = f"trf_blocks.{i}"
+    return {
+        "norm1": (f"{p}.norm1", [before]),
+        "att": (f"{p}.att", [f"{p}.norm1"]),
+        "residual": ("", [f"{p}.att", before]),
+        "norm2": (f"{p}.norm2", [f"{p}.residual"]),
+        "ff": (f"{p}.ff", [f"{p}.norm2"]),
+        None: ("", [f"{p}.ff", f"{p}.residual"]) if f"{p}.ff" in stages else ("", [before]),
+    }[sub]
+
+
+def carried(backend: Backend, model: Any, reference: dict[str, np.ndarray],
+            candidate: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """For each stage, what the difference already in its inputs becomes through it, measured
+    with the reference twin's own layer: |layer(candidate's input) - layer(reference's input)|;
+    for a sum (a residual add), the sum of its inputs' differences.
+
+    So each stage is held to the bound for its *own* contribution. A difference passed on from
+    upstream is not blamed on the stage that passes it on, which matters where a layer amplifies:
+    a LayerNorm divides by its row's sigma, and on a row of near-zero variance turns the
+    rounding that reaches it into a large difference (hypothesis found one, 2 wide); the
+    logits computed from it then differ as much, through no fault of the head.
+    """
+    names = set(reference)
+    out = {}
+    for name in reference:
+        if name == "drop_emb":
+            continue
+        module, sources = _inputs(name, names)
+        if not module:
+            total = sum(np.asarray(candidate[s], np.float64) - reference[s] for s in sources)
+            out[name] = np.abs(total)
+            continue
+        layer = submodule(model, module)
+        x_ref, x_cand = reference[sources[0]], candidate[sources[0]]
+        if np.array_equal(x_ref, x_cand):
+            continue
+        out[name] = np.abs(np.asarray(call_module(backend, layer, x_cand), np.float64)
+                           - call_module(backend, layer, x_ref))
+    return out
+
+
 def compare_stages(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
-                   bound: Bound) -> list[Comparison]:
-    """One comparison per forward stage, matched by name and put in the model's order."""
+                   bound: Bound, carry: dict[str, np.ndarray] | None = None) -> list[Comparison]:
+    """One comparison per forward stage, matched by name and put in the model's order; with
+    `carry` (from `carried`), each stage is allowed what its inputs' difference carried in."""
     if set(reference) != set(candidate):
         raise ValueError(f"stages differ: {sorted(candidate)} vs reference {sorted(reference)}")
-    return [compare(name, reference[name], candidate[name], bound) for name in sorted(reference, key=stage_key)]
+    carry = carry or {}
+    return [compare(name, reference[name], candidate[name],
+                    Carried(bound, carry[name]) if name in carry else bound)
+            for name in sorted(reference, key=stage_key)]
 
 
 def _failure_order(f: Finding) -> tuple:
@@ -342,8 +415,9 @@ def run_parity(
                 with prog.step(f"{direction}: {backend.label}"):
                     out = run_backend(backend, twin[target], ids)
                     found = run_probes(probes, ref_outputs, backend, twin[target]) if layer_evidence else []
+                    carry = carried(cpu[source], twin[source], reference, out) if dtype == "float32" else None
                 rows.append(ParityRow(direction, cpu[source].label, backend.label,
-                                      compare_stages(reference, out, bound), found))
+                                      compare_stages(reference, out, bound, carry), found))
         if models is not None:  # leave them as they came
             for name in twin:
                 load[name](twin[name], own[name])

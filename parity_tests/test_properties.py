@@ -21,7 +21,7 @@ import gpt_flax
 import gpt_torch
 from gpt_spec import GPTConfig
 
-from .compare import compare_tree
+from .forward import carried, compare_stages
 from .layers import build_probes, reference_outputs, run_probes
 from .twins import Backend, build_pair, float32_matmuls, run_flax, run_torch
 from .tolerances import FP32_FORWARD
@@ -57,6 +57,8 @@ EDGE = GPTConfig(vocab_size=1, context_length=1, emb_dim=1, n_heads=1, n_layers=
 @example((EDGE, np.zeros((1, 1), np.int64)), "torch", True)  # one token, one channel: var = 0
 @example((EDGE.replace(vocab_size=2, context_length=3, emb_dim=2, n_heads=2), np.array([[1, 0, 1]])), "flax", False)
 @example((EDGE.replace(vocab_size=4, context_length=13), np.array([[0, 0]])), "torch", False)  # two identical rows
+@example((GPTConfig(vocab_size=37, context_length=10, emb_dim=2, n_heads=1, n_layers=1, drop_rate=0.0, qkv_bias=False),
+          np.array([[0, 1, 1, 1, 1]])), "torch", False)  # two-wide LayerNorm rows of tiny variance
 def test_twins_agree_on_any_valid_config_and_batch(case, source, jit):
     """Every stage of the whole forward, and every layer's own evidence (envelopes, bias)."""
     cfg, ids = case
@@ -67,7 +69,8 @@ def test_twins_agree_on_any_valid_config_and_batch(case, source, jit):
         probes = build_probes(cfg, "gpt", ref, gpt_torch.state_dict(tm), seed=int(ids.sum()))
         torch_cpu, flax_cpu = Backend("torch", "cpu"), Backend("flax", jax.devices("cpu")[0])
         found = run_probes(probes, reference_outputs(probes, torch_cpu, tm), flax_cpu, fm)
-    failed = [c.describe() for c in [*compare_tree(ref, out, FP32_FORWARD, "stages"), *found] if not c.passed]
+        stages = compare_stages(ref, out, FP32_FORWARD, carried(torch_cpu, tm, ref, out))
+    failed = [c.describe() for c in [*stages, *found] if not c.passed]
     assert not failed, f"{cfg}\n" + "\n".join(failed)
 
 
