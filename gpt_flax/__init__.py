@@ -15,7 +15,7 @@ from .model import (
 )
 from .generate import generate_text_simple, generate_text_simple_cached
 from .train import adamw, calc_loss_batch, loss_and_grads, train_step
-from .weights import cast, load, load_state_dict, save, state_dict
+from .weights import cast, load, load_state_dict, read_torch_file, save, state_dict
 
 __all__ = [
     "DummyGPTModel",
@@ -36,6 +36,7 @@ __all__ = [
     "jit_forward",
     "load",
     "load_state_dict",
+    "read_torch_file",
     "loss_and_grads",
     "save",
     "state_dict",

@@ -12,9 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gpt_spec import GPTConfig, check_cache_room, check_token_ids
-
-FINAL_NORMS = ("dummy", "layernorm")
+from gpt_spec import FINAL_NORMS, GPTConfig, check_cache_room, check_token_ids
 
 
 def check_ids(in_idx: Any, cfg: GPTConfig, *, check_length: bool = True) -> jax.Array:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
-
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from gpt_spec import GPTConfig, StateDict, check_dtype, check_state_dict
-from gpt_spec.checkpoint import load_checkpoint, save_checkpoint
+from gpt_spec.checkpoint import load_checkpoint, read_torch_file, save_checkpoint
+
+__all__ = ["cast", "load", "load_state_dict", "read_torch_file", "save", "state_dict"]
 
 # NNX parameter name -> (canonical name, transposed?). nnx.Linear keeps its kernel (in, out)
 # where nn.Linear keeps its weight (out, in); nnx.Embed's table is nn.Embedding's weight as is.
@@ -68,46 +69,83 @@ def state_dict(model: nnx.Module) -> StateDict:
 def load_state_dict(model: nnx.Module, sd: Mapping[str, object]) -> None:
     """Copy a canonical state dict into `model`, all or nothing.
 
-    Every key, shape and dtype is checked before any parameter changes; a bad dict raises
-    ValueError and leaves the model untouched. Values are cast to each parameter's dtype.
+    Every key, shape and dtype is checked, and every value converted, before any parameter
+    changes; a bad dict raises ValueError and leaves the model untouched. Values (float16,
+    bfloat16, float32 or float64) are cast to each parameter's dtype. The book's own
+    `state_dict()`, with its `att.mask` buffers, loads as it is: a buffer that is not the causal
+    mask is refused.
     """
     params = _params(model)
-    expected = {
-        name: var.shape[::-1] if transposed else var.shape
-        for name, (var, transposed) in params.items()
-    }
-    arrays = check_state_dict(expected, sd, type(model).__name__)
+    arrays = check_state_dict(_expected(params), sd, type(model).__name__)
     # Convert everything before assigning anything: nnx.state hands out the live Variables.
-    updates = [
-        (var, jnp.asarray(arrays[name].T if transposed else arrays[name], dtype=var.dtype))
-        for name, (var, transposed) in params.items()
-    ]
+    updates = [(var, _value(arrays[name], var, transposed)) for name, (var, transposed) in params.items()]
     for var, value in updates:
         var[...] = value
 
 
-def save(model: nnx.Module, path: str | os.PathLike[str]) -> None:
-    """Write the model's canonical state dict and config to a safetensors file."""
+def _expected(params: Mapping[str, tuple[nnx.Variable, bool]]) -> dict[str, tuple[int, ...]]:
+    return {name: var.shape[::-1] if transposed else var.shape for name, (var, transposed) in params.items()}
+
+
+def _value(array: np.ndarray, var: nnx.Variable, transposed: bool) -> jax.Array:
+    return jnp.asarray(array.T if transposed else array, dtype=var.dtype)
+
+
+def _unfilled(cls: type, cfg: GPTConfig, options: Mapping[str, object], rngs: nnx.Rngs) -> nnx.Module:
+    """`cls(cfg, **options, rngs=rngs)` with abstract parameters: the random init is never computed.
+
+    The state that is not a parameter (dropout's RNG keys and counts, the KV cache's counters) is
+    computed for real by one jitted construction whose parameter outputs XLA drops as dead code,
+    so it is exactly what a plain construction gives, and `rngs` advances as it would. A load
+    then holds the model once (a plain build first holds its random init, in flight 1.3x).
+    """
+    rng_graph, rng_state = nnx.split(rngs)
+
+    def rest(rng_state):
+        own = nnx.merge(rng_graph, rng_state)
+        model = cls(cfg, **options, rngs=own)
+        return nnx.state(model, nnx.Not(nnx.Param)), nnx.state(own)
+
+    rest_state, rng_after = jax.jit(rest)(rng_state)
+    nnx.update(rngs, rng_after)
+    graphdef, params, _ = nnx.split(nnx.eval_shape(lambda: cls(cfg, **options, rngs=nnx.Rngs(0))),
+                                    nnx.Param, ...)
+    return nnx.merge(graphdef, params, rest_state)
+
+
+def _fill(model: nnx.Module, sd: Mapping[str, np.ndarray], dtype) -> None:
+    """Set every parameter of a model just built from a checked (possibly lazy) state dict, one
+    tensor at a time."""
+    for name, (var, transposed) in _params(model).items():
+        array = sd[name]
+        var.set_value(jnp.asarray(array.T if transposed else array, dtype=dtype))
+
+
+def save(model: nnx.Module, path: str | os.PathLike[str], *, dtype: str | None = None) -> None:
+    """Write the model's canonical state dict and config to a safetensors file, in `dtype`
+    ("float32" or "bfloat16"; default the model's own)."""
+    own = next(iter(_params(model).values()))[0].dtype
     save_checkpoint(path, state_dict(model), model.cfg, model=type(model).__name__,
-                    options=getattr(model, "options", {}))
+                    options=getattr(model, "options", {}), dtype=dtype or jnp.dtype(own).name)
 
 
-def load(path: str | os.PathLike[str], *, config: GPTConfig | None = None,
-         rngs: nnx.Rngs | None = None) -> nnx.Module:
-    """Build the model a checkpoint describes and load its weights (canonical or HF GPT-2
-    safetensors, see gpt_spec.load_checkpoint). A torch.save file goes through the torch twin:
-    `gpt_flax.load_state_dict(model, gpt_torch.read_torch_file(path))`, or `gpt-parity convert`."""
+def load(path: str | os.PathLike[str], *, config: GPTConfig | None = None, n_heads: int | None = None,
+         dtype: str | None = None, rngs: nnx.Rngs | None = None) -> nnx.Module:
+    """Build the model a checkpoint describes and load its weights (train mode, as constructed).
+
+    Reads canonical or HF GPT-2 safetensors (a file, or a snapshot folder with its config.json,
+    sharded or not) and `torch.save` files (see gpt_spec.load_checkpoint). Everything is checked
+    against the file's headers before the model is built; tensors are then read one at a time.
+    `dtype` ("float32" or "bfloat16") is what the model holds; default bfloat16 for a bfloat16
+    file, else float32.
+    """
     from . import model as models
 
-    if Path(path).suffix in (".pth", ".pt"):
-        raise ValueError(
-            f"{os.fspath(path)!r} is a torch.save file, which only torch can read; convert it with "
-            "`gpt-parity convert SRC DST.safetensors` or read it with gpt_torch.read_torch_file"
-        )
-    ckpt = load_checkpoint(path, config=config)
-    model = getattr(models, ckpt.model)(ckpt.config, **ckpt.options, rngs=rngs or nnx.Rngs(0))
-    load_state_dict(model, ckpt.state_dict)
-    return model
+    ckpt = load_checkpoint(path, config=config, n_heads=n_heads)
+    target = check_dtype(dtype or ckpt.compute_dtype)
+    model = _unfilled(getattr(models, ckpt.model), ckpt.config, ckpt.options, rngs or nnx.Rngs(0))
+    _fill(model, ckpt.state_dict, _JAX_DTYPES[target])
+    return cast(model, target)  # sets nnx.Embed's compute dtype; the parameters are in it already
 
 
 _JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -118,7 +156,8 @@ def cast(model: nnx.Module, dtype: str) -> nnx.Module:
     softmax and logits stay float32. In place; returns the model."""
     target = _JAX_DTYPES[check_dtype(dtype)]
     for var, _ in _params(model).values():
-        var.set_value(var[...].astype(target))  # `var[...] =` would keep the old dtype
+        if var.dtype != target:
+            var.set_value(var[...].astype(target))  # `var[...] =` would keep the old dtype
     for _, module in nnx.iter_modules(model):
         if isinstance(module, nnx.Embed):
             # nnx.Embed fixes its compute dtype at construction (the float32 of its table then);

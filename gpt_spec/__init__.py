@@ -1,14 +1,17 @@
 """What a GPT is, framework-free: the config schema, the GPT-2 tokenizer, the canonical state dict."""
 
 from .checkpoint import (
+    FINAL_NORMS,
+    MODEL_CLASSES,
+    MODELS,
     Checkpoint,
-    StateDict,
-    check_state_dict,
-    from_hf,
     load_checkpoint,
+    read_torch_file,
     save_checkpoint,
-    to_hf,
+    save_hf,
 )
+from .hf import from_hf, to_hf
+from .tensors import FLOAT_DTYPES, LazyStateDict, StateDict, check_state_dict
 from .config import PRESETS, GPTConfig, resolve_config
 from .inputs import (
     DTYPES,
@@ -24,6 +27,11 @@ from .tokenizer import get_tokenizer
 
 __all__ = [
     "DTYPES",
+    "FINAL_NORMS",
+    "FLOAT_DTYPES",
+    "LazyStateDict",
+    "MODELS",
+    "MODEL_CLASSES",
     "Checkpoint",
     "PRESETS",
     "SUB_LAYERS",
@@ -40,8 +48,10 @@ __all__ = [
     "get_tokenizer",
     "in_stage",
     "load_checkpoint",
+    "read_torch_file",
     "resolve_config",
     "save_checkpoint",
+    "save_hf",
     "stage_key",
     "stage_names",
     "stage_of",

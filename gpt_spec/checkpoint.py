@@ -1,75 +1,44 @@
-"""The canonical state dict and its files.
+"""Checkpoint files: what they hold, read faithfully or refused, and written safely.
 
-The canonical state dict is a flat `{name: numpy array}` in the PyTorch twin's names and layouts.
-Both twins' `load_state_dict` call `check_state_dict` before touching a parameter, so a dict with a
-missing or extra key, a wrong shape or a non-float tensor is refused whole, with the same message.
-
-A checkpoint file is that dict in safetensors, with the config (and which model it belongs to) in
-the file's metadata, so a file describes itself. `load_checkpoint` also reads GPT-2 as the HF hub
-publishes it (`model.safetensors`, Conv1D weights `(in, out)`, fused q/k/v, tied head) and maps it
-onto the canonical layout; `to_hf` goes the other way.
+A canonical checkpoint is the canonical state dict in safetensors with the config (and which of
+the book's models it belongs to) in the file's metadata, so a file describes itself.
+`load_checkpoint` also reads GPT-2 as HF transformers saves it (one `model.safetensors` or a
+sharded snapshot, with its `config.json`; see `gpt_spec.hf`) and the book's `torch.save` files.
+Every shape, dtype and config field is checked against the file's headers before any tensor is
+read or any model built; tensors are then read one at a time (`LazyStateDict`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import re
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .config import GPTConfig
-
-StateDict = dict[str, np.ndarray]
+from .hf import config_from_hf, from_hf, hf_config, is_hf_layout, published_n_heads, to_hf
+from .tensors import (
+    FLOAT_DTYPES,
+    LazyStateDict,
+    StateDict,
+    as_numpy,
+    check_state_dict,
+    info,
+    layer_count,
+)
 
 FORMAT = "gpt-twins/canonical-v1"
 MODELS = ("GPTModel", "DummyGPTModel")
-GPT2_HEAD_DIM = 64  # every published GPT-2 size; used only when a file does not say n_heads
-
-
-def _names(keys) -> str:
-    return ", ".join(repr(k) for k in sorted(keys))
-
-
-def check_state_dict(
-    expected: Mapping[str, tuple[int, ...]], given: Mapping[str, object], model_name: str
-) -> StateDict:
-    """Validate `given` against the model's `{name: shape}`; return it as float numpy arrays.
-
-    Raises ValueError naming every missing and unexpected key, or the first key whose shape or
-    dtype is wrong. Nothing is converted in place; the caller assigns only after this returns.
-    """
-    if not isinstance(given, Mapping):
-        raise ValueError(f"state dict must be a mapping of name -> array, got {type(given).__name__}")
-    missing = set(expected) - set(given)
-    unexpected = set(given) - set(expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing key(s) {_names(missing)}")
-        if unexpected:
-            parts.append(f"unexpected key(s) {_names(unexpected)}")
-        raise ValueError(f"state dict does not match {model_name}: {'; '.join(parts)}")
-    arrays: StateDict = {}
-    for name, shape in expected.items():
-        try:
-            value = np.asarray(given[name])
-        except Exception as e:  # e.g. a torch tensor that requires grad, or a ragged list
-            raise ValueError(f"state dict key {name!r} is not an array: {e}") from e
-        if value.dtype.kind != "f":
-            raise ValueError(
-                f"state dict key {name!r} has dtype {value.dtype}, expected a floating-point array"
-            )
-        if tuple(value.shape) != tuple(shape):
-            raise ValueError(
-                f"state dict key {name!r} has shape {tuple(value.shape)}, expected {tuple(shape)}"
-            )
-        arrays[name] = value
-    return arrays
+MODEL_CLASSES = {"gpt": "GPTModel", "dummy": "DummyGPTModel"}  # the CLI's --model names
+FINAL_NORMS = ("dummy", "layernorm")  # DummyGPTModel's final_norm option
+SAVE_DTYPES = ("float32", "bfloat16")
+HF_INDEX = "model.safetensors.index.json"
 
 
 def gpt_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -91,219 +60,250 @@ def gpt_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _layer_count(keys, pattern: str, what: str) -> int:
-    found = sorted({int(m.group(1)) for k in keys if (m := re.match(pattern, k))})
-    if found != list(range(len(found))):
-        raise ValueError(f"{what}: transformer layers {found} are not numbered 0..n-1")
-    return len(found)
+def check_options(model: str, options: Any, source: str = "options") -> dict[str, Any]:
+    """The constructor options a model accepts (DummyGPTModel's final_norm), or ValueError."""
+    if model not in MODELS:
+        raise ValueError(f"{source}: model must be one of {', '.join(MODELS)}, got {model!r}")
+    if not isinstance(options, Mapping):
+        raise ValueError(f"{source}: options must be a mapping, got {type(options).__name__}")
+    allowed = {"final_norm": FINAL_NORMS} if model == "DummyGPTModel" else {}
+    unknown = sorted(set(options) - set(allowed), key=str)
+    if unknown:
+        raise ValueError(f"{source}: {model} takes no option(s) {', '.join(map(repr, unknown))}"
+                         + (f"; it takes {', '.join(allowed)}" if allowed else ""))
+    for key, values in allowed.items():
+        if key in options and options[key] not in values:
+            raise ValueError(f"{source}: {key} must be one of {', '.join(values)}, got {options[key]!r}")
+    return dict(options)
 
 
-def _n_heads(emb_dim: int, n_heads: int | None, source: str) -> int:
-    if n_heads is not None:
-        return n_heads
-    if emb_dim % GPT2_HEAD_DIM:
-        raise ValueError(
-            f"{source}: cannot infer n_heads for emb_dim {emb_dim} (not a multiple of GPT-2's head "
-            f"size {GPT2_HEAD_DIM}); pass the config"
-        )
-    return emb_dim // GPT2_HEAD_DIM
+def model_shapes(model: str, cfg: GPTConfig, options: Mapping[str, Any] | None = None) -> dict[str, tuple[int, ...]]:
+    """The canonical `{name: shape}` of `model` (GPTModel or DummyGPTModel) built with `cfg`."""
+    options = check_options(model, options or {})
+    if model == "GPTModel":
+        return gpt_shapes(cfg)
+    e, v = cfg.emb_dim, cfg.vocab_size
+    shapes = {"tok_emb.weight": (v, e), "pos_emb.weight": (cfg.context_length, e)}
+    if options.get("final_norm", "dummy") == "layernorm":
+        shapes |= {"final_norm.scale": (e,), "final_norm.shift": (e,)}
+    return shapes | {"out_head.weight": (v, e)}
 
 
-def _shape(sd: Mapping[str, np.ndarray], key: str, ndim: int, source: str) -> tuple[int, ...]:
-    if key not in sd:
-        raise ValueError(f"{source}: missing tensor {key!r}")
-    shape = tuple(np.shape(sd[key]))
-    if len(shape) != ndim:
-        raise ValueError(f"{source}: tensor {key!r} has shape {shape}, expected {ndim} dimensions")
-    return shape
-
-
-def infer_config(sd: Mapping[str, np.ndarray], *, n_heads: int | None = None,
-                 drop_rate: float = 0.1, source: str = "state dict") -> GPTConfig:
-    """The GPTModel config a canonical state dict implies (n_heads from GPT-2's head size 64
-    unless given: the tensors do not record it)."""
-    vocab_size, emb_dim = _shape(sd, "tok_emb.weight", 2, source)
-    context_length, _ = _shape(sd, "pos_emb.weight", 2, source)
-    n_layers = _layer_count(sd, r"trf_blocks\.(\d+)\.", source)
+def infer_config(sd: Mapping[str, Any], *, n_heads: int | None = None, drop_rate: float = 0.1,
+                 source: str = "state dict") -> GPTConfig:
+    """The GPTModel config a canonical state dict implies. The tensors do not record n_heads: it
+    is `n_heads`, or that of the published GPT-2 of this width and depth, or refused."""
+    shapes = {k: info(sd, k)[0] for k in ("tok_emb.weight", "pos_emb.weight") if k in sd}
+    for key in ("tok_emb.weight", "pos_emb.weight"):
+        if key not in shapes:
+            raise ValueError(f"{source}: missing tensor {key!r}")
+        if len(shapes[key]) != 2:
+            raise ValueError(f"{source}: tensor {key!r} has shape {shapes[key]}, expected 2 dimensions")
+    vocab_size, emb_dim = shapes["tok_emb.weight"]
+    n_layers = layer_count(sd, r"trf_blocks\.(\d+)\.", source)
     if n_layers == 0:
         raise ValueError(f"{source}: no transformer blocks (trf_blocks.N.*) found")
-    return GPTConfig(vocab_size=vocab_size, context_length=context_length, emb_dim=emb_dim,
-                     n_heads=_n_heads(emb_dim, n_heads, source), n_layers=n_layers,
+    return GPTConfig(vocab_size=vocab_size, context_length=shapes["pos_emb.weight"][0], emb_dim=emb_dim,
+                     n_heads=n_heads or published_n_heads(emb_dim, n_layers, source), n_layers=n_layers,
                      drop_rate=drop_rate, qkv_bias="trf_blocks.0.att.W_query.bias" in sd)
 
 
-# --- the HF GPT-2 layout -------------------------------------------------------------------------
-# Per block: HF name -> canonical name(s). Conv1D keeps its weight (in, out), the transpose of
-# nn.Linear's (out, in); c_attn fuses query, key and value along its output axis.
-_HF_BLOCK = {
-    "ln_1.weight": "norm1.scale", "ln_1.bias": "norm1.shift",
-    "ln_2.weight": "norm2.scale", "ln_2.bias": "norm2.shift",
-    "attn.c_proj.weight": "att.out_proj.weight", "attn.c_proj.bias": "att.out_proj.bias",
-    "mlp.c_fc.weight": "ff.layers.0.weight", "mlp.c_fc.bias": "ff.layers.0.bias",
-    "mlp.c_proj.weight": "ff.layers.2.weight", "mlp.c_proj.bias": "ff.layers.2.bias",
-}
-_HF_QKV = ("att.W_query", "att.W_key", "att.W_value")
-_HF_BUFFERS = ("attn.bias", "attn.masked_bias")  # causal-mask buffers some files carry
-
-
-def is_hf_layout(keys) -> bool:
-    return any(k in ("wte.weight", "transformer.wte.weight") for k in keys)
-
-
-def from_hf(hf: Mapping[str, np.ndarray], hf_config: Mapping[str, Any] | None = None,
-            *, source: str = "HF GPT-2 state dict") -> tuple[StateDict, GPTConfig]:
-    """Map a GPT-2 state dict in the HF layout onto the canonical layout, with its config.
-
-    Sizes come from the tensors (n_heads from `hf_config["n_head"]` when given, else GPT-2's head
-    size 64); qkv_bias is True, as GPT-2 has q/k/v biases. A file whose tensors do not make one
-    consistent GPT-2 is refused, naming the tensor.
-    """
-    sd = {k.removeprefix("transformer."): v for k, v in hf.items()}
-    hf_config = dict(hf_config or {})
-    vocab_size, emb_dim = _shape(sd, "wte.weight", 2, source)
-    context_length, _ = _shape(sd, "wpe.weight", 2, source)
-    n_layers = _layer_count(sd, r"h\.(\d+)\.", source)
-    if n_layers == 0:
-        raise ValueError(f"{source}: no transformer blocks (h.N.*) found")
-    cfg = GPTConfig(vocab_size=vocab_size, context_length=context_length, emb_dim=emb_dim,
-                    n_heads=_n_heads(emb_dim, hf_config.get("n_head"), source), n_layers=n_layers,
-                    drop_rate=float(hf_config.get("resid_pdrop", 0.1)), qkv_bias=True)
-    e = emb_dim
-    expected = {"wte.weight": (vocab_size, e), "wpe.weight": (context_length, e),
-                "ln_f.weight": (e,), "ln_f.bias": (e,)}
-    for i in range(n_layers):
-        expected |= {f"h.{i}.attn.c_attn.weight": (e, 3 * e), f"h.{i}.attn.c_attn.bias": (3 * e,),
-                     f"h.{i}.attn.c_proj.weight": (e, e), f"h.{i}.attn.c_proj.bias": (e,),
-                     f"h.{i}.mlp.c_fc.weight": (e, 4 * e), f"h.{i}.mlp.c_fc.bias": (4 * e,),
-                     f"h.{i}.mlp.c_proj.weight": (4 * e, e), f"h.{i}.mlp.c_proj.bias": (e,),
-                     f"h.{i}.ln_1.weight": (e,), f"h.{i}.ln_1.bias": (e,),
-                     f"h.{i}.ln_2.weight": (e,), f"h.{i}.ln_2.bias": (e,)}
-    if "lm_head.weight" in sd:
-        expected["lm_head.weight"] = (vocab_size, e)
-    for key in sd:
-        if key not in expected and not (key.startswith("h.") and key.endswith(_HF_BUFFERS)):
-            raise ValueError(f"{source}: unexpected tensor {key!r} for a GPT-2")
-    for key, shape in expected.items():
-        if key not in sd:
-            raise ValueError(f"{source}: missing tensor {key!r}")
-        if tuple(np.shape(sd[key])) != shape:
-            raise ValueError(f"{source}: tensor {key!r} has shape {tuple(np.shape(sd[key]))}, expected {shape}")
-        if np.asarray(sd[key]).dtype.kind != "f":
-            raise ValueError(f"{source}: tensor {key!r} has dtype {np.asarray(sd[key]).dtype}, expected floats")
-    out: StateDict = {"tok_emb.weight": np.asarray(sd["wte.weight"]), "pos_emb.weight": np.asarray(sd["wpe.weight"])}
-    for i in range(n_layers):
-        h, b = f"h.{i}.", f"trf_blocks.{i}."
-        weights = np.split(np.asarray(sd[h + "attn.c_attn.weight"]), 3, axis=1)
-        biases = np.split(np.asarray(sd[h + "attn.c_attn.bias"]), 3)
-        for proj, w, bias in zip(_HF_QKV, weights, biases):
-            out[f"{b}{proj}.weight"] = np.ascontiguousarray(w.T)
-            out[f"{b}{proj}.bias"] = np.ascontiguousarray(bias)
-        for hf_name, name in _HF_BLOCK.items():
-            value = np.asarray(sd[h + hf_name])
-            out[b + name] = np.ascontiguousarray(value.T) if value.ndim == 2 else value
-    out["final_norm.scale"] = np.asarray(sd["ln_f.weight"])
-    out["final_norm.shift"] = np.asarray(sd["ln_f.bias"])
-    out["out_head.weight"] = np.asarray(sd.get("lm_head.weight", sd["wte.weight"]))  # tied in GPT-2
-    return {k: out[k] for k in gpt_shapes(cfg)}, cfg
-
-
-def to_hf(sd: Mapping[str, np.ndarray], cfg: GPTConfig) -> StateDict:
-    """The canonical GPTModel state dict in the HF GPT-2 layout (`transformer.*`, `lm_head.weight`)."""
-    if not cfg.qkv_bias:
-        raise ValueError("the HF GPT-2 layout has query/key/value biases; the model has qkv_bias=False")
-    sd = check_state_dict(gpt_shapes(cfg), sd, "GPTModel")
-    out: StateDict = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"]}
-    for i in range(cfg.n_layers):
-        h, b = f"transformer.h.{i}.", f"trf_blocks.{i}."
-        out[h + "attn.c_attn.weight"] = np.concatenate([sd[f"{b}{p}.weight"].T for p in _HF_QKV], axis=1)
-        out[h + "attn.c_attn.bias"] = np.concatenate([sd[f"{b}{p}.bias"] for p in _HF_QKV])
-        for hf_name, name in _HF_BLOCK.items():
-            value = sd[b + name]
-            out[h + hf_name] = np.ascontiguousarray(value.T) if value.ndim == 2 else value
-    out["transformer.ln_f.weight"] = sd["final_norm.scale"]
-    out["transformer.ln_f.bias"] = sd["final_norm.shift"]
-    out["lm_head.weight"] = sd["out_head.weight"]
-    return out
-
-
-# --- files --------------------------------------------------------------------------------------
+# --- reading -------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-    """A state dict read from a file, the config it belongs to, and which of the book's models."""
+    """A checked state dict read from a file, the config it belongs to, and which model.
 
-    state_dict: StateDict
+    `state_dict` is lazy for safetensors files: each tensor is read when asked for.
+    """
+
+    state_dict: Mapping[str, np.ndarray]
     config: GPTConfig
     model: str = "GPTModel"
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    layout: str = "canonical"  # or "hf-gpt2"
+    layout: str = "canonical"  # "hf-gpt2", "torch.save"
+    dtypes: tuple[str, ...] = ("float32",)  # the file's tensor dtypes
+    config_source: str = "the file's metadata"
+    files: tuple[str, ...] = ()
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(int(np.prod(info(self.state_dict, k)[0])) for k in self.state_dict)
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the twins keep these weights in by default: bfloat16 for a bfloat16 file, else
+        float32 (float16 widens to it exactly)."""
+        return "bfloat16" if self.dtypes == ("bfloat16",) else "float32"
 
 
-def save_checkpoint(path: str | os.PathLike[str], sd: Mapping[str, np.ndarray], cfg: GPTConfig,
-                    *, model: str = "GPTModel", options: Mapping[str, Any] | None = None) -> None:
-    """Write a canonical state dict as safetensors, with its config in the metadata.
+def _safetensors_error(path: Path, e: Exception) -> ValueError:
+    if isinstance(e, FileNotFoundError):
+        return ValueError(f"checkpoint {str(path)!r} does not exist")
+    if isinstance(e, IsADirectoryError):
+        return ValueError(f"checkpoint {str(path)!r} is a directory without {HF_INDEX} or model.safetensors")
+    if isinstance(e, PermissionError):
+        return ValueError(f"cannot read checkpoint {str(path)!r}: {e.strerror}")
+    return ValueError(f"{str(path)!r} is not a readable safetensors file: {e}")
 
-    Written to a temporary file first and renamed, so an interrupted save leaves no half file.
-    """
-    from safetensors.numpy import save_file
 
-    if model not in MODELS:
-        raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
-    if model == "GPTModel":
-        sd = check_state_dict(gpt_shapes(cfg), sd, model)
-    metadata = {"format": FORMAT, "config": json.dumps(cfg.to_dict()), "model": model,
-                "options": json.dumps(dict(options or {}))}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
+def _dtype(raw: str) -> str:
+    return {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}.get(raw, raw.lower())
+
+
+# A tensor larger than this is read in blocks of rows, each through its own mapping of the file.
+READ_BLOCK_BYTES = 64 << 20
+
+
+def _read_tensor(path: Path, key: str) -> np.ndarray:
+    from safetensors import safe_open
+
+    # The file is mapped for each read and unmapped after it, and a large tensor is read in
+    # blocks of rows: the file's pages never sit resident beside the model being filled, and a
+    # load's peak is the model plus about one tensor (README: gpt-parity load-memory).
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with safe_open(str(path), framework="numpy") as f:
+            shape = tuple(f.get_slice(key).get_shape())
+            if len(shape) < 2 or np.prod(shape) * 4 <= READ_BLOCK_BYTES:
+                return f.get_tensor(key)
+        rows = max(1, READ_BLOCK_BYTES // (4 * int(np.prod(shape[1:]))))
+        out = None
+        for start in range(0, shape[0], rows):
+            stop = min(start + rows, shape[0])  # safetensors' slices do not clamp
+            with safe_open(str(path), framework="numpy") as f:
+                block = f.get_slice(key)[start:stop]
+                if out is None:
+                    out = np.empty(shape, block.dtype)
+                out[start:stop] = block
+            del f, block
+        return out
+    except Exception as e:
+        raise ValueError(f"{str(path)!r}: cannot read tensor {key!r}: {e}") from e
 
 
-def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
+def _open_safetensors(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], str, Callable]], dict[str, str]]:
+    """`{key: (shape, dtype, read)}` and the metadata of one file, from its header alone."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {}
+            entries = {}
             for key in f.keys():
-                try:
-                    tensors[key] = f.get_tensor(key)
-                except Exception as e:  # e.g. a dtype numpy has no type for (bfloat16)
-                    raise ValueError(f"{path}: cannot read tensor {key!r}: {e}") from e
+                s = f.get_slice(key)
+                entries[key] = (tuple(int(n) for n in s.get_shape()), _dtype(s.get_dtype()),
+                                lambda key=key: _read_tensor(path, key))
+    except Exception as e:
+        raise _safetensors_error(path, e) from e
+    return entries, metadata
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {str(path)!r}: {e.strerror}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON: {e}") from e
+
+
+def _open_sharded(index: Path) -> tuple[LazyStateDict, tuple[str, ...]]:
+    """A sharded HF snapshot (`model.safetensors.index.json` + shards) as one lazy state dict."""
+    data = _read_json(index, "shard index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"shard index {str(index)!r} has no weight_map")
+    entries: dict[str, tuple] = {}
+    shards = sorted(set(weight_map.values()), key=str)
+    for shard in shards:
+        if not isinstance(shard, str) or Path(shard).name != shard:
+            raise ValueError(f"shard index {str(index)!r} names {shard!r}, not a file beside it")
+        found, _ = _open_safetensors(index.parent / shard)
+        for key, entry in found.items():
+            if key in entries:
+                raise ValueError(f"{str(index.parent)!r}: tensor {key!r} is in more than one shard")
+            if weight_map.get(key) != shard:
+                raise ValueError(f"{str(index.parent / shard)!r} holds {key!r}, which the index places "
+                                 f"in {weight_map.get(key)!r}")
+            entries[key] = entry
+    missing = set(weight_map) - set(entries)
+    if missing:
+        raise ValueError(f"shard index {str(index)!r} lists tensor(s) no shard holds: "
+                         f"{', '.join(sorted(missing)[:5])}")
+    return LazyStateDict(entries), tuple(str(index.parent / s) for s in shards)
+
+
+def read_torch_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """A state dict saved with `torch.save` (the book's `model.pth`, or its chapter-5 dict with a
+    `model_state_dict` entry) as numpy arrays, loaded with `weights_only=True`, so no pickled code
+    runs. The book's `att.mask` buffers stay in: `check_state_dict` checks and drops them."""
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ValueError(f"checkpoint {str(path)!r} does not exist") from None
-    except PermissionError as e:
-        raise ValueError(f"cannot read checkpoint {str(path)!r}: {e.strerror}") from e
-    except ValueError:
-        raise
-    except Exception as e:  # safetensors' own error: truncated, corrupt or not safetensors at all
-        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {e}") from e
-    return tensors, metadata
+        raise ValueError(f"checkpoint {os.fspath(path)!r} does not exist") from None
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{os.fspath(path)!r} holds more than tensors; refusing to unpickle it: {e}") from e
+    except Exception as e:  # a truncated zip, or not a torch file at all
+        raise ValueError(f"{os.fspath(path)!r} is not a readable torch.save file: {e}") from e
+    if isinstance(obj, Mapping) and "model_state_dict" in obj:
+        obj = obj["model_state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{os.fspath(path)!r} does not hold a state dict of tensors")
+    return {str(name): as_numpy(tensor) for name, tensor in obj.items()}
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, config: GPTConfig | None = None) -> Checkpoint:
-    """Read a checkpoint: a canonical file written by `save_checkpoint`, a GPT-2 `model.safetensors`
-    in the HF layout, or a directory holding `model.safetensors` (and HF's `config.json`).
+def _dtypes(sd: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(sorted({info(sd, k)[1] for k in sd}))
 
-    `config` overrides what the file says or implies. Raises ValueError naming the problem.
+
+def _checked(sd: Mapping[str, Any], cfg: GPTConfig, model: str, options: Mapping[str, Any],
+             source: str) -> Mapping[str, np.ndarray]:
+    try:
+        return check_state_dict(model_shapes(model, cfg, options), sd, model)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _with_n_heads(cfg: GPTConfig | None, n_heads: int | None) -> GPTConfig | None:
+    return cfg.replace(n_heads=n_heads) if cfg is not None and n_heads is not None else cfg
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, config: GPTConfig | None = None,
+                    n_heads: int | None = None,
+                    hf_config: str | os.PathLike[str] | Mapping[str, Any] | None = None) -> Checkpoint:
+    """Read and check a checkpoint, reading no tensor yet.
+
+    `path` is a canonical file written by `save_checkpoint`; a GPT-2 `model.safetensors` in the HF
+    layout (its `config.json` read from beside it); an HF snapshot directory (`model.safetensors`
+    or `model.safetensors.index.json` with its shards, and `config.json`); or a `torch.save` file
+    (`.pth`, `.pt`). `config` overrides the config the file says or implies, `n_heads` only its
+    head count, `hf_config` names (or is) the HF config to use. Raises ValueError naming the problem.
     """
     path = Path(path)
-    hf_config: dict[str, Any] = {}
+    if path.suffix in (".pth", ".pt"):
+        sd = read_torch_file(path)
+        source = f"checkpoint {str(path)!r}"
+        cfg = config or infer_config(sd, n_heads=n_heads, source=source)
+        cfg = _with_n_heads(cfg, n_heads)
+        return Checkpoint(_checked(sd, cfg, "GPTModel", {}, source), cfg, layout="torch.save",
+                          dtypes=_dtypes(sd), config_source="given" if config else "inferred from the tensors",
+                          files=(str(path),))
+    folder = path if path.is_dir() else path.parent
     if path.is_dir():
-        config_json = path / "config.json"
-        if config_json.is_file():
-            try:
-                hf_config = json.loads(config_json.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"cannot read {config_json}: {e}") from e
-        path = path / "model.safetensors"
-    tensors, metadata = _read_safetensors(path)
+        index = path / HF_INDEX
+        path = index if index.is_file() and not (path / "model.safetensors").is_file() else path / "model.safetensors"
     source = f"checkpoint {str(path)!r}"
+    if path.name.endswith(".index.json"):
+        tensors, files = _open_sharded(path)
+        metadata: dict[str, str] = {}
+    else:
+        entries, metadata = _open_safetensors(path)
+        tensors, files = LazyStateDict(entries), (str(path),)
     if metadata.get("format") == FORMAT:
         try:
             cfg = config or GPTConfig.from_dict(json.loads(metadata["config"]))
@@ -311,15 +311,182 @@ def load_checkpoint(path: str | os.PathLike[str], *, config: GPTConfig | None = 
             options = json.loads(metadata.get("options", "{}"))
         except (KeyError, json.JSONDecodeError) as e:
             raise ValueError(f"{source}: its metadata is damaged: {e}") from e
-        if model not in MODELS:
-            raise ValueError(f"{source}: unknown model {model!r} in its metadata")
-        return Checkpoint(tensors, cfg, model, options, "canonical")
+        except ValueError as e:
+            raise ValueError(f"{source}: its metadata holds a bad config: {e}") from e
+        options = check_options(model, options, source)
+        cfg = _with_n_heads(cfg, n_heads)
+        return Checkpoint(_checked(tensors, cfg, model, options, source), cfg, model, options, "canonical",
+                          _dtypes(tensors), "given" if config else "the file's metadata", files)
     if is_hf_layout(tensors):
-        sd, cfg = from_hf(tensors, hf_config, source=source)
-        return Checkpoint(sd, config or cfg, "GPTModel", {}, "hf-gpt2")
+        if hf_config is None and (folder / "config.json").is_file():
+            hf_config = folder / "config.json"
+        config_source = "none: a published GPT-2 shape" if hf_config is None else "given"
+        if isinstance(hf_config, (str, os.PathLike)):
+            config_source = str(hf_config)
+            hf_config = _read_json(Path(hf_config), "HF config")
+        override = _with_n_heads(config, n_heads)
+        if n_heads is not None and config is None:
+            if hf_config is not None:
+                hf_config = {**hf_config, "n_head": n_heads} if isinstance(hf_config, Mapping) else hf_config
+            else:
+                override = _n_heads_only(tensors, n_heads, source)
+        sd, cfg = from_hf(tensors, hf_config, config=override, source=source)
+        if config is not None:
+            config_source = "given"
+        return Checkpoint(_checked(sd, cfg, "GPTModel", {}, source), cfg, "GPTModel", {}, "hf-gpt2",
+                          _dtypes(tensors), config_source, files)
     if "tok_emb.weight" in tensors:  # canonical names, no metadata: infer the config
-        return Checkpoint(tensors, config or infer_config(tensors, source=source), "GPTModel", {}, "canonical")
+        cfg = config or infer_config(tensors, n_heads=n_heads, source=source)
+        cfg = _with_n_heads(cfg, n_heads)
+        return Checkpoint(_checked(tensors, cfg, "GPTModel", {}, source), cfg, layout="canonical",
+                          dtypes=_dtypes(tensors),
+                          config_source="given" if config else "inferred from the tensors", files=files)
     raise ValueError(
         f"{source} holds neither the canonical layout (tok_emb.weight, ...) nor HF GPT-2's "
-        f"(wte.weight, ...); first keys: {_names(list(tensors)[:5])}"
+        f"(wte.weight, ...); first keys: {', '.join(repr(k) for k in list(tensors)[:5])}"
     )
+
+
+def _n_heads_only(tensors: Mapping[str, Any], n_heads: int, source: str) -> GPTConfig:
+    """The config an HF file without config.json implies, with the head count given."""
+    names = {k.removeprefix("transformer."): k for k in tensors}
+    if "wte.weight" not in names or "wpe.weight" not in names:
+        raise ValueError(f"{source}: missing tensor 'wte.weight' or 'wpe.weight'")
+    vocab, e = info(tensors, names["wte.weight"])[0]
+    return GPTConfig(vocab_size=vocab, context_length=info(tensors, names["wpe.weight"])[0][0], emb_dim=e,
+                     n_heads=n_heads, n_layers=layer_count(names, r"h\.(\d+)\.", source),
+                     drop_rate=0.1, qkv_bias=True)
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Temp files an earlier save to `target` left when it was killed (`.NAME.PID.*.partial` of a
+    process that no longer runs); nobody else's files are touched."""
+    for tmp in target.parent.glob(f".{target.name}.*.partial"):
+        parts = tmp.name[len(target.name) + 2:].split(".")
+        if len(parts) == 3 and parts[0].isdigit() and not _pid_alive(int(parts[0])):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], what: str = "checkpoint") -> Path:
+    """Run `write(tmp)` then rename tmp onto `path`: an interrupted or failed write leaves the old
+    file (if any) as it was. A symlinked `path` is written where it points; the file gets the
+    mode a plain `open` would (0666 less the umask). Errors are ValueError naming the file."""
+    target = Path(os.path.realpath(path))
+    if target.is_dir():
+        raise ValueError(f"cannot write {what} {os.fspath(path)!r}: it is a directory")
+    if not target.parent.is_dir():
+        raise ValueError(f"cannot write {what} {os.fspath(path)!r}: folder {str(target.parent)!r} does not exist")
+    _remove_stale_temps(target)
+    try:
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=".partial")
+    except OSError as e:
+        raise ValueError(f"cannot write {what} {os.fspath(path)!r}: {e.strerror}") from e
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except ValueError:
+        raise
+    except OSError as e:
+        raise ValueError(f"cannot write {what} {os.fspath(path)!r}: {e.strerror or e}") from e
+    except Exception as e:  # safetensors' own error (e.g. past a file-size limit)
+        raise ValueError(f"cannot write {what} {os.fspath(path)!r}: {e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _as_dtype(name: str, value: Any, dtype: str) -> np.ndarray:
+    import ml_dtypes
+
+    array = np.asarray(as_numpy(value))
+    target = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
+    if array.dtype == np.float64:
+        from .tensors import checked_array
+
+        array = checked_array(name, array)
+    return np.ascontiguousarray(array.astype(target, copy=False))
+
+
+def _write_verified(tmp: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None) -> None:
+    """safetensors' save, then every tensor read back and compared bit for bit."""
+    from safetensors.numpy import save_file
+
+    save_file(dict(tensors), str(tmp), metadata=dict(metadata) if metadata else None)
+    entries, _ = _open_safetensors(tmp)
+    for key, value in tensors.items():
+        back = entries[key][2]()
+        if back.shape != value.shape or back.dtype != value.dtype or back.tobytes() != value.tobytes():
+            raise ValueError(f"{tmp}: tensor {key!r} read back differs from what was written")
+
+
+def _check_save_dtype(dtype: str) -> str:
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(SAVE_DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def save_checkpoint(path: str | os.PathLike[str], sd: Mapping[str, Any], cfg: GPTConfig, *,
+                    model: str = "GPTModel", options: Mapping[str, Any] | None = None,
+                    dtype: str = "float32") -> None:
+    """Write a canonical state dict as safetensors (float32 or bfloat16), with its config in the
+    metadata. The dict is checked against the model first; the file is written beside the
+    destination, read back and compared, and only then renamed over it (see `atomic_write`)."""
+    options = check_options(model, options or {})
+    _check_save_dtype(dtype)
+    sd = check_state_dict(model_shapes(model, cfg, options), sd, model)
+    tensors = {k: _as_dtype(k, sd[k], dtype) for k in sd}
+    metadata = {"format": FORMAT, "config": json.dumps(cfg.to_dict()), "model": model,
+                "options": json.dumps(options)}
+    atomic_write(path, lambda tmp: _write_verified(tmp, tensors, metadata))
+
+
+def save_hf(folder: str | os.PathLike[str], sd: Mapping[str, Any], cfg: GPTConfig, *,
+            dtype: str = "float32") -> None:
+    """Write a GPTModel state dict as an HF GPT-2 snapshot: `model.safetensors` (HF's layout, head
+    tied when it equals the token embedding) and the `config.json` transformers reads it with."""
+    _check_save_dtype(dtype)
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"cannot write HF snapshot {str(folder)!r}: it is a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot write HF snapshot {str(folder)!r}: {e.strerror}") from e
+    hf = to_hf(sd, cfg)
+    tensors = {k: _as_dtype(k, v, dtype) for k, v in hf.items()}
+    config = hf_config(cfg, tied="lm_head.weight" not in hf) | {"dtype": dtype}
+    atomic_write(folder / "model.safetensors", lambda tmp: _write_verified(tmp, tensors, {"format": "pt"}))
+    atomic_write(folder / "config.json",
+                 lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"),
+                 what="config")
+
+
+__all__ = [
+    "FLOAT_DTYPES", "FORMAT", "MODELS", "MODEL_CLASSES", "FINAL_NORMS", "SAVE_DTYPES", "Checkpoint",
+    "StateDict", "atomic_write", "check_options", "check_state_dict", "config_from_hf", "from_hf",
+    "gpt_shapes", "infer_config", "load_checkpoint", "model_shapes", "read_torch_file",
+    "save_checkpoint", "save_hf", "to_hf",
+]

@@ -9,9 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from gpt_spec import GPTConfig, check_cache_room, check_token_ids
-
-FINAL_NORMS = ("dummy", "layernorm")
+from gpt_spec import FINAL_NORMS, GPTConfig, check_cache_room, check_token_ids
 
 
 def check_ids(in_idx: torch.Tensor, cfg: GPTConfig, *, check_length: bool = True) -> None:

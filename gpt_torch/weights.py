@@ -1,16 +1,19 @@
-"""Canonical state dict <-> the PyTorch twin: the canonical names are this twin's own, so no renames."""
+"""Canonical state dict <-> the PyTorch twin: the canonical names are this twin's own, so no renames.
+
+`read_torch_file` (the book's `.pth` files) is gpt_spec's, exported here as in the Flax twin."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from gpt_spec import GPTConfig, StateDict, check_dtype, check_state_dict
-from gpt_spec.checkpoint import Checkpoint, infer_config, load_checkpoint, save_checkpoint
+from gpt_spec.checkpoint import load_checkpoint, read_torch_file, save_checkpoint
+
+__all__ = ["cast", "load", "load_state_dict", "read_torch_file", "save", "state_dict"]
 
 
 def state_dict(model: torch.nn.Module) -> StateDict:
@@ -19,70 +22,66 @@ def state_dict(model: torch.nn.Module) -> StateDict:
     return {k: v.detach().cpu().float().numpy().copy() for k, v in model.state_dict().items()}
 
 
+def _tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A numpy array (bfloat16 as ml_dtypes') as a torch tensor of `dtype`."""
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16).to(dtype)
+    # np.require copies read-only views (e.g. of JAX arrays), which torch.from_numpy warns about.
+    return torch.from_numpy(np.require(array, requirements=["C", "W"])).to(dtype)
+
+
 def load_state_dict(model: torch.nn.Module, sd: Mapping[str, object]) -> None:
     """Copy a canonical state dict into `model`, all or nothing.
 
     Unlike `nn.Module.load_state_dict`, which copies the tensors that fit before it reports a
-    size mismatch, every key, shape and dtype is checked first; a bad dict raises ValueError
-    and leaves the model untouched. Values are cast to each parameter's dtype and device.
+    size mismatch, every key, shape and dtype is checked first, and every value converted; a bad
+    dict raises ValueError and leaves the model untouched. Values (float16, bfloat16, float32 or
+    float64) are cast to each parameter's dtype. The book's own `state_dict()`, with its
+    `att.mask` buffers, loads as it is: a buffer that is not the causal mask is refused.
     """
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    arrays = check_state_dict(expected, sd, type(model).__name__)
-    # np.require copies read-only views (e.g. of JAX arrays), which torch.from_numpy warns about.
-    tensors = {k: torch.from_numpy(np.require(v, requirements=["C", "W"])) for k, v in arrays.items()}
-    model.load_state_dict(tensors, strict=True)
+    targets = model.state_dict()
+    arrays = check_state_dict({k: tuple(v.shape) for k, v in targets.items()}, sd, type(model).__name__)
+    tensors = {k: _tensor(arrays[k], targets[k].dtype) for k in targets}
+    with torch.no_grad():
+        for name, target in targets.items():
+            target.copy_(tensors[name])
 
 
-def read_torch_file(path: str | os.PathLike[str]) -> StateDict:
-    """A state dict saved with `torch.save` (the book's `model.pth`, or its chapter-5 dict with a
-    `model_state_dict` entry) as a canonical numpy dict, loaded with `weights_only=True`, so no
-    pickled code runs. The book's persistent `att.mask` buffers are checked and dropped."""
-    import pickle
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint {os.fspath(path)!r} does not exist") from None
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{os.fspath(path)!r} holds more than tensors; refusing to unpickle it: {e}") from e
-    except Exception as e:  # a truncated zip, or not a torch file at all
-        raise ValueError(f"{os.fspath(path)!r} is not a readable torch.save file: {e}") from e
-    if isinstance(obj, Mapping) and "model_state_dict" in obj:
-        obj = obj["model_state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{os.fspath(path)!r} does not hold a state dict of tensors")
-    out: StateDict = {}
-    for name, tensor in obj.items():
-        if name.endswith(".att.mask"):
-            n = tensor.shape[-1]
-            if tensor.shape != (n, n) or not torch.equal(tensor, torch.triu(torch.ones(n, n), diagonal=1)):
-                raise ValueError(f"{os.fspath(path)!r}: buffer {name!r} is not a causal mask")
-            continue
-        out[name] = tensor.detach().cpu().numpy()
-    return out
+def _fill(model: torch.nn.Module, sd: Mapping[str, np.ndarray]) -> None:
+    """Copy a checked (possibly lazy) state dict into a model just built, one tensor at a time."""
+    with torch.no_grad():
+        for name, target in model.state_dict().items():
+            target.copy_(_tensor(sd[name], target.dtype))
 
 
-def save(model: torch.nn.Module, path: str | os.PathLike[str]) -> None:
-    """Write the model's canonical state dict and config to a safetensors file."""
+def _dtype_name(model: torch.nn.Module) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def save(model: torch.nn.Module, path: str | os.PathLike[str], *, dtype: str | None = None) -> None:
+    """Write the model's canonical state dict and config to a safetensors file, in `dtype`
+    ("float32" or "bfloat16"; default the model's own)."""
     save_checkpoint(path, state_dict(model), model.cfg, model=type(model).__name__,
-                    options=getattr(model, "options", {}))
+                    options=getattr(model, "options", {}), dtype=dtype or _dtype_name(model))
 
 
-def load(path: str | os.PathLike[str], *, config: GPTConfig | None = None) -> torch.nn.Module:
-    """Build the model a checkpoint describes and load its weights (eval mode off, as constructed).
+def load(path: str | os.PathLike[str], *, config: GPTConfig | None = None, n_heads: int | None = None,
+         dtype: str | None = None) -> torch.nn.Module:
+    """Build the model a checkpoint describes and load its weights (train mode, as constructed).
 
-    Reads canonical or HF GPT-2 safetensors files (see gpt_spec.load_checkpoint) and `torch.save`
-    files (`.pth`, `.pt`; their config is inferred, or given with `config`).
+    Reads canonical or HF GPT-2 safetensors (a file, or a snapshot folder with its config.json,
+    sharded or not) and `torch.save` files (see gpt_spec.load_checkpoint). Everything is checked
+    against the file's headers before the model is built; tensors are then read one at a time.
+    `dtype` ("float32" or "bfloat16") is what the model holds; default bfloat16 for a bfloat16
+    file, else float32.
     """
     from . import model as models
 
-    if Path(path).suffix in (".pth", ".pt"):
-        sd = read_torch_file(path)
-        ckpt = Checkpoint(sd, config or infer_config(sd, source=f"checkpoint {os.fspath(path)!r}"))
-    else:
-        ckpt = load_checkpoint(path, config=config)
+    ckpt = load_checkpoint(path, config=config, n_heads=n_heads)
+    target = check_dtype(dtype or ckpt.compute_dtype)
     model = getattr(models, ckpt.model)(ckpt.config, **ckpt.options)
-    load_state_dict(model, ckpt.state_dict)
+    cast(model, target)
+    _fill(model, ckpt.state_dict)
     return model
 
 

@@ -11,11 +11,12 @@ import dataclasses
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from gpt_spec import DTYPES, GPTConfig, StateDict, resolve_config
+from gpt_spec import DTYPES, FINAL_NORMS, GPTConfig, StateDict, resolve_config
 
 from . import bench, forward, mesh, training, twins, zoo
-from .output import format_table, write_json
+from .output import format_table, versions, write_json
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,9 +88,11 @@ def _add_model_args(p: argparse.ArgumentParser, *, batch: bool = True, grid: boo
     p.add_argument("--checkpoint", metavar="PATH",
                    help="weights (and config) from a file: canonical or HF GPT-2 safetensors, an HF "
                         "snapshot directory, or the book's torch.save model.pth")
+    p.add_argument("--n-heads", type=_positive, default=None, metavar="N",
+                   help="the head count of a --checkpoint that does not record it")
     p.add_argument("--model", default="gpt", choices=list(twins.MODELS),
                    help="the full GPTModel of §4.6 or the §4.1 DummyGPTModel (default: gpt)")
-    p.add_argument("--final-norm", choices=["dummy", "layernorm"],
+    p.add_argument("--final-norm", choices=list(FINAL_NORMS),
                    help="the dummy model's final norm: the book's placeholder (default) or a LayerNorm")
     p.add_argument("--drop-rate", type=float, default=None, help="override the config's drop_rate")
     if grid:
@@ -174,10 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="both", choices=["torch", "flax", "both"],
                    help="which twin generates; both also checks that their tokens agree (default)")
     g.add_argument("--max-new-tokens", type=_non_negative, default=20, help="tokens to add (default: 20)")
-    c = sub.add_parser("convert", help="write any checkpoint the twins read as a canonical safetensors file")
-    c.add_argument("src", help="canonical or HF GPT-2 safetensors, an HF snapshot directory, or a .pth")
-    c.add_argument("dst", help="the .safetensors file to write")
+    c = sub.add_parser("convert", help="write any checkpoint the twins read as a canonical safetensors "
+                                       "file or an HF GPT-2 snapshot")
+    c.add_argument("src", help="canonical or HF GPT-2 safetensors, an HF snapshot directory (sharded or "
+                               "not), or a .pth")
+    c.add_argument("dst", help="the .safetensors file to write (--to canonical) or the snapshot folder "
+                               "(--to hf)")
+    c.add_argument("--to", default="canonical", choices=["canonical", "hf"],
+                   help="canonical: the twins' file with its config in the metadata (default); hf: "
+                        "model.safetensors and config.json as transformers' GPT2LMHeadModel reads them")
+    c.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="the dtype written (default: bfloat16 for a bfloat16 source, else float32)")
     c.add_argument("--config", default=None, help="override the config the source implies (preset or JSON)")
+    c.add_argument("--n-heads", type=_positive, default=None, metavar="N",
+                   help="the head count of a source that does not record it")
+    lm = sub.add_parser("load-memory", help="peak resident memory of each twin loading a random checkpoint "
+                                            "of a config's shape, against the file's size")
+    lm.add_argument("--config", default="gpt2-xl", help="a preset or JSON config (default: gpt2-xl)")
+    lm.add_argument("--dir", required=True, help="a folder with room for the checkpoint (6.2 GB for gpt2-xl)")
+    lm.add_argument("--layout", default="canonical,hf", help="canonical, hf or both (default: canonical,hf)")
+    lm.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    lm.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
 
@@ -196,10 +216,12 @@ class _Setup:
 def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _Setup:
     if args.final_norm is not None and args.model != "dummy":
         parser.error("--final-norm applies to --model dummy only")
+    if args.n_heads is not None and not args.checkpoint:
+        parser.error("--n-heads applies to --checkpoint only")
     try:
         if args.checkpoint:
             override = resolve_config(args.config) if args.config else None
-            ckpt = twins.read_checkpoint(args.checkpoint, config=override)
+            ckpt = twins.read_checkpoint(args.checkpoint, config=override, n_heads=args.n_heads)
             setup = _Setup(ckpt.config, f"{args.checkpoint} ({ckpt.layout})",
                            twins.MODEL_KINDS[ckpt.model], dict(ckpt.options), ckpt.state_dict)
         else:
@@ -330,6 +352,24 @@ def _mutants(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0 if report.passed else 1
 
 
+def _load_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from . import load_memory
+
+    layouts = [x.strip() for x in args.layout.split(",")]
+    if not layouts or any(x not in load_memory.LAYOUTS for x in layouts):
+        parser.error(f"--layout takes {', '.join(load_memory.LAYOUTS)}, got {args.layout!r}")
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        parser.error(f"--dir {args.dir!r} is not a folder")
+    report = load_memory.run(resolve_config(args.config), folder, layouts, quiet=args.quiet)
+    print(load_memory.format_report(report))
+    if args.json:
+        write_json(report | {"versions": versions()}, args.json)
+    worst = max(r["peak_over_file"] for r in report["rows"])
+    print(f"worst peak RSS / file size: {worst:.2f} (limit {load_memory.PEAK_OVER_FILE})")
+    return 0 if worst <= load_memory.PEAK_OVER_FILE else 1
+
+
 def _emit(report, args: argparse.Namespace) -> None:
     """A report's table on stdout, its plot and JSON where asked for."""
     print(report.format_table())
@@ -399,20 +439,29 @@ def _generate(args: argparse.Namespace, setup: _Setup, parser: argparse.Argument
 
 
 def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from gpt_spec import save_checkpoint
+    from gpt_spec import save_checkpoint, save_hf
 
-    if not args.dst.endswith(".safetensors"):
+    if args.to == "canonical" and not args.dst.endswith(".safetensors"):
         parser.error(f"the destination must be a .safetensors file, got {args.dst!r}")
+    if args.to == "hf" and args.dst.endswith(".safetensors"):
+        parser.error(f"--to hf writes a snapshot folder (model.safetensors, config.json), got {args.dst!r}")
     try:
-        ckpt = twins.read_checkpoint(args.src, config=resolve_config(args.config) if args.config else None)
-        save_checkpoint(args.dst, ckpt.state_dict, ckpt.config, model=ckpt.model, options=ckpt.options)
+        ckpt = twins.read_checkpoint(args.src, config=resolve_config(args.config) if args.config else None,
+                                     n_heads=args.n_heads)
+        print(f"read {args.src}: {ckpt.layout}, {len(ckpt.files)} file(s), {'/'.join(ckpt.dtypes)}, "
+              f"{ckpt.model}, {ckpt.n_parameters:,} parameters; config from {ckpt.config_source}: "
+              f"{json.dumps(ckpt.config.to_dict())}", flush=True)
+        dtype = args.dtype or ckpt.compute_dtype
+        if args.to == "hf":
+            if ckpt.model != "GPTModel":
+                raise ValueError(f"--to hf writes a GPT-2; {args.src} holds a {ckpt.model}")
+            save_hf(args.dst, ckpt.state_dict, ckpt.config, dtype=dtype)
+        else:
+            save_checkpoint(args.dst, ckpt.state_dict, ckpt.config, model=ckpt.model, options=ckpt.options,
+                            dtype=dtype)
     except ValueError as e:
         parser.error(str(e))
-    except OSError as e:
-        parser.error(f"cannot write {args.dst!r}: {e.strerror}")
-    n = sum(v.size for v in ckpt.state_dict.values())
-    print(f"{args.src} ({ckpt.layout}) -> {args.dst} (canonical): {ckpt.model}, {len(ckpt.state_dict)} "
-          f"tensors, {n:,} parameters, config {json.dumps(ckpt.config.to_dict())}")
+    print(f"wrote {args.dst}: {args.to}, {dtype}, read back and verified")
     return 0
 
 
@@ -421,6 +470,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "convert":
         return _convert(args, parser)
+    if args.command == "load-memory":
+        try:
+            return _load_memory(args, parser)
+        except (ValueError, OSError) as e:
+            parser.error(str(e))
     if args.command == "mutants":
         try:
             return _mutants(args, parser)

@@ -76,3 +76,17 @@ def hf_gpt2_logits(hf: dict[str, np.ndarray], ids: np.ndarray, n_head: int) -> n
         i += 1
     x = _layer_norm(x, sd["ln_f.weight"], sd["ln_f.bias"])
     return x @ sd.get("lm_head.weight", sd["wte.weight"]).T
+
+
+def gpt2_config_json(vocab_size: int, n_positions: int, n_embd: int, n_layer: int, n_head: int,
+                     **changes) -> dict:
+    """What transformers' `GPT2Config(...).save_pretrained` writes to config.json (5.x), with changes."""
+    return {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
+            "bos_token_id": 50256, "dtype": "float32", "embd_pdrop": 0.1, "eos_token_id": 50256,
+            "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gpt2",
+            "n_embd": n_embd, "n_head": n_head, "n_inner": None, "n_layer": n_layer,
+            "n_positions": n_positions, "pad_token_id": None, "reorder_and_upcast_attn": False,
+            "resid_pdrop": 0.1, "scale_attn_by_inverse_layer_idx": False, "scale_attn_weights": True,
+            "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
+            "summary_type": "cls_index", "summary_use_proj": True, "tie_word_embeddings": True,
+            "transformers_version": "5.23.0", "use_cache": True, "vocab_size": vocab_size} | changes

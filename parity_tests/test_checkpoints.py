@@ -15,7 +15,7 @@ from gpt_spec import load_checkpoint
 from .cli import main
 from .compare import assert_close
 from .twins import float32_matmuls, run_flax, run_torch
-from .hf_reference import hf_gpt2_logits, random_hf_gpt2
+from .hf_reference import gpt2_config_json, hf_gpt2_logits, random_hf_gpt2
 from .tolerances import FP32_FORWARD
 
 
@@ -35,7 +35,7 @@ def test_tiny_hf_file_in_both_twins_equals_the_numpy_reference(tmp_path, prefix,
     hf = random_hf_gpt2(vocab_size=97, n_positions=11, n_embd=24, n_layer=2, seed=1, prefix=prefix,
                         lm_head=lm_head)
     save_file(hf, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps({"n_head": 3}))
+    (tmp_path / "config.json").write_text(json.dumps(gpt2_config_json(97, 11, 24, 2, 3)))
     ids = np.random.default_rng(0).integers(0, 97, (3, 11))
     _both_against_reference(tmp_path, hf, 3, ids)
 
@@ -43,10 +43,13 @@ def test_tiny_hf_file_in_both_twins_equals_the_numpy_reference(tmp_path, prefix,
 def test_convert_then_check_and_generate_from_the_file(tmp_path, capsys):
     hf = random_hf_gpt2(vocab_size=50257, n_positions=32, n_embd=64, n_layer=2, seed=2, dtype=np.float32)
     save_file(hf, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps({"n_head": 4, "resid_pdrop": 0.0}))
+    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    (tmp_path / "config.json").write_text(json.dumps(gpt2_config_json(50257, 32, 64, 2, 4, **no_dropout)))
     dst = tmp_path / "canonical.safetensors"
     assert main(["convert", str(tmp_path), str(dst)]) == 0
-    assert "(hf-gpt2) ->" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"hf-gpt2, 1 file(s), float32, GPTModel, 6,535,040 parameters; config from {tmp_path / 'config.json'}" in out
+    assert f"wrote {dst}: canonical, float32, read back and verified" in out
     ckpt = load_checkpoint(dst)
     assert ckpt.layout == "canonical" and ckpt.config.n_heads == 4 and ckpt.config.qkv_bias
     assert main(["check", "--checkpoint", str(dst), "--seq", "16", "--quiet"]) == 0
@@ -92,6 +95,9 @@ def test_gpt_parity_reads_the_books_pth(tmp_path, capsys):
     torch.manual_seed(0)
     torch.save(gpt_torch.GPTModel(TINY_BIAS.replace(emb_dim=128, n_heads=2)).state_dict(), tmp_path / "model.pth")
     dst = tmp_path / "model.safetensors"
-    assert main(["convert", str(tmp_path / "model.pth"), str(dst)]) == 0
-    assert "(torch.save) ->" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # 128 wide, 2 layers: no published GPT-2, so n_heads is not guessed
+        main(["convert", str(tmp_path / "model.pth"), str(dst)])
+    assert "cannot tell n_heads" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "model.pth"), str(dst), "--n-heads", "2"]) == 0
+    assert "torch.save, 1 file(s), float32" in capsys.readouterr().out
     assert main(["check", "--checkpoint", str(dst), "--quiet"]) == 0

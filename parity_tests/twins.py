@@ -21,9 +21,9 @@ from flax import nnx
 import gpt_flax
 import gpt_torch
 from gpt_spec import GPTConfig
-from gpt_spec.checkpoint import Checkpoint, infer_config, load_checkpoint
+from gpt_spec import MODEL_CLASSES as MODELS
+from gpt_spec.checkpoint import Checkpoint, load_checkpoint
 
-MODELS = {"gpt": "GPTModel", "dummy": "DummyGPTModel"}
 MODEL_KINDS = {cls: kind for kind, cls in MODELS.items()}
 MODES = ("eval", "train")
 
@@ -62,13 +62,10 @@ def build_pair(kind: str, cfg: GPTConfig, *, source: str, seed: int = 0, mode: s
     return tm, fm
 
 
-def read_checkpoint(path: str, *, config: GPTConfig | None = None) -> Checkpoint:
-    """Any checkpoint the twins read: canonical or HF GPT-2 safetensors (a file or an HF snapshot
-    directory), or a torch.save state dict (.pth/.pt, read with weights_only=True)."""
-    if str(path).endswith((".pth", ".pt")):
-        sd = gpt_torch.read_torch_file(path)
-        return Checkpoint(sd, config or infer_config(sd, source=f"checkpoint {path!r}"), layout="torch.save")
-    return load_checkpoint(path, config=config)
+def read_checkpoint(path: str, *, config: GPTConfig | None = None, n_heads: int | None = None) -> Checkpoint:
+    """Any checkpoint the twins read (gpt_spec.load_checkpoint): canonical or HF GPT-2 safetensors
+    (a file or a snapshot folder, sharded or not), or a torch.save state dict (.pth/.pt)."""
+    return load_checkpoint(path, config=config, n_heads=n_heads)
 
 
 def set_mode(model: Any, mode: str) -> None:

@@ -10,11 +10,17 @@ from safetensors.numpy import save_file
 import gpt_flax
 import gpt_torch
 from conftest import TINY, TINY_BIAS
-from gpt_spec import from_hf, load_checkpoint, save_checkpoint, to_hf
+from gpt_spec import GPTConfig, from_hf, load_checkpoint, save_checkpoint, to_hf
 from gpt_spec.checkpoint import gpt_shapes, infer_config
-from parity_tests.hf_reference import random_hf_gpt2
+from parity_tests.hf_reference import gpt2_config_json, random_hf_gpt2
 
 HF_TINY = dict(vocab_size=97, n_positions=11, n_embd=24, n_layer=2)  # n_head 3 is not inferable
+HF_TINY_CONFIG = gpt2_config_json(**HF_TINY, n_head=3)
+
+
+def _hf_config(cfg, **changes):
+    return gpt2_config_json(cfg.vocab_size, cfg.context_length, cfg.emb_dim, cfg.n_layers, cfg.n_heads,
+                            **changes)
 
 
 def _canonical(cfg, seed=0):
@@ -25,7 +31,7 @@ def _canonical(cfg, seed=0):
 def test_canonical_hf_canonical_round_trip_is_exact():
     cfg = TINY_BIAS.replace(n_layers=2)
     sd = _canonical(cfg)
-    back, back_cfg = from_hf(to_hf(sd, cfg), {"n_head": cfg.n_heads})
+    back, back_cfg = from_hf(to_hf(sd, cfg), _hf_config(cfg, tie_word_embeddings=False))
     assert back_cfg == cfg.replace(drop_rate=0.1)
     assert list(back) == list(gpt_shapes(cfg)) == list(sd)
     for name in sd:
@@ -34,8 +40,8 @@ def test_canonical_hf_canonical_round_trip_is_exact():
 
 def test_hf_canonical_hf_round_trip_is_exact():
     hf = random_hf_gpt2(**HF_TINY, buffers=False, lm_head=True)
-    sd, cfg = from_hf(hf, {"n_head": 3})
-    again = to_hf(sd, cfg)
+    sd, cfg = from_hf(hf, HF_TINY_CONFIG | {"tie_word_embeddings": False})
+    again = to_hf(sd, cfg, tied=False)
     assert again.keys() == hf.keys()
     for name in hf:
         np.testing.assert_array_equal(again[name], hf[name], err_msg=name)
@@ -43,7 +49,7 @@ def test_hf_canonical_hf_round_trip_is_exact():
 
 def test_hf_layout_maps_fused_and_transposed_tensors():
     hf = random_hf_gpt2(**HF_TINY, prefix="")  # GPT2Model files have no "transformer." prefix
-    sd, cfg = from_hf(hf, {"n_head": 3, "resid_pdrop": 0.0})
+    sd, cfg = from_hf(hf, HF_TINY_CONFIG | {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
     assert (cfg.vocab_size, cfg.context_length, cfg.emb_dim, cfg.n_layers) == (97, 11, 24, 2)
     assert cfg.qkv_bias and cfg.n_heads == 3 and cfg.drop_rate == 0.0
     w = hf["h.1.attn.c_attn.weight"]  # (in, 3*out): q | k | v along the output axis
@@ -54,11 +60,19 @@ def test_hf_layout_maps_fused_and_transposed_tensors():
     assert not any("mask" in k or k.endswith("attn.bias") for k in sd)
 
 
-def test_n_heads_defaults_to_gpt2_head_size():
+def test_n_heads_is_never_guessed_beyond_the_published_shapes():
+    """Without a config only the four published GPT-2 shapes imply n_heads (gpt2-xl: 25 heads of 64)."""
     hf = random_hf_gpt2(vocab_size=50, n_positions=8, n_embd=128, n_layer=1)
-    assert from_hf(hf)[1].n_heads == 2
-    with pytest.raises(ValueError, match="cannot infer n_heads for emb_dim 24"):
-        from_hf(random_hf_gpt2(**HF_TINY))
+    with pytest.raises(ValueError, match=r"cannot tell n_heads.*emb_dim 128 x n_layers 1 is none of the "
+                                         r"published GPT-2 shapes.*--n-heads N"):
+        from_hf(hf)
+    assert from_hf(hf, config=GPTConfig(50, 8, 128, 4, 1, 0.1, True))[1].n_heads == 4
+    from gpt_spec.hf import published_n_heads
+
+    assert [published_n_heads(e, n, "x") for e, n in [(768, 12), (1024, 24), (1280, 36), (1600, 48)]] == \
+        [12, 16, 20, 25]
+    with pytest.raises(ValueError, match="cannot tell n_heads"):
+        infer_config(_canonical(TINY))
 
 
 @pytest.mark.parametrize(
@@ -68,9 +82,9 @@ def test_n_heads_defaults_to_gpt2_head_size():
         (lambda sd: sd.update({"transformer.h.0.attn.c_attn.weight": np.zeros((24, 71), np.float32)}),
          r"tensor 'h.0.attn.c_attn.weight' has shape \(24, 71\), expected \(24, 72\)"),
         (lambda sd: sd.update({"transformer.h.0.ln_1.weight": np.ones(24, np.int32)}),
-         "tensor 'h.0.ln_1.weight' has dtype int32, expected floats"),
+         "tensor 'h.0.ln_1.weight' has dtype int32, expected one of float16, bfloat16, float32, float64"),
         (lambda sd: sd.update({"transformer.h.0.attn.extra": np.ones(2, np.float32)}),
-         "unexpected tensor 'h.0.attn.extra' for a GPT-2"),
+         "unexpected tensor 'transformer.h.0.attn.extra' for a GPT-2"),
         (lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("transformer.h.0.")],
          r"transformer layers \[1\] are not numbered 0..n-1"),
         (lambda sd: sd.pop("transformer.wpe.weight"), "missing tensor 'wpe.weight'"),
@@ -80,12 +94,28 @@ def test_an_inconsistent_gpt2_is_refused_naming_the_tensor(edit, message):
     hf = random_hf_gpt2(**HF_TINY)
     edit(hf)
     with pytest.raises(ValueError, match=message):
-        from_hf(hf, {"n_head": 3})
+        from_hf(hf, HF_TINY_CONFIG)
 
 
-def test_to_hf_needs_qkv_bias():
-    with pytest.raises(ValueError, match="the model has qkv_bias=False"):
-        to_hf(_canonical(TINY), TINY)
+def test_to_hf_gives_a_model_without_qkv_bias_zero_biases():
+    sd = _canonical(TINY)
+    hf = to_hf(sd, TINY)
+    assert not hf["transformer.h.0.attn.c_attn.bias"].any()
+    back, cfg = from_hf(hf, _hf_config(TINY, tie_word_embeddings="lm_head.weight" not in hf))
+    assert cfg.qkv_bias
+    np.testing.assert_array_equal(back["trf_blocks.1.att.W_key.weight"], sd["trf_blocks.1.att.W_key.weight"])
+
+
+def test_to_hf_arrays_are_contiguous_and_survive_safetensors(tmp_path):
+    """A transposed view handed to safetensors is written in memory order: scrambled (found once)."""
+    cfg = TINY_BIAS.replace(n_layers=2)
+    sd = _canonical(cfg)
+    hf = to_hf(sd, cfg)
+    assert all(v.flags.c_contiguous for v in hf.values())
+    save_file(hf, tmp_path / "model.safetensors")
+    ckpt = load_checkpoint(tmp_path / "model.safetensors", config=cfg)
+    for name in sd:
+        np.testing.assert_array_equal(ckpt.state_dict[name], sd[name], err_msg=name)
 
 
 @pytest.mark.parametrize("twin", ["torch", "flax"])
@@ -121,10 +151,10 @@ def test_a_save_never_leaves_a_half_file(tmp_path, monkeypatch):
 
     def crash(tensors, filename, metadata=None):
         open(filename, "wb").write(b"partial")
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(safetensors.numpy, "save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ValueError, match=r"cannot write checkpoint .*m.safetensors.*No space left"):
         save_checkpoint(path, _canonical(TINY), TINY)
     assert list(tmp_path.iterdir()) == []
 
@@ -132,16 +162,23 @@ def test_a_save_never_leaves_a_half_file(tmp_path, monkeypatch):
 def test_canonical_files_without_metadata_infer_their_config(tmp_path):
     sd = _canonical(TINY_BIAS.replace(emb_dim=128, n_heads=2))
     save_file(sd, tmp_path / "bare.safetensors")
-    ckpt = load_checkpoint(tmp_path / "bare.safetensors")
+    with pytest.raises(ValueError, match="cannot tell n_heads"):
+        load_checkpoint(tmp_path / "bare.safetensors")
+    ckpt = load_checkpoint(tmp_path / "bare.safetensors", n_heads=2)
     assert ckpt.config == TINY_BIAS.replace(emb_dim=128, n_heads=2, drop_rate=0.1)
+    assert ckpt.config_source == "inferred from the tensors"
     assert infer_config(sd, n_heads=4).n_heads == 4
 
 
-def test_hf_snapshot_directories_read_config_json(tmp_path):
+@pytest.mark.parametrize("given", ["folder", "file"])
+def test_hf_config_json_is_read_beside_the_file_or_in_the_folder(tmp_path, given):
+    """The scenario of the issue: given the file, not the folder, config.json was never read and
+    n_heads was guessed as emb_dim / 64."""
     save_file(random_hf_gpt2(**HF_TINY), tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps({"n_head": 3, "resid_pdrop": 0.1, "n_layer": 2}))
-    ckpt = load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(HF_TINY_CONFIG))
+    ckpt = load_checkpoint(tmp_path if given == "folder" else tmp_path / "model.safetensors")
     assert ckpt.layout == "hf-gpt2" and ckpt.config.n_heads == 3 and ckpt.config.n_layers == 2
+    assert ckpt.config_source == str(tmp_path / "config.json")
 
 
 @pytest.mark.parametrize(
@@ -172,11 +209,12 @@ def test_a_mismatched_file_leaves_no_model_half_loaded(tmp_path):
     sd = _canonical(TINY)
     sd["trf_blocks.1.ff.layers.0.weight"] = np.zeros((96, 23), np.float32)
     save_file(sd, path)
-    ckpt = load_checkpoint(path, config=TINY)
+    with pytest.raises(ValueError, match=r"'trf_blocks.1.ff.layers.0.weight' has shape \(96, 23\), expected \(96, 24\)"):
+        load_checkpoint(path, config=TINY)
     model = gpt_torch.GPTModel(TINY)
     before = gpt_torch.state_dict(model)
     with pytest.raises(ValueError, match=r"'trf_blocks.1.ff.layers.0.weight' has shape \(96, 23\), expected \(96, 24\)"):
-        gpt_torch.load_state_dict(model, ckpt.state_dict)
+        gpt_torch.load_state_dict(model, sd)
     for name, value in gpt_torch.state_dict(model).items():
         np.testing.assert_array_equal(value, before[name], err_msg=name)
     with pytest.raises(ValueError, match=r"has shape \(96, 23\), expected \(96, 24\)"):
@@ -194,7 +232,7 @@ def test_the_books_model_pth_loads_without_running_pickled_code(tmp_path):
     torch.save({"model_state_dict": book_sd, "optimizer_state_dict": {}}, tmp_path / "model_and_optimizer.pth")
     for name in ("model.pth", "model_and_optimizer.pth"):
         read = gpt_torch.read_torch_file(tmp_path / name)
-        assert read.keys() == sd.keys()
+        assert read.keys() == book_sd.keys()
         loaded = gpt_torch.load(tmp_path / name, config=TINY_BIAS)
         fm = gpt_flax.GPTModel(TINY_BIAS, rngs=gpt_flax_rngs())
         gpt_flax.load_state_dict(fm, read)
@@ -215,5 +253,5 @@ def test_pickles_that_hold_code_are_refused(tmp_path, capsys):
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(ValueError, match="is not a readable torch.save file"):
         gpt_torch.read_torch_file(tmp_path / "junk.pth")
-    with pytest.raises(ValueError, match="only torch can read"):
+    with pytest.raises(ValueError, match="is not a readable torch.save file"):
         gpt_flax.load(tmp_path / "junk.pth")

@@ -1,6 +1,7 @@
 """Every command and code block the README shows is run: Python blocks here, `gpt-parity` lines
 here in a subprocess, the two `make` commands by .ci/run."""
 
+import json
 import re
 import shlex
 import subprocess
@@ -57,11 +58,11 @@ def snapshot(tmp_path_factory):
     """What an HF gpt2 snapshot folder holds, with random tensors of a small GPT-2's shapes."""
     from safetensors.numpy import save_file
 
-    from parity_tests.hf_reference import random_hf_gpt2
+    from parity_tests.hf_reference import gpt2_config_json, random_hf_gpt2
 
     folder = tmp_path_factory.mktemp("snapshot")
     save_file(random_hf_gpt2(vocab_size=50257, n_positions=128, n_embd=64, n_layer=2), folder / "model.safetensors")
-    (folder / "config.json").write_text('{"n_head": 4, "n_layer": 2, "n_embd": 64}')
+    (folder / "config.json").write_text(json.dumps(gpt2_config_json(50257, 128, 64, 2, 4)))
     return str(folder)
 
 

@@ -75,7 +75,7 @@ def _bad_dicts(sd):
         ({k: v for k, v in extra.items() if k != "tok_emb.weight"},
          "state dict does not match DummyGPTModel: missing key(s) 'tok_emb.weight'; "
          "unexpected key(s) 'trf_blocks.0.att.mask'"),
-        (ints, "state dict key 'tok_emb.weight' has dtype int32, expected a floating-point array"),
+        (ints, "state dict key 'tok_emb.weight' has dtype int32, expected one of float16, bfloat16, float32, float64"),
         ([("tok_emb.weight", 1)], "state dict must be a mapping of name -> array, got list"),
     ]
 

@@ -1,0 +1,153 @@
+"""State dicts as the twins exchange them, in memory or read lazily from a file, and their checks.
+
+A state dict is a flat `{name: array}` in the PyTorch twin's names and layouts. Both twins'
+`load_state_dict` call `check_state_dict` before touching a parameter, so a dict with a missing
+or extra key, a wrong shape or a dtype the twins cannot hold exactly is refused whole, with the
+same message. A `LazyStateDict` knows every shape and dtype from a file's header and reads a
+tensor only when asked for it, so a checkpoint is checked before anything is read or built, and
+a model is filled one tensor at a time (the resident memory of a load is the model's plus one
+tensor's).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+StateDict = dict[str, np.ndarray]
+# The floating dtypes a checkpoint may hold: float16 and bfloat16 widen to float32 exactly, and
+# float64 narrows by rounding only (a value beyond float32's range is refused, never made inf).
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_MASK = re.compile(r"trf_blocks\.(\d+)\.att\.mask")
+
+
+class LazyStateDict(Mapping[str, np.ndarray]):
+    """`{name: array}` whose arrays are read on access (a fresh array each time, nothing cached);
+    shapes and dtypes are known without reading."""
+
+    def __init__(self, entries: Mapping[str, tuple[tuple[int, ...], str, Callable[[], np.ndarray]]]):
+        self._entries = dict(entries)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._entries[key][2]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def info(self, key: str) -> tuple[tuple[int, ...], str]:
+        shape, dtype, _ = self._entries[key]
+        return shape, dtype
+
+    def __repr__(self) -> str:
+        return f"LazyStateDict({len(self)} tensors)"
+
+
+def dtype_name(value: Any) -> str:
+    """'float32', 'bfloat16', ... for a numpy, JAX or torch array."""
+    return str(value.dtype).removeprefix("torch.")
+
+
+def as_numpy(value: Any) -> np.ndarray:
+    """A numpy view or copy of a numpy, JAX or torch array (torch's bfloat16 as ml_dtypes')."""
+    if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor
+        tensor = value.detach().cpu()
+        if dtype_name(tensor) == "bfloat16":
+            import ml_dtypes
+            import torch
+
+            return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return tensor.numpy()
+    return np.asarray(value)
+
+
+def info(sd: Mapping[str, Any], key: str) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype name) of `sd[key]`, without reading a lazy one."""
+    if isinstance(sd, LazyStateDict):
+        return sd.info(key)
+    value = sd[key]
+    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+        try:
+            value = np.asarray(value)
+        except Exception as e:  # e.g. a ragged list
+            raise ValueError(f"state dict key {key!r} is not an array: {e}") from e
+    return tuple(int(n) for n in value.shape), dtype_name(value)
+
+
+def layer_count(keys, pattern: str, what: str) -> int:
+    """How many blocks `pattern` (one group: the index) numbers among `keys`, refusing gaps."""
+    found = sorted({int(m.group(1)) for k in keys if (m := re.match(pattern, k))})
+    if found != list(range(len(found))):
+        raise ValueError(f"{what}: transformer layers {found} are not numbered 0..n-1")
+    return len(found)
+
+
+def _names(keys) -> str:
+    return ", ".join(repr(k) for k in sorted(keys))
+
+
+def checked_array(name: str, value: Any) -> np.ndarray:
+    """`value` as a numpy array, refusing float64 values float32 cannot hold (they would be inf)."""
+    array = as_numpy(value)
+    if array.dtype == np.float64 and array.size:
+        finite = np.abs(array[np.isfinite(array)])
+        if finite.size and finite.max() > _FLOAT32_MAX:
+            raise ValueError(f"state dict key {name!r} holds float64 value(s) up to {finite.max():.3g}, "
+                             f"beyond float32's range ({_FLOAT32_MAX:.3g})")
+    return array
+
+
+def _check_mask(name: str, sd: Mapping[str, Any], context_length: int) -> None:
+    """The book's persistent causal-mask buffer: exactly triu(ones(n, n), 1) for this context."""
+    shape, _ = info(sd, name)
+    if shape != (context_length, context_length):
+        raise ValueError(f"state dict key {name!r} has shape {shape}, expected the causal mask "
+                         f"{(context_length, context_length)}")
+    value = as_numpy(sd[name]).astype(np.float64)
+    if not np.array_equal(value, np.triu(np.ones((context_length, context_length)), k=1)):
+        raise ValueError(f"state dict key {name!r} is not the causal mask triu(ones, 1)")
+
+
+def check_state_dict(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, Any],
+                     model_name: str) -> Mapping[str, np.ndarray]:
+    """Validate `given` against the model's `{name: shape}`; return its arrays as numpy (lazily for
+    a `LazyStateDict`), without the causal-mask buffers the book's model carries.
+
+    Raises ValueError naming every missing and unexpected key, or the first key whose shape or
+    dtype is wrong. A `trf_blocks.N.att.mask` of a block the model has is accepted (and dropped)
+    only if it is the causal mask of the model's context length. Nothing is converted in place.
+    """
+    if not isinstance(given, Mapping):
+        raise ValueError(f"state dict must be a mapping of name -> array, got {type(given).__name__}")
+    masks = {k for k in given if isinstance(k, str) and (m := _MASK.fullmatch(k))
+             and f"trf_blocks.{m.group(1)}.att.out_proj.weight" in expected}
+    missing = set(expected) - set(given)
+    unexpected = set(given) - set(expected) - masks
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing key(s) {_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected key(s) {_names(map(str, unexpected))}")
+        raise ValueError(f"state dict does not match {model_name}: {'; '.join(parts)}")
+    for name in sorted(masks):
+        _check_mask(name, given, expected["pos_emb.weight"][0])
+    for name, shape in expected.items():
+        got, dtype = info(given, name)
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"state dict key {name!r} has dtype {dtype}, expected one of "
+                             f"{', '.join(FLOAT_DTYPES)}")
+        if got != tuple(shape):
+            raise ValueError(f"state dict key {name!r} has shape {got}, expected {tuple(shape)}")
+    if isinstance(given, LazyStateDict):
+        return LazyStateDict({
+            name: (*given.info(name), lambda name=name: checked_array(name, given[name]))
+            for name in expected
+        })
+    return {name: checked_array(name, given[name]) for name in expected}
