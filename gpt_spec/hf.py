@@ -183,13 +183,12 @@ def _check_buffer(name: str, value: np.ndarray, n_positions: int, source: str) -
         raise ValueError(f"{source}: buffer {name!r} is not a masked-score fill value (a scalar <= -1e4)")
 
 
-def _first_key(names: Mapping[str, str], shapes: Mapping[str, Any], source: str) -> str:
+def _check_embeddings(names: Mapping[str, str], shapes: Mapping[str, Any], source: str) -> None:
     for short in ("wte.weight", "wpe.weight"):
         if short not in names:
             raise ValueError(f"{source}: missing tensor {short!r}")
         if len(shapes[short]) != 2:
             raise ValueError(f"{source}: tensor {short!r} has shape {shapes[short]}, expected 2 dimensions")
-    return "wte.weight"
 
 
 def from_hf(hf: Mapping[str, np.ndarray], hf_config: Mapping[str, Any] | None = None, *,
@@ -203,7 +202,7 @@ def from_hf(hf: Mapping[str, np.ndarray], hf_config: Mapping[str, Any] | None = 
     """
     names = _strip_prefix(hf, source)
     shapes = {short: info(hf, key)[0] for short, key in names.items()}
-    _first_key(names, shapes, source)
+    _check_embeddings(names, shapes, source)
 
     def read(short: str) -> np.ndarray:
         return np.asarray(hf[names[short]])
