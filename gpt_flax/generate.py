@@ -1,4 +1,5 @@
-"""Greedy generation, the book's generate_text_simple, as one jitted loop over a fixed-size buffer."""
+"""Greedy generation, the book's generate_text_simple, as jitted chunks of steps over a fixed-size
+buffer, for any model with the book's interface."""
 
 from __future__ import annotations
 
@@ -7,18 +8,76 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from gpt_spec import check_cached_generation, check_generation
+from gpt_spec import (
+    GPTConfig,
+    ModelLimits,
+    check_cached_generation,
+    check_generation,
+    check_id_dtype,
+    check_logits,
+    check_output_fits,
+    default_context_size,
+)
 
 from .model import KVCache, check_ids
 
+# Greedy steps per compiled call. The Python loop waits for each chunk before it dispatches the
+# next, so Ctrl-C lands between chunks instead of after the whole generation; the chunk's bounds
+# are arguments, not constants, so every chunk of a generation runs the same compiled program.
+GENERATE_CHUNK = 32
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "window"))
-def _generate(graphdef, rng_state, params, prompt, *, max_new_tokens: int, window: int):
-    batch, n_prompt = prompt.shape
-    buf = jnp.zeros((batch, n_prompt + max_new_tokens), prompt.dtype)
-    buf = buf.at[:, :n_prompt].set(prompt)
+
+def model_limits(model: nnx.Module) -> GPTConfig | ModelLimits:
+    """The twins' GPTConfig, or for any other model with the book's interface the sizes its
+    tok_emb and pos_emb tell, each None where it has none."""
+    cfg = getattr(model, "cfg", None)
+    if isinstance(cfg, GPTConfig):
+        return cfg
+    tok_emb, pos_emb = getattr(model, "tok_emb", None), getattr(model, "pos_emb", None)
+    return ModelLimits(
+        vocab_size=tok_emb.num_embeddings if isinstance(tok_emb, nnx.Embed) else None,
+        context_length=pos_emb.num_embeddings if isinstance(pos_emb, nnx.Embed) else None,
+    )
+
+
+def _dtype_name(idx: Any) -> str:
+    """The prompt's own dtype (numpy's int64, before jnp makes it int32), as torch's twin sees it."""
+    dtype = getattr(idx, "dtype", None)
+    return np.dtype(dtype).name if dtype is not None else np.asarray(idx).dtype.name
+
+
+def _check_prompt(model: nnx.Module, idx: Any) -> tuple[GPTConfig | ModelLimits, jax.Array]:
+    """(the model's limits, the prompt as a jax array of its dtype as jnp holds it) after checking
+    the prompt against them; refuses a prompt whose dtype cannot hold every id the model may
+    generate, when the vocabulary is known before a step."""
+    limits = model_limits(model)
+    ids = check_ids(idx, limits, check_length=False)  # int32
+    dtype_name = _dtype_name(idx)
+    if limits.vocab_size is not None:
+        check_id_dtype(dtype_name, limits.vocab_size)
+    return limits, ids.astype(jax.dtypes.canonicalize_dtype(np.dtype(dtype_name)))
+
+
+def _check_model_output(graphdef, rng_state, params, ids: jax.ShapeDtypeStruct,
+                        limits: GPTConfig | ModelLimits, dtype_name: str) -> None:
+    """For a model that is not a twin's: its logits' shape, from a trace (nothing runs), checked
+    as torch's twin checks them at each step."""
+    def forward(rng_state, params, ids):
+        return nnx.merge(graphdef, rng_state, params)(ids)
+
+    out = jax.eval_shape(forward, rng_state, params, ids)
+    shape = tuple(getattr(out, "shape", ()))
+    check_logits(shape, *ids.shape, limits.vocab_size)
+    if limits.vocab_size is None:  # a model that tells its vocabulary only by its logits
+        check_id_dtype(dtype_name, shape[-1])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_prompt", "window"), donate_argnames=("buf",))
+def _generate(graphdef, rng_state, params, buf, lo, hi, *, n_prompt: int, window: int):
+    """Steps lo..hi-1 of a generation into `buf` (batch, n_prompt + max_new_tokens)."""
 
     def step(i, carry):
         buf, rng_state = carry
@@ -32,60 +91,83 @@ def _generate(graphdef, rng_state, params, prompt, *, max_new_tokens: int, windo
         logits = model(idx_cond)  # (batch, window, vocab_size)
         logits = jax.lax.dynamic_index_in_dim(logits, n - 1 - start, axis=1, keepdims=False)
         probas = jax.nn.softmax(logits, axis=-1)
+        # argmax is int32 and vocab_size <= 2**31 - 1; the prompt's dtype was checked to hold it.
         idx_next = jnp.argmax(probas, axis=-1).astype(buf.dtype)  # (batch,)
         buf = jax.lax.dynamic_update_slice_in_dim(buf, idx_next[:, None], n, axis=1)
         return buf, nnx.state(model, nnx.RngState)
 
-    buf, rng_state = jax.lax.fori_loop(0, max_new_tokens, step, (buf, rng_state))
-    return buf, rng_state
+    return jax.lax.fori_loop(lo, hi, step, (buf, rng_state))
 
 
 def generate_text_simple(model: nnx.Module, idx: Any, max_new_tokens: int, context_size: int) -> jax.Array:
     """Append `max_new_tokens` greedy tokens to `idx` (batch, n_tokens), feeding the model at most
-    the last `context_size` tokens at each step. Returns (batch, n_tokens + max_new_tokens).
+    the last `context_size` tokens at each step. Returns (batch, n_tokens + max_new_tokens), in
+    the prompt's dtype as jnp holds it (one that cannot hold every id of the vocabulary is refused).
 
-    The loop is one compiled program per (batch, n_tokens, max_new_tokens, window) shape: the
-    tokens live in a preallocated buffer, so nothing recompiles as the sequence grows.
+    `model` is any nnx.Module with the book's interface, ids (batch, seq) -> logits (batch, seq,
+    vocab). One compiled program per (batch, n_tokens, max_new_tokens, window) shape runs the
+    steps, GENERATE_CHUNK at a time: the tokens live in a preallocated buffer, so nothing
+    recompiles as the sequence grows, and Ctrl-C stops the loop between chunks.
     """
-    idx = check_ids(idx, model.cfg, check_length=False)
-    max_new_tokens, context_size = check_generation(idx.shape[1], max_new_tokens, context_size, model.cfg)
+    dtype_name = _dtype_name(idx)
+    limits, ids = _check_prompt(model, idx)
+    batch, n_prompt = ids.shape
+    max_new_tokens, context_size = check_generation(n_prompt, max_new_tokens, context_size, limits)
+    check_output_fits(batch, n_prompt, max_new_tokens, dtype_name)
     if max_new_tokens == 0:
-        return idx
-    window = min(context_size, idx.shape[1] + max_new_tokens - 1)
+        return ids
+    window = min(context_size, n_prompt + max_new_tokens - 1)
     graphdef, rng_state, params = nnx.split(model, nnx.RngState, ...)
-    out, rng_state = _generate(graphdef, rng_state, params, idx, max_new_tokens=max_new_tokens, window=window)
-    nnx.update(model, rng_state)  # dropout keys advance, as in the eager model
-    return out
+    if not isinstance(getattr(model, "cfg", None), GPTConfig):
+        window_ids = jax.ShapeDtypeStruct((batch, window), ids.dtype)
+        _check_model_output(graphdef, rng_state, params, window_ids, limits, dtype_name)
+    buf = jnp.concatenate([ids, jnp.zeros((batch, max_new_tokens), ids.dtype)], axis=1)
+    try:
+        for lo in range(0, max_new_tokens, GENERATE_CHUNK):
+            hi = min(lo + GENERATE_CHUNK, max_new_tokens)
+            buf, rng_state = _generate(graphdef, rng_state, params, buf, lo, hi, n_prompt=n_prompt, window=window)
+            jax.block_until_ready(buf)  # a KeyboardInterrupt lands here, between chunks
+    finally:
+        nnx.update(model, rng_state)  # dropout keys advance, as in the eager model (to the last chunk run)
+    return buf
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
-def _generate_cached(graphdef, params, cache, rest, prompt, *, max_new_tokens: int):
-    """Prefill the cache with the prompt, then one token per step; params stay constants of the
-    program, only the cache (and dropout keys) are carried from step to step."""
+def _run_cached(graphdef, params, cache, rest, ids):
+    """The model's logits at the last of `ids`, fed through its KV cache; the cache and the other
+    state (dropout keys) as they are after."""
+    model = nnx.merge(graphdef, params, cache, rest)
+    logits = model(ids, use_cache=True)[:, -1, :]  # (batch, vocab_size)
+    _, _, cache, rest = nnx.split(model, nnx.Param, KVCache, ...)
+    return logits, cache, rest
 
-    def run(cache, rest, ids):
-        model = nnx.merge(graphdef, params, cache, rest)
-        logits = model(ids, use_cache=True)[:, -1, :]  # (batch, vocab_size)
-        _, _, cache, rest = nnx.split(model, nnx.Param, KVCache, ...)
-        return logits, cache, rest
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _prefill(graphdef, params, cache, rest, prompt):
+    """The prompt into the cache, in one call."""
+    return _run_cached(graphdef, params, cache, rest, prompt)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("tokens",))
+def _generate_cached(graphdef, params, cache, rest, logits, tokens, lo, hi):
+    """Decode steps lo..hi-1: step i picks token i from the logits carried in and feeds it through
+    the cache. Then token hi is picked from the last logits: the next chunk's first pick, or, at
+    hi = max_new_tokens - 1, the last token (which needs no logits). Params stay constants of the
+    program; the cache (and dropout keys) are carried from step to step."""
 
     def pick(logits):
         probas = jax.nn.softmax(logits, axis=-1)
-        return jnp.argmax(probas, axis=-1).astype(prompt.dtype)  # (batch,)
-
-    logits, cache, rest = run(cache, rest, prompt)
-    tokens = jnp.zeros((prompt.shape[0], max_new_tokens), prompt.dtype)
+        return jnp.argmax(probas, axis=-1).astype(tokens.dtype)  # (batch,)
 
     def step(i, carry):
         logits, tokens, cache, rest = carry
         idx_next = pick(logits)
-        tokens = tokens.at[:, i].set(idx_next)
-        logits, cache, rest = run(cache, rest, idx_next[:, None])
+        tokens = jax.lax.dynamic_update_index_in_dim(tokens, idx_next, i, axis=1)
+        logits, cache, rest = _run_cached(graphdef, params, cache, rest, idx_next[:, None])
         return logits, tokens, cache, rest
 
-    logits, tokens, cache, rest = jax.lax.fori_loop(0, max_new_tokens - 1, step, (logits, tokens, cache, rest))
-    tokens = tokens.at[:, max_new_tokens - 1].set(pick(logits))  # the last token needs no logits
-    return tokens, cache, rest
+    logits, tokens, cache, rest = jax.lax.fori_loop(lo, hi, step, (logits, tokens, cache, rest))
+    tokens = jax.lax.dynamic_update_index_in_dim(tokens, pick(logits), hi, axis=1)
+    return logits, tokens, cache, rest
 
 
 def generate_text_simple_cached(model: nnx.Module, idx: Any, max_new_tokens: int,
@@ -93,19 +175,32 @@ def generate_text_simple_cached(model: nnx.Module, idx: Any, max_new_tokens: int
     """generate_text_simple with the KV cache (the book's chapter-4 variant): the prompt is fed once,
     then one new token per step. Same tokens as generate_text_simple (the window must not slide).
 
-    One compiled program per (batch, prompt, max_new_tokens): the cache is preallocated for exactly
-    the positions this call needs, and every step has the same shapes.
+    One compiled prefill per (batch, prompt) and one compiled chunk of decode steps per (batch,
+    prompt, max_new_tokens): the cache is preallocated for exactly the positions this call needs,
+    and every step has the same shapes. A model without a KV cache (no `reset_kv_cache`) is run
+    without one, after the same checks: the same tokens.
     """
-    idx = check_ids(idx, model.cfg, check_length=False)
+    dtype_name = _dtype_name(idx)
+    limits, ids = _check_prompt(model, idx)
     if not use_cache:
-        size = model.cfg.context_length if context_size is None else context_size
+        size = default_context_size(ids.shape[1], max_new_tokens, context_size, limits)
         return generate_text_simple(model, idx, max_new_tokens, size)
-    max_new_tokens, context_size = check_cached_generation(idx.shape[1], max_new_tokens, context_size, model.cfg)
+    max_new_tokens, context_size = check_cached_generation(ids.shape[1], max_new_tokens, context_size, limits)
+    if not hasattr(model, "reset_kv_cache"):
+        return generate_text_simple(model, idx, max_new_tokens, context_size)
+    check_output_fits(ids.shape[0], ids.shape[1], max_new_tokens, dtype_name)
     if max_new_tokens == 0:
-        return idx
-    prompt = idx[:, -context_size:]
+        return ids
+    prompt = ids[:, -context_size:]
     model.reset_kv_cache(batch_size=prompt.shape[0], max_len=prompt.shape[1] + max_new_tokens - 1)
     graphdef, params, cache, rest = nnx.split(model, nnx.Param, KVCache, ...)
-    tokens, cache, rest = _generate_cached(graphdef, params, cache, rest, prompt, max_new_tokens=max_new_tokens)
-    nnx.update(model, cache, rest)
-    return jnp.concatenate([idx, tokens], axis=1)
+    logits, cache, rest = _prefill(graphdef, params, cache, rest, prompt)
+    tokens = jnp.zeros((prompt.shape[0], max_new_tokens), ids.dtype)
+    try:
+        for lo in range(0, max(max_new_tokens - 1, 1), GENERATE_CHUNK):
+            hi = min(lo + GENERATE_CHUNK, max_new_tokens - 1)
+            logits, tokens, cache, rest = _generate_cached(graphdef, params, cache, rest, logits, tokens, lo, hi)
+            jax.block_until_ready(tokens)  # a KeyboardInterrupt lands here, between chunks
+    finally:
+        nnx.update(model, cache, rest)
+    return jnp.concatenate([ids, tokens], axis=1)

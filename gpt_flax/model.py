@@ -12,14 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gpt_spec import FINAL_NORMS, GPTConfig, check_cache_room, check_token_ids
+from gpt_spec import FINAL_NORMS, GPTConfig, ModelLimits, check_cache_room, check_model_fits, check_token_ids
 
 
-def check_ids(in_idx: Any, cfg: GPTConfig, *, check_length: bool = True) -> jax.Array:
+def check_ids(in_idx: Any, cfg: GPTConfig | ModelLimits, *, check_length: bool = True) -> jax.Array:
     """Refuse ids the embedding lookup would clamp, as torch's twin refuses them; return a jax array.
 
-    Inside a trace the values are unknown, so only shape and dtype are checked; the jitted entry
-    points check values on the host before dispatch.
+    Ids of any integer dtype are accepted and returned as int32 (as torch's twin returns int64),
+    which holds every id in range. Inside a trace the values are unknown, so only shape and dtype
+    are checked (and the ids returned as they are); the jitted entry points check values on the
+    host before dispatch.
     """
     if isinstance(in_idx, jax.core.Tracer):
         check_token_ids(in_idx.shape, in_idx.dtype.kind, str(in_idx.dtype), None, None, cfg,
@@ -31,7 +33,10 @@ def check_ids(in_idx: Any, cfg: GPTConfig, *, check_length: bool = True) -> jax.
     if kind in ("i", "u") and host.size > 0:
         lo, hi = int(host.min()), int(host.max())
     check_token_ids(host.shape, kind, str(host.dtype), lo, hi, cfg, check_length=check_length)
-    return jnp.asarray(in_idx)
+    ids = jnp.asarray(in_idx)
+    # Every id is in [0, vocab_size) and vocab_size <= 2**31 - 1: int32 holds it exactly, and one
+    # dtype means one compiled program per shape whatever integer dtype the ids came in.
+    return ids if ids.dtype == jnp.int32 else ids.astype(jnp.int32)
 
 
 def _uniform(bound: float) -> nnx.Initializer:
@@ -313,7 +318,9 @@ class DummyGPTModel(_GPT):
     def __init__(self, cfg: GPTConfig | Mapping[str, Any], final_norm: str = "dummy", *,
                  rngs: nnx.Rngs):
         self.final_norm_kind = final_norm
-        self._build(GPTConfig.coerce(cfg), DummyTransformerBlock, _final_norm(final_norm), rngs)
+        cfg, norm = GPTConfig.coerce(cfg), _final_norm(final_norm)
+        check_model_fits("DummyGPTModel", cfg, final_norm=final_norm)
+        self._build(cfg, DummyTransformerBlock, norm, rngs)
 
     @property
     def options(self) -> dict[str, str]:
@@ -325,7 +332,9 @@ class GPTModel(_GPT):
     """The GPT of §4.6: n_layers transformer blocks between the embeddings and the head."""
 
     def __init__(self, cfg: GPTConfig | Mapping[str, Any], *, rngs: nnx.Rngs):
-        self._build(GPTConfig.coerce(cfg), TransformerBlock, LayerNorm, rngs)
+        cfg = GPTConfig.coerce(cfg)
+        check_model_fits("GPTModel", cfg)
+        self._build(cfg, TransformerBlock, LayerNorm, rngs)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "return_activations"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -9,16 +10,27 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gpt_spec import StateDict, check_targets
+from gpt_spec import StateDict, check_adamw, check_targets
 
 from .model import check_ids
 from .weights import to_canonical
 
 
-def calc_loss_batch(input_batch: Any, target_batch: Any, model: nnx.Module) -> jax.Array:
-    """Mean next-token cross-entropy of `model` on (batch, seq_len) inputs and targets."""
+def _checked(model: nnx.Module, input_batch: Any, target_batch: Any) -> tuple[jax.Array, jax.Array]:
+    """Inputs, then targets, then their pairing (the torch twin's order). On the host before a
+    jitted step's dispatch, where the values are known; in its trace, shapes and dtypes only."""
+    input_batch = check_ids(input_batch, model.cfg)
     target_batch = check_ids(target_batch, model.cfg)
     check_targets(tuple(input_batch.shape), tuple(target_batch.shape))
+    return input_batch, target_batch
+
+
+def calc_loss_batch(input_batch: Any, target_batch: Any, model: nnx.Module) -> jax.Array:
+    """Mean next-token cross-entropy of `model` on (batch, seq_len) inputs and targets.
+
+    The inputs are checked first, then the targets (as the torch twin does); ids of any integer
+    dtype, as numpy or JAX arrays or nested lists (what the forward takes), are accepted."""
+    input_batch, target_batch = _checked(model, input_batch, target_batch)
     logits = model(input_batch)
     return optax.softmax_cross_entropy_with_integer_labels(
         logits.reshape(-1, logits.shape[-1]), target_batch.reshape(-1)
@@ -32,8 +44,7 @@ def _loss_and_grads(model: nnx.Module, input_batch: jax.Array, target_batch: jax
 
 def loss_and_grads(model: nnx.Module, input_batch: Any, target_batch: Any) -> tuple[float, StateDict]:
     """The loss and the gradient of every parameter, as a canonical `{name: numpy array}`."""
-    input_batch = check_ids(input_batch, model.cfg)
-    target_batch = check_ids(target_batch, model.cfg)
+    input_batch, target_batch = _checked(model, input_batch, target_batch)
     loss, grads = _loss_and_grads(model, input_batch, target_batch)
     return float(loss), to_canonical(grads)
 
@@ -41,9 +52,19 @@ def loss_and_grads(model: nnx.Module, input_batch: Any, target_batch: Any) -> tu
 def adamw(model: nnx.Module, lr: float = 4e-4, weight_decay: float = 0.1,
           betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> nnx.Optimizer:
     """optax.adamw over every parameter, the same update as torch.optim.AdamW with these settings:
-    p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p)."""
-    tx = optax.adamw(learning_rate=lr, b1=betas[0], b2=betas[1], eps=eps, weight_decay=weight_decay)
-    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+    p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p).
+
+    Arguments are checked by gpt_spec.check_adamw (optax checks none), so both twins refuse the
+    same ones with the same ValueError."""
+    lr, weight_decay, betas, eps = check_adamw(lr, weight_decay, betas, eps)
+    return nnx.Optimizer(model, _adamw_tx(lr, weight_decay, *betas, eps), wrt=nnx.Param)
+
+
+@functools.lru_cache(maxsize=64)
+def _adamw_tx(lr: float, weight_decay: float, b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """One transformation per setting: it is part of the optimizer's static structure, so a new
+    optimizer with the same settings reuses the compiled train step instead of compiling anew."""
+    return optax.adamw(learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
 
 # Donated: the update writes parameters and optimizer state in place instead of a fresh copy
@@ -58,6 +79,5 @@ def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, input_batch: jax.Ar
 
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, input_batch: Any, target_batch: Any) -> float:
     """One optimizer step on one batch (compiled once per shape); returns the loss before the step."""
-    input_batch = check_ids(input_batch, model.cfg)
-    target_batch = check_ids(target_batch, model.cfg)
+    input_batch, target_batch = _checked(model, input_batch, target_batch)
     return float(np.asarray(_train_step(model, optimizer, input_batch, target_batch)))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gpt_spec import GPTConfig, StateDict, check_dtype, check_state_dict
+from gpt_spec import GPTConfig, StateDict, check_dtype, check_state_dict, in_model_order
 from gpt_spec.checkpoint import load_checkpoint, read_torch_file, save_checkpoint
 
 __all__ = ["cast", "load", "load_state_dict", "read_torch_file", "save", "state_dict"]
@@ -41,12 +41,17 @@ def _canonical(path: tuple) -> tuple[str, bool]:
 
 
 def _params(model: nnx.Module) -> dict[str, tuple[nnx.Variable, bool]]:
-    """Canonical name -> (the live parameter, transposed?)."""
+    """Canonical name -> (the live parameter, transposed?), in the model order of the torch twin's
+    state_dict() (NNX's flat state is sorted by path), so both twins check a state dict in the
+    same order and name the same culprit first."""
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, transposed = _canonical(path)
         out[name] = (var, transposed)
-    return out
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(cfg, GPTConfig):
+        return out
+    return {name: out[name] for name in in_model_order(out, cfg)}
 
 
 def to_canonical(params: nnx.State) -> StateDict:

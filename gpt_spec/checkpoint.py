@@ -14,14 +14,15 @@ import contextlib
 import dataclasses
 import json
 import os
+import stat
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .config import GPTConfig
+from .config import GPTConfig, parse_json, read_json
 from .hf import config_from_hf, from_hf, hf_config, is_hf_layout, published_n_heads, to_hf
 from .tensors import (
     FLOAT_DTYPES,
@@ -29,6 +30,7 @@ from .tensors import (
     StateDict,
     as_numpy,
     check_state_dict,
+    dtype_name,
     info,
     layer_count,
 )
@@ -199,26 +201,18 @@ def _open_safetensors(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], str,
     return entries, metadata
 
 
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ValueError(f"cannot read {what} {str(path)!r}: {e.strerror}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} {str(path)!r} is not valid JSON: {e}") from e
-
-
 def _open_sharded(index: Path) -> tuple[LazyStateDict, tuple[str, ...]]:
     """A sharded HF snapshot (`model.safetensors.index.json` + shards) as one lazy state dict."""
-    data = _read_json(index, "shard index")
+    data = read_json(index, "shard index")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"shard index {str(index)!r} has no weight_map")
-    entries: dict[str, tuple] = {}
-    shards = sorted(set(weight_map.values()), key=str)
-    for shard in shards:
+    for shard in weight_map.values():
         if not isinstance(shard, str) or Path(shard).name != shard:
             raise ValueError(f"shard index {str(index)!r} names {shard!r}, not a file beside it")
+    entries: dict[str, tuple] = {}
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
         found, _ = _open_safetensors(index.parent / shard)
         for key, entry in found.items():
             if key in entries:
@@ -248,13 +242,32 @@ def read_torch_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         raise ValueError(f"checkpoint {os.fspath(path)!r} does not exist") from None
     except pickle.UnpicklingError as e:
         raise ValueError(f"{os.fspath(path)!r} holds more than tensors; refusing to unpickle it: {e}") from e
-    except Exception as e:  # a truncated zip, or not a torch file at all
-        raise ValueError(f"{os.fspath(path)!r} is not a readable torch.save file: {e}") from e
+    except Exception as e:  # a truncated zip, or not a torch file at all; an empty one is a bare EOFError
+        reason = str(e) or ("it ends before its first record (empty or cut short)" if isinstance(e, EOFError)
+                            else type(e).__name__)
+        raise ValueError(f"{os.fspath(path)!r} is not a readable torch.save file: {reason}") from e
     if isinstance(obj, Mapping) and "model_state_dict" in obj:
         obj = obj["model_state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{os.fspath(path)!r} does not hold a state dict of tensors")
-    return {str(name): as_numpy(tensor) for name, tensor in obj.items()}
+    return {str(name): _torch_array(path, str(name), tensor) for name, tensor in obj.items()}
+
+
+def _torch_array(path: str | os.PathLike[str], name: str, tensor: Any) -> np.ndarray:
+    """One tensor of a torch.save file as numpy (bfloat16 as ml_dtypes', exactly); a tensor no numpy
+    array holds (float8, quantized, sparse, on the meta device) is refused naming it."""
+    import torch
+
+    source = f"checkpoint {os.fspath(path)!r}: state dict key {name!r}"
+    if tensor.layout != torch.strided:
+        raise ValueError(f"{source} is a {str(tensor.layout).removeprefix('torch.')} tensor; expected a dense one")
+    if tensor.is_meta:
+        raise ValueError(f"{source} is a meta tensor (a shape without values)")
+    try:
+        return as_numpy(tensor)
+    except ValueError as e:
+        raise ValueError(f"{source} has dtype {dtype_name(tensor)}, which numpy cannot hold; expected one of "
+                         f"{', '.join(FLOAT_DTYPES)}") from e
 
 
 def _dtypes(sd: Mapping[str, Any]) -> tuple[str, ...]:
@@ -305,14 +318,18 @@ def load_checkpoint(path: str | os.PathLike[str], *, config: GPTConfig | None = 
         entries, metadata = _open_safetensors(path)
         tensors, files = LazyStateDict(entries), (str(path),)
     if metadata.get("format") == FORMAT:
-        try:
-            cfg = config or GPTConfig.from_dict(json.loads(metadata["config"]))
-            model = metadata.get("model", "GPTModel")
-            options = json.loads(metadata.get("options", "{}"))
-        except (KeyError, json.JSONDecodeError) as e:
-            raise ValueError(f"{source}: its metadata is damaged: {e}") from e
-        except ValueError as e:
-            raise ValueError(f"{source}: its metadata holds a bad config: {e}") from e
+        if "config" not in metadata:
+            raise ValueError(f"{source}: its metadata is damaged: it has no 'config'")
+        if config is None:
+            data = parse_json(metadata["config"], f"{source}: its metadata field 'config'")
+            try:
+                cfg = GPTConfig.from_dict(data)
+            except ValueError as e:
+                raise ValueError(f"{source}: its metadata holds a bad config: {e}") from e
+        else:
+            cfg = config
+        model = metadata.get("model", "GPTModel")
+        options = parse_json(metadata.get("options", "{}"), f"{source}: its metadata field 'options'")
         options = check_options(model, options, source)
         cfg = _with_n_heads(cfg, n_heads)
         return Checkpoint(_checked(tensors, cfg, model, options, source), cfg, model, options, "canonical",
@@ -323,7 +340,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, config: GPTConfig | None = 
         config_source = "none: a published GPT-2 shape" if hf_config is None else "given"
         if isinstance(hf_config, (str, os.PathLike)):
             config_source = str(hf_config)
-            hf_config = _read_json(Path(hf_config), "HF config")
+            if Path(hf_config) != folder / "config.json":  # the messages say config.json: name this one
+                source = f"{source} with HF config {config_source!r}"
+            hf_config = read_json(hf_config, "HF config")
         override = _with_n_heads(config, n_heads)
         if n_heads is not None and config is None:
             if hf_config is not None:
@@ -387,35 +406,73 @@ def _remove_stale_temps(target: Path) -> None:
                 tmp.unlink()
 
 
+def _check_folder(folder: Path, refusal: str) -> None:
+    """`folder` exists, is a folder and this process may create files in it; else ValueError."""
+    try:
+        mode = os.stat(folder).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise ValueError(f"{refusal}: folder {str(folder)!r} does not exist") from None
+    except OSError as e:
+        raise ValueError(f"{refusal}: folder {str(folder)!r}: {e.strerror}") from e
+    if not stat.S_ISDIR(mode):
+        raise ValueError(f"{refusal}: {str(folder)!r} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{refusal}: folder {str(folder)!r} is not writable")
+
+
+def _destination(path: str | os.PathLike[str], what: str) -> Path:
+    """Where `path` will be written (a symlink followed), refused if that is a directory, or if its
+    folder is missing, not a folder, or not writable. The savers call this before any work."""
+    target = Path(os.path.realpath(path))
+    refusal = f"cannot write {what} {os.fspath(path)!r}"
+    if os.path.isdir(target):
+        raise ValueError(f"{refusal}: it is a directory")
+    _check_folder(target.parent, refusal)
+    return target
+
+
+@contextlib.contextmanager
+def _naming(path: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """A failure inside as a ValueError naming the destination, keeping the underlying reason."""
+    try:
+        yield
+    except OSError as e:  # EFBIG past a file-size limit, ENOSPC, EIO, ...
+        raise ValueError(f"cannot write {what} {os.fspath(path)!r}: {e.strerror or e}") from e
+    except Exception as e:  # safetensors' SafetensorError (its wording of the same), a bad read-back
+        raise ValueError(f"cannot write {what} {os.fspath(path)!r}: {e}") from e
+
+
+def _atomic_write_all(outputs: Sequence[tuple[str | os.PathLike[str], Callable[[Path], None], str]]) -> list[Path]:
+    """`(path, write, what)` each written to a temp file beside its path (`.NAME.PID.*.partial`),
+    and renamed into place only once every one is written: a failure in any write leaves every
+    old file as it was and no temp file behind."""
+    targets = [_destination(path, what) for path, _, what in outputs]
+    temps: list[Path] = []
+    try:
+        for (path, write, what), target in zip(outputs, targets):
+            with _naming(path, what):
+                _remove_stale_temps(target)
+                fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.",
+                                            suffix=".partial")
+                os.close(fd)
+                temps.append(Path(name))
+                write(temps[-1])
+                os.chmod(temps[-1], 0o666 & ~_umask())
+        for (path, _, what), tmp, target in zip(outputs, temps, targets):
+            with _naming(path, what):
+                os.replace(tmp, target)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+    return targets
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], what: str = "checkpoint") -> Path:
     """Run `write(tmp)` then rename tmp onto `path`: an interrupted or failed write leaves the old
-    file (if any) as it was. A symlinked `path` is written where it points; the file gets the
-    mode a plain `open` would (0666 less the umask). Errors are ValueError naming the file."""
-    target = Path(os.path.realpath(path))
-    if target.is_dir():
-        raise ValueError(f"cannot write {what} {os.fspath(path)!r}: it is a directory")
-    if not target.parent.is_dir():
-        raise ValueError(f"cannot write {what} {os.fspath(path)!r}: folder {str(target.parent)!r} does not exist")
-    _remove_stale_temps(target)
-    try:
-        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=".partial")
-    except OSError as e:
-        raise ValueError(f"cannot write {what} {os.fspath(path)!r}: {e.strerror}") from e
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
-    except ValueError:
-        raise
-    except OSError as e:
-        raise ValueError(f"cannot write {what} {os.fspath(path)!r}: {e.strerror or e}") from e
-    except Exception as e:  # safetensors' own error (e.g. past a file-size limit)
-        raise ValueError(f"cannot write {what} {os.fspath(path)!r}: {e}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    file (if any) as it was and no temp file. A symlinked `path` is written where it points; the
+    file gets the mode a plain `open` would (0666 less the umask). A missing, non-folder or
+    read-only folder is refused before `write` runs; every error is a ValueError naming the file."""
+    return _atomic_write_all([(path, write, what)])[0]
 
 
 def _as_dtype(name: str, value: Any, dtype: str) -> np.ndarray:
@@ -439,7 +496,7 @@ def _write_verified(tmp: Path, tensors: Mapping[str, np.ndarray], metadata: Mapp
     for key, value in tensors.items():
         back = entries[key][2]()
         if back.shape != value.shape or back.dtype != value.dtype or back.tobytes() != value.tobytes():
-            raise ValueError(f"{tmp}: tensor {key!r} read back differs from what was written")
+            raise ValueError(f"tensor {key!r} read back differs from what was written")
 
 
 def _check_save_dtype(dtype: str) -> str:
@@ -454,6 +511,7 @@ def save_checkpoint(path: str | os.PathLike[str], sd: Mapping[str, Any], cfg: GP
     """Write a canonical state dict as safetensors (float32 or bfloat16), with its config in the
     metadata. The dict is checked against the model first; the file is written beside the
     destination, read back and compared, and only then renamed over it (see `atomic_write`)."""
+    _destination(path, "checkpoint")  # before any tensor is read or converted
     options = check_options(model, options or {})
     _check_save_dtype(dtype)
     sd = check_state_dict(model_shapes(model, cfg, options), sd, model)
@@ -463,25 +521,50 @@ def save_checkpoint(path: str | os.PathLike[str], sd: Mapping[str, Any], cfg: GP
     atomic_write(path, lambda tmp: _write_verified(tmp, tensors, metadata))
 
 
+def _folders_to_create(folder: Path, refusal: str) -> list[Path]:
+    """The folders missing on the way to `folder`, deepest first; the nearest one that exists must
+    be a writable folder."""
+    missing, current = [], Path(os.path.abspath(folder))
+    while not os.path.exists(current):
+        missing.append(current)
+        current = current.parent
+    if not missing and not os.path.isdir(current):
+        raise ValueError(f"{refusal}: it is a file")
+    _check_folder(current, refusal)
+    return missing
+
+
 def save_hf(folder: str | os.PathLike[str], sd: Mapping[str, Any], cfg: GPTConfig, *,
             dtype: str = "float32") -> None:
     """Write a GPTModel state dict as an HF GPT-2 snapshot: `model.safetensors` (HF's layout, head
-    tied when it equals the token embedding) and the `config.json` transformers reads it with."""
+    tied when it equals the token embedding) and the `config.json` transformers reads it with.
+
+    The destination is checked before any work; the folder (and missing parents) is created only
+    once the tensors are converted, both files are renamed into place only once both are written,
+    and a failed save removes the folders it created."""
     _check_save_dtype(dtype)
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"cannot write HF snapshot {str(folder)!r}: it is a file")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot write HF snapshot {str(folder)!r}: {e.strerror}") from e
+    created = _folders_to_create(folder, f"cannot write HF snapshot {str(folder)!r}")
+    if not created:
+        _destination(folder / "model.safetensors", "checkpoint")
+        _destination(folder / "config.json", "config")
     hf = to_hf(sd, cfg)
     tensors = {k: _as_dtype(k, v, dtype) for k, v in hf.items()}
     config = hf_config(cfg, tied="lm_head.weight" not in hf) | {"dtype": dtype}
-    atomic_write(folder / "model.safetensors", lambda tmp: _write_verified(tmp, tensors, {"format": "pt"}))
-    atomic_write(folder / "config.json",
-                 lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"),
-                 what="config")
+    try:
+        for path in reversed(created):
+            with _naming(folder, "HF snapshot"):
+                path.mkdir()
+        _atomic_write_all([
+            (folder / "model.safetensors", lambda tmp: _write_verified(tmp, tensors, {"format": "pt"}), "checkpoint"),
+            (folder / "config.json",
+             lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"), "config"),
+        ])
+    except BaseException:
+        for path in created:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
 
 
 __all__ = [

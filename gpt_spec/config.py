@@ -7,7 +7,10 @@ import json
 import numbers
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+from .limits import MAX_SIZE, MAX_SIZE_TEXT
 
 # Sizes from the book's chapter 5 table of GPT-2 models; the other fields are GPT_CONFIG_124M's.
 _GPT2_BASE = {"vocab_size": 50257, "context_length": 1024, "drop_rate": 0.1, "qkv_bias": False}
@@ -17,6 +20,53 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-large": {**_GPT2_BASE, "emb_dim": 1280, "n_layers": 36, "n_heads": 20},  # 774M
     "gpt2-xl": {**_GPT2_BASE, "emb_dim": 1600, "n_layers": 48, "n_heads": 25},  # 1558M
 }
+
+
+# A config is a flat JSON object, and HF's config.json nests three levels at most. Python's parser
+# gives up with RecursionError near 1000 levels, and putting a value a few hundred deep into a
+# message can too: anything deeper than this is refused before any of it is used.
+JSON_MAX_DEPTH = 64
+
+
+def _json_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (counted without recursing)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def parse_json(data: str | bytes, what: str) -> Any:
+    """`data` (text, or bytes that must be UTF-8) parsed as JSON, or a ValueError that starts with
+    `what` (the file, or the field of one) and keeps the parser's reason."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{what} is not UTF-8 text: {e}") from e
+    too_deep = f"{what} is nested too deeply (more than {JSON_MAX_DEPTH} levels of arrays and objects)"
+    try:
+        value = json.loads(data)
+    except RecursionError as e:
+        raise ValueError(too_deep) from e
+    except ValueError as e:  # JSONDecodeError, or an integer past Python's int_max_str_digits
+        raise ValueError(f"{what} is not valid JSON: {e}") from e
+    if _json_depth(value) > JSON_MAX_DEPTH:
+        raise ValueError(too_deep)
+    return value
+
+
+def read_json(path: str | os.PathLike[str], what: str) -> Any:
+    """The JSON file at `path` (`what` it is: "config file", "HF config", ...), or a ValueError
+    naming it: unreadable, not UTF-8, not JSON, or nested too deeply."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {os.fspath(path)!r}: {e.strerror}") from e
+    return parse_json(data, f"{what} {os.fspath(path)!r}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,6 +88,8 @@ class GPTConfig:
                 raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+            if value > MAX_SIZE:
+                raise ValueError(f"{name} must be at most {MAX_SIZE_TEXT}, got {value}")
             object.__setattr__(self, name, int(value))
         if self.emb_dim % self.n_heads:
             raise ValueError(
@@ -85,15 +137,14 @@ class GPTConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> GPTConfig:
-        """Read a JSON object with the book's keys."""
+        """Read a JSON object with the book's keys; every refusal names the file."""
+        data = read_json(path, "config file")
+        if not isinstance(data, Mapping):
+            raise ValueError(f"config file {os.fspath(path)!r} must hold a JSON object, got {type(data).__name__}")
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except OSError as e:
-            raise ValueError(f"cannot read config file {os.fspath(path)!r}: {e.strerror}") from e
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config file {os.fspath(path)!r} is not valid JSON: {e}") from e
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"config file {os.fspath(path)!r}: {e}") from e
 
     @classmethod
     def coerce(cls, cfg: GPTConfig | Mapping[str, Any]) -> GPTConfig:

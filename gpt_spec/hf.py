@@ -9,6 +9,7 @@ the twins do not compute, naming it: a file loads faithfully or not at all.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -62,6 +63,22 @@ HF_IGNORED = frozenset({
     "suppress_tokens", "begin_suppress_tokens", "reorder_and_upcast_attn",
 })
 
+# The JSON type of each field whose value the twins compute with: what transformers' GPT2 code can
+# use (a float n_layer fails in `range`, a string n_embd in `nn.Embedding`, a null dropout in
+# `nn.Dropout`). A field of another type is refused, naming it, before its value is looked at.
+_JSON_TYPES = {"integer": "an integer", "number": "a number", "boolean": "true or false",
+               "string": "a string", "integer or null": "an integer or null"}
+HF_FIELD_TYPES = {
+    "vocab_size": "integer", "n_positions": "integer", "n_ctx": "integer", "n_embd": "integer",
+    "n_layer": "integer", "n_head": "integer", "n_inner": "integer or null",
+    "activation_function": "string", "model_type": "string", "resid_pdrop": "number",
+    "embd_pdrop": "number", "attn_pdrop": "number", "layer_norm_epsilon": "number",
+    "scale_attn_weights": "boolean", "scale_attn_by_inverse_layer_idx": "boolean",
+    "add_cross_attention": "boolean", "tie_word_embeddings": "boolean",
+}
+# A refused value is shown up to this many characters of its repr.
+SHOWN_CHARS = 60
+
 # The published GPT-2 sizes, the only ones whose n_heads a file without a config implies.
 PUBLISHED_N_HEADS = {(p["emb_dim"], p["n_layers"]): p["n_heads"] for p in PRESETS.values()}
 
@@ -93,8 +110,44 @@ def _strip_prefix(hf: Mapping[str, Any], source: str) -> dict[str, str]:
     return names
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type: null, boolean, integer, number, string, array, object."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    for kind, name in ((int, "integer"), (float, "number"), (str, "string"), (list, "array"), (Mapping, "object")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _has_type(value: Any, kind: str) -> bool:
+    if kind == "integer or null":
+        return value is None or _has_type(value, "integer")
+    if isinstance(value, bool):  # a bool is an int to Python, never to JSON
+        return kind == "boolean"
+    # numbers.*: a dict built in Python (hf_config=...) may hold numpy scalars where JSON has numbers
+    types = {"integer": numbers.Integral, "number": numbers.Real, "boolean": bool, "string": str}
+    return isinstance(value, types[kind])
+
+
 def _refuse(source: str, field: str, value: Any, supported: str) -> ValueError:
-    return ValueError(f"{source}: config.json sets {field} = {value!r}; the twins compute {supported}")
+    return ValueError(f"{source}: config.json sets {field} = {_shown(value)}; the twins compute {supported}")
+
+
+def _check_types(hf_config: Mapping[str, Any], source: str) -> None:
+    """Every field the twins compute with has its JSON type (HF_FIELD_TYPES), or ValueError naming it."""
+    for field, kind in HF_FIELD_TYPES.items():
+        if field in hf_config and not _has_type(hf_config[field], kind):
+            value = hf_config[field]
+            raise ValueError(f"{source}: config.json sets {field} = {_shown(value)} (JSON {_json_type(value)}); "
+                             f"expected {_JSON_TYPES[kind]}")
 
 
 def config_from_hf(hf_config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], *,
@@ -111,6 +164,7 @@ def config_from_hf(hf_config: Mapping[str, Any], shapes: Mapping[str, tuple[int,
             f"{source}: config.json has key(s) {', '.join(map(repr, unknown))} whose meaning the twins "
             "do not know; remove them if they leave GPT-2's forward unchanged"
         )
+    _check_types(hf_config, source)
     c = {**HF_DEFAULTS, **hf_config}
     if c["model_type"] != "gpt2":
         raise _refuse(source, "model_type", c["model_type"], "GPT-2 ('gpt2')")
@@ -149,9 +203,12 @@ def config_from_hf(hf_config: Mapping[str, Any], shapes: Mapping[str, tuple[int,
     if len(set(rates.values())) > 1 and not drop_rate_given:
         raise ValueError(f"{source}: config.json sets {rates}; the twins have one drop_rate (pass a "
                          "config to choose it)")
-    return GPTConfig(vocab_size=found["vocab_size"], context_length=found["n_positions"],
-                     emb_dim=e_file, n_heads=c["n_head"], n_layers=found["n_layer"],
-                     drop_rate=rates["resid_pdrop"], qkv_bias=True)
+    try:
+        return GPTConfig(vocab_size=found["vocab_size"], context_length=found["n_positions"],
+                         emb_dim=e_file, n_heads=c["n_head"], n_layers=found["n_layer"],
+                         drop_rate=rates["resid_pdrop"], qkv_bias=True)
+    except ValueError as e:  # n_head that does not divide n_embd, a drop rate outside [0, 1)
+        raise ValueError(f"{source}: config.json describes no model the twins build: {e}") from e
 
 
 def hf_shapes(cfg: GPTConfig, *, lm_head: bool) -> dict[str, tuple[int, ...]]:

@@ -6,9 +6,25 @@ each twin reduces its input to (shape, dtype, min, max) and calls `check_token_i
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import numbers
+from collections.abc import Iterable
 
+import numpy as np
+
+from .checkpoint import gpt_shapes
 from .config import GPTConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLimits:
+    """What generation knows of a model that has no GPTConfig (any model with the book's interface:
+    ids (batch, seq) -> logits (batch, seq, vocab)): its vocabulary and context sizes, each None
+    when the model does not tell (then the ids' values, or the window, go unchecked)."""
+
+    vocab_size: int | None
+    context_length: int | None
 
 
 def check_token_ids(
@@ -17,15 +33,17 @@ def check_token_ids(
     dtype_name: str,
     lo: int | None,
     hi: int | None,
-    cfg: GPTConfig,
+    cfg: GPTConfig | ModelLimits,
     *,
     check_length: bool = True,
 ) -> None:
     """Raise ValueError unless the ids are a non-empty (batch, seq_len) integer batch the model accepts.
 
-    `dtype_kind` is numpy's kind letter ('i', 'u', 'b', 'f', ...). `lo`/`hi` are the smallest and
-    largest id, or None when the values are not known on the host (inside a JAX trace). Prompts
-    for generation pass `check_length=False`: generation crops them to the context.
+    `dtype_kind` is numpy's kind letter ('i', 'u', 'b', 'f', ...); every integer dtype is
+    accepted (the twins convert where their framework needs it). `lo`/`hi` are the smallest and
+    largest id, exact (uint64 included), or None when the values are not known on the host
+    (inside a JAX trace). Prompts for generation pass `check_length=False`: generation crops them
+    to the context. A `ModelLimits` size that is None is not checked.
     """
     if len(shape) != 2:
         raise ValueError(f"token ids must have shape (batch, seq_len), got shape {tuple(shape)}")
@@ -34,12 +52,39 @@ def check_token_ids(
     batch, seq_len = shape
     if batch == 0 or seq_len == 0:
         raise ValueError(f"token ids must be non-empty, got shape {tuple(shape)}")
-    if check_length and seq_len > cfg.context_length:
+    if check_length and cfg.context_length is not None and seq_len > cfg.context_length:
         raise ValueError(f"sequence length {seq_len} exceeds context_length {cfg.context_length}")
+    if cfg.vocab_size is None:
+        return
     if lo is not None and lo < 0:
         raise ValueError(f"token id {lo} is out of range [0, {cfg.vocab_size}) (vocab_size)")
     if hi is not None and hi >= cfg.vocab_size:
         raise ValueError(f"token id {hi} is out of range [0, {cfg.vocab_size}) (vocab_size)")
+
+
+def check_id_dtype(dtype_name: str, vocab_size: int) -> None:
+    """Generation writes new ids in the prompt's dtype: refuse a dtype that cannot hold every id of
+    the vocabulary (it would wrap them, e.g. id 35000 as int16 -30536)."""
+    if np.iinfo(dtype_name).max < vocab_size - 1:
+        raise ValueError(
+            f"token ids of dtype {dtype_name} cannot hold every id of the vocabulary (up to "
+            f"{vocab_size - 1}, vocab_size {vocab_size}): generation would wrap them; pass int32 "
+            "or int64 ids"
+        )
+
+
+def check_logits(shape: tuple[int, ...], batch: int, seq_len: int, vocab_size: int | None) -> None:
+    """What generation needs of any model's output: (batch, seq_len, vocab) logits for (batch,
+    seq_len) ids, over the vocabulary the model's embedding takes (a larger head would make ids
+    the next step cannot embed: torch raises, JAX clamps)."""
+    if len(shape) != 3 or tuple(shape[:2]) != (batch, seq_len) or shape[2] == 0:
+        raise ValueError("the model must return logits of shape (batch, seq_len, vocab_size) for ids "
+                         "of shape (batch, seq_len)")
+    if vocab_size is not None and shape[2] != vocab_size:
+        raise ValueError(
+            f"the model returned logits over {shape[2]} ids, but its vocabulary holds {vocab_size} "
+            "(vocab_size)"
+        )
 
 
 def _count(name: str, value: object, minimum: int) -> int:
@@ -51,7 +96,7 @@ def _count(name: str, value: object, minimum: int) -> int:
 
 
 def check_generation(prompt_len: int, max_new_tokens: object, context_size: object,
-                     cfg: GPTConfig) -> tuple[int, int]:
+                     cfg: GPTConfig | ModelLimits) -> tuple[int, int]:
     """Check generate_text_simple's arguments; return (max_new_tokens, context_size) as ints.
 
     The book's loop feeds the model the last `context_size` tokens at each step; it fails only if
@@ -60,7 +105,7 @@ def check_generation(prompt_len: int, max_new_tokens: object, context_size: obje
     """
     max_new_tokens = _count("max_new_tokens", max_new_tokens, 0)
     context_size = _count("context_size", context_size, 1)
-    if max_new_tokens:
+    if max_new_tokens and cfg.context_length is not None:
         longest = min(context_size, prompt_len + max_new_tokens - 1)
         if longest > cfg.context_length:
             first = min(context_size, max(prompt_len, cfg.context_length + 1))
@@ -95,21 +140,96 @@ def check_cache_room(cached: int, new: int, cfg: GPTConfig) -> None:
         )
 
 
+def default_context_size(prompt_len: int, max_new_tokens: object, context_size: object,
+                         cfg: GPTConfig | ModelLimits) -> object:
+    """`context_size` None means the model's context_length, or, where the model does not tell
+    it, the whole sequence (nothing is cropped)."""
+    if context_size is not None:
+        return context_size
+    if cfg.context_length is not None:
+        return cfg.context_length
+    return max(prompt_len + _count("max_new_tokens", max_new_tokens, 0) - 1, 1)
+
+
 def check_cached_generation(prompt_len: int, max_new_tokens: object, context_size: object,
-                            cfg: GPTConfig) -> tuple[int, int]:
+                            cfg: GPTConfig | ModelLimits) -> tuple[int, int]:
     """Check generate_text_simple_cached's arguments; return (max_new_tokens, context_size).
 
-    `context_size` None means cfg.context_length. The prompt is cropped to its last context_size
-    tokens and then every token stays in the cache, so the result equals generate_text_simple's
-    only while the window never has to slide: refused up front otherwise.
+    `context_size` None means cfg.context_length (see `default_context_size`). The prompt is
+    cropped to its last context_size tokens and then every token stays in the cache, so the
+    result equals generate_text_simple's only while the window never has to slide: refused up
+    front otherwise.
     """
-    context_size = cfg.context_length if context_size is None else context_size
+    context_size = default_context_size(prompt_len, max_new_tokens, context_size, cfg)
     max_new_tokens, context_size = check_generation(prompt_len, max_new_tokens, context_size, cfg)
+    room = context_size if cfg.context_length is None else min(context_size, cfg.context_length)
     fed = min(prompt_len, context_size) + max(max_new_tokens - 1, 0)
-    if max_new_tokens and fed > min(context_size, cfg.context_length):
+    if max_new_tokens and fed > room:
         raise ValueError(
-            f"cached generation would hold {fed} tokens, more than context_size "
-            f"{min(context_size, cfg.context_length)}: the KV cache does not slide; use "
-            "generate_text_simple, or fewer new tokens"
+            f"cached generation would hold {fed} tokens, more than context_size {room}: the KV "
+            "cache does not slide; use generate_text_simple, or fewer new tokens"
         )
     return max_new_tokens, context_size
+
+
+def _real(name: str, value: object) -> float:
+    """`value` as a float (inf for an int too large for one); ValueError unless it is a real number."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
+def _non_negative(name: str, value: object, minimum: float = 0.0, why: str = "") -> float:
+    number = _real(name, value)
+    if not math.isfinite(number) or number < minimum:
+        bound = f">= {minimum:g}{why}" if minimum else ">= 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return number
+
+
+# eps below float32's smallest normal is 0 in float32 (XLA flushes subnormals; torch keeps them), and
+# Adam divides 0 by eps wherever a gradient is 0: NaN weights in one twin, or in both.
+ADAM_MIN_EPS = float(np.finfo(np.float32).tiny)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_adamw(lr: object, weight_decay: object, betas: object,
+                eps: object) -> tuple[float, float, tuple[float, float], float]:
+    """Both twins' `adamw` call this first, so both refuse the same arguments with the same words
+    (torch.optim's own checks and optax's, which has none, differ): lr and weight_decay finite
+    real numbers >= 0, eps finite and at least float32's smallest normal, betas a pair of finite
+    real numbers each in [0, 1), and the step's scalars within float32's range. numpy scalars are
+    real numbers; bools, None and strings are not.
+    Returns (lr, weight_decay, betas, eps) as Python floats."""
+    lr = _non_negative("lr", lr)
+    weight_decay = _non_negative("weight_decay", weight_decay)
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    pair = []
+    for i, beta in enumerate(betas):
+        name = f"betas[{i}]"
+        number = _real(name, beta)
+        if not 0.0 <= number < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {beta!r}")
+        pair.append(number)
+    eps = _non_negative("eps", eps, ADAM_MIN_EPS, " (float32's smallest normal)")
+    # The update's scalars are float32 in both frameworks: past float32's range torch raises
+    # RuntimeError mid-step and optax turns every weight inf. The first step's size is the largest.
+    if lr / (1.0 - pair[0]) > FLOAT32_MAX:
+        raise ValueError(f"lr / (1 - betas[0]), Adam's first step size, must be at most {FLOAT32_MAX!r} "
+                         f"(float32's largest), got {lr / (1.0 - pair[0])!r}")
+    if lr * weight_decay > FLOAT32_MAX:
+        raise ValueError(f"lr * weight_decay must be at most {FLOAT32_MAX!r} (float32's largest), "
+                         f"got {lr * weight_decay!r}")
+    return lr, weight_decay, (pair[0], pair[1]), eps
+
+
+def in_model_order(names: Iterable[str], cfg: GPTConfig) -> list[str]:
+    """Canonical parameter names in the torch twin's (the book's) model order, which is the order
+    both twins check a state dict in, so both name the same culprit first. Names the canonical
+    layout does not know come last, sorted."""
+    order = {name: i for i, name in enumerate(gpt_shapes(cfg))}
+    return sorted(names, key=lambda name: (order.get(name, len(order)), name))

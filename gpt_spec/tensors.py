@@ -55,15 +55,20 @@ def dtype_name(value: Any) -> str:
 
 
 def as_numpy(value: Any) -> np.ndarray:
-    """A numpy view or copy of a numpy, JAX or torch array (torch's bfloat16 as ml_dtypes')."""
+    """A numpy view or copy of a numpy, JAX or torch array (torch's bfloat16 as ml_dtypes'); a torch
+    tensor no numpy array can hold (float8, quantized, sparse, meta) is a ValueError."""
     if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor
-        tensor = value.detach().cpu()
-        if dtype_name(tensor) == "bfloat16":
-            import ml_dtypes
-            import torch
+        try:
+            tensor = value.detach().cpu()
+            if dtype_name(tensor) == "bfloat16":
+                import ml_dtypes
+                import torch
 
-            return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return tensor.numpy()
+                return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            return tensor.numpy()
+        # float8 and quantized dtypes, sparse layouts, meta tensors: torch raises each of these
+        except (TypeError, RuntimeError, NotImplementedError) as e:
+            raise ValueError(f"a torch tensor of dtype {dtype_name(value)} has no numpy equivalent: {e}") from e
     return np.asarray(value)
 
 

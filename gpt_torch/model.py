@@ -9,13 +9,38 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from gpt_spec import FINAL_NORMS, GPTConfig, check_cache_room, check_token_ids
+from gpt_spec import FINAL_NORMS, GPTConfig, ModelLimits, check_cache_room, check_model_fits, check_token_ids
 
 
-def check_ids(in_idx: torch.Tensor, cfg: GPTConfig, *, check_length: bool = True) -> None:
-    """Refuse ids nn.Embedding would index out of range (or silently accept), as the Flax twin does."""
-    if torch.compiler.is_compiling():
-        return  # a data-dependent check would break the graph; callers validate before compiling
+_UNSIGNED = (torch.uint8, torch.uint16, torch.uint32, torch.uint64)
+_INDEX_DTYPES = (torch.int32, torch.int64)  # what nn.Embedding takes
+
+
+def _id_range(ids: torch.Tensor) -> tuple[int, int]:
+    """The exact smallest and largest id of a non-empty integer tensor, of any integer dtype
+    (torch.aminmax has no uint16/32/64 kernels, and uint64 ids past 2**63 must not read negative)."""
+    if ids.dtype in (torch.uint16, torch.uint32):
+        ids = ids.to(torch.int64)  # exact: both fit
+    if ids.dtype == torch.uint64:
+        signed = ids.view(torch.int64)  # the same bits: ids >= 2**63 read as negatives
+        high = signed < 0
+        low_ids, high_ids = signed[~high], signed[high]
+        lo = int(low_ids.min()) if low_ids.numel() else int(high_ids.min()) + 2**64
+        hi = int(high_ids.max()) + 2**64 if high_ids.numel() else int(low_ids.max())
+        return lo, hi
+    lo, hi = torch.aminmax(ids)
+    return int(lo), int(hi)
+
+
+def check_ids(in_idx: torch.Tensor, cfg: GPTConfig | ModelLimits, *, check_length: bool = True) -> torch.Tensor:
+    """Refuse ids nn.Embedding would index out of range (or silently accept), as the Flax twin does.
+
+    Ids of any integer dtype are accepted; returns them as nn.Embedding takes them (int32 and
+    int64 as they are, other integer dtypes as int64: the values are in range, nothing wraps).
+    """
+    if isinstance(in_idx, torch.Tensor) and torch.compiler.is_compiling():
+        # A data-dependent check would break the graph; callers validate before compiling.
+        return in_idx if in_idx.dtype in _INDEX_DTYPES else in_idx.long()
     if not isinstance(in_idx, torch.Tensor):
         raise ValueError(f"token ids must be a torch.Tensor, got {type(in_idx).__name__}")
     dtype = in_idx.dtype
@@ -24,12 +49,13 @@ def check_ids(in_idx: torch.Tensor, cfg: GPTConfig, *, check_length: bool = True
     elif dtype.is_floating_point or dtype.is_complex:
         kind = "f"
     else:
-        kind = "u" if dtype == torch.uint8 else "i"
+        kind = "u" if dtype in _UNSIGNED else "i"
     lo = hi = None
     if kind in ("i", "u") and in_idx.numel() > 0:
-        lo, hi = (int(v) for v in torch.aminmax(in_idx))
+        lo, hi = _id_range(in_idx)
     check_token_ids(tuple(in_idx.shape), kind, str(dtype).removeprefix("torch."), lo, hi, cfg,
                     check_length=check_length)
+    return in_idx if dtype in _INDEX_DTYPES else in_idx.long()
 
 
 class LayerNorm(nn.Module):
@@ -218,7 +244,7 @@ class _GPT(nn.Module):
         .ff and its output trf_blocks.{i}; final_norm; out_head (the logits).
         With `use_cache`, the ids continue the sequence the KV cache holds (see reset_kv_cache).
         """
-        check_ids(in_idx, self.cfg, check_length=not use_cache)
+        in_idx = check_ids(in_idx, self.cfg, check_length=not use_cache)
         batch_size, seq_len = in_idx.shape
         start = 0
         if use_cache:
@@ -263,7 +289,9 @@ class DummyGPTModel(_GPT):
     def __init__(self, cfg: GPTConfig | Mapping[str, Any], final_norm: str = "dummy"):
         super().__init__()
         self.final_norm_kind = final_norm
-        self._build(GPTConfig.coerce(cfg), DummyTransformerBlock, _final_norm(final_norm))
+        cfg, norm = GPTConfig.coerce(cfg), _final_norm(final_norm)
+        check_model_fits("DummyGPTModel", cfg, final_norm=final_norm)
+        self._build(cfg, DummyTransformerBlock, norm)
 
     @property
     def options(self) -> dict[str, str]:
@@ -276,4 +304,6 @@ class GPTModel(_GPT):
 
     def __init__(self, cfg: GPTConfig | Mapping[str, Any]):
         super().__init__()
-        self._build(GPTConfig.coerce(cfg), TransformerBlock, LayerNorm)
+        cfg = GPTConfig.coerce(cfg)
+        check_model_fits("GPTModel", cfg)
+        self._build(cfg, TransformerBlock, LayerNorm)

@@ -5,20 +5,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gpt_spec import StateDict, check_targets
+from gpt_spec import StateDict, check_adamw, check_targets
 
 from .model import check_ids
 
 
 def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model: torch.nn.Module,
                     device: torch.device | str | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy of `model` on (batch, seq_len) inputs and targets."""
-    check_ids(target_batch, model.cfg)
+    """Mean next-token cross-entropy of `model` on (batch, seq_len) inputs and targets.
+
+    The inputs are checked first, then the targets (as the Flax twin does); ids of any integer
+    dtype are accepted."""
+    input_batch = check_ids(input_batch, model.cfg)
+    target_batch = check_ids(target_batch, model.cfg)
     check_targets(tuple(input_batch.shape), tuple(target_batch.shape))
     if device is not None:
         input_batch, target_batch = input_batch.to(device), target_batch.to(device)
     logits = model(input_batch)
-    return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
+    # cross_entropy takes int64 (or uint8) class indices only.
+    return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten().long())
 
 
 def loss_and_grads(model: torch.nn.Module, input_batch: torch.Tensor,
@@ -34,7 +39,11 @@ def loss_and_grads(model: torch.nn.Module, input_batch: torch.Tensor,
 
 def adamw(model: torch.nn.Module, lr: float = 4e-4, weight_decay: float = 0.1,
           betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over every parameter, the book's chapter-5 settings by default (the Flax twin's adamw)."""
+    """AdamW over every parameter, the book's chapter-5 settings by default (the Flax twin's adamw).
+
+    Arguments are checked by gpt_spec.check_adamw, before torch.optim's own checks, so both twins
+    refuse the same ones with the same ValueError."""
+    lr, weight_decay, betas, eps = check_adamw(lr, weight_decay, betas, eps)
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
 
 

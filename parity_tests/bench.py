@@ -36,7 +36,7 @@ from gpt_spec import DTYPES, GPTConfig, StateDict, check_dtype
 from gpt_spec.flops import forward_flops, kv_cache_bytes_read, weight_bytes_per_token
 
 from .mesh import split_bytes
-from .output import Progress, format_table, versions
+from .output import Progress, format_table, pyplot, save_figure, versions
 from .twins import build_flax, build_torch, float32_matmuls, token_batch
 
 BACKENDS = ("flax-jit", "torch-eager", "torch-compile")
@@ -247,10 +247,7 @@ class BenchReport:
     def plot(self, path: str) -> None:
         """Tokens/s against sequence length, one line per backend, dtype and batch size; and the
         same forwards as a fraction of GEMM throughput."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, (ax, frac) = plt.subplots(1, 2, figsize=(11, 4.2))
         lines: dict[tuple[str, str, int], list[Timing]] = {}
@@ -271,8 +268,7 @@ class BenchReport:
         ax.legend(fontsize=7)
         fig.suptitle(f"{self.model} {_describe(self.config)}, {self.device}")
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_figure(fig, path)
 
 
 def _describe(cfg: GPTConfig) -> str:

@@ -9,14 +9,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gpt_spec import DTYPES, FINAL_NORMS, GPTConfig, StateDict, resolve_config
 
 from . import bench, forward, mesh, training, twins, zoo
-from .output import format_table, versions, write_json
+from .interrupt import exit_on_interrupt
+from .output import check_output, format_table, versions, write_json
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,6 +44,14 @@ def _int_at_least(minimum: int):
 
 
 _positive, _non_negative = _int_at_least(1), _int_at_least(0)
+SEED_MAX = 2**63 - 1  # jax.random.key takes a C long; torch.manual_seed and numpy take more
+
+
+def _seed(text: str) -> int:
+    value = _non_negative(text)
+    if value > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**63 - 1, got {value}")
+    return value
 
 
 def _positive_list(text: str) -> list[int]:
@@ -90,8 +100,9 @@ def _add_model_args(p: argparse.ArgumentParser, *, batch: bool = True, grid: boo
                         "snapshot directory, or the book's torch.save model.pth")
     p.add_argument("--n-heads", type=_positive, default=None, metavar="N",
                    help="the head count of a --checkpoint that does not record it")
-    p.add_argument("--model", default="gpt", choices=list(twins.MODELS),
-                   help="the full GPTModel of §4.6 or the §4.1 DummyGPTModel (default: gpt)")
+    p.add_argument("--model", default=None, choices=list(twins.MODELS),
+                   help="the full GPTModel of §4.6 or the §4.1 DummyGPTModel (default: gpt, or what "
+                        "--checkpoint holds)")
     p.add_argument("--final-norm", choices=list(FINAL_NORMS),
                    help="the dummy model's final norm: the book's placeholder (default) or a LayerNorm")
     p.add_argument("--drop-rate", type=float, default=None, help="override the config's drop_rate")
@@ -104,7 +115,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, batch: bool = True, grid: boo
         p.add_argument("--batch", type=_positive, default=2, help="batch size (default: 2)")
         p.add_argument("--seq", type=_positive, default=None,
                        help="sequence length (default: 128, at most context_length)")
-    p.add_argument("--seed", type=_non_negative, default=0, help="seed for weights and token ids")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for weights and token ids")
     if batch:
         p.add_argument("--mesh", metavar="DxM[,DxM...]",
                        help="also run the Flax twin sharded on (data x model) device meshes, e.g. 2x4")
@@ -149,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--batch", type=_positive, default=2, help="batch size of each check (default: 2, as check's)")
     z.add_argument("--seq", type=_positive, default=None,
                    help="sequence length (default: 128, at most context_length)")
-    z.add_argument("--seed", type=_non_negative, default=0, help="seed for weights and token ids")
+    z.add_argument("--seed", type=_seed, default=0, help="seed for weights and token ids")
     _add_precision_arg(z)
     z.add_argument("--list", action="store_true", help="list the zoo and exit")
     z.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
@@ -214,8 +225,6 @@ class _Setup:
 
 
 def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _Setup:
-    if args.final_norm is not None and args.model != "dummy":
-        parser.error("--final-norm applies to --model dummy only")
     if args.n_heads is not None and not args.checkpoint:
         parser.error("--n-heads applies to --checkpoint only")
     try:
@@ -224,10 +233,14 @@ def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _Setup:
             ckpt = twins.read_checkpoint(args.checkpoint, config=override, n_heads=args.n_heads)
             setup = _Setup(ckpt.config, f"{args.checkpoint} ({ckpt.layout})",
                            twins.MODEL_KINDS[ckpt.model], dict(ckpt.options), ckpt.state_dict)
+            _agree_with_checkpoint(args, ckpt, parser)
         else:
             name = args.config or "gpt2-small"
+            model = args.model or "gpt"
+            if args.final_norm is not None and model != "dummy":
+                parser.error("--final-norm applies to --model dummy only")
             options = {"final_norm": args.final_norm} if args.final_norm else {}
-            setup = _Setup(resolve_config(name), name, args.model, options)
+            setup = _Setup(resolve_config(name), name, model, options)
         if args.drop_rate is not None:
             setup.cfg = setup.cfg.replace(drop_rate=args.drop_rate)
     except ValueError as e:
@@ -263,6 +276,23 @@ def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _Setup:
     return setup
 
 
+def _agree_with_checkpoint(args: argparse.Namespace, ckpt, parser: argparse.ArgumentParser) -> None:
+    """--model and --final-norm describe the model a file holds: saying otherwise is refused, never
+    silently overruled by the file (or the file by them)."""
+    kind = twins.MODEL_KINDS[ckpt.model]
+    if args.model is not None and args.model != kind:
+        parser.error(f"--model {args.model} contradicts --checkpoint {args.checkpoint}, which holds a "
+                     f"{ckpt.model}")
+    if args.final_norm is not None:
+        if kind != "dummy":
+            parser.error(f"--final-norm applies to --model dummy only; --checkpoint {args.checkpoint} "
+                         f"holds a {ckpt.model}")
+        held = ckpt.options.get("final_norm", FINAL_NORMS[0])
+        if args.final_norm != held:
+            parser.error(f"--final-norm {args.final_norm} contradicts --checkpoint {args.checkpoint}, "
+                         f"whose DummyGPTModel has final_norm {held!r}")
+
+
 def _check(args: argparse.Namespace, setup: _Setup, parser: argparse.ArgumentParser) -> int:
     cfg = setup.cfg
     if args.mode == "train" and cfg.drop_rate != 0:
@@ -295,9 +325,6 @@ def _check(args: argparse.Namespace, setup: _Setup, parser: argparse.ArgumentPar
     if args.layers:
         print()
         print(report.format_layers())
-    if args.plot:
-        report.plot(args.plot)
-        print(f"plot written to {args.plot}")
     result = {"forward": report.to_json()}
     passed = report.passed
     if args.train_steps:
@@ -326,9 +353,8 @@ def _check(args: argparse.Namespace, setup: _Setup, parser: argparse.ArgumentPar
     if failures:
         print()
         print("\n".join(failures))
+    _write_outputs(args, result, report.plot)
     print("PASS" if passed else "FAIL")
-    if args.json:
-        write_json(result, args.json)
     return 0 if passed else 1
 
 
@@ -363,21 +389,35 @@ def _load_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         parser.error(f"--dir {args.dir!r} is not a folder")
     report = load_memory.run(resolve_config(args.config), folder, layouts, quiet=args.quiet)
     print(load_memory.format_report(report))
-    if args.json:
-        write_json(report | {"versions": versions()}, args.json)
+    _write_outputs(args, report | {"versions": versions()})
     worst = max(r["peak_over_file"] for r in report["rows"])
     print(f"worst peak RSS / file size: {worst:.2f} (limit {load_memory.PEAK_OVER_FILE})")
     return 0 if worst <= load_memory.PEAK_OVER_FILE else 1
 
 
 def _emit(report, args: argparse.Namespace) -> None:
-    """A report's table on stdout, its plot and JSON where asked for."""
+    """A report's table on stdout, its JSON and plot where asked for."""
     print(report.format_table())
-    if args.plot:
-        report.plot(args.plot)
-        print(f"plot written to {args.plot}")
-    if args.json:
-        write_json(report.to_json(), args.json)
+    _write_outputs(args, report.to_json(), report.plot)
+
+
+def _write_outputs(args: argparse.Namespace, data: dict, plot: Callable[[str], None] | None = None) -> None:
+    """--json, then --plot: each appears whole or not at all, and one failing (a disk filling up:
+    the paths were checked before the run) does not keep the other from being written."""
+    errors = []
+    if getattr(args, "json", None):
+        try:
+            write_json(data, args.json)
+        except ValueError as e:
+            errors.append(str(e))
+    if getattr(args, "plot", None) and plot is not None:
+        try:
+            plot(args.plot)
+            print(f"plot written to {args.plot}")
+        except ValueError as e:
+            errors.append(str(e))
+    if errors:
+        raise ValueError("; ".join(errors))
 
 
 def _bench(args: argparse.Namespace, setup: _Setup) -> int:
@@ -430,11 +470,10 @@ def _generate(args: argparse.Namespace, setup: _Setup, parser: argparse.Argument
     agree = len(outputs) < 2 or np.array_equal(outputs["torch"], outputs["flax"])
     if len(outputs) == 2:
         print("the twins generated the same token ids" if agree else "the twins' token ids DIFFER")
-    if args.json:
-        write_json({"prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
-                            "token_ids": {k: v[0].tolist() for k, v in outputs.items()},
-                            "text": {k: tokenizer.decode(v[0].tolist()) for k, v in outputs.items()},
-                            "agree": agree}, args.json)
+    _write_outputs(args, {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
+                          "token_ids": {k: v[0].tolist() for k, v in outputs.items()},
+                          "text": {k: tokenizer.decode(v[0].tolist()) for k, v in outputs.items()},
+                          "agree": agree})
     return 0 if agree else 1
 
 
@@ -445,6 +484,20 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"the destination must be a .safetensors file, got {args.dst!r}")
     if args.to == "hf" and args.dst.endswith(".safetensors"):
         parser.error(f"--to hf writes a snapshot folder (model.safetensors, config.json), got {args.dst!r}")
+    # The destination is checked before the source is read (gpt2-xl takes a while to read); an HF
+    # snapshot's folder, and missing folders above it, are made where the nearest existing one is.
+    probe = args.dst
+    if args.to == "hf":
+        nearest = os.path.abspath(args.dst)
+        while not os.path.exists(nearest):
+            nearest = os.path.dirname(nearest)
+        if not os.path.isdir(nearest):
+            parser.error(f"destination {args.dst!r}: {nearest!r} is a file, not a folder")
+        probe = os.path.join(nearest, "config.json")
+    try:
+        check_output(probe, "destination")
+    except ValueError as e:
+        parser.error(str(e))
     try:
         ckpt = twins.read_checkpoint(args.src, config=resolve_config(args.config) if args.config else None,
                                      n_heads=args.n_heads)
@@ -465,9 +518,35 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """The paths this command will write, each checked before any work (a run is never computed
+    only to be lost to an unwritable path)."""
+    outputs = []
+    for flag in ("json", "plot"):
+        path = getattr(args, flag, None)
+        if path:
+            try:
+                check_output(path, f"--{flag}", plot=flag == "plot")
+            except ValueError as e:
+                parser.error(str(e))
+            outputs.append(path)
+    if len(outputs) == 2 and os.path.realpath(outputs[0]) == os.path.realpath(outputs[1]):
+        parser.error(f"--json and --plot name the same file {outputs[0]!r}")
+    if args.command == "convert":
+        outputs.append(args.dst)
+    return outputs
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0 (pass), 1 (parity failed), 2 (bad input: one line on stderr), 130 (Ctrl-C:
+    one line, nothing half-written, no verdict)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    with exit_on_interrupt(parser.prog, _outputs(args, parser)):
+        return _run(args, parser)
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "convert":
         return _convert(args, parser)
     if args.command == "load-memory":
@@ -487,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             return _bench(args, setup)
         return _generate(args, setup, parser)
-    except (ValueError, OSError) as e:  # bad input found while running, e.g. an unwritable --json
+    except (ValueError, OSError) as e:  # bad input found while running, e.g. a disk filling up
         parser.error(str(e))
 
 

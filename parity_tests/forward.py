@@ -24,7 +24,7 @@ from gpt_spec import GPTConfig, StateDict, check_dtype, stage_key, stage_of
 
 from .compare import Comparison, compare
 from .layers import Finding, build_probes, reference_outputs, run_probes
-from .output import Progress, format_table, versions
+from .output import Progress, format_table, pyplot, save_figure, versions
 from .tolerances import BF16_FORWARD, FP32_FORWARD, Bound
 from .twins import (
     MODELS,
@@ -252,10 +252,7 @@ class ParityReport:
     def plot(self, path: str) -> None:
         """Max |Δ| per stage on a log scale, one line per backend, with each stage's bound; below
         it, the layer evidence's worst |Δ| / allowed per stage."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         names = sorted({c.name for r in self.rows for c in r.stages}, key=stage_key)
         x = np.arange(len(names))
@@ -299,8 +296,7 @@ class ParityReport:
         bottom = axes[-1][0]
         bottom.set_xticks(x, names, rotation=90, fontsize=6)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_figure(fig, path)
 
     def to_json(self) -> dict[str, Any]:
         return {

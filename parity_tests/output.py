@@ -4,6 +4,7 @@ anything slow, and JSON for machines (with the versions that produced it)."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -76,10 +77,65 @@ class _Step:
         return False
 
 
+def check_output(path: str, flag: str, *, plot: bool = False) -> None:
+    """Refuse, before a run, an output path the run could not write, so no result is computed only
+    to be lost: a folder, a missing or read-only folder, and for a plot a format matplotlib lacks.
+    The probe is a real temporary file (permission bits lie to root and on read-only mounts)."""
+    import tempfile
+
+    real = os.path.realpath(path)
+    if os.path.isdir(real):
+        raise ValueError(f"{flag} {path!r} is a folder; give a file name")
+    folder = os.path.dirname(real)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path!r}: folder {folder!r} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(real)}.{os.getpid()}.",
+                                     suffix=".partial")
+    except OSError as e:
+        raise ValueError(f"{flag} {path!r}: cannot write in {folder!r}: {e.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
+    if plot:
+        try:
+            plt = pyplot()
+        except ImportError:
+            raise ValueError(f"{flag} needs matplotlib: pip install 'gpt-twins[plot]'") from None
+        formats = plt.figure().canvas.get_supported_filetypes()
+        plt.close("all")
+        suffix = os.path.splitext(path)[1].lstrip(".").lower()
+        if suffix not in formats:
+            raise ValueError(f"{flag} {path!r}: the file name must end in one of "
+                             f"{', '.join('.' + f for f in sorted(formats))}")
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str) -> None:
+    """Save and close `fig`; the file appears whole or not at all (written aside, then renamed)."""
+    from gpt_spec.checkpoint import atomic_write
+
+    fmt = os.path.splitext(path)[1].lstrip(".").lower()
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=fmt), what="plot")
+    finally:
+        pyplot().close(fig)
+
+
 def write_json(data: dict[str, Any], path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+    """Indented JSON; the file appears whole or not at all (written aside, then renamed)."""
+    from gpt_spec.checkpoint import atomic_write
+
+    text = json.dumps(data, indent=2) + "\n"  # serialised first: a failure leaves no file
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), what="JSON")
 
 
 def versions() -> dict[str, str]:

@@ -26,7 +26,7 @@ from gpt_spec import GPTConfig, in_stage, stage_of
 
 from . import zoo_flax, zoo_torch
 from .forward import DIRECTIONS, run_parity
-from .output import Progress, format_table, versions
+from .output import Progress, format_table, pyplot, save_figure, versions
 from .twins import build_flax, build_torch
 
 TWINS = ("torch", "flax")
@@ -298,10 +298,7 @@ class ZooReport:
 
     def plot(self, path: str) -> None:
         """|Δ| / allowed at the first failure, per mutant and twin, on a log scale."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         mutants = [r for r in self.rows if r.mutant]
         names = list(dict.fromkeys(r.mutant for r in mutants))
@@ -322,8 +319,7 @@ class ZooReport:
         ax.grid(True, axis="x", which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_figure(fig, path)
 
 
 def _row(mutant: Mutant | None, twin: str, report) -> ZooRow:
