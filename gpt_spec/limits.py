@@ -71,14 +71,21 @@ def n_parameters(model: str, cfg, *, final_norm: str = "dummy") -> int:
     return embeddings_and_head + cfg.n_layers * block + 2 * e
 
 
+# What each block costs beyond its parameters: its Python objects (modules, dicts, variables),
+# measured at about 35 kB (torch) and 45 kB (Flax) for a TransformerBlock and 1-2 kB for a
+# DummyTransformerBlock, rounded up. A DummyGPTModel's parameters do not grow with n_layers, so
+# without this a config of 2**31 - 1 dummy blocks passed the check and then never finished building.
+BLOCK_BYTES = {"GPTModel": 64_000, "DummyGPTModel": 4_000}
+
+
 def model_bytes(model: str, cfg, *, final_norm: str = "dummy") -> tuple[int, int]:
     """(parameters, bytes) a model needs once built, the same estimate for both twins: float32
-    parameters, and for GPTModel the torch twin's causal-mask buffers (one float32
-    (context_length, context_length) per block; the Flax twin builds its mask per call, but both
-    twins count it, so both refuse alike)."""
+    parameters, for GPTModel the torch twin's causal-mask buffers (one float32 (context_length,
+    context_length) per block; the Flax twin builds its mask per call, but both twins count it,
+    so both refuse alike), and each block's objects (BLOCK_BYTES)."""
     params = n_parameters(model, cfg, final_norm=final_norm)
     masks = cfg.n_layers * cfg.context_length ** 2 if model == "GPTModel" else 0
-    return params, (params + masks) * FLOAT32_BYTES
+    return params, (params + masks) * FLOAT32_BYTES + cfg.n_layers * BLOCK_BYTES[model]
 
 
 def check_model_fits(model: str, cfg, *, final_norm: str = "dummy") -> None:
@@ -86,10 +93,11 @@ def check_model_fits(model: str, cfg, *, final_norm: str = "dummy") -> None:
     params, needed = model_bytes(model, cfg, final_norm=final_norm)
     available = available_memory()
     if available is not None and needed > available:
-        what = "float32 parameters and causal masks" if model == "GPTModel" else "float32 parameters"
+        masks = ", causal masks" if model == "GPTModel" else ""
         raise ValueError(
-            f"{model} with {format_count(params)} parameters needs {format_bytes(needed)} ({what}) "
-            f"to build; {format_bytes(available)} of memory is available"
+            f"{model} with {format_count(params)} parameters needs {format_bytes(needed)} (float32 "
+            f"parameters{masks} and {format_bytes(BLOCK_BYTES[model])} per block) to build; "
+            f"{format_bytes(available)} of memory is available"
         )
 
 

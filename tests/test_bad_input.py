@@ -9,8 +9,11 @@ same culprit named first) or the same result, never a silently wrong one.
 | adamw(lr=None) | lr must be a real number, got None (NoneType) |
 | adamw(betas=(1.0, 0.999)) | betas[0] must be in [0, 1), got 1.0 |
 | adamw(eps=0.0) | eps must be a finite number >= 1.17549e-38 (float32's smallest normal), got 0.0 |
+| adamw(lr=1e39, betas=(0.0, 0.999)) | lr / (1 - betas[0]), Adam's first step size, must be at most 3.4028234663852886e+38 (float32's largest), got 1e+39 |
+| adamw(lr=1e30, weight_decay=1e10) | lr * weight_decay must be at most 3.4028234663852886e+38 (float32's largest), got 1e+40 |
 | GPTConfig(vocab_size=10**30, ...) | vocab_size must be at most 2147483647 (2**31 - 1: token ids and positions are int32 in JAX), got 10**30 |
-| GPTModel(emb_dim=3_000_000, ...) | GPTModel with 1.08e14 parameters needs 432 TB (float32 parameters and causal masks) to build; 22 GB of memory is available |
+| GPTModel(emb_dim=3_000_000, ...) | GPTModel with 1.08e14 parameters needs 432 TB (float32 parameters, causal masks and 64 kB per block) to build; 22 GB of memory is available |
+| DummyGPTModel(n_layers=2**31 - 1, ...) | DummyGPTModel with 4,920 parameters needs 8.59 TB (float32 parameters and 4 kB per block) to build; 22 GB of memory is available |
 | generate_text_simple(16 prompts, 10**9 new tokens) | generating 1000000000 new tokens at batch 16 needs 128 GB for the output ids alone (16 x 1000000003 int64); 22 GB of memory is available |
 | a state dict with W_key and W_query both of a wrong shape | state dict key 'trf_blocks.0.att.W_query.weight' has shape ... (the first in model order, in both twins) |
 | train_step with a bad input and a bad target | the input's refusal (inputs are checked first, in both twins) |
@@ -230,14 +233,14 @@ def test_the_parameter_count_is_the_models(cfg):
 def test_a_model_memory_cannot_hold_is_refused_alike(monkeypatch):
     monkeypatch.setattr("gpt_spec.limits.available_memory", lambda: 50_000)
     message = _same_refusal(lambda: gpt_torch.GPTModel(TINY), lambda: gpt_flax.GPTModel(TINY, rngs=nnx.Rngs(0)))
-    # 19,272 float32 parameters and 2 causal masks of 11 x 11 floats: 78,056 bytes.
-    assert message == ("GPTModel with 19,272 parameters needs 78.1 kB (float32 parameters and causal masks) "
-                       "to build; 50 kB of memory is available")
+    # 19,272 float32 parameters, 2 causal masks of 11 x 11 floats and 2 blocks: 206,056 bytes.
+    assert message == ("GPTModel with 19,272 parameters needs 206 kB (float32 parameters, causal masks and "
+                       "64 kB per block) to build; 50 kB of memory is available")
     monkeypatch.setattr("gpt_spec.limits.available_memory", lambda: 19_000)
     message = _same_refusal(lambda: gpt_torch.DummyGPTModel(TINY),
                             lambda: gpt_flax.DummyGPTModel(TINY, rngs=nnx.Rngs(0)))
-    assert message == ("DummyGPTModel with 4,920 parameters needs 19.7 kB (float32 parameters) to build; "
-                       "19 kB of memory is available")
+    assert message == ("DummyGPTModel with 4,920 parameters needs 27.7 kB (float32 parameters and 4 kB per "
+                       "block) to build; 19 kB of memory is available")
     monkeypatch.setattr("gpt_spec.limits.available_memory", lambda: None)  # unknown: not checked
     gpt_torch.GPTModel(TINY)
     gpt_flax.GPTModel(TINY, rngs=nnx.Rngs(0))
@@ -247,7 +250,9 @@ def test_a_model_memory_cannot_hold_is_refused_alike(monkeypatch):
     ({"emb_dim": 3_000_000, "n_heads": 1}, ["GPTModel"]),  # DummyGPTModel: 2.5 GB, it would be built
     ({"vocab_size": 2**31 - 1, "emb_dim": 768, "n_heads": 1}, ["GPTModel", "DummyGPTModel"]),
     ({"context_length": 2**31 - 1}, ["GPTModel", "DummyGPTModel"]),
-], ids=["emb_dim-3e6", "vocab-2**31-1", "context-2**31-1"])
+    # Found by tests/test_fuzz.py: a DummyGPTModel's parameters do not grow with its blocks.
+    ({"n_layers": 2**31 - 1}, ["GPTModel", "DummyGPTModel"]),
+], ids=["emb_dim-3e6", "vocab-2**31-1", "context-2**31-1", "layers-2**31-1"])
 def test_a_model_no_machine_holds_is_refused_before_anything_is_allocated(change, models):
     """Before: torch raised RuntimeError or TypeError; the Flax twin aborted the interpreter."""
     cfg = TINY.replace(**change)
@@ -255,7 +260,8 @@ def test_a_model_no_machine_holds_is_refused_before_anything_is_allocated(change
         message = _same_refusal(lambda: getattr(gpt_torch, model)(cfg),
                                 lambda: getattr(gpt_flax, model)(cfg, rngs=nnx.Rngs(0)))
         assert re.fullmatch(rf"{model} with \S+ parameters needs \S+ [kMGTPEZ]?B \(float32 parameters"
-                            rf"( and causal masks)?\) to build; \S+ [kMGTPEZ]?B of memory is available", message), message
+                            rf"(, causal masks)? and \d+ kB per block\) to build; \S+ [kMGTPEZ]?B of memory is "
+                            "available", message), message
 
 
 def test_the_available_memory_is_read():
