@@ -49,8 +49,9 @@ def _dtype_name(idx: Any) -> str:
     return np.dtype(dtype).name if dtype is not None else np.asarray(idx).dtype.name
 
 
-def _check_prompt(model: nnx.Module, idx: Any) -> tuple[GPTConfig | ModelLimits, jax.Array]:
-    """(the model's limits, the prompt as a jax array of its dtype as jnp holds it) after checking
+def _check_prompt(model: nnx.Module, idx: Any) -> tuple[GPTConfig | ModelLimits, jax.Array, str]:
+    """(the model's limits, the prompt as a jax array of its dtype as jnp holds it, the prompt's own
+    dtype name) after checking
     the prompt against them; refuses a prompt whose dtype cannot hold every id the model may
     generate, when the vocabulary is known before a step."""
     limits = model_limits(model)
@@ -58,7 +59,7 @@ def _check_prompt(model: nnx.Module, idx: Any) -> tuple[GPTConfig | ModelLimits,
     dtype_name = _dtype_name(idx)
     if limits.vocab_size is not None:
         check_id_dtype(dtype_name, limits.vocab_size)
-    return limits, ids.astype(jax.dtypes.canonicalize_dtype(np.dtype(dtype_name)))
+    return limits, ids.astype(jax.dtypes.canonicalize_dtype(np.dtype(dtype_name))), dtype_name
 
 
 def _check_model_output(graphdef, rng_state, params, ids: jax.ShapeDtypeStruct,
@@ -109,8 +110,7 @@ def generate_text_simple(model: nnx.Module, idx: Any, max_new_tokens: int, conte
     steps, GENERATE_CHUNK at a time: the tokens live in a preallocated buffer, so nothing
     recompiles as the sequence grows, and Ctrl-C stops the loop between chunks.
     """
-    dtype_name = _dtype_name(idx)
-    limits, ids = _check_prompt(model, idx)
+    limits, ids, dtype_name = _check_prompt(model, idx)
     batch, n_prompt = ids.shape
     max_new_tokens, context_size = check_generation(n_prompt, max_new_tokens, context_size, limits)
     check_output_fits(batch, n_prompt, max_new_tokens, dtype_name)
@@ -180,8 +180,7 @@ def generate_text_simple_cached(model: nnx.Module, idx: Any, max_new_tokens: int
     and every step has the same shapes. A model without a KV cache (no `reset_kv_cache`) is run
     without one, after the same checks: the same tokens.
     """
-    dtype_name = _dtype_name(idx)
-    limits, ids = _check_prompt(model, idx)
+    limits, ids, dtype_name = _check_prompt(model, idx)
     if not use_cache:
         size = default_context_size(ids.shape[1], max_new_tokens, context_size, limits)
         return generate_text_simple(model, idx, max_new_tokens, size)

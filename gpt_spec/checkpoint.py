@@ -420,9 +420,10 @@ def _check_folder(folder: Path, refusal: str) -> None:
         raise ValueError(f"{refusal}: folder {str(folder)!r} is not writable")
 
 
-def _destination(path: str | os.PathLike[str], what: str) -> Path:
+def check_destination(path: str | os.PathLike[str], what: str) -> Path:
     """Where `path` will be written (a symlink followed), refused if that is a directory, or if its
-    folder is missing, not a folder, or not writable. The savers call this before any work."""
+    folder is missing, not a folder, or not writable. The savers call this before any work, and
+    so does `gpt-parity` for every path it will write, before it runs."""
     target = Path(os.path.realpath(path))
     refusal = f"cannot write {what} {os.fspath(path)!r}"
     if os.path.isdir(target):
@@ -446,7 +447,7 @@ def _atomic_write_all(outputs: Sequence[tuple[str | os.PathLike[str], Callable[[
     """`(path, write, what)` each written to a temp file beside its path (`.NAME.PID.*.partial`),
     and renamed into place only once every one is written: a failure in any write leaves every
     old file as it was and no temp file behind."""
-    targets = [_destination(path, what) for path, _, what in outputs]
+    targets = [check_destination(path, what) for path, _, what in outputs]
     temps: list[Path] = []
     try:
         for (path, write, what), target in zip(outputs, targets):
@@ -511,7 +512,7 @@ def save_checkpoint(path: str | os.PathLike[str], sd: Mapping[str, Any], cfg: GP
     """Write a canonical state dict as safetensors (float32 or bfloat16), with its config in the
     metadata. The dict is checked against the model first; the file is written beside the
     destination, read back and compared, and only then renamed over it (see `atomic_write`)."""
-    _destination(path, "checkpoint")  # before any tensor is read or converted
+    check_destination(path, "checkpoint")  # before any tensor is read or converted
     options = check_options(model, options or {})
     _check_save_dtype(dtype)
     sd = check_state_dict(model_shapes(model, cfg, options), sd, model)
@@ -534,6 +535,17 @@ def _folders_to_create(folder: Path, refusal: str) -> list[Path]:
     return missing
 
 
+def check_hf_destination(folder: str | os.PathLike[str]) -> list[Path]:
+    """Refuse an HF snapshot folder save_hf could not write (as check_destination refuses a file);
+    return the folders it will have to create, deepest first."""
+    folder = Path(folder)
+    created = _folders_to_create(folder, f"cannot write HF snapshot {str(folder)!r}")
+    if not created:
+        check_destination(folder / "model.safetensors", "checkpoint")
+        check_destination(folder / "config.json", "config")
+    return created
+
+
 def save_hf(folder: str | os.PathLike[str], sd: Mapping[str, Any], cfg: GPTConfig, *,
             dtype: str = "float32") -> None:
     """Write a GPTModel state dict as an HF GPT-2 snapshot: `model.safetensors` (HF's layout, head
@@ -544,10 +556,7 @@ def save_hf(folder: str | os.PathLike[str], sd: Mapping[str, Any], cfg: GPTConfi
     and a failed save removes the folders it created."""
     _check_save_dtype(dtype)
     folder = Path(folder)
-    created = _folders_to_create(folder, f"cannot write HF snapshot {str(folder)!r}")
-    if not created:
-        _destination(folder / "model.safetensors", "checkpoint")
-        _destination(folder / "config.json", "config")
+    created = check_hf_destination(folder)
     hf = to_hf(sd, cfg)
     tensors = {k: _as_dtype(k, v, dtype) for k, v in hf.items()}
     config = hf_config(cfg, tied="lm_head.weight" not in hf) | {"dtype": dtype}
@@ -569,7 +578,8 @@ def save_hf(folder: str | os.PathLike[str], sd: Mapping[str, Any], cfg: GPTConfi
 
 __all__ = [
     "FLOAT_DTYPES", "FORMAT", "MODELS", "MODEL_CLASSES", "FINAL_NORMS", "SAVE_DTYPES", "Checkpoint",
-    "StateDict", "atomic_write", "check_options", "check_state_dict", "config_from_hf", "from_hf",
+    "StateDict", "atomic_write", "check_destination", "check_hf_destination", "check_options",
+    "check_state_dict", "config_from_hf", "from_hf",
     "gpt_shapes", "infer_config", "load_checkpoint", "model_shapes", "read_torch_file",
     "save_checkpoint", "save_hf", "to_hf",
 ]

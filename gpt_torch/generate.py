@@ -16,7 +16,7 @@ from gpt_spec import (
     default_context_size,
 )
 
-from .model import check_ids
+from .model import as_index, check_ids
 
 
 def model_limits(model: nn.Module) -> GPTConfig | ModelLimits:
@@ -46,17 +46,12 @@ def _check_prompt(model: nn.Module, idx: torch.Tensor) -> GPTConfig | ModelLimit
     return limits
 
 
-def _as_index(ids: torch.Tensor) -> torch.Tensor:
-    """Ids as nn.Embedding takes them (int32 or int64), for models that do not convert them."""
-    return ids if ids.dtype in (torch.int32, torch.int64) else ids.long()
-
-
 def _next_ids(model: nn.Module, idx_cond: torch.Tensor, dtype: torch.dtype,
               limits: GPTConfig | ModelLimits) -> torch.Tensor:
     """The greedy next id of each row, (batch, 1) in `dtype` (the prompt's)."""
     batch, seq_len = idx_cond.shape
     with torch.no_grad():
-        logits = model(_as_index(idx_cond))
+        logits = model(as_index(idx_cond))
     check_logits(tuple(logits.shape), batch, seq_len, limits.vocab_size)
     if limits.vocab_size is None:  # a model that tells its vocabulary only by its logits
         check_id_dtype(str(dtype).removeprefix("torch."), logits.shape[-1])
@@ -105,7 +100,7 @@ def generate_text_simple_cached(model: nn.Module, idx: torch.Tensor, max_new_tok
         return idx
     with torch.no_grad():
         model.reset_kv_cache()
-        logits = model(_as_index(idx[:, -context_size:]), use_cache=True)
+        logits = model(as_index(idx[:, -context_size:]), use_cache=True)
         for step in range(max_new_tokens):
             probas = torch.softmax(logits[:, -1, :], dim=-1)
             idx_next = torch.argmax(probas, dim=-1, keepdim=True)  # (batch, 1)

@@ -32,6 +32,12 @@ def _id_range(ids: torch.Tensor) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
+def as_index(ids: torch.Tensor) -> torch.Tensor:
+    """Integer ids as nn.Embedding takes them: int32 and int64 as they are, any other integer dtype
+    as int64 (callers have checked the values are in range: nothing wraps)."""
+    return ids if ids.dtype in _INDEX_DTYPES else ids.long()
+
+
 def check_ids(in_idx: torch.Tensor, cfg: GPTConfig | ModelLimits, *, check_length: bool = True) -> torch.Tensor:
     """Refuse ids nn.Embedding would index out of range (or silently accept), as the Flax twin does.
 
@@ -40,7 +46,7 @@ def check_ids(in_idx: torch.Tensor, cfg: GPTConfig | ModelLimits, *, check_lengt
     """
     if isinstance(in_idx, torch.Tensor) and torch.compiler.is_compiling():
         # A data-dependent check would break the graph; callers validate before compiling.
-        return in_idx if in_idx.dtype in _INDEX_DTYPES else in_idx.long()
+        return as_index(in_idx)
     if not isinstance(in_idx, torch.Tensor):
         raise ValueError(f"token ids must be a torch.Tensor, got {type(in_idx).__name__}")
     dtype = in_idx.dtype
@@ -55,7 +61,7 @@ def check_ids(in_idx: torch.Tensor, cfg: GPTConfig | ModelLimits, *, check_lengt
         lo, hi = _id_range(in_idx)
     check_token_ids(tuple(in_idx.shape), kind, str(dtype).removeprefix("torch."), lo, hi, cfg,
                     check_length=check_length)
-    return in_idx if dtype in _INDEX_DTYPES else in_idx.long()
+    return as_index(in_idx)
 
 
 class LayerNorm(nn.Module):

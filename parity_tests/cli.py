@@ -479,23 +479,18 @@ def _generate(args: argparse.Namespace, setup: _Setup, parser: argparse.Argument
 
 def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gpt_spec import save_checkpoint, save_hf
+    from gpt_spec.checkpoint import check_destination, check_hf_destination
 
     if args.to == "canonical" and not args.dst.endswith(".safetensors"):
         parser.error(f"the destination must be a .safetensors file, got {args.dst!r}")
     if args.to == "hf" and args.dst.endswith(".safetensors"):
         parser.error(f"--to hf writes a snapshot folder (model.safetensors, config.json), got {args.dst!r}")
-    # The destination is checked before the source is read (gpt2-xl takes a while to read); an HF
-    # snapshot's folder, and missing folders above it, are made where the nearest existing one is.
-    probe = args.dst
-    if args.to == "hf":
-        nearest = os.path.abspath(args.dst)
-        while not os.path.exists(nearest):
-            nearest = os.path.dirname(nearest)
-        if not os.path.isdir(nearest):
-            parser.error(f"destination {args.dst!r}: {nearest!r} is a file, not a folder")
-        probe = os.path.join(nearest, "config.json")
+    # The destination is checked before the source is read (gpt2-xl takes a while to read).
     try:
-        check_output(probe, "destination")
+        if args.to == "hf":
+            check_hf_destination(args.dst)
+        else:
+            check_destination(args.dst, "checkpoint")
     except ValueError as e:
         parser.error(str(e))
     try:

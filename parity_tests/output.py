@@ -79,23 +79,11 @@ class _Step:
 
 def check_output(path: str, flag: str, *, plot: bool = False) -> None:
     """Refuse, before a run, an output path the run could not write, so no result is computed only
-    to be lost: a folder, a missing or read-only folder, and for a plot a format matplotlib lacks.
-    The probe is a real temporary file (permission bits lie to root and on read-only mounts)."""
-    import tempfile
+    to be lost: a folder, a missing or read-only folder (gpt_spec's check_destination, which the
+    savers use too), and for a plot a format matplotlib lacks."""
+    from gpt_spec.checkpoint import check_destination
 
-    real = os.path.realpath(path)
-    if os.path.isdir(real):
-        raise ValueError(f"{flag} {path!r} is a folder; give a file name")
-    folder = os.path.dirname(real)
-    if not os.path.isdir(folder):
-        raise ValueError(f"{flag} {path!r}: folder {folder!r} does not exist")
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(real)}.{os.getpid()}.",
-                                     suffix=".partial")
-    except OSError as e:
-        raise ValueError(f"{flag} {path!r}: cannot write in {folder!r}: {e.strerror}") from None
-    os.close(fd)
-    os.unlink(probe)
+    check_destination(path, flag)
     if plot:
         try:
             plt = pyplot()

@@ -117,21 +117,18 @@ def _one_line_exit_2(capsys, argv: list[str]) -> str:
 
 
 @pytest.mark.parametrize("where, message", [
-    ("missing/out.json", "folder"),
-    ("readonly/out.json", "cannot write in"),
-    ("adir", "is a folder"),
+    ("missing/out.json", "/missing' does not exist"),
+    ("readonly/out.json", "/readonly' is not writable"),
+    ("adir", "it is a directory"),
 ])
 def test_an_unwritable_json_path_is_refused_before_the_run(tmp_path, tiny_json_path, capsys, monkeypatch,
                                                           where, message):
     (tmp_path / "readonly").mkdir(mode=0o500)
     (tmp_path / "adir").mkdir()
-    if where.startswith("readonly") and os.geteuid() == 0:  # root writes anywhere: refuse it as the OS would
-        import tempfile
-
-        def refused(*args, **kwargs):
-            raise PermissionError(13, "Permission denied")
-
-        monkeypatch.setattr(tempfile, "mkstemp", refused)
+    if os.geteuid() == 0:  # root may write anywhere: the folder as a user who may not write it sees it
+        readonly, real_access = (tmp_path / "readonly").resolve(), os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.path.realpath(p) == str(readonly)
+                            else real_access(p, mode, **kw))
     from parity_tests import forward
 
     def never(*args, **kwargs):
@@ -243,6 +240,6 @@ def test_convert_checks_its_destination_before_reading_the_source(tmp_path, caps
     monkeypatch.setattr(twins, "read_checkpoint", never)
     (tmp_path / "file").write_text("")
     err = _one_line_exit_2(capsys, ["convert", "src.safetensors", str(tmp_path / "no" / "out.safetensors")])
-    assert "destination" in err and "does not exist" in err
+    assert "cannot write checkpoint" in err and "/no' does not exist" in err
     err = _one_line_exit_2(capsys, ["convert", "src.safetensors", str(tmp_path / "file" / "snap"), "--to", "hf"])
-    assert "is a file, not a folder" in err
+    assert "cannot write HF snapshot" in err and "/file' is not a folder" in err
