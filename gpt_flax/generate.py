@@ -22,7 +22,7 @@ from gpt_spec import (
     default_context_size,
 )
 
-from .model import KVCache, check_ids
+from .model import check_ids
 
 # Greedy steps per compiled call. The Python loop waits for each chunk before it dispatches the
 # next, so Ctrl-C lands between chunks instead of after the whole generation; the chunk's bounds
@@ -137,7 +137,7 @@ def _run_cached(graphdef, params, cache, rest, ids):
     state (dropout keys) as they are after."""
     model = nnx.merge(graphdef, params, cache, rest)
     logits = model(ids, use_cache=True)[:, -1, :]  # (batch, vocab_size)
-    _, _, cache, rest = nnx.split(model, nnx.Param, KVCache, ...)
+    _, _, cache, rest = nnx.split(model, nnx.Param, nnx.Cache, ...)
     return logits, cache, rest
 
 
@@ -192,7 +192,7 @@ def generate_text_simple_cached(model: nnx.Module, idx: Any, max_new_tokens: int
         return ids
     prompt = ids[:, -context_size:]
     model.reset_kv_cache(batch_size=prompt.shape[0], max_len=prompt.shape[1] + max_new_tokens - 1)
-    graphdef, params, cache, rest = nnx.split(model, nnx.Param, KVCache, ...)
+    graphdef, params, cache, rest = nnx.split(model, nnx.Param, nnx.Cache, ...)
     logits, cache, rest = _prefill(graphdef, params, cache, rest, prompt)
     tokens = jnp.zeros((prompt.shape[0], max_new_tokens), ids.dtype)
     try:

@@ -12,7 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gpt_spec import FINAL_NORMS, GPTConfig, ModelLimits, check_cache_room, check_model_fits, check_token_ids
+from gpt_spec import (
+    DUMMY_GPT_MODEL,
+    DUMMY_NORM,
+    FINAL_NORMS,
+    GPT_MODEL,
+    LAYER_NORM,
+    GPTConfig,
+    ModelLimits,
+    check_cache_room,
+    check_kv_cache,
+    check_model_fits,
+    check_token_ids,
+)
 
 
 def check_ids(in_idx: Any, cfg: GPTConfig | ModelLimits, *, check_length: bool = True) -> jax.Array:
@@ -105,10 +117,6 @@ class FeedForward(nnx.Module):
         return self.layers(x)
 
 
-class KVCache(nnx.Variable):
-    """State of cached decoding (keys, values, positions): not a parameter, never in a state dict."""
-
-
 class MultiHeadAttention(nnx.Module):
     """Causal multi-head self-attention with separate query, key and value projections."""
 
@@ -128,20 +136,24 @@ class MultiHeadAttention(nnx.Module):
         # the shapes at trace time, a constant.
         self.context_length = context_length
         # The KV cache: preallocated by init_cache (its shapes fixed, so a jitted decoder compiles
-        # once), with a pointer to the next free position, as the book's ptr_current_pos.
-        self.cache_k: KVCache | None = nnx.data(None)  # data, not static: it becomes a KVCache
-        self.cache_v: KVCache | None = nnx.data(None)
-        self.ptr_current_pos = KVCache(jnp.zeros((), jnp.int32))
+        # once), with a pointer to the next free position, as the book's ptr_current_pos. nnx.Cache
+        # is NNX's own type for decoding state: never an nnx.Param, so never in a state dict.
+        self.cache_k: nnx.Cache | None = nnx.data(None)  # data, not static: it becomes an nnx.Cache
+        self.cache_v: nnx.Cache | None = nnx.data(None)
+        self.ptr_current_pos = nnx.Cache(jnp.zeros((), jnp.int32))
+        self.cache_max_len = context_length  # positions a cache allocated at a cached call holds
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> None:
         shape = (batch_size, self.num_heads, max_len, self.head_dim)
-        self.cache_k = KVCache(jnp.zeros(shape, dtype))
-        self.cache_v = KVCache(jnp.zeros(shape, dtype))
-        self.ptr_current_pos = KVCache(jnp.zeros((), jnp.int32))
+        self.cache_k = nnx.Cache(jnp.zeros(shape, dtype))
+        self.cache_v = nnx.Cache(jnp.zeros(shape, dtype))
+        self.ptr_current_pos = nnx.Cache(jnp.zeros((), jnp.int32))
+        self.cache_max_len = max_len
 
-    def reset_cache(self) -> None:
+    def reset_cache(self, max_len: int | None = None) -> None:
         self.cache_k, self.cache_v = nnx.data(None), nnx.data(None)
-        self.ptr_current_pos = KVCache(jnp.zeros((), jnp.int32))
+        self.ptr_current_pos = nnx.Cache(jnp.zeros((), jnp.int32))
+        self.cache_max_len = self.context_length if max_len is None else max_len
 
     def __call__(self, x: jax.Array, use_cache: bool = False) -> jax.Array:
         b, num_tokens, d_in = x.shape
@@ -154,7 +166,7 @@ class MultiHeadAttention(nnx.Module):
         # (b, num_heads, num_tokens, head_dim)
         if use_cache:
             if self.cache_k is None:
-                self.init_cache(b, self.context_length, keys_new.dtype)
+                self.init_cache(b, self.cache_max_len, keys_new.dtype)
             if self.cache_k.shape[0] != b:
                 raise ValueError(f"the KV cache holds batch size {self.cache_k.shape[0]}, got {b}: reset it")
             start = self.ptr_current_pos[...]
@@ -244,7 +256,7 @@ class DummyLayerNorm(nnx.Module):
 def _final_norm(kind: str) -> type[nnx.Module]:
     if kind not in FINAL_NORMS:
         raise ValueError(f"final_norm must be one of {', '.join(FINAL_NORMS)}, got {kind!r}")
-    return LayerNorm if kind == "layernorm" else DummyLayerNorm
+    return LayerNorm if kind == LAYER_NORM else DummyLayerNorm
 
 
 class _GPT(nnx.Module):
@@ -256,10 +268,11 @@ class _GPT(nnx.Module):
         self.tok_emb = torch_embedding(cfg.vocab_size, cfg.emb_dim, rngs=rngs)
         self.pos_emb = torch_embedding(cfg.context_length, cfg.emb_dim, rngs=rngs)
         self.drop_emb = nnx.Dropout(cfg.drop_rate, rngs=rngs)
-        self.trf_blocks = nnx.Sequential(*[block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.trf_blocks = nnx.List([block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = final_norm(cfg.emb_dim)
         self.out_head = torch_linear(cfg.emb_dim, cfg.vocab_size, use_bias=False, rngs=rngs)
-        self.current_pos = KVCache(jnp.zeros((), jnp.int32))  # positions held by the KV cache
+        self.current_pos = nnx.Cache(jnp.zeros((), jnp.int32))  # positions held by the KV cache
+        self.cache_max_len = cfg.context_length  # positions it may hold (see reset_kv_cache)
 
     def __call__(self, in_idx: Any, return_activations: bool = False, use_cache: bool = False):
         """(batch, seq_len) integer ids -> (batch, seq_len, vocab_size) logits.
@@ -275,13 +288,13 @@ class _GPT(nnx.Module):
         if use_cache:
             start = self.current_pos[...]
             if not isinstance(start, jax.core.Tracer):  # in a trace, the caller checked the room
-                check_cache_room(int(start), seq_len, self.cfg)
+                check_cache_room(int(start), seq_len, self.cfg, self.cache_max_len)
             self.current_pos[...] = start + seq_len
         tok_embeds = self.tok_emb(in_idx)  # (batch_size, seq_len, emb_dim)
         pos_embeds = self.pos_emb(start + jnp.arange(seq_len))  # (seq_len, emb_dim)
         x = self.drop_emb(tok_embeds + pos_embeds)
         activations = {"drop_emb": x}  # kept only when asked for: they hold every stage's memory
-        for i, block in enumerate(self.trf_blocks.layers):
+        for i, block in enumerate(self.trf_blocks):
             inner = {} if return_activations else None
             x = block(x, use_cache=use_cache, activations=inner)
             if return_activations:
@@ -296,17 +309,19 @@ class _GPT(nnx.Module):
     def reset_kv_cache(self, batch_size: int | None = None, max_len: int | None = None) -> None:
         """Empty every block's KV cache; the next cached call starts at position 0.
 
-        Unlike torch's growing cache, this one is preallocated: with `batch_size` it is allocated
-        now, for `max_len` positions (default context_length); without, at the first cached call.
+        The cache holds at most `max_len` positions (default context_length): a cached call that
+        would pass them is refused. It is preallocated: with `batch_size`, now, for that batch;
+        without, at the first cached call, for its batch.
         """
-        max_len = self.cfg.context_length if max_len is None else max_len
-        for block in self.trf_blocks.layers:
+        batch_size, max_len = check_kv_cache(batch_size, max_len, self.cfg)
+        for block in self.trf_blocks:
             if isinstance(block, TransformerBlock):
                 if batch_size is None:
-                    block.att.reset_cache()
+                    block.att.reset_cache(max_len)
                 else:
                     block.att.init_cache(batch_size, max_len, self.tok_emb.embedding[...].dtype)
-        self.current_pos = KVCache(jnp.zeros((), jnp.int32))
+        self.current_pos = nnx.Cache(jnp.zeros((), jnp.int32))
+        self.cache_max_len = max_len
 
 
 class DummyGPTModel(_GPT):
@@ -315,11 +330,11 @@ class DummyGPTModel(_GPT):
     `final_norm="layernorm"` puts a real LayerNorm where the book has its placeholder.
     """
 
-    def __init__(self, cfg: GPTConfig | Mapping[str, Any], final_norm: str = "dummy", *,
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any], final_norm: str = DUMMY_NORM, *,
                  rngs: nnx.Rngs):
         self.final_norm_kind = final_norm
         cfg, norm = GPTConfig.coerce(cfg), _final_norm(final_norm)
-        check_model_fits("DummyGPTModel", cfg, final_norm=final_norm)
+        check_model_fits(DUMMY_GPT_MODEL, cfg, final_norm=final_norm)
         self._build(cfg, DummyTransformerBlock, norm, rngs)
 
     @property
@@ -333,7 +348,7 @@ class GPTModel(_GPT):
 
     def __init__(self, cfg: GPTConfig | Mapping[str, Any], *, rngs: nnx.Rngs):
         cfg = GPTConfig.coerce(cfg)
-        check_model_fits("GPTModel", cfg)
+        check_model_fits(GPT_MODEL, cfg)
         self._build(cfg, TransformerBlock, LayerNorm, rngs)
 
 

@@ -7,8 +7,10 @@ vocabulary, 50257 = 29 x 1733, divides by no usual mesh size); the batch is spli
 A dimension an axis does not divide evenly is replicated instead, and the plan says so. Nothing
 else changes: `jax.jit` propagates the shardings through the same model code (GSPMD).
 
-The same code runs on GPUs and on multi-host TPU slices: call `jax.distributed.initialize()` first
-on every host, then `make_mesh` sees every device of the job.
+The same code runs on GPUs and on a multi-host TPU slice: call `jax.distributed.initialize()` first
+on every host, then `make_mesh` sees every device of the job and, through `jax.make_mesh`, lays the
+mesh out on the devices' physical topology (a job of several slices would need
+`mesh_utils.create_hybrid_device_mesh` instead, which jax.make_mesh refuses to stand in for).
 """
 
 from __future__ import annotations
@@ -24,19 +26,22 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .weights import canonical_name
+
 AXES = ("data", "model")
 
-# NNX parameter path (joined with '/') -> PartitionSpec over the parameter's own layout
-# (kernels are (in, out)). First match wins; parameters no rule names are replicated.
+# Canonical name (the torch twin's state_dict key) -> PartitionSpec over the canonical layout
+# (Linear weights (out, in)); a Flax kernel, (in, out), gets it transposed, as weights.py says.
+# First full match wins; parameters no rule names are replicated.
 PARTITION_RULES: tuple[tuple[str, P], ...] = (
-    (r"(tok_emb|pos_emb)/embedding$", P(None, "model")),  # (rows, emb): split emb
-    (r"att/W_(query|key|value)/kernel$", P(None, "model")),  # column-parallel: split heads
-    (r"att/W_(query|key|value)/bias$", P("model")),
-    (r"att/out_proj/kernel$", P("model", None)),  # row-parallel: heads in, emb out
-    (r"ff/layers/layers/0/kernel$", P(None, "model")),  # column-parallel: split 4*emb hidden
-    (r"ff/layers/layers/0/bias$", P("model")),
-    (r"ff/layers/layers/2/kernel$", P("model", None)),  # row-parallel
-    (r"out_head/kernel$", P("model", None)),  # (emb, vocab): split emb, logits all-reduced
+    (r"(tok_emb|pos_emb)\.weight", P(None, "model")),  # (rows, emb): split emb
+    (r"trf_blocks\.\d+\.att\.W_(query|key|value)\.weight", P("model", None)),  # column-parallel: split heads
+    (r"trf_blocks\.\d+\.att\.W_(query|key|value)\.bias", P("model")),
+    (r"trf_blocks\.\d+\.att\.out_proj\.weight", P(None, "model")),  # row-parallel: emb out, heads in
+    (r"trf_blocks\.\d+\.ff\.layers\.0\.weight", P("model", None)),  # column-parallel: split 4*emb hidden
+    (r"trf_blocks\.\d+\.ff\.layers\.0\.bias", P("model")),
+    (r"trf_blocks\.\d+\.ff\.layers\.2\.weight", P(None, "model")),  # row-parallel
+    (r"out_head\.weight", P(None, "model")),  # (vocab, emb): split emb, logits all-reduced
 )
 
 
@@ -57,8 +62,8 @@ def make_mesh(shape: tuple[int, int] | str, devices: Sequence[jax.Device] | None
                 "XLA_FLAGS=--xla_force_host_platform_device_count=N or jax.config.update('jax_num_cpu_devices', N))"
                 if devices and devices[0].platform == "cpu" else "")
         raise ValueError(f"mesh {data}x{model} needs {data * model} devices, this job has {len(devices)}{hint}")
-    grid = np.array(devices).reshape(data, model)
-    return Mesh(grid, AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+    # Auto axes: jit propagates the parameters' shardings through the unchanged model code.
+    return jax.make_mesh((data, model), AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 
 
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> tuple[P, list[int]]:
@@ -73,50 +78,57 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> tuple[P, list[int]]:
     return P(*fitted), dropped
 
 
-def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> tuple[P, list[int]]:
+def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh) -> tuple[P, list[int]]:
+    """The spec of the parameter of canonical `name` and (canonical) `shape`, and the dimensions
+    its rule wanted split that the mesh does not divide."""
     for pattern, spec in PARTITION_RULES:
-        if re.search(pattern, path):
+        if re.fullmatch(pattern, name):
             return _fit(spec, shape, mesh)
     return P(), []
 
 
 @dataclasses.dataclass
 class ShardingPlan:
-    """Which spec each parameter got, and which wanted splits did not divide evenly."""
+    """Which spec each parameter got, and which wanted splits did not divide evenly: by canonical
+    name, over the canonical layout (a Flax kernel holds its spec transposed)."""
 
     mesh: Mesh
     specs: dict[str, P]
-    replicated_dims: dict[str, list[int]]  # path -> dims a rule wanted split but could not
+    replicated_dims: dict[str, list[int]]  # name -> dims a rule wanted split but could not
 
     def describe(self) -> list[str]:
-        return [f"{path}: dim(s) {dims} not divisible by the mesh, replicated"
-                for path, dims in self.replicated_dims.items() if dims]
-
-
-def _path(keys: tuple) -> str:
-    return "/".join(str(k) for k in keys)
+        return [f"{name}: dim(s) {dims} not divisible by the mesh, replicated"
+                for name, dims in self.replicated_dims.items() if dims]
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, *extra: nnx.Module) -> ShardingPlan:
     """Place the model's parameters (and the same-shaped state of `extra` objects such as its
-    nnx.Optimizer: Adam's moments) on the mesh by PARTITION_RULES; everything else replicated."""
+    nnx.Optimizer: Adam's moments, whose paths end in the parameter's) on the mesh by
+    PARTITION_RULES; everything else replicated."""
     specs: dict[str, P] = {}
     dropped: dict[str, list[int]] = {}
+    placed: dict[tuple, tuple[tuple[int, ...], P]] = {}  # parameter path -> (its shape, its own spec)
+    for keys, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name, transposed = canonical_name(keys)
+        shape = tuple(var.shape)
+        spec, bad = spec_for(name, shape[::-1] if transposed else shape, mesh)
+        specs[name], dropped[name] = spec, bad
+        placed[keys] = shape, P(*reversed(spec)) if transposed else spec  # _fit gives one entry per dimension
 
-    def place(obj: Any) -> None:
-        state = nnx.state(obj)
-        flat = []
-        for keys, var in nnx.to_flat_state(state):
-            value = var[...] if isinstance(var, nnx.Variable) else var
-            path = _path(keys)
-            spec, bad = spec_for(path, tuple(np.shape(value)), mesh) if np.ndim(value) else (P(), [])
-            if obj is model and isinstance(var, nnx.Param):
-                specs[path], dropped[path] = spec, bad
-            flat.append((keys, var.replace(jax.device_put(value, NamedSharding(mesh, spec)))))
-        nnx.update(obj, nnx.from_flat_state(flat))
+    def own_spec(keys: tuple, shape: tuple[int, ...]) -> P:
+        for start in range(len(keys)):
+            if keys[start:] in placed:
+                param_shape, spec = placed[keys[start:]]
+                return spec if param_shape == shape else P()
+        return P()
 
     for obj in (model, *extra):
-        place(obj)
+        flat = []
+        for keys, var in nnx.to_flat_state(nnx.state(obj)):
+            value = var[...] if isinstance(var, nnx.Variable) else var
+            spec = own_spec(tuple(keys), tuple(np.shape(value)))
+            flat.append((keys, var.replace(jax.device_put(value, NamedSharding(mesh, spec)))))
+        nnx.update(obj, nnx.from_flat_state(flat))
     return ShardingPlan(mesh, specs, dropped)
 
 

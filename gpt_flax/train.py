@@ -25,12 +25,16 @@ def _checked(model: nnx.Module, input_batch: Any, target_batch: Any) -> tuple[ja
     return input_batch, target_batch
 
 
-def calc_loss_batch(input_batch: Any, target_batch: Any, model: nnx.Module) -> jax.Array:
+def calc_loss_batch(input_batch: Any, target_batch: Any, model: nnx.Module,
+                    device: jax.Device | None = None) -> jax.Array:
     """Mean next-token cross-entropy of `model` on (batch, seq_len) inputs and targets.
 
     The inputs are checked first, then the targets (as the torch twin does); ids of any integer
-    dtype, as numpy or JAX arrays or nested lists (what the forward takes), are accepted."""
+    dtype, as numpy or JAX arrays or nested lists (what the forward takes), are accepted. With
+    `device` (a jax.Device), both are put on it first, as the book's calc_loss_batch moves them."""
     input_batch, target_batch = _checked(model, input_batch, target_batch)
+    if device is not None:
+        input_batch, target_batch = jax.device_put((input_batch, target_batch), device)
     logits = model(input_batch)
     return optax.softmax_cross_entropy_with_integer_labels(
         logits.reshape(-1, logits.shape[-1]), target_batch.reshape(-1)

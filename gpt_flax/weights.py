@@ -1,4 +1,5 @@
-"""Canonical state dict <-> NNX state. Every rename and transpose between the twins is in `_LEAVES`."""
+"""Canonical state dict <-> NNX state. Every rename and transpose between the twins is here, in
+`_LEAVES` and `canonical_name`; sharding names parameters through it too."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from flax import nnx
 from gpt_spec import GPTConfig, StateDict, check_dtype, check_state_dict, in_model_order
 from gpt_spec.checkpoint import load_checkpoint, read_torch_file, save_checkpoint
 
-__all__ = ["cast", "load", "load_state_dict", "read_torch_file", "save", "state_dict"]
+__all__ = ["canonical_name", "cast", "load", "load_state_dict", "read_torch_file", "save", "state_dict"]
 
 # NNX parameter name -> (canonical name, transposed?). nnx.Linear keeps its kernel (in, out)
 # where nn.Linear keeps its weight (out, in); nnx.Embed's table is nn.Embedding's weight as is.
@@ -23,20 +24,20 @@ _LEAVES = {
     "scale": ("scale", False),
     "shift": ("shift", False),
 }
-# nnx.Sequential holds its children in a list `.layers`, so its paths read `trf_blocks/layers/0/...`
-# where nn.Sequential's read `trf_blocks.0...`. FeedForward's own attribute `layers` stays.
-_SEQUENTIAL_LIST = "layers"
+# FeedForward's `layers` is an nnx.Sequential, which keeps its children in a list of its own, also
+# `layers`: its path `ff/layers/layers/0/kernel` is nn.Sequential's `ff.layers.0.weight`. (An
+# nnx.List, as trf_blocks, adds nothing to a path: `trf_blocks/0/...` is `trf_blocks.0...`.)
+_SEQUENTIAL = ("layers", "layers")
 
 
-def _canonical(path: tuple) -> tuple[str, bool]:
+def canonical_name(path: tuple) -> tuple[str, bool]:
+    """An NNX parameter's path (as nnx.to_flat_state gives it) -> (its canonical name, whether the
+    canonical layout is its own transposed)."""
     *modules, leaf = path
     if leaf not in _LEAVES:
         raise ValueError(f"no canonical name for parameter {'/'.join(map(str, path))}")
     name, transposed = _LEAVES[leaf]
-    parts = [
-        str(p) for p, nxt in zip(modules, [*modules[1:], leaf])
-        if not (p == _SEQUENTIAL_LIST and isinstance(nxt, int))
-    ]
+    parts = [str(p) for i, p in enumerate(modules) if i == 0 or (modules[i - 1], p) != _SEQUENTIAL]
     return ".".join([*parts, name]), transposed
 
 
@@ -46,7 +47,7 @@ def _params(model: nnx.Module) -> dict[str, tuple[nnx.Variable, bool]]:
     same order and name the same culprit first."""
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name, transposed = _canonical(path)
+        name, transposed = canonical_name(path)
         out[name] = (var, transposed)
     cfg = getattr(model, "cfg", None)
     if not isinstance(cfg, GPTConfig):
@@ -59,7 +60,7 @@ def to_canonical(params: nnx.State) -> StateDict:
     in float32 (every bfloat16 value widens exactly)."""
     out = {}
     for path, var in nnx.to_flat_state(params):
-        name, transposed = _canonical(path)
+        name, transposed = canonical_name(path)
         value = np.asarray((var[...] if isinstance(var, nnx.Variable) else var).astype(jnp.float32))
         # A copy, never a view: the JAX buffer may be donated to (and overwritten by) a train step.
         out[name] = np.array(value.T if transposed else value, order="C", copy=True)

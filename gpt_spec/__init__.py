@@ -1,9 +1,6 @@
 """What a GPT is, framework-free: the config schema, the GPT-2 tokenizer, the canonical state dict."""
 
 from .checkpoint import (
-    FINAL_NORMS,
-    MODEL_CLASSES,
-    MODELS,
     Checkpoint,
     load_checkpoint,
     read_torch_file,
@@ -22,11 +19,25 @@ from .inputs import (
     check_dtype,
     check_generation,
     check_id_dtype,
+    check_kv_cache,
     check_logits,
     check_targets,
     check_token_ids,
     default_context_size,
     in_model_order,
+)
+from .models import (
+    DUMMY,
+    DUMMY_GPT_MODEL,
+    DUMMY_NORM,
+    FINAL_NORMS,
+    GPT,
+    GPT_MODEL,
+    LAYER_NORM,
+    MODEL_CLASSES,
+    MODEL_KINDS,
+    MODELS,
+    check_model,
 )
 from .limits import MAX_SIZE, check_model_fits, check_output_fits, model_bytes
 from .stages import SUB_LAYERS, in_stage, stage_key, stage_names, stage_of
@@ -34,15 +45,22 @@ from .tokenizer import get_tokenizer
 
 __all__ = [
     "DTYPES",
+    "DUMMY",
+    "DUMMY_GPT_MODEL",
+    "DUMMY_NORM",
     "FINAL_NORMS",
     "FLOAT_DTYPES",
     "LazyStateDict",
     "MODELS",
     "MODEL_CLASSES",
+    "MODEL_KINDS",
     "Checkpoint",
     "PRESETS",
     "SUB_LAYERS",
+    "GPT",
+    "GPT_MODEL",
     "GPTConfig",
+    "LAYER_NORM",
     "MAX_SIZE",
     "ModelLimits",
     "StateDict",
@@ -52,7 +70,9 @@ __all__ = [
     "check_dtype",
     "check_generation",
     "check_id_dtype",
+    "check_kv_cache",
     "check_logits",
+    "check_model",
     "check_model_fits",
     "check_output_fits",
     "check_state_dict",

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .config import GPTConfig, parse_json, read_json
+from .models import DUMMY_GPT_MODEL, DUMMY_NORM, FINAL_NORMS, GPT_MODEL, LAYER_NORM, MODELS
 from .hf import config_from_hf, from_hf, hf_config, is_hf_layout, published_n_heads, to_hf
 from .tensors import (
     FLOAT_DTYPES,
@@ -36,9 +37,6 @@ from .tensors import (
 )
 
 FORMAT = "gpt-twins/canonical-v1"
-MODELS = ("GPTModel", "DummyGPTModel")
-MODEL_CLASSES = {"gpt": "GPTModel", "dummy": "DummyGPTModel"}  # the CLI's --model names
-FINAL_NORMS = ("dummy", "layernorm")  # DummyGPTModel's final_norm option
 SAVE_DTYPES = ("float32", "bfloat16")
 HF_INDEX = "model.safetensors.index.json"
 
@@ -68,7 +66,7 @@ def check_options(model: str, options: Any, source: str = "options") -> dict[str
         raise ValueError(f"{source}: model must be one of {', '.join(MODELS)}, got {model!r}")
     if not isinstance(options, Mapping):
         raise ValueError(f"{source}: options must be a mapping, got {type(options).__name__}")
-    allowed = {"final_norm": FINAL_NORMS} if model == "DummyGPTModel" else {}
+    allowed = {"final_norm": FINAL_NORMS} if model == DUMMY_GPT_MODEL else {}
     unknown = sorted(set(options) - set(allowed), key=str)
     if unknown:
         raise ValueError(f"{source}: {model} takes no option(s) {', '.join(map(repr, unknown))}"
@@ -82,11 +80,11 @@ def check_options(model: str, options: Any, source: str = "options") -> dict[str
 def model_shapes(model: str, cfg: GPTConfig, options: Mapping[str, Any] | None = None) -> dict[str, tuple[int, ...]]:
     """The canonical `{name: shape}` of `model` (GPTModel or DummyGPTModel) built with `cfg`."""
     options = check_options(model, options or {})
-    if model == "GPTModel":
+    if model == GPT_MODEL:
         return gpt_shapes(cfg)
     e, v = cfg.emb_dim, cfg.vocab_size
     shapes = {"tok_emb.weight": (v, e), "pos_emb.weight": (cfg.context_length, e)}
-    if options.get("final_norm", "dummy") == "layernorm":
+    if options.get("final_norm", DUMMY_NORM) == LAYER_NORM:
         shapes |= {"final_norm.scale": (e,), "final_norm.shift": (e,)}
     return shapes | {"out_head.weight": (v, e)}
 
@@ -122,7 +120,7 @@ class Checkpoint:
 
     state_dict: Mapping[str, np.ndarray]
     config: GPTConfig
-    model: str = "GPTModel"
+    model: str = GPT_MODEL
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     layout: str = "canonical"  # "hf-gpt2", "torch.save"
     dtypes: tuple[str, ...] = ("float32",)  # the file's tensor dtypes
@@ -303,7 +301,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, config: GPTConfig | None = 
         source = f"checkpoint {str(path)!r}"
         cfg = config or infer_config(sd, n_heads=n_heads, source=source)
         cfg = _with_n_heads(cfg, n_heads)
-        return Checkpoint(_checked(sd, cfg, "GPTModel", {}, source), cfg, layout="torch.save",
+        return Checkpoint(_checked(sd, cfg, GPT_MODEL, {}, source), cfg, layout="torch.save",
                           dtypes=_dtypes(sd), config_source="given" if config else "inferred from the tensors",
                           files=(str(path),))
     folder = path if path.is_dir() else path.parent
@@ -328,7 +326,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, config: GPTConfig | None = 
                 raise ValueError(f"{source}: its metadata holds a bad config: {e}") from e
         else:
             cfg = config
-        model = metadata.get("model", "GPTModel")
+        model = metadata.get("model", GPT_MODEL)
         options = parse_json(metadata.get("options", "{}"), f"{source}: its metadata field 'options'")
         options = check_options(model, options, source)
         cfg = _with_n_heads(cfg, n_heads)
@@ -352,12 +350,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, config: GPTConfig | None = 
         sd, cfg = from_hf(tensors, hf_config, config=override, source=source)
         if config is not None:
             config_source = "given"
-        return Checkpoint(_checked(sd, cfg, "GPTModel", {}, source), cfg, "GPTModel", {}, "hf-gpt2",
+        return Checkpoint(_checked(sd, cfg, GPT_MODEL, {}, source), cfg, GPT_MODEL, {}, "hf-gpt2",
                           _dtypes(tensors), config_source, files)
     if "tok_emb.weight" in tensors:  # canonical names, no metadata: infer the config
         cfg = config or infer_config(tensors, n_heads=n_heads, source=source)
         cfg = _with_n_heads(cfg, n_heads)
-        return Checkpoint(_checked(tensors, cfg, "GPTModel", {}, source), cfg, layout="canonical",
+        return Checkpoint(_checked(tensors, cfg, GPT_MODEL, {}, source), cfg, layout="canonical",
                           dtypes=_dtypes(tensors),
                           config_source="given" if config else "inferred from the tensors", files=files)
     raise ValueError(
@@ -507,7 +505,7 @@ def _check_save_dtype(dtype: str) -> str:
 
 
 def save_checkpoint(path: str | os.PathLike[str], sd: Mapping[str, Any], cfg: GPTConfig, *,
-                    model: str = "GPTModel", options: Mapping[str, Any] | None = None,
+                    model: str = GPT_MODEL, options: Mapping[str, Any] | None = None,
                     dtype: str = "float32") -> None:
     """Write a canonical state dict as safetensors (float32 or bfloat16), with its config in the
     metadata. The dict is checked against the model first; the file is written beside the
@@ -577,7 +575,7 @@ def save_hf(folder: str | os.PathLike[str], sd: Mapping[str, Any], cfg: GPTConfi
 
 
 __all__ = [
-    "FLOAT_DTYPES", "FORMAT", "MODELS", "MODEL_CLASSES", "FINAL_NORMS", "SAVE_DTYPES", "Checkpoint",
+    "FLOAT_DTYPES", "FORMAT", "SAVE_DTYPES", "Checkpoint",
     "StateDict", "atomic_write", "check_destination", "check_hf_destination", "check_options",
     "check_state_dict", "config_from_hf", "from_hf",
     "gpt_shapes", "infer_config", "load_checkpoint", "model_shapes", "read_torch_file",

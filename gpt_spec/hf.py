@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .config import PRESETS, GPTConfig
+from .models import GPT_MODEL
 from .tensors import FLOAT_DTYPES, LazyStateDict, StateDict, info, layer_count
 
 # Per block: HF name -> canonical name. Conv1D keeps its weight (in, out), the transpose of
@@ -354,7 +355,7 @@ def to_hf(sd: Mapping[str, np.ndarray], cfg: GPTConfig, *, tied: bool | None = N
     from .checkpoint import gpt_shapes
     from .tensors import check_state_dict
 
-    sd = check_state_dict(gpt_shapes(cfg), sd, "GPTModel")
+    sd = check_state_dict(gpt_shapes(cfg), sd, GPT_MODEL)
     sd = {k: np.asarray(sd[k]) for k in sd}
     if tied is None:
         tied = np.array_equal(sd["out_head.weight"], sd["tok_emb.weight"])

@@ -131,12 +131,31 @@ def check_dtype(dtype: object) -> str:
     return dtype
 
 
-def check_cache_room(cached: int, new: int, cfg: GPTConfig) -> None:
-    """A KV cache holds at most context_length positions (it does not slide)."""
+def check_kv_cache(batch_size: object, max_len: object, cfg: GPTConfig) -> tuple[int | None, int]:
+    """Check reset_kv_cache's arguments; return (batch_size, or None for the first cached call's
+    batch; max_len, default context_length)."""
+    if batch_size is not None:
+        batch_size = _count("batch_size", batch_size, 1)
+    if max_len is None:
+        return batch_size, cfg.context_length
+    max_len = _count("max_len", max_len, 1)
+    if max_len > cfg.context_length:
+        raise ValueError(f"max_len {max_len} exceeds context_length {cfg.context_length}")
+    return batch_size, max_len
+
+
+def check_cache_room(cached: int, new: int, cfg: GPTConfig, max_len: int | None = None) -> None:
+    """A KV cache holds at most context_length positions (it does not slide), and at most the
+    `max_len` reset_kv_cache gave it."""
     if cached + new > cfg.context_length:
         raise ValueError(
             f"sequence length {cached + new} exceeds context_length {cfg.context_length} "
             f"({cached} cached + {new} new tokens; the KV cache does not slide: reset it)"
+        )
+    if max_len is not None and cached + new > max_len:
+        raise ValueError(
+            f"sequence length {cached + new} exceeds the KV cache's max_len {max_len} "
+            f"({cached} cached + {new} new tokens; reset it with a larger max_len)"
         )
 
 

@@ -9,7 +9,19 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from gpt_spec import FINAL_NORMS, GPTConfig, ModelLimits, check_cache_room, check_model_fits, check_token_ids
+from gpt_spec import (
+    DUMMY_GPT_MODEL,
+    DUMMY_NORM,
+    FINAL_NORMS,
+    GPT_MODEL,
+    LAYER_NORM,
+    GPTConfig,
+    ModelLimits,
+    check_cache_room,
+    check_kv_cache,
+    check_model_fits,
+    check_token_ids,
+)
 
 
 _UNSIGNED = (torch.uint8, torch.uint16, torch.uint32, torch.uint64)
@@ -124,10 +136,26 @@ class MultiHeadAttention(nn.Module):
         self.register_buffer(
             "mask", torch.triu(torch.ones(context_length, context_length), diagonal=1), persistent=False
         )
-        # The KV cache of the book's chapter-4 variant: keys and values of every position fed so far.
+        # The KV cache of the book's chapter-4 variant, preallocated by init_cache as the Flax
+        # twin's is: keys and values of every position fed so far, with a pointer to the next
+        # free position, as the book's ptr_current_pos.
         self.register_buffer("cache_k", None, persistent=False)
         self.register_buffer("cache_v", None, persistent=False)
         self.ptr_current_pos = 0
+        self.cache_max_len = context_length  # positions a cache allocated at a cached call holds
+
+    def init_cache(self, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str | None = None) -> None:
+        shape = (batch_size, self.num_heads, max_len, self.head_dim)
+        self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
+        self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+        self.ptr_current_pos = 0
+        self.cache_max_len = max_len
+
+    def reset_cache(self, max_len: int | None = None) -> None:
+        self.cache_k, self.cache_v = None, None
+        self.ptr_current_pos = 0
+        self.cache_max_len = self.mask.shape[0] if max_len is None else max_len
 
     def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
         b, num_tokens, d_in = x.shape
@@ -139,16 +167,16 @@ class MultiHeadAttention(nn.Module):
         values_new = values_new.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         # (b, num_heads, num_tokens, head_dim)
         if use_cache:
-            if self.cache_k is not None and self.cache_k.shape[0] != b:
-                raise ValueError(f"the KV cache holds batch size {self.cache_k.shape[0]}, got {b}: reset it")
             if self.cache_k is None:
-                self.cache_k, self.cache_v = keys_new, values_new
-            else:
-                self.cache_k = torch.cat([self.cache_k, keys_new], dim=2)
-                self.cache_v = torch.cat([self.cache_v, values_new], dim=2)
-            keys, values = self.cache_k, self.cache_v  # (b, num_heads, cached + num_tokens, head_dim)
+                self.init_cache(b, self.cache_max_len, keys_new.dtype, keys_new.device)
+            if self.cache_k.shape[0] != b:
+                raise ValueError(f"the KV cache holds batch size {self.cache_k.shape[0]}, got {b}: reset it")
             start = self.ptr_current_pos
             self.ptr_current_pos += num_tokens
+            self.cache_k[:, :, start:self.ptr_current_pos] = keys_new
+            self.cache_v[:, :, start:self.ptr_current_pos] = values_new
+            keys = self.cache_k[:, :, :self.ptr_current_pos]  # (b, num_heads, cached + num_tokens, head_dim)
+            values = self.cache_v[:, :, :self.ptr_current_pos]
         else:
             keys, values, start = keys_new, values_new, 0
         attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_tokens, num_keys)
@@ -159,10 +187,6 @@ class MultiHeadAttention(nn.Module):
         context_vec = (attn_weights @ values).transpose(1, 2)  # (b, num_tokens, num_heads, head_dim)
         context_vec = context_vec.contiguous().view(b, num_tokens, self.d_out)
         return self.out_proj(context_vec)
-
-    def reset_cache(self) -> None:
-        self.cache_k, self.cache_v = None, None
-        self.ptr_current_pos = 0
 
 
 class TransformerBlock(nn.Module):
@@ -225,7 +249,7 @@ class DummyLayerNorm(nn.Module):
 def _final_norm(kind: str) -> type[nn.Module]:
     if kind not in FINAL_NORMS:
         raise ValueError(f"final_norm must be one of {', '.join(FINAL_NORMS)}, got {kind!r}")
-    return LayerNorm if kind == "layernorm" else DummyLayerNorm
+    return LayerNorm if kind == LAYER_NORM else DummyLayerNorm
 
 
 class _GPT(nn.Module):
@@ -241,6 +265,7 @@ class _GPT(nn.Module):
         self.final_norm = final_norm(cfg.emb_dim)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self.current_pos = 0  # positions held by the KV cache
+        self.cache_max_len = cfg.context_length  # positions it may hold (see reset_kv_cache)
 
     def forward(self, in_idx: torch.Tensor, return_activations: bool = False, use_cache: bool = False):
         """(batch, seq_len) integer ids -> (batch, seq_len, vocab_size) logits.
@@ -254,7 +279,7 @@ class _GPT(nn.Module):
         batch_size, seq_len = in_idx.shape
         start = 0
         if use_cache:
-            check_cache_room(self.current_pos, seq_len, self.cfg)
+            check_cache_room(self.current_pos, seq_len, self.cfg, self.cache_max_len)
             start, self.current_pos = self.current_pos, self.current_pos + seq_len
         tok_embeds = self.tok_emb(in_idx)  # (batch_size, seq_len, emb_dim)
         pos_ids = torch.arange(start, start + seq_len, device=in_idx.device)
@@ -276,13 +301,19 @@ class _GPT(nn.Module):
     def reset_kv_cache(self, batch_size: int | None = None, max_len: int | None = None) -> None:
         """Empty every block's KV cache; the next cached call starts at position 0.
 
-        This cache grows with torch.cat as the book's does; `batch_size` and `max_len` are
-        accepted for the Flax twin's signature, whose cache is preallocated.
+        The cache holds at most `max_len` positions (default context_length): a cached call that
+        would pass them is refused. It is preallocated: with `batch_size`, now, for that batch;
+        without, at the first cached call, for its batch.
         """
+        batch_size, max_len = check_kv_cache(batch_size, max_len, self.cfg)
         for block in self.trf_blocks:
             if isinstance(block, TransformerBlock):
-                block.att.reset_cache()
+                if batch_size is None:
+                    block.att.reset_cache(max_len)
+                else:
+                    block.att.init_cache(batch_size, max_len, self.tok_emb.weight.dtype, self.tok_emb.weight.device)
         self.current_pos = 0
+        self.cache_max_len = max_len
 
 
 class DummyGPTModel(_GPT):
@@ -292,11 +323,11 @@ class DummyGPTModel(_GPT):
     variant of the other seed); it owns no random init, so it leaves the book's RNG order alone.
     """
 
-    def __init__(self, cfg: GPTConfig | Mapping[str, Any], final_norm: str = "dummy"):
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any], final_norm: str = DUMMY_NORM):
         super().__init__()
         self.final_norm_kind = final_norm
         cfg, norm = GPTConfig.coerce(cfg), _final_norm(final_norm)
-        check_model_fits("DummyGPTModel", cfg, final_norm=final_norm)
+        check_model_fits(DUMMY_GPT_MODEL, cfg, final_norm=final_norm)
         self._build(cfg, DummyTransformerBlock, norm)
 
     @property
@@ -311,5 +342,5 @@ class GPTModel(_GPT):
     def __init__(self, cfg: GPTConfig | Mapping[str, Any]):
         super().__init__()
         cfg = GPTConfig.coerce(cfg)
-        check_model_fits("GPTModel", cfg)
+        check_model_fits(GPT_MODEL, cfg)
         self._build(cfg, TransformerBlock, LayerNorm)

@@ -15,7 +15,8 @@ def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model
     """Mean next-token cross-entropy of `model` on (batch, seq_len) inputs and targets.
 
     The inputs are checked first, then the targets (as the Flax twin does); ids of any integer
-    dtype are accepted."""
+    dtype are accepted. With `device`, both are moved to it first, as the book's calc_loss_batch
+    moves them."""
     input_batch = check_ids(input_batch, model.cfg)
     target_batch = check_ids(target_batch, model.cfg)
     check_targets(tuple(input_batch.shape), tuple(target_batch.shape))

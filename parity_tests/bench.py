@@ -32,7 +32,7 @@ import torch
 
 import gpt_flax
 import gpt_torch
-from gpt_spec import DTYPES, GPTConfig, StateDict, check_dtype
+from gpt_spec import DTYPES, GPT, MODEL_CLASSES, GPTConfig, StateDict, check_dtype
 from gpt_spec.flops import forward_flops, kv_cache_bytes_read, weight_bytes_per_token
 
 from .mesh import split_bytes
@@ -289,7 +289,7 @@ def _shard(fm, text: str, memory: list[dict[str, Any]]):
     from gpt_flax import sharding
 
     mesh = sharding.make_mesh(text)
-    twin = build_flax("gpt", fm.cfg, seed=0)
+    twin = build_flax(GPT, fm.cfg, seed=0)
     gpt_flax.load_state_dict(twin, gpt_flax.state_dict(fm))
     twin.eval()
     plan = sharding.shard_model(twin, mesh)
@@ -348,7 +348,8 @@ def _decode_limit(cfg: GPTConfig, model: str, dtype: str, new_tokens: int, read_
     """Tokens/s if each step only had to read the weights and the cache once at `read_bw`."""
     size = jnp.dtype(dtype).itemsize
     mean_positions = DECODE_PROMPT + (new_tokens - 1) / 2
-    per_token = weight_bytes_per_token(cfg, size, model) + kv_cache_bytes_read(cfg, int(mean_positions), size)
+    per_token = (weight_bytes_per_token(cfg, size, MODEL_CLASSES[model])
+                 + kv_cache_bytes_read(cfg, int(mean_positions), size))
     return read_bw / per_token
 
 
@@ -391,7 +392,7 @@ def _check_grid(batches: list[int], seqs: list[int], dtypes: tuple[str, ...], cf
 def run_bench(
     cfg: GPTConfig,
     *,
-    model: str = "gpt",
+    model: str = GPT,
     batches: list[int] | tuple[int, ...] = (4,),
     seqs: list[int] | tuple[int, ...] = (256,),
     dtypes: tuple[str, ...] = ("float32",),
@@ -420,10 +421,10 @@ def run_bench(
     batches, seqs, dtypes = list(batches), list(seqs), tuple(dict.fromkeys(dtypes))
     _check_grid(batches, seqs, dtypes, cfg)
     meshes = list(meshes or [])
-    if meshes and ("flax-jit" not in backends or model != "gpt"):
+    if meshes and ("flax-jit" not in backends or model != GPT):
         raise ValueError("meshes need the flax-jit backend and the gpt model")
     if decode:
-        if model != "gpt":
+        if model != GPT:
             raise ValueError("decoding needs the gpt model (the dummy model has no KV cache)")
         if DECODE_PROMPT + decode - 1 > cfg.context_length:
             raise ValueError(f"decoding {decode} tokens after a {DECODE_PROMPT}-token prompt exceeds "
@@ -460,7 +461,8 @@ def run_bench(
                     for _ in range(warmup):
                         sync(forward(ids))
                     times = [_time(lambda: forward(ids), sync) for _ in range(repeats)]
-                timings.append(Timing(name, dtype, batch, seq, first, times, forward_flops(cfg, batch, seq, model)))
+                flops = forward_flops(cfg, batch, seq, MODEL_CLASSES[model])
+                timings.append(Timing(name, dtype, batch, seq, first, times, flops))
         sample_gemm("after the forwards")
         read_bw: dict[str, float] = {}
         decoded: list[DecodeTiming] = []

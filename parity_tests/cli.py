@@ -14,7 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from gpt_spec import DTYPES, FINAL_NORMS, GPTConfig, StateDict, resolve_config
+from gpt_spec import (DTYPES, DUMMY, DUMMY_NORM, FINAL_NORMS, GPT, GPT_MODEL, MODEL_CLASSES, MODEL_KINDS, GPTConfig,
+                      StateDict, resolve_config)
 
 from . import bench, forward, mesh, training, twins, zoo
 from .interrupt import exit_on_interrupt
@@ -100,7 +101,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, batch: bool = True, grid: boo
                         "snapshot directory, or the book's torch.save model.pth")
     p.add_argument("--n-heads", type=_positive, default=None, metavar="N",
                    help="the head count of a --checkpoint that does not record it")
-    p.add_argument("--model", default=None, choices=list(twins.MODELS),
+    p.add_argument("--model", default=None, choices=list(MODEL_CLASSES),
                    help="the full GPTModel of §4.6 or the §4.1 DummyGPTModel (default: gpt, or what "
                         "--checkpoint holds)")
     p.add_argument("--final-norm", choices=list(FINAL_NORMS),
@@ -232,12 +233,12 @@ def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _Setup:
             override = resolve_config(args.config) if args.config else None
             ckpt = twins.read_checkpoint(args.checkpoint, config=override, n_heads=args.n_heads)
             setup = _Setup(ckpt.config, f"{args.checkpoint} ({ckpt.layout})",
-                           twins.MODEL_KINDS[ckpt.model], dict(ckpt.options), ckpt.state_dict)
+                           MODEL_KINDS[ckpt.model], dict(ckpt.options), ckpt.state_dict)
             _agree_with_checkpoint(args, ckpt, parser)
         else:
             name = args.config or "gpt2-small"
-            model = args.model or "gpt"
-            if args.final_norm is not None and model != "dummy":
+            model = args.model or GPT
+            if args.final_norm is not None and model != DUMMY:
                 parser.error("--final-norm applies to --model dummy only")
             options = {"final_norm": args.final_norm} if args.final_norm else {}
             setup = _Setup(resolve_config(name), name, model, options)
@@ -245,14 +246,14 @@ def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _Setup:
             setup.cfg = setup.cfg.replace(drop_rate=args.drop_rate)
     except ValueError as e:
         parser.error(str(e))
-    if getattr(args, "train_steps", 0) and setup.model != "gpt":
+    if getattr(args, "train_steps", 0) and setup.model != GPT:
         parser.error("--train-steps needs --model gpt (the dummy model has blocks without weights)")
     seqs = getattr(args, "seq", None)
     for seq in seqs if isinstance(seqs, list) else [seqs]:
         if seq is not None and seq > setup.cfg.context_length:
             parser.error(f"--seq {seq} exceeds context_length {setup.cfg.context_length}")
     if getattr(args, "mesh", None):
-        if setup.model != "gpt":
+        if setup.model != GPT:
             parser.error("--mesh needs --model gpt")
         if args.cpu_devices:
             import jax
@@ -279,15 +280,15 @@ def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _Setup:
 def _agree_with_checkpoint(args: argparse.Namespace, ckpt, parser: argparse.ArgumentParser) -> None:
     """--model and --final-norm describe the model a file holds: saying otherwise is refused, never
     silently overruled by the file (or the file by them)."""
-    kind = twins.MODEL_KINDS[ckpt.model]
+    kind = MODEL_KINDS[ckpt.model]
     if args.model is not None and args.model != kind:
         parser.error(f"--model {args.model} contradicts --checkpoint {args.checkpoint}, which holds a "
                      f"{ckpt.model}")
     if args.final_norm is not None:
-        if kind != "dummy":
+        if kind != DUMMY:
             parser.error(f"--final-norm applies to --model dummy only; --checkpoint {args.checkpoint} "
                          f"holds a {ckpt.model}")
-        held = ckpt.options.get("final_norm", FINAL_NORMS[0])
+        held = ckpt.options.get("final_norm", DUMMY_NORM)
         if args.final_norm != held:
             parser.error(f"--final-norm {args.final_norm} contradicts --checkpoint {args.checkpoint}, "
                          f"whose DummyGPTModel has final_norm {held!r}")
@@ -301,7 +302,7 @@ def _check(args: argparse.Namespace, setup: _Setup, parser: argparse.ArgumentPar
     plant, planted = None, ""
     if args.plant:
         name, twin = args.plant
-        if setup.model != "gpt":
+        if setup.model != GPT:
             parser.error("--plant needs --model gpt")
         mutant = zoo.get(name)
         if mutant.adapt(cfg) != cfg:
@@ -501,7 +502,7 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
               f"{json.dumps(ckpt.config.to_dict())}", flush=True)
         dtype = args.dtype or ckpt.compute_dtype
         if args.to == "hf":
-            if ckpt.model != "GPTModel":
+            if ckpt.model != GPT_MODEL:
                 raise ValueError(f"--to hf writes a GPT-2; {args.src} holds a {ckpt.model}")
             save_hf(args.dst, ckpt.state_dict, ckpt.config, dtype=dtype)
         else:

@@ -20,7 +20,7 @@ import numpy as np
 
 import gpt_flax
 import gpt_torch
-from gpt_spec import GPTConfig, StateDict, check_dtype, stage_key, stage_of
+from gpt_spec import GPT, GPTConfig, StateDict, check_dtype, stage_key, stage_of
 
 from .compare import Comparison, compare
 from .layers import Finding, build_probes, reference_outputs, run_probes
@@ -336,7 +336,7 @@ _TRUE_STATE_DICT = {"torch": gpt_torch.weights.state_dict, "flax": gpt_flax.weig
 def run_parity(
     cfg: GPTConfig,
     *,
-    model: str = "gpt",
+    model: str = GPT,
     batch: int = 2,
     seq: int | None = None,
     seed: int = 0,

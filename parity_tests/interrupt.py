@@ -24,6 +24,8 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 
+from .output import silence_progress
+
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's status for a process ended by Ctrl-C
 _POLL_S = 0.1  # how often the watcher looks whether the command has finished
 
@@ -46,6 +48,7 @@ def _die(prog: str, outputs: Sequence[str]) -> None:
             os.unlink(tmp)
     with contextlib.suppress(Exception):
         sys.stdout.flush()  # what was printed before stays printed; no verdict was
+    silence_progress()  # a live progress line is cleared, the cursor shown, and nothing drawn after
     # os.write, not print: the main thread may be inside a buffered write to stderr.
     os.write(2, f"{prog}: interrupted; nothing more was written (exit {EXIT_INTERRUPTED})\n".encode())
     os._exit(EXIT_INTERRUPTED)

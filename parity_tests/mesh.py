@@ -11,7 +11,8 @@ import numpy as np
 from flax import nnx
 
 import gpt_flax
-from gpt_spec import GPTConfig, StateDict
+from gpt_flax.weights import canonical_name
+from gpt_spec import GPT, GPTConfig, StateDict
 
 from .compare import Comparison, compare
 from .output import Progress, format_table, versions
@@ -114,7 +115,7 @@ def run_sharding_parity(
     rows = []
     with float32_matmuls() as precision:
         with prog.step("one device: logits, gradients, one AdamW step"):
-            fm = build_flax("gpt", cfg, seed=seed)
+            fm = build_flax(GPT, cfg, seed=seed)
             if weights is not None:
                 gpt_flax.load_state_dict(fm, weights)
             start = gpt_flax.state_dict(fm)
@@ -124,7 +125,7 @@ def run_sharding_parity(
         for text in meshes:
             with prog.step(f"mesh {text}: shard, logits, gradients, one AdamW step"):
                 mesh = sharding.make_mesh(text)
-                fm = build_flax("gpt", cfg, seed=seed)
+                fm = build_flax(GPT, cfg, seed=seed)
                 gpt_flax.load_state_dict(fm, start)
                 fm.train()
                 opt = gpt_flax.adamw(fm, lr=lr)
@@ -146,11 +147,12 @@ def run_sharding_parity(
     return ShardingReport(cfg, batch, seq, precision, rows)
 
 
-def split_bytes(model: nnx.Module, split_paths: set[str]) -> tuple[int, int]:
-    """(total bytes, most bytes on one device) of the parameters a partition rule split."""
+def split_bytes(model: nnx.Module, split_names: set[str]) -> tuple[int, int]:
+    """(total bytes, most bytes on one device) of the parameters a partition rule split, named
+    canonically (as ShardingPlan.specs names them)."""
     total, per_device = 0, {}
     for keys, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if "/".join(map(str, keys)) not in split_paths:
+        if canonical_name(keys)[0] not in split_names:
             continue
         value = var[...]
         total += value.nbytes

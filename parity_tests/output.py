@@ -1,37 +1,49 @@
-"""What the suite writes: plain-text tables for the terminal, progress lines on stderr for
-anything slow, and JSON for machines (with the versions that produced it)."""
+"""What the suite writes: tables for the terminal (rich), progress of anything slow on stderr, and
+JSON for machines (with the versions that produced it)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import platform
 import sys
+import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, TextIO
+
+import rich.progress
+from rich import box
+from rich.console import Console
+from rich.table import Column, Table
+from rich.text import Text
+
+TABLE_WIDTH = 10_000  # rendered for a file, not a window: a wide table is never wrapped or cut
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Columns padded to their widest cell; numbers right-aligned, text left-aligned."""
-    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    numeric = [all(_is_number(row[i]) for row in rows) and bool(rows) for i in range(len(headers))]
-
-    def line(row: Sequence[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)
-        ).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+    """A rich table as plain text (no colour, no control codes: it goes to pipes and logs and into
+    assertion messages as well as to terminals). A column of numbers is right-aligned."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    for i, header in enumerate(headers):
+        numeric = bool(rows) and all(_is_number(row[i]) for row in rows)
+        table.add_column(Text(str(header)), justify="right" if numeric else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*(Text(format_cell(v)) for v in row))
+    console = Console(file=io.StringIO(), width=TABLE_WIDTH, color_system=None, force_terminal=False,
+                      highlight=False, markup=False, emoji=False)
+    console.print(table)
+    return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines())
 
 
 def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _cell(v: object) -> str:
+def format_cell(v: object) -> str:
+    """How a table writes a value: floats to 4 significant digits, or 3 in e-notation below 0.01."""
     if not isinstance(v, float):
         return str(v)
     if v != v or v in (float("inf"), float("-inf")):
@@ -43,38 +55,109 @@ def _cell(v: object) -> str:
     return f"{v:.2e}"
 
 
-class Progress:
-    """`[i/n] what ... done in 1.2s` lines on stderr, so stdout stays a clean table."""
+# Every write of progress takes _OUTPUT, and silence_progress takes it for good: after Ctrl-C's line
+# nothing of the progress is drawn again. _live_fd is the terminal a live line is drawn on, if any.
+_OUTPUT = threading.Lock()
+_live_fd: int | None = None
+_REDRAW_S = 0.1
 
-    def __init__(self, total: int, stream=None, enabled: bool = True):
+
+class Progress:
+    """The slow steps of a run, on stderr so stdout stays the tables. On a terminal, rich draws the
+    running step as one live line (spinner, step, steps done, time so far); elsewhere (pipes, CI
+    logs), where a live line would be control codes, a step's start is a line `[i/n] what ...`.
+    Either way `[i/n] what: done in 1.2s` stays when it ends."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True):
         self.total = total
         self.done = 0
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
+        self.live = enabled and _is_terminal(self.stream)
+        # force_terminal: FORCE_COLOR in a CI log must not turn the lines into a live display
+        self.console = Console(file=self.stream, force_terminal=self.live, soft_wrap=True, highlight=False,
+                               markup=False, emoji=False)
 
-    def step(self, what: str):
-        return _Step(self, what)
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        self.done += 1
+        label = f"[{self.done}/{self.total}] {what}"
+        t0 = time.perf_counter()
+        if not self.enabled:
+            yield
+            return
+        if self.live:
+            with _LiveLine(self.console, label, self.done - 1, max(self.total, self.done)):
+                yield
+        else:
+            self._print(f"{label} ...")
+            yield
+        self._print(f"{label}: done in {time.perf_counter() - t0:.1f}s")
+
+    def _print(self, line: str) -> None:
+        with _OUTPUT:
+            self.console.print(line)
 
 
-class _Step:
-    def __init__(self, progress: Progress, what: str):
-        self.progress = progress
-        self.what = what
-
-    def __enter__(self):
-        p = self.progress
-        p.done += 1
-        self.t0 = time.perf_counter()
-        if p.enabled:
-            print(f"[{p.done}/{p.total}] {self.what} ...", file=p.stream, flush=True)
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        p = self.progress
-        if p.enabled and exc_type is None:
-            print(f"[{p.done}/{p.total}] {self.what}: done in {time.perf_counter() - self.t0:.1f}s",
-                  file=p.stream, flush=True)
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
         return False
+    return tty and os.environ.get("TERM", "") not in ("dumb", "unknown")
+
+
+class _LiveLine:
+    """One step as rich's live display: transient (it leaves no trace on the screen), redrawn by a
+    thread of ours rather than rich's own so that every redraw holds _OUTPUT."""
+
+    def __init__(self, console: Console, label: str, done: int, total: int):
+        # The description takes the room the others leave, cut short with an ellipsis: one line,
+        # however narrow the terminal. stderr is redirected above the line, stdout left alone.
+        description = Column(no_wrap=True, overflow="ellipsis", ratio=1)
+        self.bar = rich.progress.Progress(
+            rich.progress.SpinnerColumn(), rich.progress.TextColumn("{task.description}", markup=False,
+                                                                    table_column=description),
+            rich.progress.BarColumn(bar_width=20), rich.progress.TimeElapsedColumn(),
+            console=console, transient=True, auto_refresh=False, expand=True, redirect_stdout=False,
+            redirect_stderr=True)
+        self.bar.add_task(label, total=total, completed=done)
+        self.fd = console.file.fileno()
+        self.stop = threading.Event()
+        self.ticker = threading.Thread(target=self._tick, name="gpt-parity-progress", daemon=True)
+
+    def __enter__(self) -> None:
+        global _live_fd
+        with _OUTPUT:
+            self.bar.start()  # hides the cursor
+            _live_fd = self.fd
+        self.ticker.start()
+
+    def _tick(self) -> None:
+        while not self.stop.wait(_REDRAW_S):
+            with _OUTPUT:
+                if _live_fd is None:
+                    return
+                self.bar.refresh()
+
+    def __exit__(self, *exc: object) -> None:
+        global _live_fd
+        self.stop.set()
+        self.ticker.join()
+        with _OUTPUT:
+            _live_fd = None
+            self.bar.stop()  # clears the line, shows the cursor
+
+
+def silence_progress() -> None:
+    """End all progress output for good, for the Ctrl-C path (interrupt.py), which ends the process
+    from its watcher thread right after: a live line is cleared and the cursor shown again, with a
+    bare write (rich's locks may be held by the thread being abandoned). Waits at most a moment for
+    a redraw in flight, never for the work."""
+    _OUTPUT.acquire(timeout=0.5)  # not released: nothing draws after this
+    if _live_fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(_live_fd, b"\r\x1b[2K\x1b[?25h")  # to the start of the line, erase it, show the cursor
 
 
 def check_output(path: str, flag: str, *, plot: bool = False) -> None:

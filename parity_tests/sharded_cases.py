@@ -8,10 +8,11 @@ import json
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import gpt_flax
 from gpt_flax import sharding
-from gpt_spec import GPTConfig
+from gpt_spec import GPT, GPTConfig
 
 from .cli import main
 from .compare import compare
@@ -49,26 +50,40 @@ def test_four_meshes_equal_one_device_and_split_the_parameters(tmp_path, capsys)
 
 def test_every_parameter_gets_the_rule_it_should():
     mesh = sharding.make_mesh("2x4")
-    model = build_flax("gpt", CFG, seed=0)
-    plan = sharding.shard_model(model, mesh)
-    specs = {path: tuple(spec) for path, spec in plan.specs.items()}
-    assert specs["tok_emb/embedding"] == (None, "model")
-    assert specs["trf_blocks/layers/0/att/W_key/kernel"] == (None, "model")
-    assert specs["trf_blocks/layers/1/att/W_value/bias"] == ("model",)
-    assert specs["trf_blocks/layers/0/att/out_proj/kernel"] == ("model", None)
-    assert specs["trf_blocks/layers/0/att/out_proj/bias"] == ()
-    assert specs["trf_blocks/layers/1/ff/layers/layers/0/kernel"] == (None, "model")
-    assert specs["trf_blocks/layers/1/ff/layers/layers/2/kernel"] == ("model", None)
-    assert specs["trf_blocks/layers/0/norm1/scale"] == ()
-    assert specs["out_head/kernel"] == ("model", None)
-    kernel = model.trf_blocks.layers[0].att.W_query.kernel[...]
+    model = build_flax(GPT, CFG, seed=0)
+    optimizer = gpt_flax.adamw(model)
+    plan = sharding.shard_model(model, mesh, optimizer)
+    # Canonical names, specs over the canonical layout (Linear weights (out, in)).
+    specs = {name: tuple(spec) for name, spec in plan.specs.items()}
+    assert set(specs) == set(gpt_flax.state_dict(model))
+    assert specs["tok_emb.weight"] == (None, "model")
+    assert specs["trf_blocks.0.att.W_key.weight"] == ("model", None)
+    assert specs["trf_blocks.1.att.W_value.bias"] == ("model",)
+    assert specs["trf_blocks.0.att.out_proj.weight"] == (None, "model")
+    assert specs["trf_blocks.0.att.out_proj.bias"] == ()
+    assert specs["trf_blocks.1.ff.layers.0.weight"] == ("model", None)
+    assert specs["trf_blocks.1.ff.layers.0.bias"] == ("model",)
+    assert specs["trf_blocks.1.ff.layers.2.weight"] == (None, "model")
+    assert specs["trf_blocks.0.norm1.scale"] == ()
+    assert specs["out_head.weight"] == (None, "model")
+    # The Flax kernels, (in, out), hold them transposed: column-parallel splits the output.
+    kernel = model.trf_blocks[0].att.W_query.kernel[...]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "model")
     assert {s.data.shape for s in kernel.addressable_shards} == {(32, 8)}
+    hidden = model.trf_blocks[1].ff.layers.layers[2].kernel[...]
+    assert hidden.sharding.spec == jax.sharding.PartitionSpec("model", None)
+    assert {s.data.shape for s in hidden.addressable_shards} == {(32, 32)}
+    head = model.out_head.kernel[...]
+    assert head.sharding.spec == jax.sharding.PartitionSpec("model", None)
+    # Adam's moments are placed as their parameters are.
+    moments = {keys: var[...].sharding.spec for keys, var in nnx.to_flat_state(nnx.state(optimizer))
+               if keys[-3:] == ("att", "W_query", "kernel")}
+    assert len(moments) == 4 and set(moments.values()) == {jax.sharding.PartitionSpec(None, "model")}, moments
 
 
 def test_dimensions_the_mesh_does_not_divide_are_replicated_and_reported():
     cfg = CFG.replace(emb_dim=12, n_heads=3)  # 12 does not divide by 8; the MLP's 48 does
-    model = build_flax("gpt", cfg, seed=1)
+    model = build_flax(GPT, cfg, seed=1)
     model.eval()
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 7))  # 3 does not divide by 8
     with float32_matmuls():
@@ -77,10 +92,10 @@ def test_dimensions_the_mesh_does_not_divide_are_replicated_and_reported():
         plan = sharding.shard_model(model, mesh)
         sharded = np.asarray(gpt_flax.jit_forward(model)(sharding.shard_batch(ids, mesh)))
     notes = plan.describe()
-    assert any(n.startswith("tok_emb/embedding: dim(s) [1]") for n in notes)
-    assert any(n.startswith("trf_blocks/layers/0/att/W_query/kernel: dim(s) [1]") for n in notes)
-    assert not any("ff/layers/layers/0/kernel" in n for n in notes)  # 48 % 8 == 0: still split
-    assert tuple(plan.specs["trf_blocks/layers/0/ff/layers/layers/0/kernel"]) == (None, "model")
+    assert any(n.startswith("tok_emb.weight: dim(s) [1]") for n in notes)
+    assert any(n.startswith("trf_blocks.0.att.W_query.weight: dim(s) [0]") for n in notes)
+    assert not any("ff.layers.0.weight" in n for n in notes)  # 48 % 8 == 0: still split
+    assert tuple(plan.specs["trf_blocks.0.ff.layers.0.weight"]) == ("model", None)
     assert compare("logits", reference, sharded, FP32_FORWARD).passed
     batch = sharding.shard_batch(ids, sharding.make_mesh("8x1"))
     assert tuple(batch.sharding.spec) == (None, None)  # batch 3 over data 8: replicated

@@ -8,8 +8,8 @@ from flax import nnx
 
 import gpt_flax
 import gpt_torch
-from conftest import TINY, TINY_BIAS
 
+from .configs import TINY, TINY_BIAS
 from .forward import compare_stages, run_parity
 from .twins import build_pair, float32_matmuls, run_flax, run_torch, token_batch
 from .tolerances import BF16_FORWARD, FP32_FORWARD
@@ -49,7 +49,7 @@ def test_a_tiny_config_agrees_within_the_bf16_bound_both_directions():
 def test_a_perturbed_weight_fails_the_bf16_bound():
     """A bug the size of a wrong transpose or a missing bias is far above bfloat16 rounding."""
     tm, fm = _bf16_pair(TINY, seed=1)
-    bias = fm.trf_blocks.layers[1].att.out_proj.bias
+    bias = fm.trf_blocks[1].att.out_proj.bias
     bias[...] = bias[...].at[3].add(0.5)
     ids = token_batch(TINY, 2, 9, seed=0)
     with float32_matmuls():

@@ -9,16 +9,17 @@ torch twin's eval logits with no help at all.
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from flax import nnx
 
 import gpt_flax
 import gpt_torch
-from conftest import GPT_CONFIG_124M
 from gpt_spec import get_tokenizer
 
 from . import book
 from .compare import assert_close
+from .configs import GPT_CONFIG_124M
 from .twins import float32_matmuls, run_flax, run_torch
 from .tolerances import BOOK_PRINTED, FP32_FORWARD
 
@@ -37,6 +38,7 @@ def test_the_tokenizer_gives_the_books_batch():
     assert np.array_equal(np.array([tok.encode(t) for t in book.TEXTS]), book.TOKEN_IDS)
 
 
+@pytest.mark.slow
 def test_torch_twin_prints_the_books_logits():
     model = _book_model()  # left in training mode, as in the book
     logits = model(torch.from_numpy(book.TOKEN_IDS))
@@ -55,6 +57,7 @@ class TorchMaskDropout(nnx.Module):
         return jnp.where(self.keep[...], x / (1.0 - self.rate), 0.0)
 
 
+@pytest.mark.slow
 def test_flax_twin_prints_the_books_logits_given_torchs_dropout_mask():
     tm = _book_model()
     masks = []
@@ -69,6 +72,7 @@ def test_flax_twin_prints_the_books_logits_given_torchs_dropout_mask():
     assert_close(torch_logits, flax_logits, FP32_FORWARD, "train-mode logits")
 
 
+@pytest.mark.slow
 def test_eval_mode_twins_agree_on_the_books_weights():
     tm = _book_model().eval()
     fm = gpt_flax.DummyGPTModel(GPT_CONFIG_124M, rngs=nnx.Rngs(0))
@@ -78,6 +82,7 @@ def test_eval_mode_twins_agree_on_the_books_weights():
         assert_close(run_torch(tm, book.TOKEN_IDS), run_flax(fm, book.TOKEN_IDS), FP32_FORWARD, "logits")
 
 
+@pytest.mark.slow
 def test_the_layernorm_variant_of_the_other_seed():
     """Seed 000's skeleton has a real final LayerNorm; its RNG order and shapes are unchanged."""
     torch.manual_seed(book.SEED)

@@ -14,6 +14,7 @@ from gpt_spec import load_checkpoint
 
 from .cli import main
 from .compare import assert_close
+from .configs import TINY_BIAS
 from .twins import float32_matmuls, run_flax, run_torch
 from .hf_reference import gpt2_config_json, hf_gpt2_logits, random_hf_gpt2
 from .tolerances import FP32_FORWARD
@@ -90,8 +91,6 @@ def test_gpt2_small_shaped_hf_file(tmp_path, capsys):
 
 
 def test_gpt_parity_reads_the_books_pth(tmp_path, capsys):
-    from conftest import TINY_BIAS
-
     torch.manual_seed(0)
     torch.save(gpt_torch.GPTModel(TINY_BIAS.replace(emb_dim=128, n_heads=2)).state_dict(), tmp_path / "model.pth")
     dst = tmp_path / "model.safetensors"

@@ -6,11 +6,11 @@ import torch
 
 import gpt_flax
 import gpt_torch
-from conftest import GPT_CONFIG_124M, TINY
 from gpt_flax.generate import _generate
 from gpt_spec import GPTConfig, get_tokenizer
 
 from . import book
+from .configs import GPT_CONFIG_124M, TINY
 from .twins import build_pair, float32_matmuls
 
 

@@ -7,10 +7,10 @@ import torch
 
 import gpt_flax
 import gpt_torch
-from conftest import TINY, TINY_BIAS
 from gpt_flax.generate import _generate_cached
 
 from .compare import assert_close
+from .configs import TINY, TINY_BIAS
 from .twins import build_pair, float32_matmuls
 from .tolerances import FP32_FORWARD
 
@@ -136,3 +136,24 @@ def test_the_cached_decoder_compiles_once_per_shape():
     for shift in range(1, 4):
         gpt_flax.generate_text_simple_cached(fm, prompt + shift, 6)
     assert _generate_cached._cache_size() == compiled
+
+
+def test_the_flax_cache_is_nnx_cache_state_never_a_parameter():
+    """Keys, values and positions are nnx.Cache: outside nnx.Param, so outside the state dict, the
+    gradients and AdamW's state, allocated or not."""
+    from flax import nnx
+
+    _, fm = build_pair("gpt", TINY, source="torch")
+    names = set(gpt_flax.state_dict(fm))
+    for allocate in (False, True):
+        fm.reset_kv_cache(batch_size=2 if allocate else None, max_len=6)
+        fm(np.ones((2, 3), np.int64), use_cache=True)  # allocates the lazily reset cache too
+        cache = nnx.to_flat_state(nnx.state(fm, nnx.Cache))
+        paths = {"/".join(map(str, keys)) for keys, _ in cache}
+        assert "trf_blocks/0/att/cache_k" in paths and "current_pos" in paths, paths
+        assert len(paths) == 1 + 3 * TINY.n_layers  # current_pos; each block's keys, values, pointer
+        assert not {"/".join(map(str, keys)) for keys, _ in nnx.to_flat_state(nnx.state(fm, nnx.Param))} & paths
+        assert set(gpt_flax.state_dict(fm)) == names
+        opt = gpt_flax.adamw(fm)
+        assert not any(keys[-1] in ("cache_k", "cache_v", "ptr_current_pos", "current_pos")
+                       for keys, _ in nnx.to_flat_state(nnx.state(opt)))

@@ -12,9 +12,9 @@ import torch
 import gpt_flax
 import gpt_torch
 
-from conftest import GPT_CONFIG_124M, TINY, TINY_BIAS
 from gpt_spec import GPTConfig, stage_names
 
+from .configs import GPT_CONFIG_124M, TINY, TINY_BIAS
 from .forward import compare_stages, run_parity
 from .twins import build_pair, build_torch, float32_matmuls, run_flax, run_torch, token_batch
 from .tolerances import FP32_FORWARD
@@ -81,7 +81,7 @@ def test_a_perturbed_weight_is_located_at_its_block():
     the report names trf_blocks.2 as the first stage past the bound."""
     cfg = TINY.replace(n_layers=4)
     tm, fm = build_pair("gpt", cfg, source="torch")
-    kernel = fm.trf_blocks.layers[2].ff.layers.layers[0].kernel
+    kernel = fm.trf_blocks[2].ff.layers.layers[0].kernel
     kernel[...] = kernel[...].at[5, 11].add(1e-3)
     ids = token_batch(cfg, 2, 9, seed=0)
     with float32_matmuls():

@@ -1,8 +1,8 @@
 """Property-based parity: on any valid config and any valid batch the twins agree; on any invalid
 config both refuse with ValueError and nothing else.
 
-The example count is set by the hypothesis profile in conftest.py (8 in the default run, so the
-suite keeps its time budget; `HYPOTHESIS_PROFILE=thorough` runs 400, which passed when this was written). Inputs hypothesis
+The example count is set by the hypothesis profiles in conftest.py: a few in the default run, so
+the suite keeps its time budget; `HYPOTHESIS_PROFILE=thorough` for a long hunt. Inputs hypothesis
 found that once broke an assumption stay here as explicit @example regression cases.
 """
 

@@ -44,3 +44,33 @@ def test_bad_mesh_text(text):
 def test_a_mesh_needs_its_devices():
     with pytest.raises(ValueError, match=r"mesh 3x3 needs 9 devices, this job has \d+"):
         make_mesh("3x3")
+
+
+def test_the_mesh_comes_from_jax_make_mesh_with_auto_axes():
+    from jax.sharding import AxisType
+
+    mesh = make_mesh("1x1", jax.devices()[:1])
+    assert mesh.axis_names == ("data", "model") and mesh.devices.shape == (1, 1)
+    assert mesh.axis_types == (AxisType.Auto, AxisType.Auto)  # jax.make_mesh's default is Explicit
+
+
+def test_every_partition_rule_names_canonical_parameters():
+    """Rules are keyed on canonical names: each names some parameter of a GPTModel, and the names
+    sharding derives (through gpt_flax.weights) are the state dict's."""
+    import re
+
+    from gpt_flax import sharding
+    from gpt_spec import GPTConfig
+    from gpt_spec.checkpoint import gpt_shapes
+
+    cfg = GPTConfig(vocab_size=97, context_length=11, emb_dim=24, n_heads=3, n_layers=2, drop_rate=0.0,
+                    qkv_bias=True)
+    names = list(gpt_shapes(cfg))
+    for pattern, _ in sharding.PARTITION_RULES:
+        assert any(re.fullmatch(pattern, name) for name in names), pattern
+    from .twins import build_flax
+
+    model = build_flax("gpt", cfg, seed=0)
+    plan = sharding.shard_model(model, make_mesh("1x1", jax.devices()[:1]))
+    assert set(plan.specs) == set(names)
+    assert tuple(plan.specs["trf_blocks.1.ff.layers.2.weight"]) == (None, "model")

@@ -11,8 +11,8 @@ import torch
 
 import gpt_flax
 import gpt_torch
-from conftest import TINY, TINY_BIAS
 
+from .configs import TINY, TINY_BIAS
 from .training import run_training_parity, weights_check
 from .twins import build_pair, float32_matmuls, token_batch
 from .tolerances import GRADS

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 import gpt_torch
-from conftest import TINY
 from gpt_spec import GPTConfig, in_stage, stage_names, stage_of
 
 from . import zoo
 from .cli import main
+from .configs import TINY
 from .forward import DIRECTIONS, run_parity
 from .twins import build_torch, submodule
 

@@ -10,7 +10,7 @@ import torch
 
 import gpt_flax
 import gpt_torch
-from gpt_spec import GPTConfig, StateDict
+from gpt_spec import GPT, GPTConfig, StateDict
 
 from .compare import Comparison, compare
 from .output import Progress, format_table, versions
@@ -132,7 +132,7 @@ def weights_check(step: int, ref: dict[str, np.ndarray], cand: dict[str, np.ndar
 def run_training_parity(
     cfg: GPTConfig,
     *,
-    model: str = "gpt",
+    model: str = GPT,
     batch: int = 2,
     seq: int = 16,
     steps: int = 10,

@@ -24,7 +24,6 @@ from gpt_spec import GPTConfig
 from gpt_spec import MODEL_CLASSES as MODELS
 from gpt_spec.checkpoint import Checkpoint, load_checkpoint
 
-MODEL_KINDS = {cls: kind for kind, cls in MODELS.items()}
 MODES = ("eval", "train")
 
 

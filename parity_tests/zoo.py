@@ -22,7 +22,7 @@ from flax import nnx
 
 import gpt_flax
 import gpt_torch
-from gpt_spec import GPTConfig, in_stage, stage_of
+from gpt_spec import GPT, GPTConfig, in_stage, stage_of
 
 from . import zoo_flax, zoo_torch
 from .forward import DIRECTIONS, run_parity
@@ -356,7 +356,7 @@ def run_zoo(
 
     def models(c: GPTConfig) -> dict[str, Any]:
         if c not in built:
-            built[c] = {"torch": build_torch("gpt", c, seed=seed), "flax": build_flax("gpt", c, seed=seed)}
+            built[c] = {"torch": build_torch(GPT, c, seed=seed), "flax": build_flax(GPT, c, seed=seed)}
         return built[c]
 
     prog = Progress(1 + len(mutants) * len(twins), enabled=progress)

@@ -151,7 +151,7 @@ class GPT(book._GPT):
         pos_ids = jnp.arange(seq_len) + self.bug_position_offset  # JAX's gather clamps past the end
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos_ids))
         activations = {"drop_emb": x}
-        for i, block in enumerate(self.trf_blocks.layers):
+        for i, block in enumerate(self.trf_blocks):
             inner: dict = {}
             x = block(x, activations=inner)
             activations.update({f"trf_blocks.{i}.{k}": v for k, v in inner.items()})

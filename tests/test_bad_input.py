@@ -29,9 +29,9 @@ from flax import nnx
 
 import gpt_flax
 import gpt_torch
-from conftest import TINY, TINY_BIAS
 from gpt_spec import GPTConfig
 from gpt_spec.checkpoint import model_shapes
+from parity_tests.configs import TINY, TINY_BIAS
 from parity_tests.twins import build_pair, float32_matmuls
 
 INT_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
@@ -516,3 +516,84 @@ def test_both_twins_generate_with_a_model_that_tells_nothing_of_itself():
     message = _same_refusal(lambda: gpt_torch.generate_text_simple(TorchBare(bt), torch.from_numpy(prompt8), 2, 11),
                             lambda: gpt_flax.generate_text_simple(FlaxBare(bf), prompt8, 2, 11))
     assert message.startswith("token ids of dtype int8 cannot hold every id of the vocabulary (up to 50256")
+
+
+# 8. reset_kv_cache's batch_size and max_len: checked alike, and honoured alike.
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ({"batch_size": 2.0}, "batch_size must be an int, got 2.0 (float)"),
+    ({"batch_size": True}, "batch_size must be an int, got True (bool)"),
+    ({"max_len": 0}, "max_len must be >= 1, got 0"),
+    ({"max_len": "5"}, "max_len must be an int, got '5' (str)"),
+    ({"max_len": 12}, "max_len 12 exceeds context_length 11"),
+    ({"batch_size": 2, "max_len": 12}, "max_len 12 exceeds context_length 11"),
+], ids=["batch-0", "batch-float", "batch-bool", "max-len-0", "max-len-str", "max-len-past-context",
+        "allocated-past-context"])
+@pytest.mark.parametrize("kind", ["gpt", "dummy"])
+def test_reset_kv_cache_refuses_the_same_arguments_alike(kind, kwargs, message):
+    tm, fm = build_pair(kind, TINY, source="torch")
+    assert _same_refusal(lambda: tm.reset_kv_cache(**kwargs), lambda: fm.reset_kv_cache(**kwargs)) == message
+
+
+@pytest.mark.parametrize("batch_size", [None, 2], ids=["allocated-at-first-call", "allocated-now"])
+@pytest.mark.parametrize("kind", ["gpt", "dummy"])
+def test_a_cached_call_past_max_len_is_refused_alike(kind, batch_size):
+    tm, fm = build_pair(kind, NOISELESS, source="torch")
+    ids = np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 6))
+    tm.reset_kv_cache(batch_size=batch_size, max_len=5)
+    fm.reset_kv_cache(batch_size=batch_size, max_len=5)
+    with torch.no_grad():
+        t = tm(torch.from_numpy(ids[:, :3]), use_cache=True).numpy()
+        f = np.asarray(fm(ids[:, :3], use_cache=True))
+        message = _same_refusal(lambda: tm(torch.from_numpy(ids[:, 3:]), use_cache=True),
+                                lambda: fm(ids[:, 3:], use_cache=True))
+        assert message == ("sequence length 6 exceeds the KV cache's max_len 5 (3 cached + 3 new tokens; "
+                           "reset it with a larger max_len)")
+        # The refused call changed nothing: the cache goes on from position 3, up to max_len.
+        t = np.concatenate([t, tm(torch.from_numpy(ids[:, 3:5]), use_cache=True).numpy()], axis=1)
+        f = np.concatenate([f, np.asarray(fm(ids[:, 3:5], use_cache=True))], axis=1)
+        full = tm(torch.from_numpy(ids[:, :5])).numpy()
+    np.testing.assert_allclose(t, full, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f, full, rtol=1e-5, atol=1e-5)
+    if kind == "gpt":  # both caches hold max_len positions, not context_length
+        assert tuple(tm.trf_blocks[0].att.cache_k.shape) == fm.trf_blocks[0].att.cache_k.shape == (2, 3, 5, 8)
+
+
+def test_the_batch_size_given_to_reset_kv_cache_is_held_to_alike():
+    tm, fm = build_pair("gpt", TINY, source="torch")
+    tm.reset_kv_cache(batch_size=2)
+    fm.reset_kv_cache(batch_size=2)
+    with torch.no_grad():
+        message = _same_refusal(lambda: tm(torch.ones((3, 1), dtype=torch.int64), use_cache=True),
+                                lambda: fm(np.ones((3, 1), np.int64), use_cache=True))
+    assert message == "the KV cache holds batch size 2, got 3: reset it"
+    # Without arguments, the defaults: any batch, context_length positions.
+    tm.reset_kv_cache()
+    fm.reset_kv_cache()
+    with torch.no_grad():
+        tm(torch.ones((3, 11), dtype=torch.int64), use_cache=True)
+        fm(np.ones((3, 11), np.int64), use_cache=True)
+
+
+# 9. calc_loss_batch(input_batch, target_batch, model, device): the book's signature in both twins.
+
+def test_calc_loss_batch_takes_a_device_in_both_twins():
+    tm, fm = build_pair("gpt", NOISELESS, source="torch")
+    batch = np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 6))
+    x, y = batch[:, :-1], batch[:, 1:]
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    device = jax.devices()[0]
+    with float32_matmuls(), torch.no_grad():
+        t = gpt_torch.calc_loss_batch(tx, ty, tm, "cpu").item()
+        f = float(gpt_flax.calc_loss_batch(x, y, fm, device))
+        assert t == gpt_torch.calc_loss_batch(tx, ty, tm).item()
+        assert f == float(gpt_flax.calc_loss_batch(x, y, fm))
+    from parity_tests.tolerances import LOSS
+
+    assert abs(t - f) <= LOSS.atol + LOSS.rtol * abs(t)
+    # Ids are checked before they move, and the inputs before the targets, as without a device.
+    bad = np.full_like(x, TINY.vocab_size)
+    message = _same_refusal(lambda: gpt_torch.calc_loss_batch(torch.from_numpy(bad), tx, tm, "cpu"),
+                            lambda: gpt_flax.calc_loss_batch(bad, y, fm, device))
+    assert message == "token id 97 is out of range [0, 97) (vocab_size)"

@@ -9,9 +9,9 @@ from safetensors.numpy import save_file
 
 import gpt_flax
 import gpt_torch
-from conftest import TINY, TINY_BIAS
 from gpt_spec import GPTConfig, from_hf, load_checkpoint, save_checkpoint, to_hf
 from gpt_spec.checkpoint import gpt_shapes, infer_config
+from parity_tests.configs import TINY, TINY_BIAS
 from parity_tests.hf_reference import gpt2_config_json, random_hf_gpt2
 
 HF_TINY = dict(vocab_size=97, n_positions=11, n_embd=24, n_layer=2)  # n_head 3 is not inferable

@@ -17,9 +17,9 @@ from safetensors.numpy import save_file
 
 import gpt_flax
 import gpt_torch
-from conftest import TINY, TINY_BIAS
 from gpt_spec import GPTConfig, load_checkpoint, save_checkpoint
 from gpt_spec.checkpoint import FORMAT
+from parity_tests.configs import TINY, TINY_BIAS
 from parity_tests.hf_reference import gpt2_config_json, random_hf_gpt2
 
 HF_TINY = dict(vocab_size=97, n_positions=11, n_embd=24, n_layer=2)
@@ -152,6 +152,7 @@ def test_a_wrong_mask_buffer_is_refused_never_dropped(tmp_path, edit, message, v
             gpt_flax.load_state_dict(gpt_flax.GPTModel(TINY, rngs=nnx.Rngs(0)), book)
 
 
+@pytest.mark.slow
 def test_the_books_chapter5_pth_reaches_the_flax_twin_in_one_call(tmp_path):
     cfg = GPTConfig.preset("gpt2-small").replace(context_length=8, vocab_size=50, n_layers=12)
     book = _book_state_dict(cfg)
@@ -293,7 +294,7 @@ def test_neighbours_survive_and_a_killed_saves_temp_is_cleaned(tmp_path):
 def test_a_sigkilled_save_leaves_only_a_temp_the_next_save_removes(tmp_path):
     code = ("import signal, os, safetensors.numpy as s\n"
             "from gpt_spec import save_checkpoint\n"
-            "from conftest import TINY\n"
+            "from parity_tests.configs import TINY\n"
             "import numpy as np, json\n"
             "real = s.save_file\n"
             "def killed(t, f, metadata=None):\n"

@@ -1,7 +1,6 @@
 """gpt-parity: tables on stdout, JSON on request, exit 0 / 1 (parity failed) / 2 (bad arguments)."""
 
 import json
-import re
 import subprocess
 import sys
 
@@ -12,6 +11,14 @@ from gpt_spec import GPTConfig
 from gpt_spec.flops import forward_flops, weight_bytes_per_token
 from parity_tests import forward
 from parity_tests.cli import main
+from parity_tests.output import format_cell
+
+
+def _row(stdout: str, *first: str) -> list[str]:
+    """The words of the one table row of `stdout` whose first words are `first`."""
+    rows = [line.split() for line in stdout.splitlines() if tuple(line.split()[:len(first)]) == first]
+    assert len(rows) == 1, f"{len(rows)} rows start with {' '.join(first)!r}:\n{stdout}"
+    return rows[0]
 
 
 @pytest.fixture
@@ -25,15 +32,20 @@ def test_check_passes_prints_a_row_per_backend_and_writes_json(tiny_json, tmp_pa
     out = tmp_path / "check.json"
     assert main(["check", "--config", tiny_json, "--batch", "3", "--seq", "7", "--json", str(out)]) == 0
     stdout = capsys.readouterr().out
-    assert "torch->flax  torch/cpu   flax/cpu:0" in stdout and stdout.rstrip().endswith("PASS")
+    assert stdout.splitlines()[-1] == "PASS"
     data = json.loads(out.read_text())["forward"]
     assert data["passed"] and data["seq"] == 7 and data["config"]["vocab_size"] == 97
     assert data["model"] == "gpt" and len(data["rows"][0]["stages"]) == 1 + 2 * 6 + 2  # emb, 2 blocks, norm, head
     assert all(r["passed"] and r["logits"]["margin"] < 1 and r["first_failure"] is None for r in data["rows"])
     layers = data["rows"][0]["layers"]
     assert {f["evidence"] for f in layers} == {"envelope", "bias"} and all(f["passed"] for f in layers)
-    assert "layer evidence" in stdout and "LayerNorm           rows of tiny variance" in stdout
     assert {r["candidate"] for r in data["rows"]} >= {"flax/cpu:0", "torch/cpu"}
+    for r in data["rows"]:  # a table row per backend: the JSON's logits figure and verdict
+        cells = _row(stdout, r["direction"], r["reference"], r["candidate"])
+        assert cells[3] == format_cell(r["logits"]["max_abs"]) and cells[-1] == "pass"
+    tiny = [f for r in data["rows"] for f in r["layers"] if f["name"].endswith("LayerNorm, rows of tiny variance")]
+    cells = _row(stdout, "LayerNorm", "rows", "of", "tiny", "variance", "envelope")  # over both directions
+    assert cells[6:8] == [str(len(tiny)), format_cell(max(f["margin"] for f in tiny))] and cells[-1] == "pass"
     assert all(s["reason"] for s in data["skipped"])
 
 
@@ -43,12 +55,18 @@ def test_check_layers_plot_and_training(tiny_json, tmp_path, capsys):
             "--train-steps", "2", "--quiet", "--json", str(out)]
     assert main(argv) == 0
     stdout = capsys.readouterr().out
-    assert re.search(r"^stage +torch->flax flax/cpu:0 +flax->torch torch/cpu +result$", stdout, re.M)
-    assert re.search(r"^trf_blocks\.1\.residual .* pass$", stdout, re.M)
-    assert "weights after 2 AdamW step(s)" in stdout and stdout.rstrip().endswith("PASS")
+    assert stdout.splitlines()[-1] == "PASS"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    training = json.loads(out.read_text())["training"]
+    data = json.loads(out.read_text())
+    forward_rows, training = data["forward"]["rows"], data["training"]
     assert training["passed"] and [w["step"] for w in training["weights"]] == [1, 2]
+    # --layers: a column per backend, a row per stage with each backend's max |Δ| from the JSON
+    assert _row(stdout, "stage") == ["stage", "torch->flax", "flax/cpu:0", "flax->torch", "torch/cpu", "result"]
+    residual = [next(c for c in r["stages"] if c["name"] == "trf_blocks.1.residual") for r in forward_rows]
+    assert _row(stdout, "trf_blocks.1.residual")[1:] == [*(format_cell(c["max_abs"]) for c in residual), "pass"]
+    for w in training["weights"]:
+        cells = _row(stdout, "weights", "after", f"{w['step']}", "AdamW", "step(s):")
+        assert cells[-1] == "pass" and format_cell(w["max_abs"]) in cells
 
 
 def test_generate_prints_both_twins_text(tiny_json, tmp_path, capsys):

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from conftest import GPT_CONFIG_124M
 from gpt_spec import PRESETS, GPTConfig, resolve_config
+from parity_tests.configs import GPT_CONFIG_124M
 
 
 def test_book_dict_is_gpt2_small_and_round_trips():

@@ -158,7 +158,7 @@ def test_each_twins_attention_and_feedforward_are_within_half_their_envelopes(qk
     cfg = GPTConfig(vocab_size=7, context_length=33, emb_dim=EMB, n_heads=4, n_layers=1, drop_rate=0.0,
                     qkv_bias=qkv_bias)
     t_model, f_model = build_pair("gpt", cfg, source="torch", seed=1)
-    tm, fm = t_model.trf_blocks[0], f_model.trf_blocks.layers[0]
+    tm, fm = t_model.trf_blocks[0], f_model.trf_blocks[0]
     sd = {k.removeprefix("trf_blocks.0."): v for k, v in gpt_torch.state_dict(t_model).items()}
     att_sd = {k.removeprefix("att."): v for k, v in sd.items() if k.startswith("att.")}
     x = RNG.standard_normal((2, 33, EMB)).astype(np.float32)

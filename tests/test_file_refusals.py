@@ -19,10 +19,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
-from conftest import TINY
 from gpt_spec import GPTConfig, LazyStateDict, load_checkpoint, save_checkpoint, save_hf
 from gpt_spec.checkpoint import FORMAT, gpt_shapes
 from parity_tests import cli
+from parity_tests.configs import TINY
 from parity_tests.hf_reference import gpt2_config_json, random_hf_gpt2
 
 ROOT = Path(__file__).resolve().parent.parent

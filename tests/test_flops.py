@@ -23,7 +23,7 @@ def test_gpt2_small_batch_4x256():
     # 12 layers x (24 E^2 + 4 T E) per token, plus the 2 E V head, for 1024 tokens
     assert forward_flops(cfg, 4, 256) == 1024 * (12 * (24 * 768**2 + 4 * 256 * 768) + 2 * 768 * 50257)
     assert forward_flops(cfg, 4, 256) == 262_657_277_952
-    assert forward_flops(cfg, 4, 256, model="dummy") == 1024 * 2 * 768 * 50257
+    assert forward_flops(cfg, 4, 256, model="DummyGPTModel") == 1024 * 2 * 768 * 50257
 
 
 @pytest.mark.parametrize("batch, seq", [(2, 64), (3, 17)])
@@ -47,3 +47,15 @@ def test_decoding_reads_every_weight_but_the_embedding_tables(book_cfg):
     assert weight_bytes_per_token(with_bias) - weight_bytes_per_token(cfg) == 4 * 12 * 3 * 768
     assert weight_bytes_per_token(cfg, 2) * 2 == weight_bytes_per_token(cfg)
     assert kv_cache_bytes_read(cfg, 100) == 2 * 12 * 100 * 768 * 4
+
+
+@pytest.mark.parametrize("count", [lambda m: forward_flops(MID, 2, 8, model=m),
+                                   lambda m: weight_bytes_per_token(MID, model=m)],
+                         ids=["forward_flops", "weight_bytes_per_token"])
+def test_models_are_named_by_their_class_and_nothing_else_is_taken(count):
+    """The CLI's short names ("gpt") are not class names: refused, never counted as the dummy model."""
+    from gpt_spec import DUMMY_GPT_MODEL, GPT_MODEL
+
+    assert count(GPT_MODEL) > count(DUMMY_GPT_MODEL) > 0
+    with pytest.raises(ValueError, match="^model must be one of GPTModel, DummyGPTModel, got 'gpt'$"):
+        count("gpt")

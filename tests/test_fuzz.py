@@ -8,10 +8,10 @@ both succeed with the same token ids, or losses and logits within float32 noise)
 the only refusal; no generated id wraps (every one in [0, vocab_size)); no NaN or inf comes out of
 finite inputs and finite arguments.
 
-Examples: 25 per test by default, so the file runs in well under a minute; for a long hunt set
-`GPT_FUZZ_PROFILE=hunt` (or the suite-wide `HYPOTHESIS_PROFILE=thorough`). Shapes, configs and
-valid optimizer settings come from small fixed sets: each new one is a compilation in the Flax
-twin, and the point is the inputs, not the compiler.
+Examples per test: the `fuzz-quick` profile below by default, so the file runs in well under a
+minute; for a long hunt set `GPT_FUZZ_PROFILE=hunt` (or the suite-wide
+`HYPOTHESIS_PROFILE=thorough`). Shapes, configs and valid optimizer settings come from small fixed
+sets: each new one is a compilation in the Flax twin, and the point is the inputs, not the compiler.
 """
 
 import math

@@ -10,10 +10,8 @@ from flax import nnx
 
 import gpt_flax
 import gpt_torch
-from conftest import GPT_CONFIG_124M, TINY, TINY_BIAS
 from gpt_spec import GPTConfig
-from parity_tests.compare import assert_close
-from parity_tests.tolerances import JIT_VS_EAGER
+from parity_tests.configs import GPT_CONFIG_124M, TINY, TINY_BIAS
 
 
 def _torch_logits(model, ids):
@@ -49,10 +47,12 @@ def test_causality(twin, cfg):
 
 
 def _dropouts(twin, model):
+    if isinstance(model, (gpt_torch.DummyGPTModel, gpt_flax.DummyGPTModel)):  # identity blocks
+        return {"drop_emb": model.drop_emb}
     if twin == "torch":
         return {"drop_emb": model.drop_emb, "att.dropout": model.trf_blocks[0].att.dropout,
                 "drop_shortcut": model.trf_blocks[0].drop_shortcut}
-    block = model.trf_blocks.layers[0]
+    block = model.trf_blocks[0]
     return {"drop_emb": model.drop_emb, "att.dropout": block.att.dropout, "drop_shortcut": block.drop_shortcut}
 
 
@@ -61,13 +61,20 @@ def _apply(twin, module, x):
 
 
 @pytest.mark.parametrize("twin", TWINS)
-def test_dropout_off_in_eval_and_on_in_train(twin):
+@pytest.mark.parametrize("cls", ["GPTModel", "DummyGPTModel"])
+def test_dropout_off_in_eval_and_on_in_train(twin, cls):
+    """A new model is in train mode, as torch modules are; every dropout drops at the configured rate
+    and scales by 1/(1-p); eval() turns all of them off and train() back on."""
     p = 0.3
-    build, logits = TWINS[twin]
-    model = build(TINY.replace(drop_rate=p))
+    cfg = TINY.replace(drop_rate=p)
+    torch.manual_seed(0)
+    model = getattr(gpt_torch, cls)(cfg) if twin == "torch" else getattr(gpt_flax, cls)(cfg, rngs=nnx.Rngs(0))
+    logits = TWINS[twin][1]
     ids = np.random.default_rng(1).integers(0, TINY.vocab_size, (2, 9))
-    model.train()
-    assert not np.array_equal(logits(model, ids), logits(model, ids))
+    assert not np.array_equal(logits(model, ids), logits(model, ids))  # no train() called
+    if twin == "flax" and cls == "DummyGPTModel":  # the model cheapest to compile shows it:
+        forward = gpt_flax.jit_forward(model)
+        assert not np.array_equal(forward(ids), forward(ids))  # the jitted path advances its keys too
     ones = np.ones((64, 128), np.float32)
     n = ones.size
     for name, module in _dropouts(twin, model).items():
@@ -79,6 +86,8 @@ def test_dropout_off_in_eval_and_on_in_train(twin):
     np.testing.assert_array_equal(logits(model, ids), logits(model, ids))
     for name, module in _dropouts(twin, model).items():
         np.testing.assert_array_equal(_apply(twin, module, ones), ones, err_msg=name)
+    model.train()
+    assert not np.array_equal(logits(model, ids), logits(model, ids))
 
 
 def _expected_init(name: str, sd: dict) -> tuple[str, float, float]:
@@ -96,7 +105,9 @@ def _expected_init(name: str, sd: dict) -> tuple[str, float, float]:
 
 def test_init_statistics_match_the_torch_defaults_in_both_twins():
     """Per parameter, both twins against the book's torch init and against each other: mean within
-    5 standard errors, std within 5 standard errors of the std (a few percent for these sizes)."""
+    5 standard errors, std within 5 standard errors of the std (a few percent for these sizes), and
+    the largest |value| within 15% of torch's (a distribution of the right std but another shape,
+    such as a truncated normal, fails there)."""
     cfg = GPTConfig(vocab_size=1031, context_length=64, emb_dim=192, n_heads=3, n_layers=2,
                     drop_rate=0.0, qkv_bias=True)
     t_sd = gpt_torch.state_dict(TWINS["torch"][0](cfg))
@@ -118,6 +129,7 @@ def test_init_statistics_match_the_torch_defaults_in_both_twins():
             assert abs(x.mean() - mean) < 5 * std / math.sqrt(n), f"{label} {name} mean {x.mean()}"
             # std of the sample std: std * sqrt(1/(2n)) (normal); uniform's is smaller.
             assert abs(x.std() / std - 1) < 5 / math.sqrt(2 * n), f"{label} {name} std {x.std()}"
+        assert abs(np.abs(f).max() / np.abs(t).max() - 1) < 0.15, f"{name} max |x|"
 
 
 def test_124m_has_163_009_536_parameters_in_both_twins():
@@ -130,16 +142,6 @@ def test_124m_has_163_009_536_parameters_in_both_twins():
     assert t_count == f_count == 163_009_536
     assert sum(p.numel() for n, p in tm.named_parameters() if not n.startswith("out_head")) == 124_412_160
     assert not any(name.endswith("mask") for name in tm.state_dict())  # a buffer, not a parameter
-
-
-@pytest.mark.parametrize("cfg", [TINY, TINY_BIAS], ids=["tiny", "tiny-bias"])
-def test_flax_forward_is_the_same_with_and_without_jit(cfg):
-    model = gpt_flax.GPTModel(cfg, rngs=nnx.Rngs(2))
-    model.eval()
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, cfg.context_length))
-    eager = model(ids, return_activations=True)
-    assert_close(eager, gpt_flax.jit_forward(model, return_activations=True)(ids), JIT_VS_EAGER)
-    assert_close(eager["out_head"], nnx.jit(lambda m, x: m(x))(model, ids), JIT_VS_EAGER)
 
 
 def test_gelu_is_the_tanh_approximation_in_both_twins():

@@ -23,6 +23,7 @@ def _shell_lines() -> list[str]:
     return [line for line in lines if line]
 
 
+@pytest.mark.slow  # the examples build gpt2-small in both twins
 def test_python_examples_run(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the examples write small.safetensors
     blocks = _blocks("python")
