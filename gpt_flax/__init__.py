@@ -1,18 +1,18 @@
 """The Flax NNX twin of the chapter-4 GPT."""
 
+from .generate import generate_text_simple, generate_text_simple_cached
 from .model import (
+    GELU,
     DummyGPTModel,
     DummyLayerNorm,
     DummyTransformerBlock,
     FeedForward,
-    GELU,
     GPTModel,
     LayerNorm,
     MultiHeadAttention,
     TransformerBlock,
     jit_forward,
 )
-from .generate import generate_text_simple, generate_text_simple_cached
 from .train import adamw, calc_loss_batch, loss_and_grads, train_step
 from .weights import cast, load, load_state_dict, read_torch_file, save, state_dict
 

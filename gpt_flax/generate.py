@@ -62,10 +62,12 @@ def _check_prompt(model: nnx.Module, idx: Any) -> tuple[GPTConfig | ModelLimits,
     return limits, ids.astype(jax.dtypes.canonicalize_dtype(np.dtype(dtype_name))), dtype_name
 
 
-def _check_model_output(graphdef, rng_state, params, ids: jax.ShapeDtypeStruct,
-                        limits: GPTConfig | ModelLimits, dtype_name: str) -> None:
+def _check_model_output(
+    graphdef, rng_state, params, ids: jax.ShapeDtypeStruct, limits: GPTConfig | ModelLimits, dtype_name: str
+) -> None:
     """For a model that is not a twin's: its logits' shape, from a trace (nothing runs), checked
     as torch's twin checks them at each step."""
+
     def forward(rng_state, params, ids):
         return nnx.merge(graphdef, rng_state, params)(ids)
 
@@ -170,8 +172,9 @@ def _generate_cached(graphdef, params, cache, rest, logits, tokens, lo, hi):
     return logits, tokens, cache, rest
 
 
-def generate_text_simple_cached(model: nnx.Module, idx: Any, max_new_tokens: int,
-                                context_size: int | None = None, use_cache: bool = True) -> jax.Array:
+def generate_text_simple_cached(
+    model: nnx.Module, idx: Any, max_new_tokens: int, context_size: int | None = None, use_cache: bool = True
+) -> jax.Array:
     """generate_text_simple with the KV cache (the book's chapter-4 variant): the prompt is fed once,
     then one new token per step. Same tokens as generate_text_simple (the window must not slide).
 

@@ -36,8 +36,7 @@ def check_ids(in_idx: Any, cfg: GPTConfig | ModelLimits, *, check_length: bool =
     host before dispatch.
     """
     if isinstance(in_idx, jax.core.Tracer):
-        check_token_ids(in_idx.shape, in_idx.dtype.kind, str(in_idx.dtype), None, None, cfg,
-                        check_length=check_length)
+        check_token_ids(in_idx.shape, in_idx.dtype.kind, str(in_idx.dtype), None, None, cfg, check_length=check_length)
         return in_idx
     host = np.asarray(in_idx)
     kind = host.dtype.kind
@@ -120,8 +119,17 @@ class FeedForward(nnx.Module):
 class MultiHeadAttention(nnx.Module):
     """Causal multi-head self-attention with separate query, key and value projections."""
 
-    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
-                 qkv_bias: bool = False, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        context_length: int,
+        dropout: float,
+        num_heads: int,
+        qkv_bias: bool = False,
+        *,
+        rngs: nnx.Rngs,
+    ):
         if d_out % num_heads:
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
         self.d_out = d_out
@@ -214,8 +222,9 @@ class TransformerBlock(nnx.Module):
         self.norm2 = LayerNorm(cfg.emb_dim)
         self.drop_shortcut = nnx.Dropout(cfg.drop_rate, rngs=rngs)
 
-    def __call__(self, x: jax.Array, use_cache: bool = False,
-                 activations: dict[str, jax.Array] | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, use_cache: bool = False, activations: dict[str, jax.Array] | None = None
+    ) -> jax.Array:
         """With `activations`, each sub-layer's output is also put in it by name: norm1, att,
         residual (after the attention's shortcut add), norm2, ff (the block's output is returned)."""
         out = {} if activations is None else activations
@@ -238,8 +247,9 @@ class DummyTransformerBlock(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs | None = None):
         pass
 
-    def __call__(self, x: jax.Array, use_cache: bool = False,
-                 activations: dict[str, jax.Array] | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, use_cache: bool = False, activations: dict[str, jax.Array] | None = None
+    ) -> jax.Array:
         return x
 
 
@@ -262,8 +272,7 @@ def _final_norm(kind: str) -> type[nnx.Module]:
 class _GPT(nnx.Module):
     """What DummyGPTModel and GPTModel share: the book's modules, in the book's order, and __call__."""
 
-    def _build(self, cfg: GPTConfig, block: type[nnx.Module], final_norm: type[nnx.Module],
-               rngs: nnx.Rngs) -> None:
+    def _build(self, cfg: GPTConfig, block: type[nnx.Module], final_norm: type[nnx.Module], rngs: nnx.Rngs) -> None:
         self.cfg = cfg
         self.tok_emb = torch_embedding(cfg.vocab_size, cfg.emb_dim, rngs=rngs)
         self.pos_emb = torch_embedding(cfg.context_length, cfg.emb_dim, rngs=rngs)
@@ -330,8 +339,7 @@ class DummyGPTModel(_GPT):
     `final_norm="layernorm"` puts a real LayerNorm where the book has its placeholder.
     """
 
-    def __init__(self, cfg: GPTConfig | Mapping[str, Any], final_norm: str = DUMMY_NORM, *,
-                 rngs: nnx.Rngs):
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any], final_norm: str = DUMMY_NORM, *, rngs: nnx.Rngs):
         self.final_norm_kind = final_norm
         cfg, norm = GPTConfig.coerce(cfg), _final_norm(final_norm)
         check_model_fits(DUMMY_GPT_MODEL, cfg, final_norm=final_norm)

@@ -58,9 +58,12 @@ def make_mesh(shape: tuple[int, int] | str, devices: Sequence[jax.Device] | None
     data, model = parse_mesh(shape) if isinstance(shape, str) else shape
     devices = list(jax.devices() if devices is None else devices)
     if data * model != len(devices):
-        hint = (" (on a CPU, simulate more: gpt-parity --cpu-devices N, or before JAX starts "
-                "XLA_FLAGS=--xla_force_host_platform_device_count=N or jax.config.update('jax_num_cpu_devices', N))"
-                if devices and devices[0].platform == "cpu" else "")
+        hint = (
+            " (on a CPU, simulate more: gpt-parity --cpu-devices N, or before JAX starts "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=N or jax.config.update('jax_num_cpu_devices', N))"
+            if devices and devices[0].platform == "cpu"
+            else ""
+        )
         raise ValueError(f"mesh {data}x{model} needs {data * model} devices, this job has {len(devices)}{hint}")
     # Auto axes: jit propagates the parameters' shardings through the unchanged model code.
     return jax.make_mesh((data, model), AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
@@ -97,8 +100,11 @@ class ShardingPlan:
     replicated_dims: dict[str, list[int]]  # name -> dims a rule wanted split but could not
 
     def describe(self) -> list[str]:
-        return [f"{name}: dim(s) {dims} not divisible by the mesh, replicated"
-                for name, dims in self.replicated_dims.items() if dims]
+        return [
+            f"{name}: dim(s) {dims} not divisible by the mesh, replicated"
+            for name, dims in self.replicated_dims.items()
+            if dims
+        ]
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, *extra: nnx.Module) -> ShardingPlan:

@@ -25,8 +25,9 @@ def _checked(model: nnx.Module, input_batch: Any, target_batch: Any) -> tuple[ja
     return input_batch, target_batch
 
 
-def calc_loss_batch(input_batch: Any, target_batch: Any, model: nnx.Module,
-                    device: jax.Device | None = None) -> jax.Array:
+def calc_loss_batch(
+    input_batch: Any, target_batch: Any, model: nnx.Module, device: jax.Device | None = None
+) -> jax.Array:
     """Mean next-token cross-entropy of `model` on (batch, seq_len) inputs and targets.
 
     The inputs are checked first, then the targets (as the torch twin does); ids of any integer
@@ -53,8 +54,13 @@ def loss_and_grads(model: nnx.Module, input_batch: Any, target_batch: Any) -> tu
     return float(loss), to_canonical(grads)
 
 
-def adamw(model: nnx.Module, lr: float = 4e-4, weight_decay: float = 0.1,
-          betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> nnx.Optimizer:
+def adamw(
+    model: nnx.Module,
+    lr: float = 4e-4,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> nnx.Optimizer:
     """optax.adamw over every parameter, the same update as torch.optim.AdamW with these settings:
     p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p).
 
@@ -74,8 +80,9 @@ def _adamw_tx(lr: float, weight_decay: float, b1: float, b2: float, eps: float) 
 # Donated: the update writes parameters and optimizer state in place instead of a fresh copy
 # of both (2 GB at 124M parameters) per step.
 @nnx.jit(donate_argnums=(0, 1))
-def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, input_batch: jax.Array,
-                target_batch: jax.Array) -> jax.Array:
+def _train_step(
+    model: nnx.Module, optimizer: nnx.Optimizer, input_batch: jax.Array, target_batch: jax.Array
+) -> jax.Array:
     loss, grads = nnx.value_and_grad(calc_loss_batch, argnums=2)(input_batch, target_batch, model)
     optimizer.update(model, grads)
     return loss

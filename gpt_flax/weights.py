@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,8 +115,7 @@ def _unfilled(cls: type, cfg: GPTConfig, options: Mapping[str, object], rngs: nn
 
     rest_state, rng_after = jax.jit(rest)(rng_state)
     nnx.update(rngs, rng_after)
-    graphdef, params, _ = nnx.split(nnx.eval_shape(lambda: cls(cfg, **options, rngs=nnx.Rngs(0))),
-                                    nnx.Param, ...)
+    graphdef, params, _ = nnx.split(nnx.eval_shape(lambda: cls(cfg, **options, rngs=nnx.Rngs(0))), nnx.Param, ...)
     return nnx.merge(graphdef, params, rest_state)
 
 
@@ -131,12 +131,24 @@ def save(model: nnx.Module, path: str | os.PathLike[str], *, dtype: str | None =
     """Write the model's canonical state dict and config to a safetensors file, in `dtype`
     ("float32" or "bfloat16"; default the model's own)."""
     own = next(iter(_params(model).values()))[0].dtype
-    save_checkpoint(path, state_dict(model), model.cfg, model=type(model).__name__,
-                    options=getattr(model, "options", {}), dtype=dtype or jnp.dtype(own).name)
+    save_checkpoint(
+        path,
+        state_dict(model),
+        model.cfg,
+        model=type(model).__name__,
+        options=getattr(model, "options", {}),
+        dtype=dtype or jnp.dtype(own).name,
+    )
 
 
-def load(path: str | os.PathLike[str], *, config: GPTConfig | None = None, n_heads: int | None = None,
-         dtype: str | None = None, rngs: nnx.Rngs | None = None) -> nnx.Module:
+def load(
+    path: str | os.PathLike[str],
+    *,
+    config: GPTConfig | None = None,
+    n_heads: int | None = None,
+    dtype: str | None = None,
+    rngs: nnx.Rngs | None = None,
+) -> nnx.Module:
     """Build the model a checkpoint describes and load its weights (train mode, as constructed).
 
     Reads canonical or HF GPT-2 safetensors (a file, or a snapshot folder with its config.json,

@@ -7,9 +7,8 @@ from .checkpoint import (
     save_checkpoint,
     save_hf,
 )
-from .hf import from_hf, to_hf
-from .tensors import FLOAT_DTYPES, LazyStateDict, StateDict, check_state_dict
 from .config import PRESETS, GPTConfig, resolve_config
+from .hf import from_hf, to_hf
 from .inputs import (
     DTYPES,
     ModelLimits,
@@ -26,6 +25,7 @@ from .inputs import (
     default_context_size,
     in_model_order,
 )
+from .limits import MAX_SIZE, check_model_fits, check_output_fits, model_bytes
 from .models import (
     DUMMY,
     DUMMY_GPT_MODEL,
@@ -39,8 +39,8 @@ from .models import (
     MODELS,
     check_model,
 )
-from .limits import MAX_SIZE, check_model_fits, check_output_fits, model_bytes
 from .stages import SUB_LAYERS, in_stage, stage_key, stage_names, stage_of
+from .tensors import FLOAT_DTYPES, LazyStateDict, StateDict, check_state_dict
 from .tokenizer import get_tokenizer
 
 __all__ = [

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from .config import GPTConfig, parse_json, read_json
-from .models import DUMMY_GPT_MODEL, DUMMY_NORM, FINAL_NORMS, GPT_MODEL, LAYER_NORM, MODELS
 from .hf import config_from_hf, from_hf, hf_config, is_hf_layout, published_n_heads, to_hf
+from .models import DUMMY_GPT_MODEL, DUMMY_NORM, FINAL_NORMS, GPT_MODEL, LAYER_NORM, MODELS
 from .tensors import (
     FLOAT_DTYPES,
     LazyStateDict,
@@ -51,11 +51,18 @@ def gpt_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{b}att.{proj}.weight"] = (e, e)
             if cfg.qkv_bias:
                 shapes[f"{b}att.{proj}.bias"] = (e,)
-        shapes |= {f"{b}att.out_proj.weight": (e, e), f"{b}att.out_proj.bias": (e,),
-                   f"{b}ff.layers.0.weight": (4 * e, e), f"{b}ff.layers.0.bias": (4 * e,),
-                   f"{b}ff.layers.2.weight": (e, 4 * e), f"{b}ff.layers.2.bias": (e,),
-                   f"{b}norm1.scale": (e,), f"{b}norm1.shift": (e,),
-                   f"{b}norm2.scale": (e,), f"{b}norm2.shift": (e,)}
+        shapes |= {
+            f"{b}att.out_proj.weight": (e, e),
+            f"{b}att.out_proj.bias": (e,),
+            f"{b}ff.layers.0.weight": (4 * e, e),
+            f"{b}ff.layers.0.bias": (4 * e,),
+            f"{b}ff.layers.2.weight": (e, 4 * e),
+            f"{b}ff.layers.2.bias": (e,),
+            f"{b}norm1.scale": (e,),
+            f"{b}norm1.shift": (e,),
+            f"{b}norm2.scale": (e,),
+            f"{b}norm2.shift": (e,),
+        }
     shapes |= {"final_norm.scale": (e,), "final_norm.shift": (e,), "out_head.weight": (v, e)}
     return shapes
 
@@ -69,8 +76,10 @@ def check_options(model: str, options: Any, source: str = "options") -> dict[str
     allowed = {"final_norm": FINAL_NORMS} if model == DUMMY_GPT_MODEL else {}
     unknown = sorted(set(options) - set(allowed), key=str)
     if unknown:
-        raise ValueError(f"{source}: {model} takes no option(s) {', '.join(map(repr, unknown))}"
-                         + (f"; it takes {', '.join(allowed)}" if allowed else ""))
+        raise ValueError(
+            f"{source}: {model} takes no option(s) {', '.join(map(repr, unknown))}"
+            + (f"; it takes {', '.join(allowed)}" if allowed else "")
+        )
     for key, values in allowed.items():
         if key in options and options[key] not in values:
             raise ValueError(f"{source}: {key} must be one of {', '.join(values)}, got {options[key]!r}")
@@ -89,8 +98,9 @@ def model_shapes(model: str, cfg: GPTConfig, options: Mapping[str, Any] | None =
     return shapes | {"out_head.weight": (v, e)}
 
 
-def infer_config(sd: Mapping[str, Any], *, n_heads: int | None = None, drop_rate: float = 0.1,
-                 source: str = "state dict") -> GPTConfig:
+def infer_config(
+    sd: Mapping[str, Any], *, n_heads: int | None = None, drop_rate: float = 0.1, source: str = "state dict"
+) -> GPTConfig:
     """The GPTModel config a canonical state dict implies. The tensors do not record n_heads: it
     is `n_heads`, or that of the published GPT-2 of this width and depth, or refused."""
     shapes = {k: info(sd, k)[0] for k in ("tok_emb.weight", "pos_emb.weight") if k in sd}
@@ -103,9 +113,15 @@ def infer_config(sd: Mapping[str, Any], *, n_heads: int | None = None, drop_rate
     n_layers = layer_count(sd, r"trf_blocks\.(\d+)\.", source)
     if n_layers == 0:
         raise ValueError(f"{source}: no transformer blocks (trf_blocks.N.*) found")
-    return GPTConfig(vocab_size=vocab_size, context_length=shapes["pos_emb.weight"][0], emb_dim=emb_dim,
-                     n_heads=n_heads or published_n_heads(emb_dim, n_layers, source), n_layers=n_layers,
-                     drop_rate=drop_rate, qkv_bias="trf_blocks.0.att.W_query.bias" in sd)
+    return GPTConfig(
+        vocab_size=vocab_size,
+        context_length=shapes["pos_emb.weight"][0],
+        emb_dim=emb_dim,
+        n_heads=n_heads or published_n_heads(emb_dim, n_layers, source),
+        n_layers=n_layers,
+        drop_rate=drop_rate,
+        qkv_bias="trf_blocks.0.att.W_query.bias" in sd,
+    )
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -192,8 +208,11 @@ def _open_safetensors(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], str,
             entries = {}
             for key in f.keys():
                 s = f.get_slice(key)
-                entries[key] = (tuple(int(n) for n in s.get_shape()), _dtype(s.get_dtype()),
-                                lambda key=key: _read_tensor(path, key))
+                entries[key] = (
+                    tuple(int(n) for n in s.get_shape()),
+                    _dtype(s.get_dtype()),
+                    lambda key=key: _read_tensor(path, key),
+                )
     except Exception as e:
         raise _safetensors_error(path, e) from e
     return entries, metadata
@@ -216,13 +235,13 @@ def _open_sharded(index: Path) -> tuple[LazyStateDict, tuple[str, ...]]:
             if key in entries:
                 raise ValueError(f"{str(index.parent)!r}: tensor {key!r} is in more than one shard")
             if weight_map.get(key) != shard:
-                raise ValueError(f"{str(index.parent / shard)!r} holds {key!r}, which the index places "
-                                 f"in {weight_map.get(key)!r}")
+                raise ValueError(
+                    f"{str(index.parent / shard)!r} holds {key!r}, which the index places in {weight_map.get(key)!r}"
+                )
             entries[key] = entry
     missing = set(weight_map) - set(entries)
     if missing:
-        raise ValueError(f"shard index {str(index)!r} lists tensor(s) no shard holds: "
-                         f"{', '.join(sorted(missing)[:5])}")
+        raise ValueError(f"shard index {str(index)!r} lists tensor(s) no shard holds: {', '.join(sorted(missing)[:5])}")
     return LazyStateDict(entries), tuple(str(index.parent / s) for s in shards)
 
 
@@ -241,8 +260,9 @@ def read_torch_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     except pickle.UnpicklingError as e:
         raise ValueError(f"{os.fspath(path)!r} holds more than tensors; refusing to unpickle it: {e}") from e
     except Exception as e:  # a truncated zip, or not a torch file at all; an empty one is a bare EOFError
-        reason = str(e) or ("it ends before its first record (empty or cut short)" if isinstance(e, EOFError)
-                            else type(e).__name__)
+        reason = str(e) or (
+            "it ends before its first record (empty or cut short)" if isinstance(e, EOFError) else type(e).__name__
+        )
         raise ValueError(f"{os.fspath(path)!r} is not a readable torch.save file: {reason}") from e
     if isinstance(obj, Mapping) and "model_state_dict" in obj:
         obj = obj["model_state_dict"]
@@ -264,16 +284,19 @@ def _torch_array(path: str | os.PathLike[str], name: str, tensor: Any) -> np.nda
     try:
         return as_numpy(tensor)
     except ValueError as e:
-        raise ValueError(f"{source} has dtype {dtype_name(tensor)}, which numpy cannot hold; expected one of "
-                         f"{', '.join(FLOAT_DTYPES)}") from e
+        raise ValueError(
+            f"{source} has dtype {dtype_name(tensor)}, which numpy cannot hold; expected one of "
+            f"{', '.join(FLOAT_DTYPES)}"
+        ) from e
 
 
 def _dtypes(sd: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(sorted({info(sd, k)[1] for k in sd}))
 
 
-def _checked(sd: Mapping[str, Any], cfg: GPTConfig, model: str, options: Mapping[str, Any],
-             source: str) -> Mapping[str, np.ndarray]:
+def _checked(
+    sd: Mapping[str, Any], cfg: GPTConfig, model: str, options: Mapping[str, Any], source: str
+) -> Mapping[str, np.ndarray]:
     try:
         return check_state_dict(model_shapes(model, cfg, options), sd, model)
     except ValueError as e:
@@ -284,9 +307,13 @@ def _with_n_heads(cfg: GPTConfig | None, n_heads: int | None) -> GPTConfig | Non
     return cfg.replace(n_heads=n_heads) if cfg is not None and n_heads is not None else cfg
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, config: GPTConfig | None = None,
-                    n_heads: int | None = None,
-                    hf_config: str | os.PathLike[str] | Mapping[str, Any] | None = None) -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    config: GPTConfig | None = None,
+    n_heads: int | None = None,
+    hf_config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+) -> Checkpoint:
     """Read and check a checkpoint, reading no tensor yet.
 
     `path` is a canonical file written by `save_checkpoint`; a GPT-2 `model.safetensors` in the HF
@@ -301,9 +328,14 @@ def load_checkpoint(path: str | os.PathLike[str], *, config: GPTConfig | None = 
         source = f"checkpoint {str(path)!r}"
         cfg = config or infer_config(sd, n_heads=n_heads, source=source)
         cfg = _with_n_heads(cfg, n_heads)
-        return Checkpoint(_checked(sd, cfg, GPT_MODEL, {}, source), cfg, layout="torch.save",
-                          dtypes=_dtypes(sd), config_source="given" if config else "inferred from the tensors",
-                          files=(str(path),))
+        return Checkpoint(
+            _checked(sd, cfg, GPT_MODEL, {}, source),
+            cfg,
+            layout="torch.save",
+            dtypes=_dtypes(sd),
+            config_source="given" if config else "inferred from the tensors",
+            files=(str(path),),
+        )
     folder = path if path.is_dir() else path.parent
     if path.is_dir():
         index = path / HF_INDEX
@@ -330,8 +362,16 @@ def load_checkpoint(path: str | os.PathLike[str], *, config: GPTConfig | None = 
         options = parse_json(metadata.get("options", "{}"), f"{source}: its metadata field 'options'")
         options = check_options(model, options, source)
         cfg = _with_n_heads(cfg, n_heads)
-        return Checkpoint(_checked(tensors, cfg, model, options, source), cfg, model, options, "canonical",
-                          _dtypes(tensors), "given" if config else "the file's metadata", files)
+        return Checkpoint(
+            _checked(tensors, cfg, model, options, source),
+            cfg,
+            model,
+            options,
+            "canonical",
+            _dtypes(tensors),
+            "given" if config else "the file's metadata",
+            files,
+        )
     if is_hf_layout(tensors):
         if hf_config is None and (folder / "config.json").is_file():
             hf_config = folder / "config.json"
@@ -350,14 +390,27 @@ def load_checkpoint(path: str | os.PathLike[str], *, config: GPTConfig | None = 
         sd, cfg = from_hf(tensors, hf_config, config=override, source=source)
         if config is not None:
             config_source = "given"
-        return Checkpoint(_checked(sd, cfg, GPT_MODEL, {}, source), cfg, GPT_MODEL, {}, "hf-gpt2",
-                          _dtypes(tensors), config_source, files)
+        return Checkpoint(
+            _checked(sd, cfg, GPT_MODEL, {}, source),
+            cfg,
+            GPT_MODEL,
+            {},
+            "hf-gpt2",
+            _dtypes(tensors),
+            config_source,
+            files,
+        )
     if "tok_emb.weight" in tensors:  # canonical names, no metadata: infer the config
         cfg = config or infer_config(tensors, n_heads=n_heads, source=source)
         cfg = _with_n_heads(cfg, n_heads)
-        return Checkpoint(_checked(tensors, cfg, GPT_MODEL, {}, source), cfg, layout="canonical",
-                          dtypes=_dtypes(tensors),
-                          config_source="given" if config else "inferred from the tensors", files=files)
+        return Checkpoint(
+            _checked(tensors, cfg, GPT_MODEL, {}, source),
+            cfg,
+            layout="canonical",
+            dtypes=_dtypes(tensors),
+            config_source="given" if config else "inferred from the tensors",
+            files=files,
+        )
     raise ValueError(
         f"{source} holds neither the canonical layout (tok_emb.weight, ...) nor HF GPT-2's "
         f"(wte.weight, ...); first keys: {', '.join(repr(k) for k in list(tensors)[:5])}"
@@ -370,9 +423,15 @@ def _n_heads_only(tensors: Mapping[str, Any], n_heads: int, source: str) -> GPTC
     if "wte.weight" not in names or "wpe.weight" not in names:
         raise ValueError(f"{source}: missing tensor 'wte.weight' or 'wpe.weight'")
     vocab, e = info(tensors, names["wte.weight"])[0]
-    return GPTConfig(vocab_size=vocab, context_length=info(tensors, names["wpe.weight"])[0][0], emb_dim=e,
-                     n_heads=n_heads, n_layers=layer_count(names, r"h\.(\d+)\.", source),
-                     drop_rate=0.1, qkv_bias=True)
+    return GPTConfig(
+        vocab_size=vocab,
+        context_length=info(tensors, names["wpe.weight"])[0][0],
+        emb_dim=e,
+        n_heads=n_heads,
+        n_layers=layer_count(names, r"h\.(\d+)\.", source),
+        drop_rate=0.1,
+        qkv_bias=True,
+    )
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -398,7 +457,7 @@ def _remove_stale_temps(target: Path) -> None:
     """Temp files an earlier save to `target` left when it was killed (`.NAME.PID.*.partial` of a
     process that no longer runs); nobody else's files are touched."""
     for tmp in target.parent.glob(f".{target.name}.*.partial"):
-        parts = tmp.name[len(target.name) + 2:].split(".")
+        parts = tmp.name[len(target.name) + 2 :].split(".")
         if len(parts) == 3 and parts[0].isdigit() and not _pid_alive(int(parts[0])):
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -448,16 +507,17 @@ def _atomic_write_all(outputs: Sequence[tuple[str | os.PathLike[str], Callable[[
     targets = [check_destination(path, what) for path, _, what in outputs]
     temps: list[Path] = []
     try:
-        for (path, write, what), target in zip(outputs, targets):
+        for (path, write, what), target in zip(outputs, targets, strict=True):
             with _naming(path, what):
                 _remove_stale_temps(target)
-                fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.",
-                                            suffix=".partial")
+                fd, name = tempfile.mkstemp(
+                    dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=".partial"
+                )
                 os.close(fd)
                 temps.append(Path(name))
                 write(temps[-1])
                 os.chmod(temps[-1], 0o666 & ~_umask())
-        for (path, _, what), tmp, target in zip(outputs, temps, targets):
+        for (path, _, what), tmp, target in zip(outputs, temps, targets, strict=True):
             with _naming(path, what):
                 os.replace(tmp, target)
     finally:
@@ -504,9 +564,15 @@ def _check_save_dtype(dtype: str) -> str:
     return dtype
 
 
-def save_checkpoint(path: str | os.PathLike[str], sd: Mapping[str, Any], cfg: GPTConfig, *,
-                    model: str = GPT_MODEL, options: Mapping[str, Any] | None = None,
-                    dtype: str = "float32") -> None:
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    sd: Mapping[str, Any],
+    cfg: GPTConfig,
+    *,
+    model: str = GPT_MODEL,
+    options: Mapping[str, Any] | None = None,
+    dtype: str = "float32",
+) -> None:
     """Write a canonical state dict as safetensors (float32 or bfloat16), with its config in the
     metadata. The dict is checked against the model first; the file is written beside the
     destination, read back and compared, and only then renamed over it (see `atomic_write`)."""
@@ -515,8 +581,7 @@ def save_checkpoint(path: str | os.PathLike[str], sd: Mapping[str, Any], cfg: GP
     _check_save_dtype(dtype)
     sd = check_state_dict(model_shapes(model, cfg, options), sd, model)
     tensors = {k: _as_dtype(k, sd[k], dtype) for k in sd}
-    metadata = {"format": FORMAT, "config": json.dumps(cfg.to_dict()), "model": model,
-                "options": json.dumps(options)}
+    metadata = {"format": FORMAT, "config": json.dumps(cfg.to_dict()), "model": model, "options": json.dumps(options)}
     atomic_write(path, lambda tmp: _write_verified(tmp, tensors, metadata))
 
 
@@ -544,8 +609,7 @@ def check_hf_destination(folder: str | os.PathLike[str]) -> list[Path]:
     return created
 
 
-def save_hf(folder: str | os.PathLike[str], sd: Mapping[str, Any], cfg: GPTConfig, *,
-            dtype: str = "float32") -> None:
+def save_hf(folder: str | os.PathLike[str], sd: Mapping[str, Any], cfg: GPTConfig, *, dtype: str = "float32") -> None:
     """Write a GPTModel state dict as an HF GPT-2 snapshot: `model.safetensors` (HF's layout, head
     tied when it equals the token embedding) and the `config.json` transformers reads it with.
 
@@ -562,11 +626,20 @@ def save_hf(folder: str | os.PathLike[str], sd: Mapping[str, Any], cfg: GPTConfi
         for path in reversed(created):
             with _naming(folder, "HF snapshot"):
                 path.mkdir()
-        _atomic_write_all([
-            (folder / "model.safetensors", lambda tmp: _write_verified(tmp, tensors, {"format": "pt"}), "checkpoint"),
-            (folder / "config.json",
-             lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"), "config"),
-        ])
+        _atomic_write_all(
+            [
+                (
+                    folder / "model.safetensors",
+                    lambda tmp: _write_verified(tmp, tensors, {"format": "pt"}),
+                    "checkpoint",
+                ),
+                (
+                    folder / "config.json",
+                    lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"),
+                    "config",
+                ),
+            ]
+        )
     except BaseException:
         for path in created:
             with contextlib.suppress(OSError):
@@ -575,9 +648,24 @@ def save_hf(folder: str | os.PathLike[str], sd: Mapping[str, Any], cfg: GPTConfi
 
 
 __all__ = [
-    "FLOAT_DTYPES", "FORMAT", "SAVE_DTYPES", "Checkpoint",
-    "StateDict", "atomic_write", "check_destination", "check_hf_destination", "check_options",
-    "check_state_dict", "config_from_hf", "from_hf",
-    "gpt_shapes", "infer_config", "load_checkpoint", "model_shapes", "read_torch_file",
-    "save_checkpoint", "save_hf", "to_hf",
+    "FLOAT_DTYPES",
+    "FORMAT",
+    "SAVE_DTYPES",
+    "Checkpoint",
+    "StateDict",
+    "atomic_write",
+    "check_destination",
+    "check_hf_destination",
+    "check_options",
+    "check_state_dict",
+    "config_from_hf",
+    "from_hf",
+    "gpt_shapes",
+    "infer_config",
+    "load_checkpoint",
+    "model_shapes",
+    "read_torch_file",
+    "save_checkpoint",
+    "save_hf",
+    "to_hf",
 ]

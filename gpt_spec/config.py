@@ -92,9 +92,7 @@ class GPTConfig:
                 raise ValueError(f"{name} must be at most {MAX_SIZE_TEXT}, got {value}")
             object.__setattr__(self, name, int(value))
         if self.emb_dim % self.n_heads:
-            raise ValueError(
-                f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
-            )
+            raise ValueError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
         rate = self.drop_rate
         if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
             raise ValueError(f"drop_rate must be a number, got {rate!r} ({type(rate).__name__})")
@@ -103,9 +101,7 @@ class GPTConfig:
         object.__setattr__(self, "drop_rate", float(rate))
         # numpy.bool_ is not a bool subclass; accept it, refuse 0/1 and strings.
         if type(self.qkv_bias).__name__ not in ("bool", "bool_"):
-            raise ValueError(
-                f"qkv_bias must be a bool, got {self.qkv_bias!r} ({type(self.qkv_bias).__name__})"
-            )
+            raise ValueError(f"qkv_bias must be a bool, got {self.qkv_bias!r} ({type(self.qkv_bias).__name__})")
         object.__setattr__(self, "qkv_bias", bool(self.qkv_bias))
 
     @property
@@ -127,9 +123,7 @@ class GPTConfig:
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(cfg) - set(known), key=str)
         if unknown:
-            raise ValueError(
-                f"unknown config key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}"
-            )
+            raise ValueError(f"unknown config key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}")
         missing = [k for k in known if k not in cfg]
         if missing:
             raise ValueError(f"missing config key(s): {', '.join(missing)}")

@@ -22,21 +22,38 @@ from .tensors import FLOAT_DTYPES, LazyStateDict, StateDict, info, layer_count
 # Per block: HF name -> canonical name. Conv1D keeps its weight (in, out), the transpose of
 # nn.Linear's (out, in); c_attn fuses query, key and value along its output axis.
 _HF_BLOCK = {
-    "ln_1.weight": "norm1.scale", "ln_1.bias": "norm1.shift",
-    "ln_2.weight": "norm2.scale", "ln_2.bias": "norm2.shift",
-    "attn.c_proj.weight": "att.out_proj.weight", "attn.c_proj.bias": "att.out_proj.bias",
-    "mlp.c_fc.weight": "ff.layers.0.weight", "mlp.c_fc.bias": "ff.layers.0.bias",
-    "mlp.c_proj.weight": "ff.layers.2.weight", "mlp.c_proj.bias": "ff.layers.2.bias",
+    "ln_1.weight": "norm1.scale",
+    "ln_1.bias": "norm1.shift",
+    "ln_2.weight": "norm2.scale",
+    "ln_2.bias": "norm2.shift",
+    "attn.c_proj.weight": "att.out_proj.weight",
+    "attn.c_proj.bias": "att.out_proj.bias",
+    "mlp.c_fc.weight": "ff.layers.0.weight",
+    "mlp.c_fc.bias": "ff.layers.0.bias",
+    "mlp.c_proj.weight": "ff.layers.2.weight",
+    "mlp.c_proj.bias": "ff.layers.2.bias",
 }
 _HF_QKV = ("att.W_query", "att.W_key", "att.W_value")
 
 # What transformers' GPT2Config assumes for a key its config.json leaves out.
 HF_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
-    "n_inner": None, "activation_function": "gelu_new", "resid_pdrop": 0.1, "embd_pdrop": 0.1,
-    "attn_pdrop": 0.1, "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
-    "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-    "add_cross_attention": False, "tie_word_embeddings": True, "model_type": "gpt2",
+    "vocab_size": 50257,
+    "n_positions": 1024,
+    "n_embd": 768,
+    "n_layer": 12,
+    "n_head": 12,
+    "n_inner": None,
+    "activation_function": "gelu_new",
+    "resid_pdrop": 0.1,
+    "embd_pdrop": 0.1,
+    "attn_pdrop": 0.1,
+    "layer_norm_epsilon": 1e-5,
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+    "tie_word_embeddings": True,
+    "model_type": "gpt2",
 }
 # transformers' names for the tanh approximation of GELU the book writes out.
 HF_GELUS = ("gelu_new", "gelu_pytorch_tanh")
@@ -45,37 +62,108 @@ BOOK_LAYER_NORM_EPS = 1e-5
 # the sequence-summary head of GPT2DoubleHeadsModel (whose tensors a GPT-2 file does not hold),
 # and reorder_and_upcast_attn, which only reorders a float16 computation into float32: the
 # twins compute attention scores in float32 already.
-HF_IGNORED = frozenset({
-    "architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path",
-    "_commit_hash", "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
-    "use_cache", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
-    "sep_token_id", "decoder_start_token_id", "summary_type", "summary_use_proj",
-    "summary_activation", "summary_proj_to_labels", "summary_first_dropout",
-    "task_specific_params", "id2label", "label2id", "num_labels", "problem_type",
-    "finetuning_task", "tokenizer_class", "prefix", "return_dict", "output_hidden_states",
-    "output_attentions", "torchscript", "use_bfloat16", "tf_legacy_loss", "pruned_heads",
-    "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "cross_attention_hidden_size",
-    "tie_encoder_decoder", "output_past", "gradient_checkpointing", "max_length", "min_length",
-    "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
-    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
-    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
-    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
-    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
-    "suppress_tokens", "begin_suppress_tokens", "reorder_and_upcast_attn",
-})
+HF_IGNORED = frozenset(
+    {
+        "architectures",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "_name_or_path",
+        "_commit_hash",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "attn_implementation",
+        "use_cache",
+        "initializer_range",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "summary_type",
+        "summary_use_proj",
+        "summary_activation",
+        "summary_proj_to_labels",
+        "summary_first_dropout",
+        "task_specific_params",
+        "id2label",
+        "label2id",
+        "num_labels",
+        "problem_type",
+        "finetuning_task",
+        "tokenizer_class",
+        "prefix",
+        "return_dict",
+        "output_hidden_states",
+        "output_attentions",
+        "torchscript",
+        "use_bfloat16",
+        "tf_legacy_loss",
+        "pruned_heads",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "is_decoder",
+        "cross_attention_hidden_size",
+        "tie_encoder_decoder",
+        "output_past",
+        "gradient_checkpointing",
+        "max_length",
+        "min_length",
+        "do_sample",
+        "early_stopping",
+        "num_beams",
+        "num_beam_groups",
+        "diversity_penalty",
+        "temperature",
+        "top_k",
+        "top_p",
+        "typical_p",
+        "repetition_penalty",
+        "length_penalty",
+        "no_repeat_ngram_size",
+        "encoder_no_repeat_ngram_size",
+        "bad_words_ids",
+        "num_return_sequences",
+        "output_scores",
+        "return_dict_in_generate",
+        "forced_bos_token_id",
+        "forced_eos_token_id",
+        "remove_invalid_values",
+        "exponential_decay_length_penalty",
+        "suppress_tokens",
+        "begin_suppress_tokens",
+        "reorder_and_upcast_attn",
+    }
+)
 
 # The JSON type of each field whose value the twins compute with: what transformers' GPT2 code can
 # use (a float n_layer fails in `range`, a string n_embd in `nn.Embedding`, a null dropout in
 # `nn.Dropout`). A field of another type is refused, naming it, before its value is looked at.
-_JSON_TYPES = {"integer": "an integer", "number": "a number", "boolean": "true or false",
-               "string": "a string", "integer or null": "an integer or null"}
+_JSON_TYPES = {
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "string": "a string",
+    "integer or null": "an integer or null",
+}
 HF_FIELD_TYPES = {
-    "vocab_size": "integer", "n_positions": "integer", "n_ctx": "integer", "n_embd": "integer",
-    "n_layer": "integer", "n_head": "integer", "n_inner": "integer or null",
-    "activation_function": "string", "model_type": "string", "resid_pdrop": "number",
-    "embd_pdrop": "number", "attn_pdrop": "number", "layer_norm_epsilon": "number",
-    "scale_attn_weights": "boolean", "scale_attn_by_inverse_layer_idx": "boolean",
-    "add_cross_attention": "boolean", "tie_word_embeddings": "boolean",
+    "vocab_size": "integer",
+    "n_positions": "integer",
+    "n_ctx": "integer",
+    "n_embd": "integer",
+    "n_layer": "integer",
+    "n_head": "integer",
+    "n_inner": "integer or null",
+    "activation_function": "string",
+    "model_type": "string",
+    "resid_pdrop": "number",
+    "embd_pdrop": "number",
+    "attn_pdrop": "number",
+    "layer_norm_epsilon": "number",
+    "scale_attn_weights": "boolean",
+    "scale_attn_by_inverse_layer_idx": "boolean",
+    "add_cross_attention": "boolean",
+    "tie_word_embeddings": "boolean",
 }
 # A refused value is shown up to this many characters of its repr.
 SHOWN_CHARS = 60
@@ -113,7 +201,7 @@ def _strip_prefix(hf: Mapping[str, Any], source: str) -> dict[str, str]:
 
 def _shown(value: Any) -> str:
     text = repr(value)
-    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
 
 
 def _json_type(value: Any) -> str:
@@ -147,13 +235,20 @@ def _check_types(hf_config: Mapping[str, Any], source: str) -> None:
     for field, kind in HF_FIELD_TYPES.items():
         if field in hf_config and not _has_type(hf_config[field], kind):
             value = hf_config[field]
-            raise ValueError(f"{source}: config.json sets {field} = {_shown(value)} (JSON {_json_type(value)}); "
-                             f"expected {_JSON_TYPES[kind]}")
+            raise ValueError(
+                f"{source}: config.json sets {field} = {_shown(value)} (JSON {_json_type(value)}); "
+                f"expected {_JSON_TYPES[kind]}"
+            )
 
 
-def config_from_hf(hf_config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], *,
-                   source: str, lm_head_differs: Callable[[], bool] | None = None,
-                   drop_rate_given: bool = False) -> GPTConfig:
+def config_from_hf(
+    hf_config: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    source: str,
+    lm_head_differs: Callable[[], bool] | None = None,
+    drop_rate_given: bool = False,
+) -> GPTConfig:
     """The GPTConfig an HF GPT-2 config.json describes, checked against the file's tensor shapes
     (HF names without the `transformer.` prefix). Every field whose meaning the twins do not
     compute, and every key not known to leave the forward alone, is refused naming it."""
@@ -170,44 +265,63 @@ def config_from_hf(hf_config: Mapping[str, Any], shapes: Mapping[str, tuple[int,
     if c["model_type"] != "gpt2":
         raise _refuse(source, "model_type", c["model_type"], "GPT-2 ('gpt2')")
     if c["activation_function"] not in HF_GELUS:
-        raise _refuse(source, "activation_function", c["activation_function"],
-                      f"the book's tanh GELU ({' or '.join(map(repr, HF_GELUS))})")
+        raise _refuse(
+            source,
+            "activation_function",
+            c["activation_function"],
+            f"the book's tanh GELU ({' or '.join(map(repr, HF_GELUS))})",
+        )
     eps = c["layer_norm_epsilon"]
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps != BOOK_LAYER_NORM_EPS:
         raise _refuse(source, "layer_norm_epsilon", eps, f"LayerNorm with eps {BOOK_LAYER_NORM_EPS}")
-    for field, wanted, what in (("scale_attn_weights", True, "scores scaled by 1/sqrt(head_dim)"),
-                                ("scale_attn_by_inverse_layer_idx", False, "no per-layer score scaling"),
-                                ("add_cross_attention", False, "no cross-attention")):
+    for field, wanted, what in (
+        ("scale_attn_weights", True, "scores scaled by 1/sqrt(head_dim)"),
+        ("scale_attn_by_inverse_layer_idx", False, "no per-layer score scaling"),
+        ("add_cross_attention", False, "no cross-attention"),
+    ):
         if c[field] is not wanted:
             raise _refuse(source, field, c[field], what)
     e_file = shapes["wte.weight"][1]
     if c["n_inner"] is not None and c["n_inner"] != 4 * e_file:
         raise _refuse(source, "n_inner", c["n_inner"], f"a feed-forward 4 x emb_dim = {4 * e_file} wide")
-    found = {"vocab_size": shapes["wte.weight"][0], "n_embd": e_file,
-             "n_positions": shapes["wpe.weight"][0], "n_layer": layer_count(shapes, r"h\.(\d+)\.", source)}
+    found = {
+        "vocab_size": shapes["wte.weight"][0],
+        "n_embd": e_file,
+        "n_positions": shapes["wpe.weight"][0],
+        "n_layer": layer_count(shapes, r"h\.(\d+)\.", source),
+    }
     for field, value in found.items():
         if c[field] != value:
             raise ValueError(f"{source}: config.json says {field} = {c[field]!r}, the tensors {value}")
     if "n_ctx" in hf_config and hf_config["n_ctx"] != found["n_positions"]:
-        raise ValueError(f"{source}: config.json says n_ctx = {hf_config['n_ctx']!r}, the tensors "
-                         f"{found['n_positions']} positions")
+        raise ValueError(
+            f"{source}: config.json says n_ctx = {hf_config['n_ctx']!r}, the tensors {found['n_positions']} positions"
+        )
     tied = c["tie_word_embeddings"]
     if tied not in (True, False):
         raise _refuse(source, "tie_word_embeddings", tied, "a head tied to wte (true) or not (false)")
     if not tied and "lm_head.weight" not in shapes:
-        raise ValueError(f"{source}: config.json sets tie_word_embeddings = false but the file has no "
-                         "lm_head.weight")
+        raise ValueError(f"{source}: config.json sets tie_word_embeddings = false but the file has no lm_head.weight")
     if tied and "lm_head.weight" in shapes and lm_head_differs is not None and lm_head_differs():
-        raise ValueError(f"{source}: config.json sets tie_word_embeddings = true (the head is wte) but "
-                         "the file's lm_head.weight differs from wte.weight; set it false to use lm_head")
+        raise ValueError(
+            f"{source}: config.json sets tie_word_embeddings = true (the head is wte) but "
+            "the file's lm_head.weight differs from wte.weight; set it false to use lm_head"
+        )
     rates = {k: c[k] for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
     if len(set(rates.values())) > 1 and not drop_rate_given:
-        raise ValueError(f"{source}: config.json sets {rates}; the twins have one drop_rate (pass a "
-                         "config to choose it)")
+        raise ValueError(
+            f"{source}: config.json sets {rates}; the twins have one drop_rate (pass a config to choose it)"
+        )
     try:
-        return GPTConfig(vocab_size=found["vocab_size"], context_length=found["n_positions"],
-                         emb_dim=e_file, n_heads=c["n_head"], n_layers=found["n_layer"],
-                         drop_rate=rates["resid_pdrop"], qkv_bias=True)
+        return GPTConfig(
+            vocab_size=found["vocab_size"],
+            context_length=found["n_positions"],
+            emb_dim=e_file,
+            n_heads=c["n_head"],
+            n_layers=found["n_layer"],
+            drop_rate=rates["resid_pdrop"],
+            qkv_bias=True,
+        )
     except ValueError as e:  # n_head that does not divide n_embd, a drop rate outside [0, 1)
         raise ValueError(f"{source}: config.json describes no model the twins build: {e}") from e
 
@@ -217,12 +331,20 @@ def hf_shapes(cfg: GPTConfig, *, lm_head: bool) -> dict[str, tuple[int, ...]]:
     e, v = cfg.emb_dim, cfg.vocab_size
     out = {"wte.weight": (v, e), "wpe.weight": (cfg.context_length, e)}
     for i in range(cfg.n_layers):
-        out |= {f"h.{i}.ln_1.weight": (e,), f"h.{i}.ln_1.bias": (e,),
-                f"h.{i}.attn.c_attn.weight": (e, 3 * e), f"h.{i}.attn.c_attn.bias": (3 * e,),
-                f"h.{i}.attn.c_proj.weight": (e, e), f"h.{i}.attn.c_proj.bias": (e,),
-                f"h.{i}.ln_2.weight": (e,), f"h.{i}.ln_2.bias": (e,),
-                f"h.{i}.mlp.c_fc.weight": (e, 4 * e), f"h.{i}.mlp.c_fc.bias": (4 * e,),
-                f"h.{i}.mlp.c_proj.weight": (4 * e, e), f"h.{i}.mlp.c_proj.bias": (e,)}
+        out |= {
+            f"h.{i}.ln_1.weight": (e,),
+            f"h.{i}.ln_1.bias": (e,),
+            f"h.{i}.attn.c_attn.weight": (e, 3 * e),
+            f"h.{i}.attn.c_attn.bias": (3 * e,),
+            f"h.{i}.attn.c_proj.weight": (e, e),
+            f"h.{i}.attn.c_proj.bias": (e,),
+            f"h.{i}.ln_2.weight": (e,),
+            f"h.{i}.ln_2.bias": (e,),
+            f"h.{i}.mlp.c_fc.weight": (e, 4 * e),
+            f"h.{i}.mlp.c_fc.bias": (4 * e,),
+            f"h.{i}.mlp.c_proj.weight": (4 * e, e),
+            f"h.{i}.mlp.c_proj.bias": (e,),
+        }
     out |= {"ln_f.weight": (e,), "ln_f.bias": (e,)}
     if lm_head:
         out["lm_head.weight"] = (v, e)
@@ -234,8 +356,11 @@ def _check_buffer(name: str, value: np.ndarray, n_positions: int, source: str) -
     `attn.masked_bias` fill value; anything else would mean a different attention."""
     if name.endswith("attn.bias"):
         want = np.tril(np.ones((n_positions, n_positions), bool))[None, None]
-        if value.shape != want.shape or not np.array_equal(value.astype(bool), want) \
-                or not np.isin(value, (0, 1)).all():
+        if (
+            value.shape != want.shape
+            or not np.array_equal(value.astype(bool), want)
+            or not np.isin(value, (0, 1)).all()
+        ):
             raise ValueError(f"{source}: buffer {name!r} is not GPT-2's causal mask of {n_positions} positions")
     elif value.shape != () or not value.astype(np.float64) <= -1e4:
         raise ValueError(f"{source}: buffer {name!r} is not a masked-score fill value (a scalar <= -1e4)")
@@ -249,8 +374,13 @@ def _check_embeddings(names: Mapping[str, str], shapes: Mapping[str, Any], sourc
             raise ValueError(f"{source}: tensor {short!r} has shape {shapes[short]}, expected 2 dimensions")
 
 
-def from_hf(hf: Mapping[str, np.ndarray], hf_config: Mapping[str, Any] | None = None, *,
-            config: GPTConfig | None = None, source: str = "HF GPT-2 state dict") -> tuple[StateDict, GPTConfig]:
+def from_hf(
+    hf: Mapping[str, np.ndarray],
+    hf_config: Mapping[str, Any] | None = None,
+    *,
+    config: GPTConfig | None = None,
+    source: str = "HF GPT-2 state dict",
+) -> tuple[StateDict, GPTConfig]:
     """Map a GPT-2 state dict in the HF layout onto the canonical layout, with its config.
 
     `hf_config` is HF's config.json as a dict (None: the file has none, and only the published
@@ -269,15 +399,23 @@ def from_hf(hf: Mapping[str, np.ndarray], hf_config: Mapping[str, Any] | None = 
         return not np.array_equal(read("lm_head.weight"), read("wte.weight"))
 
     if hf_config is not None:
-        cfg = config_from_hf(hf_config, shapes, source=source, lm_head_differs=lm_head_differs,
-                             drop_rate_given=config is not None)
+        cfg = config_from_hf(
+            hf_config, shapes, source=source, lm_head_differs=lm_head_differs, drop_rate_given=config is not None
+        )
         tied = hf_config.get("tie_word_embeddings", True)
     else:
         vocab, e = shapes["wte.weight"]
         n_layers = layer_count(shapes, r"h\.(\d+)\.", source)
         n_heads = config.n_heads if config else published_n_heads(e, n_layers, source)
-        cfg = GPTConfig(vocab_size=vocab, context_length=shapes["wpe.weight"][0], emb_dim=e,
-                        n_heads=n_heads, n_layers=n_layers, drop_rate=0.1, qkv_bias=True)
+        cfg = GPTConfig(
+            vocab_size=vocab,
+            context_length=shapes["wpe.weight"][0],
+            emb_dim=e,
+            n_heads=n_heads,
+            n_layers=n_layers,
+            drop_rate=0.1,
+            qkv_bias=True,
+        )
         tied = "lm_head.weight" not in shapes
     if cfg.n_layers == 0:
         raise ValueError(f"{source}: no transformer blocks (h.N.*) found")
@@ -297,8 +435,7 @@ def from_hf(hf: Mapping[str, np.ndarray], hf_config: Mapping[str, Any] | None = 
         if got != shape:
             raise ValueError(f"{source}: tensor {short!r} has shape {got}, expected {shape}")
         if dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{source}: tensor {short!r} has dtype {dtype}, expected one of "
-                             f"{', '.join(FLOAT_DTYPES)}")
+            raise ValueError(f"{source}: tensor {short!r} has dtype {dtype}, expected one of {', '.join(FLOAT_DTYPES)}")
     for short in sorted(buffers & set(names)):
         _check_buffer(short, read(short), cfg.context_length, source)
     head = "wte.weight" if tied else "lm_head.weight"
@@ -312,8 +449,8 @@ def from_hf(hf: Mapping[str, np.ndarray], hf_config: Mapping[str, Any] | None = 
     def qkv(short: str, part: int, weight: bool) -> Callable[[], np.ndarray]:
         e = cfg.emb_dim
         if weight:
-            return lambda: np.ascontiguousarray(read(short)[:, part * e:(part + 1) * e].T)
-        return lambda: np.ascontiguousarray(read(short)[part * e:(part + 1) * e])
+            return lambda: np.ascontiguousarray(read(short)[:, part * e : (part + 1) * e].T)
+        return lambda: np.ascontiguousarray(read(short)[part * e : (part + 1) * e])
 
     entries: dict[str, tuple[tuple[int, ...], str, Callable[[], np.ndarray]]] = {}
 
@@ -368,7 +505,8 @@ def to_hf(sd: Mapping[str, np.ndarray], cfg: GPTConfig, *, tied: bool | None = N
         out[h + "attn.c_attn.weight"] = np.concatenate([sd[f"{b}{p}.weight"].T for p in _HF_QKV], axis=1)
         dtype = sd[f"{b}att.W_query.weight"].dtype
         out[h + "attn.c_attn.bias"] = np.concatenate(
-            [sd[f"{b}{p}.bias"] if cfg.qkv_bias else np.zeros(e, dtype) for p in _HF_QKV])
+            [sd[f"{b}{p}.bias"] if cfg.qkv_bias else np.zeros(e, dtype) for p in _HF_QKV]
+        )
         for hf_name, name in _HF_BLOCK.items():
             value = sd[b + name]
             out[h + hf_name] = value.T if value.ndim == 2 else value
@@ -382,13 +520,24 @@ def to_hf(sd: Mapping[str, np.ndarray], cfg: GPTConfig, *, tied: bool | None = N
 
 def hf_config(cfg: GPTConfig, *, tied: bool) -> dict[str, Any]:
     """HF's config.json for a GPT-2 computing what the twins compute with `cfg`."""
-    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-            "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_embd": cfg.emb_dim,
-            "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": None,
-            "activation_function": "gelu_new", "layer_norm_epsilon": BOOK_LAYER_NORM_EPS,
-            "resid_pdrop": cfg.drop_rate, "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate,
-            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-            "reorder_and_upcast_attn": False, "tie_word_embeddings": tied,
-            "bos_token_id": 50256, "eos_token_id": 50256} | (
-        {} if cfg.vocab_size > 50256 else {"bos_token_id": None, "eos_token_id": None})
-
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": BOOK_LAYER_NORM_EPS,
+        "resid_pdrop": cfg.drop_rate,
+        "embd_pdrop": cfg.drop_rate,
+        "attn_pdrop": cfg.drop_rate,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": tied,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+    } | ({} if cfg.vocab_size > 50256 else {"bos_token_id": None, "eos_token_id": None})

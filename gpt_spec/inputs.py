@@ -78,12 +78,12 @@ def check_logits(shape: tuple[int, ...], batch: int, seq_len: int, vocab_size: i
     seq_len) ids, over the vocabulary the model's embedding takes (a larger head would make ids
     the next step cannot embed: torch raises, JAX clamps)."""
     if len(shape) != 3 or tuple(shape[:2]) != (batch, seq_len) or shape[2] == 0:
-        raise ValueError("the model must return logits of shape (batch, seq_len, vocab_size) for ids "
-                         "of shape (batch, seq_len)")
+        raise ValueError(
+            "the model must return logits of shape (batch, seq_len, vocab_size) for ids of shape (batch, seq_len)"
+        )
     if vocab_size is not None and shape[2] != vocab_size:
         raise ValueError(
-            f"the model returned logits over {shape[2]} ids, but its vocabulary holds {vocab_size} "
-            "(vocab_size)"
+            f"the model returned logits over {shape[2]} ids, but its vocabulary holds {vocab_size} (vocab_size)"
         )
 
 
@@ -95,8 +95,9 @@ def _count(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
-def check_generation(prompt_len: int, max_new_tokens: object, context_size: object,
-                     cfg: GPTConfig | ModelLimits) -> tuple[int, int]:
+def check_generation(
+    prompt_len: int, max_new_tokens: object, context_size: object, cfg: GPTConfig | ModelLimits
+) -> tuple[int, int]:
     """Check generate_text_simple's arguments; return (max_new_tokens, context_size) as ints.
 
     The book's loop feeds the model the last `context_size` tokens at each step; it fails only if
@@ -116,9 +117,7 @@ def check_generation(prompt_len: int, max_new_tokens: object, context_size: obje
 def check_targets(input_shape: tuple[int, ...], target_shape: tuple[int, ...]) -> None:
     """Next-token targets pair one-to-one with the inputs."""
     if tuple(target_shape) != tuple(input_shape):
-        raise ValueError(
-            f"targets have shape {tuple(target_shape)}, expected the inputs' shape {tuple(input_shape)}"
-        )
+        raise ValueError(f"targets have shape {tuple(target_shape)}, expected the inputs' shape {tuple(input_shape)}")
 
 
 DTYPES = ("float32", "bfloat16")  # the tiers both twins run in (see each twin's cast)
@@ -159,8 +158,9 @@ def check_cache_room(cached: int, new: int, cfg: GPTConfig, max_len: int | None 
         )
 
 
-def default_context_size(prompt_len: int, max_new_tokens: object, context_size: object,
-                         cfg: GPTConfig | ModelLimits) -> object:
+def default_context_size(
+    prompt_len: int, max_new_tokens: object, context_size: object, cfg: GPTConfig | ModelLimits
+) -> object:
     """`context_size` None means the model's context_length, or, where the model does not tell
     it, the whole sequence (nothing is cropped)."""
     if context_size is not None:
@@ -170,8 +170,9 @@ def default_context_size(prompt_len: int, max_new_tokens: object, context_size: 
     return max(prompt_len + _count("max_new_tokens", max_new_tokens, 0) - 1, 1)
 
 
-def check_cached_generation(prompt_len: int, max_new_tokens: object, context_size: object,
-                            cfg: GPTConfig | ModelLimits) -> tuple[int, int]:
+def check_cached_generation(
+    prompt_len: int, max_new_tokens: object, context_size: object, cfg: GPTConfig | ModelLimits
+) -> tuple[int, int]:
     """Check generate_text_simple_cached's arguments; return (max_new_tokens, context_size).
 
     `context_size` None means cfg.context_length (see `default_context_size`). The prompt is
@@ -215,8 +216,9 @@ ADAM_MIN_EPS = float(np.finfo(np.float32).tiny)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def check_adamw(lr: object, weight_decay: object, betas: object,
-                eps: object) -> tuple[float, float, tuple[float, float], float]:
+def check_adamw(
+    lr: object, weight_decay: object, betas: object, eps: object
+) -> tuple[float, float, tuple[float, float], float]:
     """Both twins' `adamw` call this first, so both refuse the same arguments with the same words
     (torch.optim's own checks and optax's, which has none, differ): lr and weight_decay finite
     real numbers >= 0, eps finite and at least float32's smallest normal, betas a pair of finite
@@ -238,11 +240,14 @@ def check_adamw(lr: object, weight_decay: object, betas: object,
     # The update's scalars are float32 in both frameworks: past float32's range torch raises
     # RuntimeError mid-step and optax turns every weight inf. The first step's size is the largest.
     if lr / (1.0 - pair[0]) > FLOAT32_MAX:
-        raise ValueError(f"lr / (1 - betas[0]), Adam's first step size, must be at most {FLOAT32_MAX!r} "
-                         f"(float32's largest), got {lr / (1.0 - pair[0])!r}")
+        raise ValueError(
+            f"lr / (1 - betas[0]), Adam's first step size, must be at most {FLOAT32_MAX!r} "
+            f"(float32's largest), got {lr / (1.0 - pair[0])!r}"
+        )
     if lr * weight_decay > FLOAT32_MAX:
-        raise ValueError(f"lr * weight_decay must be at most {FLOAT32_MAX!r} (float32's largest), "
-                         f"got {lr * weight_decay!r}")
+        raise ValueError(
+            f"lr * weight_decay must be at most {FLOAT32_MAX!r} (float32's largest), got {lr * weight_decay!r}"
+        )
     return lr, weight_decay, (pair[0], pair[1]), eps
 
 

@@ -86,7 +86,7 @@ def model_bytes(model: str, cfg, *, final_norm: str = DUMMY_NORM) -> tuple[int, 
     context_length) per block; the Flax twin builds its mask per call, but both twins count it,
     so both refuse alike), and each block's objects (BLOCK_BYTES)."""
     params = n_parameters(model, cfg, final_norm=final_norm)
-    masks = cfg.n_layers * cfg.context_length ** 2 if model == GPT_MODEL else 0
+    masks = cfg.n_layers * cfg.context_length**2 if model == GPT_MODEL else 0
     return params, (params + masks) * FLOAT32_BYTES + cfg.n_layers * BLOCK_BYTES[model]
 
 
@@ -109,8 +109,7 @@ def check_output_fits(batch: int, prompt_len: int, max_new_tokens: int, dtype_na
     length = prompt_len + max_new_tokens
     if length > MAX_SIZE:
         raise ValueError(
-            f"a prompt of {prompt_len} and {max_new_tokens} new tokens make {length} tokens, more "
-            f"than {MAX_SIZE_TEXT}"
+            f"a prompt of {prompt_len} and {max_new_tokens} new tokens make {length} tokens, more than {MAX_SIZE_TEXT}"
         )
     needed = batch * length * np.dtype(dtype_name).itemsize
     available = available_memory()

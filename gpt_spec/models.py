@@ -19,7 +19,6 @@ DUMMY_NORM, LAYER_NORM = "dummy", "layernorm"
 FINAL_NORMS = (DUMMY_NORM, LAYER_NORM)
 
 
-
 def check_model(model: object) -> str:
     """Refuse a name that is not a model class's (a CLI name such as "gpt" included); return it."""
     if not isinstance(model, str) or model not in MODELS:
@@ -27,6 +26,16 @@ def check_model(model: object) -> str:
     return model
 
 
-__all__ = ["DUMMY", "DUMMY_GPT_MODEL", "DUMMY_NORM", "FINAL_NORMS", "GPT", "GPT_MODEL", "LAYER_NORM",
-           "MODELS", "MODEL_CLASSES", "MODEL_KINDS",
-           "check_model"]
+__all__ = [
+    "DUMMY",
+    "DUMMY_GPT_MODEL",
+    "DUMMY_NORM",
+    "FINAL_NORMS",
+    "GPT",
+    "GPT_MODEL",
+    "LAYER_NORM",
+    "MODELS",
+    "MODEL_CLASSES",
+    "MODEL_KINDS",
+    "check_model",
+]

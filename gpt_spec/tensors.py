@@ -103,8 +103,10 @@ def checked_array(name: str, value: Any) -> np.ndarray:
     if array.dtype == np.float64 and array.size:
         finite = np.abs(array[np.isfinite(array)])
         if finite.size and finite.max() > _FLOAT32_MAX:
-            raise ValueError(f"state dict key {name!r} holds float64 value(s) up to {finite.max():.3g}, "
-                             f"beyond float32's range ({_FLOAT32_MAX:.3g})")
+            raise ValueError(
+                f"state dict key {name!r} holds float64 value(s) up to {finite.max():.3g}, "
+                f"beyond float32's range ({_FLOAT32_MAX:.3g})"
+            )
     return array
 
 
@@ -112,15 +114,17 @@ def _check_mask(name: str, sd: Mapping[str, Any], context_length: int) -> None:
     """The book's persistent causal-mask buffer: exactly triu(ones(n, n), 1) for this context."""
     shape, _ = info(sd, name)
     if shape != (context_length, context_length):
-        raise ValueError(f"state dict key {name!r} has shape {shape}, expected the causal mask "
-                         f"{(context_length, context_length)}")
+        raise ValueError(
+            f"state dict key {name!r} has shape {shape}, expected the causal mask {(context_length, context_length)}"
+        )
     value = as_numpy(sd[name]).astype(np.float64)
     if not np.array_equal(value, np.triu(np.ones((context_length, context_length)), k=1)):
         raise ValueError(f"state dict key {name!r} is not the causal mask triu(ones, 1)")
 
 
-def check_state_dict(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, Any],
-                     model_name: str) -> Mapping[str, np.ndarray]:
+def check_state_dict(
+    expected: Mapping[str, tuple[int, ...]], given: Mapping[str, Any], model_name: str
+) -> Mapping[str, np.ndarray]:
     """Validate `given` against the model's `{name: shape}`; return its arrays as numpy (lazily for
     a `LazyStateDict`), without the causal-mask buffers the book's model carries.
 
@@ -130,8 +134,13 @@ def check_state_dict(expected: Mapping[str, tuple[int, ...]], given: Mapping[str
     """
     if not isinstance(given, Mapping):
         raise ValueError(f"state dict must be a mapping of name -> array, got {type(given).__name__}")
-    masks = {k for k in given if isinstance(k, str) and (m := _MASK.fullmatch(k))
-             and f"trf_blocks.{m.group(1)}.att.out_proj.weight" in expected}
+    masks = {
+        k
+        for k in given
+        if isinstance(k, str)
+        and (m := _MASK.fullmatch(k))
+        and f"trf_blocks.{m.group(1)}.att.out_proj.weight" in expected
+    }
     missing = set(expected) - set(given)
     unexpected = set(given) - set(expected) - masks
     if missing or unexpected:
@@ -146,13 +155,11 @@ def check_state_dict(expected: Mapping[str, tuple[int, ...]], given: Mapping[str
     for name, shape in expected.items():
         got, dtype = info(given, name)
         if dtype not in FLOAT_DTYPES:
-            raise ValueError(f"state dict key {name!r} has dtype {dtype}, expected one of "
-                             f"{', '.join(FLOAT_DTYPES)}")
+            raise ValueError(f"state dict key {name!r} has dtype {dtype}, expected one of {', '.join(FLOAT_DTYPES)}")
         if got != tuple(shape):
             raise ValueError(f"state dict key {name!r} has shape {got}, expected {tuple(shape)}")
     if isinstance(given, LazyStateDict):
-        return LazyStateDict({
-            name: (*given.info(name), lambda name=name: checked_array(name, given[name]))
-            for name in expected
-        })
+        return LazyStateDict(
+            {name: (*given.info(name), lambda name=name: checked_array(name, given[name])) for name in expected}
+        )
     return {name: checked_array(name, given[name]) for name in expected}

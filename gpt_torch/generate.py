@@ -46,8 +46,9 @@ def _check_prompt(model: nn.Module, idx: torch.Tensor) -> GPTConfig | ModelLimit
     return limits
 
 
-def _next_ids(model: nn.Module, idx_cond: torch.Tensor, dtype: torch.dtype,
-              limits: GPTConfig | ModelLimits) -> torch.Tensor:
+def _next_ids(
+    model: nn.Module, idx_cond: torch.Tensor, dtype: torch.dtype, limits: GPTConfig | ModelLimits
+) -> torch.Tensor:
     """The greedy next id of each row, (batch, 1) in `dtype` (the prompt's)."""
     batch, seq_len = idx_cond.shape
     with torch.no_grad():
@@ -60,8 +61,7 @@ def _next_ids(model: nn.Module, idx_cond: torch.Tensor, dtype: torch.dtype,
     return torch.argmax(probas, dim=-1, keepdim=True).to(dtype)  # (batch, 1), never wrapped
 
 
-def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: int,
-                         context_size: int) -> torch.Tensor:
+def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int) -> torch.Tensor:
     """Append `max_new_tokens` greedy tokens to `idx` (batch, n_tokens), feeding the model at most
     the last `context_size` tokens at each step. Returns (batch, n_tokens + max_new_tokens), in
     the prompt's dtype (one that cannot hold every id of the vocabulary is refused).
@@ -80,8 +80,9 @@ def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: in
     return idx
 
 
-def generate_text_simple_cached(model: nn.Module, idx: torch.Tensor, max_new_tokens: int,
-                                context_size: int | None = None, use_cache: bool = True) -> torch.Tensor:
+def generate_text_simple_cached(
+    model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None, use_cache: bool = True
+) -> torch.Tensor:
     """generate_text_simple with the KV cache (the book's chapter-4 variant): the prompt is fed once,
     then one new token per step. Same tokens as generate_text_simple (the window must not slide).
 

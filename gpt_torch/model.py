@@ -23,7 +23,6 @@ from gpt_spec import (
     check_token_ids,
 )
 
-
 _UNSIGNED = (torch.uint8, torch.uint16, torch.uint32, torch.uint64)
 _INDEX_DTYPES = (torch.int32, torch.int64)  # what nn.Embedding takes
 
@@ -71,8 +70,9 @@ def check_ids(in_idx: torch.Tensor, cfg: GPTConfig | ModelLimits, *, check_lengt
     lo = hi = None
     if kind in ("i", "u") and in_idx.numel() > 0:
         lo, hi = _id_range(in_idx)
-    check_token_ids(tuple(in_idx.shape), kind, str(dtype).removeprefix("torch."), lo, hi, cfg,
-                    check_length=check_length)
+    check_token_ids(
+        tuple(in_idx.shape), kind, str(dtype).removeprefix("torch."), lo, hi, cfg, check_length=check_length
+    )
     return as_index(in_idx)
 
 
@@ -118,8 +118,9 @@ class FeedForward(nn.Module):
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention with separate query, key and value projections."""
 
-    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
-                 qkv_bias: bool = False):
+    def __init__(
+        self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias: bool = False
+    ):
         super().__init__()
         if d_out % num_heads:
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
@@ -144,8 +145,13 @@ class MultiHeadAttention(nn.Module):
         self.ptr_current_pos = 0
         self.cache_max_len = context_length  # positions a cache allocated at a cached call holds
 
-    def init_cache(self, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
-                   device: torch.device | str | None = None) -> None:
+    def init_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
         shape = (batch_size, self.num_heads, max_len, self.head_dim)
         self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
@@ -173,14 +179,14 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"the KV cache holds batch size {self.cache_k.shape[0]}, got {b}: reset it")
             start = self.ptr_current_pos
             self.ptr_current_pos += num_tokens
-            self.cache_k[:, :, start:self.ptr_current_pos] = keys_new
-            self.cache_v[:, :, start:self.ptr_current_pos] = values_new
-            keys = self.cache_k[:, :, :self.ptr_current_pos]  # (b, num_heads, cached + num_tokens, head_dim)
-            values = self.cache_v[:, :, :self.ptr_current_pos]
+            self.cache_k[:, :, start : self.ptr_current_pos] = keys_new
+            self.cache_v[:, :, start : self.ptr_current_pos] = values_new
+            keys = self.cache_k[:, :, : self.ptr_current_pos]  # (b, num_heads, cached + num_tokens, head_dim)
+            values = self.cache_v[:, :, : self.ptr_current_pos]
         else:
             keys, values, start = keys_new, values_new, 0
         attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_tokens, num_keys)
-        mask_bool = self.mask.bool()[start:start + num_tokens, :keys.shape[2]]
+        mask_bool = self.mask.bool()[start : start + num_tokens, : keys.shape[2]]
         attn_scores = attn_scores.masked_fill(mask_bool, -torch.inf)
         attn_weights = torch.softmax(attn_scores.float() / keys.shape[-1] ** 0.5, dim=-1).to(values.dtype)
         attn_weights = self.dropout(attn_weights)
@@ -207,8 +213,9 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.emb_dim)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, use_cache: bool = False,
-                 activations: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, use_cache: bool = False, activations: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """With `activations`, each sub-layer's output is also put in it by name: norm1, att,
         residual (after the attention's shortcut add), norm2, ff (the block's output is returned)."""
         out = {} if activations is None else activations
@@ -231,8 +238,9 @@ class DummyTransformerBlock(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
 
-    def forward(self, x: torch.Tensor, use_cache: bool = False,
-                 activations: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, use_cache: bool = False, activations: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         return x
 
 

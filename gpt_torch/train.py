@@ -10,8 +10,12 @@ from gpt_spec import StateDict, check_adamw, check_targets
 from .model import check_ids
 
 
-def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model: torch.nn.Module,
-                    device: torch.device | str | None = None) -> torch.Tensor:
+def calc_loss_batch(
+    input_batch: torch.Tensor,
+    target_batch: torch.Tensor,
+    model: torch.nn.Module,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Mean next-token cross-entropy of `model` on (batch, seq_len) inputs and targets.
 
     The inputs are checked first, then the targets (as the Flax twin does); ids of any integer
@@ -27,8 +31,9 @@ def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model
     return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten().long())
 
 
-def loss_and_grads(model: torch.nn.Module, input_batch: torch.Tensor,
-                   target_batch: torch.Tensor) -> tuple[float, StateDict]:
+def loss_and_grads(
+    model: torch.nn.Module, input_batch: torch.Tensor, target_batch: torch.Tensor
+) -> tuple[float, StateDict]:
     """The loss and the gradient of every parameter, as a canonical `{name: numpy array}`."""
     model.zero_grad(set_to_none=True)
     loss = calc_loss_batch(input_batch, target_batch, model)
@@ -38,8 +43,13 @@ def loss_and_grads(model: torch.nn.Module, input_batch: torch.Tensor,
     return loss.item(), grads
 
 
-def adamw(model: torch.nn.Module, lr: float = 4e-4, weight_decay: float = 0.1,
-          betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
+def adamw(
+    model: torch.nn.Module,
+    lr: float = 4e-4,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
     """AdamW over every parameter, the book's chapter-5 settings by default (the Flax twin's adamw).
 
     Arguments are checked by gpt_spec.check_adamw, before torch.optim's own checks, so both twins
@@ -48,8 +58,9 @@ def adamw(model: torch.nn.Module, lr: float = 4e-4, weight_decay: float = 0.1,
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_batch: torch.Tensor,
-               target_batch: torch.Tensor) -> float:
+def train_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_batch: torch.Tensor, target_batch: torch.Tensor
+) -> float:
     """One optimizer step on one batch; returns the loss before the step."""
     optimizer.zero_grad()
     loss = calc_loss_batch(input_batch, target_batch, model)

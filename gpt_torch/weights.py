@@ -61,12 +61,23 @@ def _dtype_name(model: torch.nn.Module) -> str:
 def save(model: torch.nn.Module, path: str | os.PathLike[str], *, dtype: str | None = None) -> None:
     """Write the model's canonical state dict and config to a safetensors file, in `dtype`
     ("float32" or "bfloat16"; default the model's own)."""
-    save_checkpoint(path, state_dict(model), model.cfg, model=type(model).__name__,
-                    options=getattr(model, "options", {}), dtype=dtype or _dtype_name(model))
+    save_checkpoint(
+        path,
+        state_dict(model),
+        model.cfg,
+        model=type(model).__name__,
+        options=getattr(model, "options", {}),
+        dtype=dtype or _dtype_name(model),
+    )
 
 
-def load(path: str | os.PathLike[str], *, config: GPTConfig | None = None, n_heads: int | None = None,
-         dtype: str | None = None) -> torch.nn.Module:
+def load(
+    path: str | os.PathLike[str],
+    *,
+    config: GPTConfig | None = None,
+    n_heads: int | None = None,
+    dtype: str | None = None,
+) -> torch.nn.Module:
     """Build the model a checkpoint describes and load its weights (train mode, as constructed).
 
     Reads canonical or HF GPT-2 safetensors (a file, or a snapshot folder with its config.json,

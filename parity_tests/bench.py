@@ -71,8 +71,10 @@ def gemm_flops(dtype: str, n: int = GEMM_N, repeats: int = 3) -> dict[str, float
     ta, tb = torch.from_numpy(a).to(getattr(torch, dtype)), torch.from_numpy(b).to(getattr(torch, dtype))
     flops = 2 * n**3
     with float32_matmuls():
-        return {"xla": flops / _median_time(lambda: matmul(ja, jb).block_until_ready(), repeats),
-                "torch": flops / _median_time(lambda: torch.nn.functional.linear(ta, tb), repeats)}
+        return {
+            "xla": flops / _median_time(lambda: matmul(ja, jb).block_until_ready(), repeats),
+            "torch": flops / _median_time(lambda: torch.nn.functional.linear(ta, tb), repeats),
+        }
 
 
 def read_bandwidth(nbytes: int = READ_BYTES, repeats: int = 5) -> dict[str, float]:
@@ -80,8 +82,10 @@ def read_bandwidth(nbytes: int = READ_BYTES, repeats: int = 5) -> dict[str, floa
     x = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32)
     jx, tx = jnp.asarray(x), torch.from_numpy(x)
     total = jax.jit(jnp.sum)
-    return {"xla": nbytes / _median_time(lambda: total(jx).block_until_ready(), repeats),
-            "torch": nbytes / _median_time(lambda: tx.sum(), repeats)}
+    return {
+        "xla": nbytes / _median_time(lambda: total(jx).block_until_ready(), repeats),
+        "torch": nbytes / _median_time(lambda: tx.sum(), repeats),
+    }
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -157,58 +161,148 @@ class BenchReport:
         return t.flops_per_s / self.gemm_throughput(t.dtype)
 
     def _same_cell(self, t: Timing, backend: str) -> Timing | None:
-        return next((u for u in self.timings if u.backend == backend and
-                     (u.dtype, u.batch, u.seq) == (t.dtype, t.batch, t.seq)), None)
+        return next(
+            (
+                u
+                for u in self.timings
+                if u.backend == backend and (u.dtype, u.batch, u.seq) == (t.dtype, t.batch, t.seq)
+            ),
+            None,
+        )
 
     def speedup(self, t: Timing, over: str = "torch-eager") -> float | None:
         base = self._same_cell(t, over)
         return base.median_s / t.median_s if base else None
 
     def format_table(self) -> str:
-        lines = [f"{self.model} {_describe(self.config)}, {self.device}, matmuls "
-                 f"{self.precision.split(' ')[0]}, median of {self.repeats} after {self.warmup} warm-up"]
+        lines = [
+            f"{self.model} {_describe(self.config)}, {self.device}, matmuls "
+            f"{self.precision.split(' ')[0]}, median of {self.repeats} after {self.warmup} warm-up"
+        ]
         gemm_rows = []
         for dtype, samples in self.gemm.items():
             for lib, values in samples.items():
-                gemm_rows.append((dtype, f"{self.gemm_n}^3 matmul, {lib}", statistics.median(values) / 1e9,
-                                  min(values) / 1e9, max(values) / 1e9))
+                gemm_rows.append(
+                    (
+                        dtype,
+                        f"{self.gemm_n}^3 matmul, {lib}",
+                        statistics.median(values) / 1e9,
+                        min(values) / 1e9,
+                        max(values) / 1e9,
+                    )
+                )
         if self.read_bw:
             for lib, value in self.read_bw.items():
                 gemm_rows.append(("float32", f"sum over {READ_BYTES >> 20} MiB, {lib} (GB/s)", value / 1e9, "", ""))
-        lines += ["", "this machine, measured in this run (GFLOP/s unless marked):",
-                  format_table(["dtype", "reference", "median", "min", "max"], gemm_rows)]
+        lines += [
+            "",
+            "this machine, measured in this run (GFLOP/s unless marked):",
+            format_table(["dtype", "reference", "median", "min", "max"], gemm_rows),
+        ]
         rows = []
         for t in self.timings:
             eager, compiled = self.speedup(t), self.speedup(t, "torch-compile")
-            rows.append((t.dtype, f"{t.batch}x{t.seq}", t.backend, t.first_call_s, t.median_s * 1e3,
-                         f"{min(t.times_s) * 1e3:.0f}-{max(t.times_s) * 1e3:.0f}", t.tokens_per_s,
-                         t.flops_per_s / 1e9, f"{self.fraction_of_gemm(t):.3f}",
-                         "-" if eager is None else f"{eager:.2f}x", "-" if compiled is None else f"{compiled:.2f}x"))
-        lines += ["", "forward:", format_table(
-            ["dtype", "batch x seq", "backend", "first call s", "median ms", "min-max ms", "tokens/s",
-             "GFLOP/s", "of GEMM", "vs eager", "vs compile"], rows)]
+            rows.append(
+                (
+                    t.dtype,
+                    f"{t.batch}x{t.seq}",
+                    t.backend,
+                    t.first_call_s,
+                    t.median_s * 1e3,
+                    f"{min(t.times_s) * 1e3:.0f}-{max(t.times_s) * 1e3:.0f}",
+                    t.tokens_per_s,
+                    t.flops_per_s / 1e9,
+                    f"{self.fraction_of_gemm(t):.3f}",
+                    "-" if eager is None else f"{eager:.2f}x",
+                    "-" if compiled is None else f"{compiled:.2f}x",
+                )
+            )
+        lines += [
+            "",
+            "forward:",
+            format_table(
+                [
+                    "dtype",
+                    "batch x seq",
+                    "backend",
+                    "first call s",
+                    "median ms",
+                    "min-max ms",
+                    "tokens/s",
+                    "GFLOP/s",
+                    "of GEMM",
+                    "vs eager",
+                    "vs compile",
+                ],
+                rows,
+            ),
+        ]
         flax = next((t for t in self.timings if t.backend == "flax-jit"), None)
         share = f" = {self.id_check_s / flax.median_s:.2%} of the flax-jit forward" if flax else ""
         lines.append(f"host-side token-id check before dispatch: {self.id_check_s * 1e6:.1f} µs{share}")
         if self.decode:
-            lines += ["", f"greedy decoding at batch 1 from a {DECODE_PROMPT}-token prompt; limit = read "
-                          "bandwidth / bytes of weights and cache read per token:",
-                      format_table(["twin", "dtype", "KV cache", "new tokens", "first call s", "tokens/s",
-                                    "limit tokens/s", "of limit"],
-                                   [(d.twin, d.dtype, "yes" if d.cache else "no", d.new_tokens, d.first_call_s,
-                                     d.tokens_per_s, d.limit_tokens_per_s, f"{d.fraction_of_limit:.3f}")
-                                    for d in self.decode])]
+            lines += [
+                "",
+                f"greedy decoding at batch 1 from a {DECODE_PROMPT}-token prompt; limit = read "
+                "bandwidth / bytes of weights and cache read per token:",
+                format_table(
+                    [
+                        "twin",
+                        "dtype",
+                        "KV cache",
+                        "new tokens",
+                        "first call s",
+                        "tokens/s",
+                        "limit tokens/s",
+                        "of limit",
+                    ],
+                    [
+                        (
+                            d.twin,
+                            d.dtype,
+                            "yes" if d.cache else "no",
+                            d.new_tokens,
+                            d.first_call_s,
+                            d.tokens_per_s,
+                            d.limit_tokens_per_s,
+                            f"{d.fraction_of_limit:.3f}",
+                        )
+                        for d in self.decode
+                    ],
+                ),
+            ]
         if self.memory:
-            lines += ["", format_table(
-                ["mesh", "param bytes on one device, unsharded", "sharded: most on a device", "fraction",
-                 "split params: unsharded", "split params: most on a device", "fraction"],
-                [(m["mesh"], m["unsharded_bytes"], m["sharded_bytes_per_device"],
-                  f"{m['sharded_bytes_per_device'] / m['unsharded_bytes']:.3f}", m["split_unsharded_bytes"],
-                  m["split_bytes_per_device"], f"{m['split_bytes_per_device'] / m['split_unsharded_bytes']:.3f}")
-                 for m in self.memory])]
+            lines += [
+                "",
+                format_table(
+                    [
+                        "mesh",
+                        "param bytes on one device, unsharded",
+                        "sharded: most on a device",
+                        "fraction",
+                        "split params: unsharded",
+                        "split params: most on a device",
+                        "fraction",
+                    ],
+                    [
+                        (
+                            m["mesh"],
+                            m["unsharded_bytes"],
+                            m["sharded_bytes_per_device"],
+                            f"{m['sharded_bytes_per_device'] / m['unsharded_bytes']:.3f}",
+                            m["split_unsharded_bytes"],
+                            m["split_bytes_per_device"],
+                            f"{m['split_bytes_per_device'] / m['split_unsharded_bytes']:.3f}",
+                        )
+                        for m in self.memory
+                    ],
+                ),
+            ]
             if jax.devices()[0].platform == "cpu":
-                lines.append("(simulated devices share this machine's cores: sharded timings measure the "
-                             "program, not a speed-up)")
+                lines.append(
+                    "(simulated devices share this machine's cores: sharded timings measure the "
+                    "program, not a speed-up)"
+                )
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -220,25 +314,50 @@ class BenchReport:
             "matmul_precision": self.precision,
             "device": self.device,
             "gemm_flops_per_s": {
-                dtype: {"throughput": self.gemm_throughput(dtype), "n": self.gemm_n,
-                        **{lib: {"median": statistics.median(v), "samples": v} for lib, v in s.items()}}
-                for dtype, s in self.gemm.items()},
+                dtype: {
+                    "throughput": self.gemm_throughput(dtype),
+                    "n": self.gemm_n,
+                    **{lib: {"median": statistics.median(v), "samples": v} for lib, v in s.items()},
+                }
+                for dtype, s in self.gemm.items()
+            },
             "read_bytes_per_s": {**self.read_bw, "throughput": max(self.read_bw.values())} if self.read_bw else None,
             "id_check_s": self.id_check_s,
             "memory": self.memory,
             "results": [
-                {"backend": t.backend, "dtype": t.dtype, "batch": t.batch, "seq": t.seq,
-                 "first_call_s": t.first_call_s, "median_s": t.median_s, "min_s": min(t.times_s),
-                 "max_s": max(t.times_s), "times_s": t.times_s, "tokens_per_s": t.tokens_per_s,
-                 "flops": t.flops, "flops_per_s": t.flops_per_s, "fraction_of_gemm": self.fraction_of_gemm(t),
-                 "speedup_vs_torch_eager": self.speedup(t), "speedup_vs_torch_compile": self.speedup(t, "torch-compile")}
+                {
+                    "backend": t.backend,
+                    "dtype": t.dtype,
+                    "batch": t.batch,
+                    "seq": t.seq,
+                    "first_call_s": t.first_call_s,
+                    "median_s": t.median_s,
+                    "min_s": min(t.times_s),
+                    "max_s": max(t.times_s),
+                    "times_s": t.times_s,
+                    "tokens_per_s": t.tokens_per_s,
+                    "flops": t.flops,
+                    "flops_per_s": t.flops_per_s,
+                    "fraction_of_gemm": self.fraction_of_gemm(t),
+                    "speedup_vs_torch_eager": self.speedup(t),
+                    "speedup_vs_torch_compile": self.speedup(t, "torch-compile"),
+                }
                 for t in self.timings
             ],
             "decode": [
-                {"twin": d.twin, "dtype": d.dtype, "kv_cache": d.cache, "batch": 1, "prompt_tokens": DECODE_PROMPT,
-                 "new_tokens": d.new_tokens, "first_call_s": d.first_call_s, "time_s": d.time_s,
-                 "tokens_per_s": d.tokens_per_s, "limit_tokens_per_s": d.limit_tokens_per_s,
-                 "fraction_of_limit": d.fraction_of_limit}
+                {
+                    "twin": d.twin,
+                    "dtype": d.dtype,
+                    "kv_cache": d.cache,
+                    "batch": 1,
+                    "prompt_tokens": DECODE_PROMPT,
+                    "new_tokens": d.new_tokens,
+                    "first_call_s": d.first_call_s,
+                    "time_s": d.time_s,
+                    "tokens_per_s": d.tokens_per_s,
+                    "limit_tokens_per_s": d.limit_tokens_per_s,
+                    "fraction_of_limit": d.fraction_of_limit,
+                }
                 for d in self.decode
             ],
             "versions": versions(),
@@ -295,10 +414,16 @@ def _shard(fm, text: str, memory: list[dict[str, Any]]):
     plan = sharding.shard_model(twin, mesh)
     split = {p for p, spec in plan.specs.items() if any(a is not None for a in spec)}
     split_total, split_most = split_bytes(twin, split)
-    memory.append({"mesh": text, "unsharded_bytes": sum(v.nbytes for v in gpt_flax.state_dict(fm).values()),
-                   "sharded_bytes_per_device": max(sharding.param_bytes_per_device(twin).values()),
-                   "split_unsharded_bytes": split_total, "split_bytes_per_device": split_most,
-                   "replicated_for_divisibility": plan.describe()})
+    memory.append(
+        {
+            "mesh": text,
+            "unsharded_bytes": sum(v.nbytes for v in gpt_flax.state_dict(fm).values()),
+            "sharded_bytes_per_device": max(sharding.param_bytes_per_device(twin).values()),
+            "split_unsharded_bytes": split_total,
+            "split_bytes_per_device": split_most,
+            "replicated_for_divisibility": plan.describe(),
+        }
+    )
     forward = gpt_flax.jit_forward(twin)
     return (lambda ids: forward(sharding.shard_batch(ids, mesh))), jax.block_until_ready
 
@@ -309,8 +434,9 @@ class _Twins:
     flax: Any
 
 
-def _build_twins(model: str, cfg: GPTConfig, seed: int, dtypes: tuple[str, ...], options: dict[str, Any],
-                 weights: StateDict | None) -> dict[str, _Twins]:
+def _build_twins(
+    model: str, cfg: GPTConfig, seed: int, dtypes: tuple[str, ...], options: dict[str, Any], weights: StateDict | None
+) -> dict[str, _Twins]:
     """Both twins per dtype, all on the same weights (`weights`, or torch's init), in eval mode."""
     tm = build_torch(model, cfg, seed=seed, **options).eval()
     if weights is not None:
@@ -331,6 +457,7 @@ def _forwards(twins: _Twins, backends: tuple[str, ...]):
         def forward(ids: np.ndarray):
             with torch.inference_mode():
                 return module(torch.from_numpy(ids))
+
         return forward
 
     no_sync = lambda x: x  # noqa: E731 - torch CPU ops return when done
@@ -348,13 +475,23 @@ def _decode_limit(cfg: GPTConfig, model: str, dtype: str, new_tokens: int, read_
     """Tokens/s if each step only had to read the weights and the cache once at `read_bw`."""
     size = jnp.dtype(dtype).itemsize
     mean_positions = DECODE_PROMPT + (new_tokens - 1) / 2
-    per_token = (weight_bytes_per_token(cfg, size, MODEL_CLASSES[model])
-                 + kv_cache_bytes_read(cfg, int(mean_positions), size))
+    per_token = weight_bytes_per_token(cfg, size, MODEL_CLASSES[model]) + kv_cache_bytes_read(
+        cfg, int(mean_positions), size
+    )
     return read_bw / per_token
 
 
-def _time_decode(twins: _Twins, cfg: GPTConfig, model: str, dtype: str, decode: int, decode_uncached: int,
-                 read_bw: float, repeats: int, prog: Progress) -> list[DecodeTiming]:
+def _time_decode(
+    twins: _Twins,
+    cfg: GPTConfig,
+    model: str,
+    dtype: str,
+    decode: int,
+    decode_uncached: int,
+    read_bw: float,
+    repeats: int,
+    prog: Progress,
+) -> list[DecodeTiming]:
     prompt = token_batch(cfg, 1, DECODE_PROMPT, seed=7)
     tprompt = torch.from_numpy(prompt)
     runs = {
@@ -362,18 +499,23 @@ def _time_decode(twins: _Twins, cfg: GPTConfig, model: str, dtype: str, decode: 
         ("flax", True): lambda n: gpt_flax.generate_text_simple_cached(twins.flax, prompt, n).block_until_ready(),
         ("torch", False): lambda n: gpt_torch.generate_text_simple(twins.torch, tprompt, n, cfg.context_length),
         ("flax", False): lambda n: gpt_flax.generate_text_simple(
-            twins.flax, prompt, n, cfg.context_length).block_until_ready(),
+            twins.flax, prompt, n, cfg.context_length
+        ).block_until_ready(),
     }
     out = []
     for (twin, cache), run in runs.items():
         n = decode if cache else min(decode, decode_uncached)
-        with prog.step(f"decode {dtype} {twin} {'with' if cache else 'without'} KV cache: {n} tokens, "
-                       f"first call + {repeats} timed"):
+        with prog.step(
+            f"decode {dtype} {twin} {'with' if cache else 'without'} KV cache: {n} tokens, first call + {repeats} timed"
+        ):
             with torch.inference_mode():
                 first = _time(lambda: run(n), lambda x: x)
                 times = [_time(lambda: run(n), lambda x: x) for _ in range(repeats)]
-        out.append(DecodeTiming(twin, dtype, cache, n, first, statistics.median(times),
-                                _decode_limit(cfg, model, dtype, n, read_bw)))
+        out.append(
+            DecodeTiming(
+                twin, dtype, cache, n, first, statistics.median(times), _decode_limit(cfg, model, dtype, n, read_bw)
+            )
+        )
     return out
 
 
@@ -410,9 +552,14 @@ def run_bench(
     progress: bool = True,
 ) -> BenchReport:
     """Time each backend's forward over the grid (and decoding if `decode`); see the module docstring."""
-    for name, value, least in [("repeats", repeats, 1), ("warmup", warmup, 0), ("decode", decode, 0),
-                               ("decode_uncached", decode_uncached, 1), ("decode_repeats", decode_repeats, 1),
-                               ("gemm_n", gemm_n, 1)]:
+    for name, value, least in [
+        ("repeats", repeats, 1),
+        ("warmup", warmup, 0),
+        ("decode", decode, 0),
+        ("decode_uncached", decode_uncached, 1),
+        ("decode_repeats", decode_repeats, 1),
+        ("gemm_n", gemm_n, 1),
+    ]:
         if value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
     unknown = [b for b in backends if b not in BACKENDS]
@@ -427,11 +574,17 @@ def run_bench(
         if model != GPT:
             raise ValueError("decoding needs the gpt model (the dummy model has no KV cache)")
         if DECODE_PROMPT + decode - 1 > cfg.context_length:
-            raise ValueError(f"decoding {decode} tokens after a {DECODE_PROMPT}-token prompt exceeds "
-                             f"context_length {cfg.context_length}")
+            raise ValueError(
+                f"decoding {decode} tokens after a {DECODE_PROMPT}-token prompt exceeds "
+                f"context_length {cfg.context_length}"
+            )
     cells = [(d, b, s) for d in dtypes for b in batches for s in seqs]
-    n_steps = 3 + len(cells) * len(backends) + len(meshes) * len(batches) * len(seqs) * ("float32" in dtypes) + (
-        1 + 4 * len(dtypes) if decode else 0)
+    n_steps = (
+        3
+        + len(cells) * len(backends)
+        + len(meshes) * len(batches) * len(seqs) * ("float32" in dtypes)
+        + (1 + 4 * len(dtypes) if decode else 0)
+    )
     prog = Progress(n_steps, enabled=progress)
     with prog.step(f"building {model} twins on {_describe(cfg)} in {', '.join(dtypes)}"):
         twins = _build_twins(model, cfg, seed, dtypes, options or {}, weights)
@@ -470,12 +623,34 @@ def run_bench(
             with prog.step(f"read bandwidth: sum over {READ_BYTES >> 20} MiB in XLA and torch"):
                 read_bw = read_bandwidth()
             for dtype in dtypes:
-                decoded += _time_decode(twins[dtype], cfg, model, dtype, decode, decode_uncached,
-                                        max(read_bw.values()), decode_repeats, prog)
+                decoded += _time_decode(
+                    twins[dtype],
+                    cfg,
+                    model,
+                    dtype,
+                    decode,
+                    decode_uncached,
+                    max(read_bw.values()),
+                    decode_repeats,
+                    prog,
+                )
     device = f"CPU, {torch.get_num_threads()} torch threads"
     check_ids = token_batch(cfg, batches[0], seqs[0], seed)
-    return BenchReport(cfg, model, repeats, warmup, precision, device, gemm, gemm_n, timings,
-                       _time_id_check(check_ids, cfg), read_bw, decoded, memory)
+    return BenchReport(
+        cfg,
+        model,
+        repeats,
+        warmup,
+        precision,
+        device,
+        gemm,
+        gemm_n,
+        timings,
+        _time_id_check(check_ids, cfg),
+        read_bw,
+        decoded,
+        memory,
+    )
 
 
 def _time_id_check(ids: np.ndarray, cfg: GPTConfig, calls: int = 200) -> float:

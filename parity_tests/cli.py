@@ -14,8 +14,19 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from gpt_spec import (DTYPES, DUMMY, DUMMY_NORM, FINAL_NORMS, GPT, GPT_MODEL, MODEL_CLASSES, MODEL_KINDS, GPTConfig,
-                      StateDict, resolve_config)
+from gpt_spec import (
+    DTYPES,
+    DUMMY,
+    DUMMY_NORM,
+    FINAL_NORMS,
+    GPT,
+    GPT_MODEL,
+    MODEL_CLASSES,
+    MODEL_KINDS,
+    GPTConfig,
+    StateDict,
+    resolve_config,
+)
 
 from . import bench, forward, mesh, training, twins, zoo
 from .interrupt import exit_on_interrupt
@@ -87,41 +98,76 @@ def _plant(text: str) -> tuple[str, str]:
 
 
 def _add_precision_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--matmul-precision", default="float32", choices=twins.MATMUL_PRECISIONS,
-                   help="float32 pins full-precision matmuls in both twins (default); default leaves "
-                        "each framework's own (JAX: TF32 on NVIDIA GPUs, bfloat16 passes on TPUs)")
+    p.add_argument(
+        "--matmul-precision",
+        default="float32",
+        choices=twins.MATMUL_PRECISIONS,
+        help="float32 pins full-precision matmuls in both twins (default); default leaves "
+        "each framework's own (JAX: TF32 on NVIDIA GPUs, bfloat16 passes on TPUs)",
+    )
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, batch: bool = True, grid: bool = False) -> None:
-    p.add_argument("--config", default=None,
-                   help="a preset (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl) or a JSON file "
-                        "with the book's keys (default: gpt2-small)")
-    p.add_argument("--checkpoint", metavar="PATH",
-                   help="weights (and config) from a file: canonical or HF GPT-2 safetensors, an HF "
-                        "snapshot directory, or the book's torch.save model.pth")
-    p.add_argument("--n-heads", type=_positive, default=None, metavar="N",
-                   help="the head count of a --checkpoint that does not record it")
-    p.add_argument("--model", default=None, choices=list(MODEL_CLASSES),
-                   help="the full GPTModel of §4.6 or the §4.1 DummyGPTModel (default: gpt, or what "
-                        "--checkpoint holds)")
-    p.add_argument("--final-norm", choices=list(FINAL_NORMS),
-                   help="the dummy model's final norm: the book's placeholder (default) or a LayerNorm")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a preset (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl) or a JSON file "
+        "with the book's keys (default: gpt2-small)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="weights (and config) from a file: canonical or HF GPT-2 safetensors, an HF "
+        "snapshot directory, or the book's torch.save model.pth",
+    )
+    p.add_argument(
+        "--n-heads",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="the head count of a --checkpoint that does not record it",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        choices=list(MODEL_CLASSES),
+        help="the full GPTModel of §4.6 or the §4.1 DummyGPTModel (default: gpt, or what --checkpoint holds)",
+    )
+    p.add_argument(
+        "--final-norm",
+        choices=list(FINAL_NORMS),
+        help="the dummy model's final norm: the book's placeholder (default) or a LayerNorm",
+    )
     p.add_argument("--drop-rate", type=float, default=None, help="override the config's drop_rate")
     if grid:
-        p.add_argument("--batch", type=_positive_list, default=[4], metavar="B[,B...]",
-                       help="batch sizes of the grid (default: 4)")
-        p.add_argument("--seq", type=_positive_list, default=None, metavar="T[,T...]",
-                       help="sequence lengths of the grid (default: 256, at most context_length)")
+        p.add_argument(
+            "--batch", type=_positive_list, default=[4], metavar="B[,B...]", help="batch sizes of the grid (default: 4)"
+        )
+        p.add_argument(
+            "--seq",
+            type=_positive_list,
+            default=None,
+            metavar="T[,T...]",
+            help="sequence lengths of the grid (default: 256, at most context_length)",
+        )
     elif batch:
         p.add_argument("--batch", type=_positive, default=2, help="batch size (default: 2)")
-        p.add_argument("--seq", type=_positive, default=None,
-                       help="sequence length (default: 128, at most context_length)")
+        p.add_argument(
+            "--seq", type=_positive, default=None, help="sequence length (default: 128, at most context_length)"
+        )
     p.add_argument("--seed", type=_seed, default=0, help="seed for weights and token ids")
     if batch:
-        p.add_argument("--mesh", metavar="DxM[,DxM...]",
-                       help="also run the Flax twin sharded on (data x model) device meshes, e.g. 2x4")
-        p.add_argument("--cpu-devices", type=_positive, metavar="N",
-                       help="simulate N CPU devices (for --mesh on a machine without N accelerators)")
+        p.add_argument(
+            "--mesh",
+            metavar="DxM[,DxM...]",
+            help="also run the Flax twin sharded on (data x model) device meshes, e.g. 2x4",
+        )
+        p.add_argument(
+            "--cpu-devices",
+            type=_positive,
+            metavar="N",
+            help="simulate N CPU devices (for --mesh on a machine without N accelerators)",
+        )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -129,82 +175,150 @@ def _add_model_args(p: argparse.ArgumentParser, *, batch: bool = True, grid: boo
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="gpt-parity",
-        description="Check, benchmark and generate with the PyTorch and Flax NNX twins of the "
-                    "chapter-4 GPT.",
+        description="Check, benchmark and generate with the PyTorch and Flax NNX twins of the chapter-4 GPT.",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    check = sub.add_parser("check", help="copy weights both ways; compare every stage on every backend and "
-                                         "every layer against float32's rounding envelope")
+    check = sub.add_parser(
+        "check",
+        help="copy weights both ways; compare every stage on every backend and "
+        "every layer against float32's rounding envelope",
+    )
     _add_model_args(check)
-    check.add_argument("--mode", default="eval", choices=twins.MODES,
-                       help="eval (dropout off) or train (needs --drop-rate 0)")
-    check.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                       help="parameters and compute of both twins (default: float32); bfloat16 has its own bound")
+    check.add_argument(
+        "--mode", default="eval", choices=twins.MODES, help="eval (dropout off) or train (needs --drop-rate 0)"
+    )
+    check.add_argument(
+        "--dtype",
+        default="float32",
+        choices=list(DTYPES),
+        help="parameters and compute of both twins (default: float32); bfloat16 has its own bound",
+    )
     check.add_argument("--layers", action="store_true", help="print max |Δ| of every stage")
     check.add_argument("--plot", metavar="PNG", help="save max |Δ| per stage as a log-scale plot")
-    check.add_argument("--train-steps", type=_non_negative, default=0, metavar="N",
-                       help="also compare loss, every gradient and N AdamW steps (default: 0)")
-    check.add_argument("--no-layer-evidence", action="store_true",
-                       help="compare the whole forward only, not each layer on its own inputs and traps")
+    check.add_argument(
+        "--train-steps",
+        type=_non_negative,
+        default=0,
+        metavar="N",
+        help="also compare loss, every gradient and N AdamW steps (default: 0)",
+    )
+    check.add_argument(
+        "--no-layer-evidence",
+        action="store_true",
+        help="compare the whole forward only, not each layer on its own inputs and traps",
+    )
     _add_precision_arg(check)
-    check.add_argument("--plant", type=_plant, metavar="MUTANT[@TWIN]",
-                       help="plant a bug of the zoo (`gpt-parity mutants --list`) in one twin "
-                            "(default: flax) for this check, to see what the suite says about it")
-    z = sub.add_parser("mutants", help="plant each bug of the zoo in each twin in turn and show that "
-                                       "check catches it where it was planted")
-    z.add_argument("--config", default=None,
-                   help="a preset or a JSON file with the book's keys (default: gpt2-small)")
-    z.add_argument("--mutant", type=_mutant_list, default=None, metavar="NAME[,NAME...]",
-                   help="only these mutants (default: all)")
-    z.add_argument("--twin", default="both", choices=["torch", "flax", "both"],
-                   help="the twin to plant each bug in (default: both, in turn)")
+    check.add_argument(
+        "--plant",
+        type=_plant,
+        metavar="MUTANT[@TWIN]",
+        help="plant a bug of the zoo (`gpt-parity mutants --list`) in one twin "
+        "(default: flax) for this check, to see what the suite says about it",
+    )
+    z = sub.add_parser(
+        "mutants",
+        help="plant each bug of the zoo in each twin in turn and show that check catches it where it was planted",
+    )
+    z.add_argument("--config", default=None, help="a preset or a JSON file with the book's keys (default: gpt2-small)")
+    z.add_argument(
+        "--mutant", type=_mutant_list, default=None, metavar="NAME[,NAME...]", help="only these mutants (default: all)"
+    )
+    z.add_argument(
+        "--twin",
+        default="both",
+        choices=["torch", "flax", "both"],
+        help="the twin to plant each bug in (default: both, in turn)",
+    )
     z.add_argument("--batch", type=_positive, default=2, help="batch size of each check (default: 2, as check's)")
-    z.add_argument("--seq", type=_positive, default=None,
-                   help="sequence length (default: 128, at most context_length)")
+    z.add_argument("--seq", type=_positive, default=None, help="sequence length (default: 128, at most context_length)")
     z.add_argument("--seed", type=_seed, default=0, help="seed for weights and token ids")
     _add_precision_arg(z)
     z.add_argument("--list", action="store_true", help="list the zoo and exit")
     z.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     z.add_argument("--plot", metavar="PNG", help="save each mutant's margin at its first failure as a plot")
     z.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    b = sub.add_parser("bench", help="time the jitted Flax forward against torch eager and torch.compile, "
-                                     "as fractions of this machine's GEMM throughput")
+    b = sub.add_parser(
+        "bench",
+        help="time the jitted Flax forward against torch eager and torch.compile, "
+        "as fractions of this machine's GEMM throughput",
+    )
     _add_model_args(b, grid=True)
-    b.add_argument("--dtype", type=_dtype_list, default=["float32"], metavar="D[,D...]",
-                   help="float32 and/or bfloat16 (default: float32)")
+    b.add_argument(
+        "--dtype",
+        type=_dtype_list,
+        default=["float32"],
+        metavar="D[,D...]",
+        help="float32 and/or bfloat16 (default: float32)",
+    )
     b.add_argument("--repeats", type=_positive, default=3, help="timed calls per backend (default: 3)")
     b.add_argument("--warmup", type=_non_negative, default=1, help="untimed calls after the first")
     b.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
-    b.add_argument("--decode", type=_non_negative, default=0, metavar="N",
-                   help="also time greedy decoding of N tokens at batch 1, with and without the KV "
-                        "cache, against the memory-bandwidth limit (default: 0, off)")
-    b.add_argument("--decode-uncached", type=_positive, default=32, metavar="N",
-                   help="tokens timed without the cache, at most --decode (default: 32)")
-    b.add_argument("--gemm-size", type=_positive, default=bench.GEMM_N, metavar="N",
-                   help=f"the N^3 matmul that measures GEMM throughput (default: {bench.GEMM_N})")
+    b.add_argument(
+        "--decode",
+        type=_non_negative,
+        default=0,
+        metavar="N",
+        help="also time greedy decoding of N tokens at batch 1, with and without the KV "
+        "cache, against the memory-bandwidth limit (default: 0, off)",
+    )
+    b.add_argument(
+        "--decode-uncached",
+        type=_positive,
+        default=32,
+        metavar="N",
+        help="tokens timed without the cache, at most --decode (default: 32)",
+    )
+    b.add_argument(
+        "--gemm-size",
+        type=_positive,
+        default=bench.GEMM_N,
+        metavar="N",
+        help=f"the N^3 matmul that measures GEMM throughput (default: {bench.GEMM_N})",
+    )
     b.add_argument("--plot", metavar="PNG", help="save tokens/s against sequence length as a plot")
     g = sub.add_parser("generate", help="greedy text from a prompt, with either twin or both")
     g.add_argument("prompt", help="the text to continue")
     _add_model_args(g, batch=False)
-    g.add_argument("--backend", default="both", choices=["torch", "flax", "both"],
-                   help="which twin generates; both also checks that their tokens agree (default)")
+    g.add_argument(
+        "--backend",
+        default="both",
+        choices=["torch", "flax", "both"],
+        help="which twin generates; both also checks that their tokens agree (default)",
+    )
     g.add_argument("--max-new-tokens", type=_non_negative, default=20, help="tokens to add (default: 20)")
-    c = sub.add_parser("convert", help="write any checkpoint the twins read as a canonical safetensors "
-                                       "file or an HF GPT-2 snapshot")
-    c.add_argument("src", help="canonical or HF GPT-2 safetensors, an HF snapshot directory (sharded or "
-                               "not), or a .pth")
-    c.add_argument("dst", help="the .safetensors file to write (--to canonical) or the snapshot folder "
-                               "(--to hf)")
-    c.add_argument("--to", default="canonical", choices=["canonical", "hf"],
-                   help="canonical: the twins' file with its config in the metadata (default); hf: "
-                        "model.safetensors and config.json as transformers' GPT2LMHeadModel reads them")
-    c.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                   help="the dtype written (default: bfloat16 for a bfloat16 source, else float32)")
+    c = sub.add_parser(
+        "convert", help="write any checkpoint the twins read as a canonical safetensors file or an HF GPT-2 snapshot"
+    )
+    c.add_argument(
+        "src", help="canonical or HF GPT-2 safetensors, an HF snapshot directory (sharded or not), or a .pth"
+    )
+    c.add_argument("dst", help="the .safetensors file to write (--to canonical) or the snapshot folder (--to hf)")
+    c.add_argument(
+        "--to",
+        default="canonical",
+        choices=["canonical", "hf"],
+        help="canonical: the twins' file with its config in the metadata (default); hf: "
+        "model.safetensors and config.json as transformers' GPT2LMHeadModel reads them",
+    )
+    c.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="the dtype written (default: bfloat16 for a bfloat16 source, else float32)",
+    )
     c.add_argument("--config", default=None, help="override the config the source implies (preset or JSON)")
-    c.add_argument("--n-heads", type=_positive, default=None, metavar="N",
-                   help="the head count of a source that does not record it")
-    lm = sub.add_parser("load-memory", help="peak resident memory of each twin loading a random checkpoint "
-                                            "of a config's shape, against the file's size")
+    c.add_argument(
+        "--n-heads",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="the head count of a source that does not record it",
+    )
+    lm = sub.add_parser(
+        "load-memory",
+        help="peak resident memory of each twin loading a random checkpoint "
+        "of a config's shape, against the file's size",
+    )
     lm.add_argument("--config", default="gpt2-xl", help="a preset or JSON config (default: gpt2-xl)")
     lm.add_argument("--dir", required=True, help="a folder with room for the checkpoint (6.2 GB for gpt2-xl)")
     lm.add_argument("--layout", default="canonical,hf", help="canonical, hf or both (default: canonical,hf)")
@@ -232,8 +346,13 @@ def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _Setup:
         if args.checkpoint:
             override = resolve_config(args.config) if args.config else None
             ckpt = twins.read_checkpoint(args.checkpoint, config=override, n_heads=args.n_heads)
-            setup = _Setup(ckpt.config, f"{args.checkpoint} ({ckpt.layout})",
-                           MODEL_KINDS[ckpt.model], dict(ckpt.options), ckpt.state_dict)
+            setup = _Setup(
+                ckpt.config,
+                f"{args.checkpoint} ({ckpt.layout})",
+                MODEL_KINDS[ckpt.model],
+                dict(ckpt.options),
+                ckpt.state_dict,
+            )
             _agree_with_checkpoint(args, ckpt, parser)
         else:
             name = args.config or "gpt2-small"
@@ -262,8 +381,10 @@ def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _Setup:
                 jax.config.update("jax_num_cpu_devices", args.cpu_devices)
             except RuntimeError:
                 if len(jax.devices("cpu")) != args.cpu_devices:
-                    parser.error(f"--cpu-devices {args.cpu_devices}: JAX has already started with "
-                                 f"{len(jax.devices('cpu'))} CPU device(s) in this process")
+                    parser.error(
+                        f"--cpu-devices {args.cpu_devices}: JAX has already started with "
+                        f"{len(jax.devices('cpu'))} CPU device(s) in this process"
+                    )
         from gpt_flax.sharding import make_mesh
 
         setup.meshes = [m.strip() for m in args.mesh.split(",")]
@@ -282,16 +403,18 @@ def _agree_with_checkpoint(args: argparse.Namespace, ckpt, parser: argparse.Argu
     silently overruled by the file (or the file by them)."""
     kind = MODEL_KINDS[ckpt.model]
     if args.model is not None and args.model != kind:
-        parser.error(f"--model {args.model} contradicts --checkpoint {args.checkpoint}, which holds a "
-                     f"{ckpt.model}")
+        parser.error(f"--model {args.model} contradicts --checkpoint {args.checkpoint}, which holds a {ckpt.model}")
     if args.final_norm is not None:
         if kind != DUMMY:
-            parser.error(f"--final-norm applies to --model dummy only; --checkpoint {args.checkpoint} "
-                         f"holds a {ckpt.model}")
+            parser.error(
+                f"--final-norm applies to --model dummy only; --checkpoint {args.checkpoint} holds a {ckpt.model}"
+            )
         held = ckpt.options.get("final_norm", DUMMY_NORM)
         if args.final_norm != held:
-            parser.error(f"--final-norm {args.final_norm} contradicts --checkpoint {args.checkpoint}, "
-                         f"whose DummyGPTModel has final_norm {held!r}")
+            parser.error(
+                f"--final-norm {args.final_norm} contradicts --checkpoint {args.checkpoint}, "
+                f"whose DummyGPTModel has final_norm {held!r}"
+            )
 
 
 def _check(args: argparse.Namespace, setup: _Setup, parser: argparse.ArgumentParser) -> int:
@@ -309,19 +432,33 @@ def _check(args: argparse.Namespace, setup: _Setup, parser: argparse.ArgumentPar
             parser.error(f"mutant {name} needs a config with {dict(mutant.needs)} to show")
         plant, planted = zoo.plant(name, twin), f", with {name} planted in the {twin} twin ({mutant.bug})"
     report = forward.run_parity(
-        cfg, model=setup.model, batch=args.batch, seq=seq, seed=args.seed, mode=args.mode,
-        options=setup.options, weights=setup.weights, progress=not args.quiet, dtype=args.dtype,
-        layer_evidence=not args.no_layer_evidence, matmul_precision=args.matmul_precision, plant=plant,
+        cfg,
+        model=setup.model,
+        batch=args.batch,
+        seq=seq,
+        seed=args.seed,
+        mode=args.mode,
+        options=setup.options,
+        weights=setup.weights,
+        progress=not args.quiet,
+        dtype=args.dtype,
+        layer_evidence=not args.no_layer_evidence,
+        matmul_precision=args.matmul_precision,
+        plant=plant,
     )
-    print(f"{setup.model} model, {setup.label}, {args.mode} mode, {args.dtype}, batch {args.batch} x "
-          f"{seq} tokens, matmuls {report.precision}{planted}")
+    print(
+        f"{setup.model} model, {setup.label}, {args.mode} mode, {args.dtype}, batch {args.batch} x "
+        f"{seq} tokens, matmuls {report.precision}{planted}"
+    )
     print(report.format_table())
     evidence = report.format_evidence()
     if evidence:
         print()
-        print("layer evidence: each layer of each block fed the reference's own input to it, and inputs "
-              "built to expose its traps;\nlimits derived from float32 rounding (envelope) and a test for "
-              "systematic error (bias); |Δ|/allowed > 1 fails")
+        print(
+            "layer evidence: each layer of each block fed the reference's own input to it, and inputs "
+            "built to expose its traps;\nlimits derived from float32 rounding (envelope) and a test for "
+            "systematic error (bias); |Δ|/allowed > 1 fails"
+        )
         print(evidence)
     if args.layers:
         print()
@@ -330,23 +467,38 @@ def _check(args: argparse.Namespace, setup: _Setup, parser: argparse.ArgumentPar
     passed = report.passed
     if args.train_steps:
         trained = training.run_training_parity(
-            cfg, model=setup.model, batch=args.batch, seq=min(seq, 32), steps=args.train_steps,
-            seed=args.seed, weights=setup.weights, progress=not args.quiet,
+            cfg,
+            model=setup.model,
+            batch=args.batch,
+            seq=min(seq, 32),
+            steps=args.train_steps,
+            seed=args.seed,
+            weights=setup.weights,
+            progress=not args.quiet,
         )
         print()
-        print(f"training, train mode at drop_rate 0, batch {args.batch} x {trained.seq} tokens, "
-              f"AdamW lr {trained.lr:g}, weight decay {trained.weight_decay:g}")
+        print(
+            f"training, train mode at drop_rate 0, batch {args.batch} x {trained.seq} tokens, "
+            f"AdamW lr {trained.lr:g}, weight decay {trained.weight_decay:g}"
+        )
         print(trained.format_table())
         result["training"] = trained.to_json()
         passed = passed and trained.passed
     if setup.meshes:
         sharded = mesh.run_sharding_parity(
-            cfg, setup.meshes, batch=args.batch, seq=min(seq, 32), seed=args.seed,
-            weights=setup.weights, progress=not args.quiet,
+            cfg,
+            setup.meshes,
+            batch=args.batch,
+            seq=min(seq, 32),
+            seed=args.seed,
+            weights=setup.weights,
+            progress=not args.quiet,
         )
         print()
-        print(f"Flax twin sharded vs one device, train mode at drop_rate 0, batch {sharded.batch} x "
-              f"{sharded.seq} tokens, one AdamW step")
+        print(
+            f"Flax twin sharded vs one device, train mode at drop_rate 0, batch {sharded.batch} x "
+            f"{sharded.seq} tokens, one AdamW step"
+        )
         print(sharded.format_table())
         result["sharding"] = sharded.to_json()
         passed = passed and sharded.passed
@@ -370,11 +522,20 @@ def _mutants(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.seq is not None and args.seq > cfg.context_length:
         parser.error(f"--seq {args.seq} exceeds context_length {cfg.context_length}")
     chosen = [zoo.get(n) for n in args.mutant] if args.mutant else list(zoo.MUTANTS)
-    report = zoo.run_zoo(cfg, mutants=chosen, twins=zoo.TWINS if args.twin == "both" else (args.twin,),
-                         batch=args.batch, seq=args.seq, seed=args.seed,
-                         matmul_precision=args.matmul_precision, progress=not args.quiet)
-    print(f"{args.config or 'gpt2-small'}: the default check (whole forward and layer evidence, both "
-          f"directions), batch {report.batch} x {report.seq} tokens, matmuls {report.precision}")
+    report = zoo.run_zoo(
+        cfg,
+        mutants=chosen,
+        twins=zoo.TWINS if args.twin == "both" else (args.twin,),
+        batch=args.batch,
+        seq=args.seq,
+        seed=args.seed,
+        matmul_precision=args.matmul_precision,
+        progress=not args.quiet,
+    )
+    print(
+        f"{args.config or 'gpt2-small'}: the default check (whole forward and layer evidence, both "
+        f"directions), batch {report.batch} x {report.seq} tokens, matmuls {report.precision}"
+    )
     _emit(report, args)
     return 0 if report.passed else 1
 
@@ -424,10 +585,22 @@ def _write_outputs(args: argparse.Namespace, data: dict, plot: Callable[[str], N
 def _bench(args: argparse.Namespace, setup: _Setup) -> int:
     backends = tuple(b for b in bench.BACKENDS if not (args.no_compile and b == "torch-compile"))
     report = bench.run_bench(
-        setup.cfg, model=setup.model, batches=args.batch, seqs=args.seq or [min(256, setup.cfg.context_length)],
-        dtypes=tuple(args.dtype), repeats=args.repeats, warmup=args.warmup, backends=backends, seed=args.seed,
-        options=setup.options, weights=setup.weights, meshes=setup.meshes, decode=args.decode,
-        decode_uncached=args.decode_uncached, gemm_n=args.gemm_size, progress=not args.quiet,
+        setup.cfg,
+        model=setup.model,
+        batches=args.batch,
+        seqs=args.seq or [min(256, setup.cfg.context_length)],
+        dtypes=tuple(args.dtype),
+        repeats=args.repeats,
+        warmup=args.warmup,
+        backends=backends,
+        seed=args.seed,
+        options=setup.options,
+        weights=setup.weights,
+        meshes=setup.meshes,
+        decode=args.decode,
+        decode_uncached=args.decode_uncached,
+        gemm_n=args.gemm_size,
+        progress=not args.quiet,
     )
     _emit(report, args)
     return 0
@@ -458,10 +631,12 @@ def _generate(args: argparse.Namespace, setup: _Setup, parser: argparse.Argument
         try:
             if "torch" in wanted:
                 outputs["torch"] = gpt_torch.generate_text_simple(
-                    tm, torch.from_numpy(ids), args.max_new_tokens, cfg.context_length).numpy()
+                    tm, torch.from_numpy(ids), args.max_new_tokens, cfg.context_length
+                ).numpy()
             if "flax" in wanted:
-                outputs["flax"] = np.asarray(gpt_flax.generate_text_simple(
-                    fm, ids, args.max_new_tokens, cfg.context_length))
+                outputs["flax"] = np.asarray(
+                    gpt_flax.generate_text_simple(fm, ids, args.max_new_tokens, cfg.context_length)
+                )
         except ValueError as e:
             parser.error(str(e))
     source = setup.label if setup.weights is not None else f"{setup.label}, weights from torch.manual_seed({args.seed})"
@@ -471,10 +646,16 @@ def _generate(args: argparse.Namespace, setup: _Setup, parser: argparse.Argument
     agree = len(outputs) < 2 or np.array_equal(outputs["torch"], outputs["flax"])
     if len(outputs) == 2:
         print("the twins generated the same token ids" if agree else "the twins' token ids DIFFER")
-    _write_outputs(args, {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
-                          "token_ids": {k: v[0].tolist() for k, v in outputs.items()},
-                          "text": {k: tokenizer.decode(v[0].tolist()) for k, v in outputs.items()},
-                          "agree": agree})
+    _write_outputs(
+        args,
+        {
+            "prompt": args.prompt,
+            "max_new_tokens": args.max_new_tokens,
+            "token_ids": {k: v[0].tolist() for k, v in outputs.items()},
+            "text": {k: tokenizer.decode(v[0].tolist()) for k, v in outputs.items()},
+            "agree": agree,
+        },
+    )
     return 0 if agree else 1
 
 
@@ -495,19 +676,22 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ValueError as e:
         parser.error(str(e))
     try:
-        ckpt = twins.read_checkpoint(args.src, config=resolve_config(args.config) if args.config else None,
-                                     n_heads=args.n_heads)
-        print(f"read {args.src}: {ckpt.layout}, {len(ckpt.files)} file(s), {'/'.join(ckpt.dtypes)}, "
-              f"{ckpt.model}, {ckpt.n_parameters:,} parameters; config from {ckpt.config_source}: "
-              f"{json.dumps(ckpt.config.to_dict())}", flush=True)
+        ckpt = twins.read_checkpoint(
+            args.src, config=resolve_config(args.config) if args.config else None, n_heads=args.n_heads
+        )
+        print(
+            f"read {args.src}: {ckpt.layout}, {len(ckpt.files)} file(s), {'/'.join(ckpt.dtypes)}, "
+            f"{ckpt.model}, {ckpt.n_parameters:,} parameters; config from {ckpt.config_source}: "
+            f"{json.dumps(ckpt.config.to_dict())}",
+            flush=True,
+        )
         dtype = args.dtype or ckpt.compute_dtype
         if args.to == "hf":
             if ckpt.model != GPT_MODEL:
                 raise ValueError(f"--to hf writes a GPT-2; {args.src} holds a {ckpt.model}")
             save_hf(args.dst, ckpt.state_dict, ckpt.config, dtype=dtype)
         else:
-            save_checkpoint(args.dst, ckpt.state_dict, ckpt.config, model=ckpt.model, options=ckpt.options,
-                            dtype=dtype)
+            save_checkpoint(args.dst, ckpt.state_dict, ckpt.config, model=ckpt.model, options=ckpt.options, dtype=dtype)
     except ValueError as e:
         parser.error(str(e))
     print(f"wrote {args.dst}: {args.to}, {dtype}, read back and verified")

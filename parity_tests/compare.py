@@ -78,8 +78,7 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def compare(name: str, reference: Any, candidate: Any, bound: Bound, *,
-            limit: np.ndarray | None = None) -> Comparison:
+def compare(name: str, reference: Any, candidate: Any, bound: Bound, *, limit: np.ndarray | None = None) -> Comparison:
     """Compare one tensor against its reference under `bound`; NaN or inf on either side fails.
 
     With `limit` (an array of the reference's shape: what each element may differ by, derived
@@ -94,9 +93,16 @@ def compare(name: str, reference: Any, candidate: Any, bound: Bound, *,
     nan = float("nan")
     if ref.shape != cand.shape:
         return Comparison(
-            name, tuple(ref.shape), nan, nan, None, bound, False,
+            name,
+            tuple(ref.shape),
+            nan,
+            nan,
+            None,
+            bound,
+            False,
             f"shape {tuple(cand.shape)} differs from reference shape {tuple(ref.shape)}",
-            margin=float("inf"), evidence=evidence,
+            margin=float("inf"),
+            evidence=evidence,
         )
     shape = tuple(ref.shape)
     for side, arr in (("reference", ref), ("candidate", cand)):
@@ -104,9 +110,16 @@ def compare(name: str, reference: Any, candidate: Any, bound: Bound, *,
             bad = ~np.isfinite(arr)
             where = tuple(int(i) for i in np.argwhere(bad)[0])
             return Comparison(
-                name, shape, nan, nan, where, bound, False,
+                name,
+                shape,
+                nan,
+                nan,
+                where,
+                bound,
+                False,
                 f"{side} has {int(bad.sum())} non-finite value(s), first at {where}",
-                margin=float("inf"), evidence=evidence,
+                margin=float("inf"),
+                evidence=evidence,
             )
     if ref.size == 0:
         return Comparison(name, shape, 0.0, 0.0, None, bound, True, margin=0.0, evidence=evidence)
@@ -117,9 +130,18 @@ def compare(name: str, reference: Any, candidate: Any, bound: Bound, *,
     limit = np.broadcast_to(np.asarray(limit, dtype=np.float64), shape)
     if np.isnan(limit).any():  # a limit that could not be derived judges nothing: fail, say why
         where = tuple(int(i) for i in np.argwhere(np.isnan(limit))[0])
-        return Comparison(name, shape, nan, nan, where, bound, False,
-                          f"the limit is NaN at {where}: nothing to hold the difference to",
-                          margin=float("inf"), evidence=evidence)
+        return Comparison(
+            name,
+            shape,
+            nan,
+            nan,
+            where,
+            bound,
+            False,
+            f"the limit is NaN at {where}: nothing to hold the difference to",
+            margin=float("inf"),
+            evidence=evidence,
+        )
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(diff == 0, 0.0, diff / limit)  # x/0 = inf: any difference where none is allowed
     worst = np.unravel_index(int(np.argmax(ratio)), shape)
@@ -127,10 +149,21 @@ def compare(name: str, reference: Any, candidate: Any, bound: Bound, *,
     scale = float(ref_abs.max())
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
     n_beyond = int((diff > limit).sum())
-    return Comparison(name, shape, max_abs, max_rel, tuple(int(i) for i in worst), bound,
-                      n_beyond == 0, n_beyond=n_beyond, size=int(ref.size), ref_max=scale,
-                      margin=float(ratio[worst]), largest_allowed=float(limit[np.unravel_index(int(np.argmax(ref_abs)), shape)]),
-                      evidence=evidence)
+    return Comparison(
+        name,
+        shape,
+        max_abs,
+        max_rel,
+        tuple(int(i) for i in worst),
+        bound,
+        n_beyond == 0,
+        n_beyond=n_beyond,
+        size=int(ref.size),
+        ref_max=scale,
+        margin=float(ratio[worst]),
+        largest_allowed=float(limit[np.unravel_index(int(np.argmax(ref_abs)), shape)]),
+        evidence=evidence,
+    )
 
 
 def compare_tree(reference: Any, candidate: Any, bound: Bound, name: str = "output") -> list[Comparison]:
@@ -144,7 +177,11 @@ def compare_tree(reference: Any, candidate: Any, bound: Bound, name: str = "outp
         if not isinstance(candidate, Sequence) or len(candidate) != len(reference):
             got = len(candidate) if isinstance(candidate, Sequence) else type(candidate).__name__
             return [_structure_mismatch(name, f"{got} entries differ from reference's {len(reference)}", bound)]
-        return [c for i, (r, c_) in enumerate(zip(reference, candidate)) for c in compare_tree(r, c_, bound, f"{name}.{i}")]
+        return [
+            c
+            for i, (r, c_) in enumerate(zip(reference, candidate, strict=True))
+            for c in compare_tree(r, c_, bound, f"{name}.{i}")
+        ]
     return [compare(name, reference, candidate, bound)]
 
 
@@ -188,8 +225,10 @@ class BiasCheck:
     @property
     def margin(self) -> float:
         """min(|z| / BIAS_Z, |mean| / floor) of the worse statistic: > 1 fails."""
-        return max(min(abs(z) / BIAS_Z, abs(m) / BIAS_FLOOR_ULPS)
-                   for m, z in ((self.scale_ulps, self.scale_z), (self.offset_ulps, self.offset_z)))
+        return max(
+            min(abs(z) / BIAS_Z, abs(m) / BIAS_FLOOR_ULPS)
+            for m, z in ((self.scale_ulps, self.scale_z), (self.offset_ulps, self.offset_z))
+        )
 
     @property
     def passed(self) -> bool:
@@ -202,19 +241,32 @@ class BiasCheck:
     def describe(self) -> str:
         verdict = "ok" if self.passed else "FAILED"
         if not self.tested:
-            return f"{self.name}: not tested for systematic error: {self.rows} distinct rows, fewer than {BIAS_MIN_ROWS}"
-        return (f"{self.name}: {verdict}: systematic error over {self.rows} distinct rows: scale "
-                f"{self.scale_ulps:+.3g} ulps ({self.scale_z:+.3g} standard errors), offset "
-                f"{self.offset_ulps:+.3g} ulps ({self.offset_z:+.3g} s.e.); fails past {BIAS_Z:g} "
-                f"s.e. and {BIAS_FLOOR_ULPS:g} ulps together")
+            return (
+                f"{self.name}: not tested for systematic error: {self.rows} distinct rows, fewer than {BIAS_MIN_ROWS}"
+            )
+        return (
+            f"{self.name}: {verdict}: systematic error over {self.rows} distinct rows: scale "
+            f"{self.scale_ulps:+.3g} ulps ({self.scale_z:+.3g} standard errors), offset "
+            f"{self.offset_ulps:+.3g} ulps ({self.offset_z:+.3g} s.e.); fails past {BIAS_Z:g} "
+            f"s.e. and {BIAS_FLOOR_ULPS:g} ulps together"
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "evidence": self.evidence, "rows": self.rows,
-                "scale_ulps": self.scale_ulps, "scale_z": self.scale_z,
-                "offset_ulps": self.offset_ulps, "offset_z": self.offset_z,
-                "z_limit": BIAS_Z, "floor_ulps": BIAS_FLOOR_ULPS, "min_rows": BIAS_MIN_ROWS,
-                "tested": self.tested, "margin": self.margin,
-                "passed": self.passed}
+        return {
+            "name": self.name,
+            "evidence": self.evidence,
+            "rows": self.rows,
+            "scale_ulps": self.scale_ulps,
+            "scale_z": self.scale_z,
+            "offset_ulps": self.offset_ulps,
+            "offset_z": self.offset_z,
+            "z_limit": BIAS_Z,
+            "floor_ulps": BIAS_FLOOR_ULPS,
+            "min_rows": BIAS_MIN_ROWS,
+            "tested": self.tested,
+            "margin": self.margin,
+            "passed": self.passed,
+        }
 
 
 def _ratio_and_z(num: np.ndarray, den: np.ndarray) -> tuple[float, float]:
@@ -224,7 +276,7 @@ def _ratio_and_z(num: np.ndarray, den: np.ndarray) -> tuple[float, float]:
         return 0.0, 0.0
     ratio = float(num.sum()) / total
     resid = num - ratio * den
-    se = np.sqrt(float((resid ** 2).sum()) * num.size / (num.size - 1)) / total
+    se = np.sqrt(float((resid**2).sum()) * num.size / (num.size - 1)) / total
     if se == 0.0:
         return ratio, (0.0 if ratio == 0.0 else float("inf") * np.sign(ratio))
     return ratio, ratio / se

@@ -18,7 +18,5 @@ GPT_CONFIG_124M = {
 }
 
 # Odd, distinct sizes so that a swapped axis cannot hide (vocab 97, context 11, emb 24, 3 heads).
-TINY = GPTConfig(vocab_size=97, context_length=11, emb_dim=24, n_heads=3, n_layers=2,
-                 drop_rate=0.1, qkv_bias=False)
-TINY_BIAS = GPTConfig(vocab_size=131, context_length=5, emb_dim=10, n_heads=5, n_layers=1,
-                      drop_rate=0.0, qkv_bias=True)
+TINY = GPTConfig(vocab_size=97, context_length=11, emb_dim=24, n_heads=3, n_layers=2, drop_rate=0.1, qkv_bias=False)
+TINY_BIAS = GPTConfig(vocab_size=131, context_length=5, emb_dim=10, n_heads=5, n_layers=1, drop_rate=0.0, qkv_bias=True)

@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-U = 2.0 ** -24  # float32 unit roundoff: half an ulp at 1.0
+U = 2.0**-24  # float32 unit roundoff: half an ulp at 1.0
 
 # Elementary functions as the twins' libraries evaluate them on the CPU, measured against float64
 # over dense sweeps (2M points): XLA's tanh 4.4 ulps, rsqrt 1.6, pow(x, 3) 1.3, exp 1.0;
@@ -57,7 +57,7 @@ def exactly_summable(x: np.ndarray) -> np.ndarray:
     finite = np.isfinite(x).all(axis=-1)
     x = np.where(np.isfinite(x), x, np.float32(0.0))
     mant, exp = np.frexp(x.astype(np.float64))  # x = mant * 2^exp, 0.5 <= |mant| < 1
-    ints = np.abs(mant * 2.0 ** 24).astype(np.int64)  # the 24-bit significand as an integer
+    ints = np.abs(mant * 2.0**24).astype(np.int64)  # the 24-bit significand as an integer
     trailing = np.zeros(ints.shape, dtype=np.int64)
     nz = ints != 0
     low = ints[nz] & -ints[nz]  # the lowest set bit
@@ -107,15 +107,18 @@ def layernorm(x, scale, shift, eps: float = 1e-5) -> np.ndarray:
     k = x.shape[-1]
     mean = x.mean(axis=-1, keepdims=True)
     d = x - mean
-    var = (d ** 2).mean(axis=-1, keepdims=True)
+    var = (d**2).mean(axis=-1, keepdims=True)
     # The mean: its sum (exact for exactly summable rows), then the division by K (2u: XLA
     # multiplies by a rounded 1/K).
-    sum_error = np.where(exactly_summable(np.asarray(x, np.float32))[..., None], 0.0,
-                         gamma(k - 1) * np.abs(x).mean(axis=-1, keepdims=True))
+    sum_error = np.where(
+        exactly_summable(np.asarray(x, np.float32))[..., None],
+        0.0,
+        gamma(k - 1) * np.abs(x).mean(axis=-1, keepdims=True),
+    )
     d_mean = sum_error + 2.0 * U * np.abs(mean)
     # The variance: sum(d^2) is blind to the mean's error to first order (sum(d) = 0), so it
     # carries the rounding of d, of each square, of the sum and of the division, plus d_mean^2.
-    d_var = (5.0 * U + gamma(k - 1)) * var + d_mean ** 2
+    d_var = (5.0 * U + gamma(k - 1)) * var + d_mean**2
     w = var + eps
     r = 1.0 / np.sqrt(w)
     n = d * r

@@ -81,8 +81,9 @@ def _inputs(name: str, stages: set[str]) -> tuple[str, list[str]]:
     }[sub]
 
 
-def carried(backend: Backend, model: Any, reference: dict[str, np.ndarray],
-            candidate: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def carried(
+    backend: Backend, model: Any, reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """For each stage, what the difference already in its inputs becomes through it, measured
     with the reference twin's own layer: |layer(candidate's input) - layer(reference's input)|;
     for a sum (a residual add), the sum of its inputs' differences.
@@ -107,21 +108,27 @@ def carried(backend: Backend, model: Any, reference: dict[str, np.ndarray],
         x_ref, x_cand = reference[sources[0]], candidate[sources[0]]
         if np.array_equal(x_ref, x_cand):
             continue
-        out[name] = np.abs(np.asarray(call_module(backend, layer, x_cand), np.float64)
-                           - call_module(backend, layer, x_ref))
+        out[name] = np.abs(
+            np.asarray(call_module(backend, layer, x_cand), np.float64) - call_module(backend, layer, x_ref)
+        )
     return out
 
 
-def compare_stages(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
-                   bound: Bound, carry: dict[str, np.ndarray] | None = None) -> list[Comparison]:
+def compare_stages(
+    reference: dict[str, np.ndarray],
+    candidate: dict[str, np.ndarray],
+    bound: Bound,
+    carry: dict[str, np.ndarray] | None = None,
+) -> list[Comparison]:
     """One comparison per forward stage, matched by name and put in the model's order; with
     `carry` (from `carried`), each stage is allowed what its inputs' difference carried in."""
     if set(reference) != set(candidate):
         raise ValueError(f"stages differ: {sorted(candidate)} vs reference {sorted(reference)}")
     carry = carry or {}
-    return [compare(name, reference[name], candidate[name],
-                    Carried(bound, carry[name]) if name in carry else bound)
-            for name in sorted(reference, key=stage_key)]
+    return [
+        compare(name, reference[name], candidate[name], Carried(bound, carry[name]) if name in carry else bound)
+        for name in sorted(reference, key=stage_key)
+    ]
 
 
 def _failure_order(f: Finding) -> tuple:
@@ -159,14 +166,24 @@ class ParityRow:
 
     def to_json(self) -> dict[str, Any]:
         first = self.first_failure
-        return {"direction": self.direction, "reference": self.reference, "candidate": self.candidate,
-                "passed": self.passed,
-                "first_failure": None if first is None else {
-                    "name": first.name, "stage": stage_of(first.name), "evidence": first.evidence,
-                    "margin": first.margin, "describe": first.describe()},
-                "logits": self.logits.to_json(),
-                "stages": [c.to_json() for c in self.stages],
-                "layers": [f.to_json() for f in self.layers]}
+        return {
+            "direction": self.direction,
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "passed": self.passed,
+            "first_failure": None
+            if first is None
+            else {
+                "name": first.name,
+                "stage": stage_of(first.name),
+                "evidence": first.evidence,
+                "margin": first.margin,
+                "describe": first.describe(),
+            },
+            "logits": self.logits.to_json(),
+            "stages": [c.to_json() for c in self.stages],
+            "layers": [f.to_json() for f in self.layers],
+        }
 
 
 @dataclasses.dataclass
@@ -199,23 +216,47 @@ class ParityReport:
         for r in self.rows:
             first = r.first_failure
             if first is not None:
-                out.append(f"{r.direction} {r.candidate}: first failure at {stage_of(first.name)}, "
-                           f"{first.evidence} evidence: {first.describe()}")
+                out.append(
+                    f"{r.direction} {r.candidate}: first failure at {stage_of(first.name)}, "
+                    f"{first.evidence} evidence: {first.describe()}"
+                )
         return out
 
     def format_table(self) -> str:
         rows = [
-            (r.direction, r.reference, r.candidate, r.logits.max_abs, r.logits.max_rel,
-             max(c.max_abs for c in r.stages), max(c.margin for c in r.stages),
-             max((f.margin for f in r.layers), default=float("nan")), "pass" if r.passed else "FAIL")
+            (
+                r.direction,
+                r.reference,
+                r.candidate,
+                r.logits.max_abs,
+                r.logits.max_rel,
+                max(c.max_abs for c in r.stages),
+                max(c.margin for c in r.stages),
+                max((f.margin for f in r.layers), default=float("nan")),
+                "pass" if r.passed else "FAIL",
+            )
             for r in self.rows
         ]
         table = format_table(
-            ["direction", "reference", "candidate", "logits max |Δ|", "max rel |Δ|",
-             "any stage max |Δ|", "stages |Δ|/bound", "layers |Δ|/allowed", "result"], rows,
+            [
+                "direction",
+                "reference",
+                "candidate",
+                "logits max |Δ|",
+                "max rel |Δ|",
+                "any stage max |Δ|",
+                "stages |Δ|/bound",
+                "layers |Δ|/allowed",
+                "result",
+            ],
+            rows,
         )
-        lines = [table, f"stages: every stage of the whole forward, bound {self.rows[0].logits.bound.describe()}"
-                        if self.rows else ""]
+        lines = [
+            table,
+            f"stages: every stage of the whole forward, bound {self.rows[0].logits.bound.describe()}"
+            if self.rows
+            else "",
+        ]
         lines += self.notes
         lines += [f"skipped {label}: {reason}" for label, reason in self.skipped]
         return "\n".join(line for line in lines if line)
@@ -226,8 +267,7 @@ class ParityReport:
         rows = []
         for name in sorted({c.name for r in self.rows for c in r.stages}, key=stage_key):
             cells = [r.stage(name) for r in self.rows]
-            rows.append([name, *(c.max_abs for c in cells),
-                         "pass" if all(c.passed for c in cells) else "FAIL"])
+            rows.append([name, *(c.max_abs for c in cells), "pass" if all(c.passed for c in cells) else "FAIL"])
         return format_table(headers, rows)
 
     def format_evidence(self) -> str:
@@ -244,9 +284,17 @@ class ParityReport:
         rows = []
         for (layer, inputs, evidence), found in groups.items():
             r, worst = max(found, key=lambda rf: rf[1].margin)
-            rows.append([layer, inputs, evidence, len(found), worst.margin,
-                         f"{worst.name.split(' ', 1)[0]} ({r.direction})",
-                         "pass" if all(f.passed for _, f in found) else "FAIL"])
+            rows.append(
+                [
+                    layer,
+                    inputs,
+                    evidence,
+                    len(found),
+                    worst.margin,
+                    f"{worst.name.split(' ', 1)[0]} ({r.direction})",
+                    "pass" if all(f.passed for _, f in found) else "FAIL",
+                ]
+            )
         return format_table(["layer", "input", "evidence", "checks", "worst |Δ|/allowed", "at", "result"], rows)
 
     def plot(self, path: str) -> None:
@@ -259,20 +307,31 @@ class ParityReport:
         nonzero = [c.max_abs for r in self.rows for c in r.stages if c.max_abs > 0]
         floor = min(nonzero, default=1e-7) / 10  # where exact agreement (|Δ| = 0) is drawn
         layered = any(r.layers for r in self.rows)
-        fig, axes = plt.subplots(2 if layered else 1, 1, sharex=True, squeeze=False,
-                                 figsize=(max(6.0, 0.3 * len(names) + 2), 7.0 if layered else 4.2))
+        fig, axes = plt.subplots(
+            2 if layered else 1,
+            1,
+            sharex=True,
+            squeeze=False,
+            figsize=(max(6.0, 0.3 * len(names) + 2), 7.0 if layered else 4.2),
+        )
         ax = axes[0][0]
         for r in self.rows:
             values = np.array([r.stage(n).max_abs for n in names])
-            ax.plot(x, np.where(values > 0, values, np.nan), marker="o", markersize=3,
-                    label=f"{r.direction} {r.candidate}")
+            ax.plot(
+                x, np.where(values > 0, values, np.nan), marker="o", markersize=3, label=f"{r.direction} {r.candidate}"
+            )
             zero = values == 0
             if zero.any():
                 ax.scatter(x[zero], np.full(zero.sum(), floor), marker="v", color="black", zorder=3)
         if any(c.max_abs == 0 for r in self.rows for c in r.stages):
             ax.scatter([], [], marker="v", color="black", label="|Δ| = 0 (bit-identical)")
-        ax.plot(x, [self.rows[0].stage(n).largest_allowed for n in names], color="grey", linestyle="--",
-                label="bound at the largest |reference|")
+        ax.plot(
+            x,
+            [self.rows[0].stage(n).largest_allowed for n in names],
+            color="grey",
+            linestyle="--",
+            label="bound at the largest |reference|",
+        )
         ax.set_yscale("log")
         ax.set_ylabel("max |Δ| between twins")
         ax.set_title(f"{self.model} {self.mode} {self.dtype}, batch {self.batch} x {self.seq}")
@@ -282,12 +341,17 @@ class ParityReport:
             ax2 = axes[1][0]
             index = {n: i for i, n in enumerate(names)}
             for evidence, marker in (("envelope", "o"), ("bias", "s")):
-                pts = [(index[stage_of(f.name)], f.margin) for r in self.rows for f in r.layers
-                       if f.evidence == evidence and stage_of(f.name) in index]
+                pts = [
+                    (index[stage_of(f.name)], f.margin)
+                    for r in self.rows
+                    for f in r.layers
+                    if f.evidence == evidence and stage_of(f.name) in index
+                ]
                 if pts:
-                    px, py = zip(*pts)
-                    ax2.scatter(px, np.maximum(py, 1e-9), marker=marker, s=12, alpha=0.6,
-                                label=f"layer evidence: {evidence}")
+                    px, py = zip(*pts, strict=True)
+                    ax2.scatter(
+                        px, np.maximum(py, 1e-9), marker=marker, s=12, alpha=0.6, label=f"layer evidence: {evidence}"
+                    )
             ax2.axhline(1.0, color="red", linestyle="--", label="fails above 1")
             ax2.set_yscale("log")
             ax2.set_ylabel("|Δ| / allowed (0 drawn at 1e-9)")
@@ -379,17 +443,30 @@ def run_parity(
     per_direction = 1 + sum(b.framework == d.split("->")[1] for b in backends for d in directions[:1])
     prog = Progress(1 + len(directions) * per_direction, enabled=progress)
     rows: list[ParityRow] = []
-    notes = [] if layer_evidence else [
-        "layer evidence left out: its envelopes are float32's" if dtype != "float32" else "layer evidence left out"]
+    notes = (
+        []
+        if layer_evidence
+        else [
+            "layer evidence left out: its envelopes are float32's" if dtype != "float32" else "layer evidence left out"
+        ]
+    )
     with matmuls(matmul_precision) as precision, contextlib.ExitStack() as stack:
         with prog.step("building both twins, each with its own init"):
-            twin = models if models is not None else {
-                "torch": build_torch(model, cfg, seed=seed, **(options or {})),
-                "flax": build_flax(model, cfg, seed=seed, **(options or {}))}
+            twin = (
+                models
+                if models is not None
+                else {
+                    "torch": build_torch(model, cfg, seed=seed, **(options or {})),
+                    "flax": build_flax(model, cfg, seed=seed, **(options or {})),
+                }
+            )
             if plant is not None:
                 stack.enter_context(plant(twin))
-            own = ({"torch": weights, "flax": weights} if weights is not None else
-                   {"torch": gpt_torch.state_dict(twin["torch"]), "flax": gpt_flax.state_dict(twin["flax"])})
+            own = (
+                {"torch": weights, "flax": weights}
+                if weights is not None
+                else {"torch": gpt_torch.state_dict(twin["torch"]), "flax": gpt_flax.state_dict(twin["flax"])}
+            )
             for m in twin.values():
                 set_mode(m, mode)
             gpt_torch.cast(twin["torch"], dtype)  # loads below round into this dtype
@@ -397,8 +474,10 @@ def run_parity(
         load = {"torch": gpt_torch.load_state_dict, "flax": gpt_flax.load_state_dict}
         for direction in directions:
             source, target = direction.split("->")
-            with prog.step(f"{direction}: copy {source}'s weights into both, {cpu[source].label} reference"
-                           + (", layer probes" if layer_evidence else "")):
+            with prog.step(
+                f"{direction}: copy {source}'s weights into both, {cpu[source].label} reference"
+                + (", layer probes" if layer_evidence else "")
+            ):
                 load[source](twin[source], own[source])  # back to its own weights after an earlier direction
                 load[target](twin[target], own[source])
                 reference = run_backend(cpu[source], twin[source], ids)
@@ -412,8 +491,11 @@ def run_parity(
                     out = run_backend(backend, twin[target], ids)
                     found = run_probes(probes, ref_outputs, backend, twin[target]) if layer_evidence else []
                     carry = carried(cpu[source], twin[source], reference, out) if dtype == "float32" else None
-                rows.append(ParityRow(direction, cpu[source].label, backend.label,
-                                      compare_stages(reference, out, bound, carry), found))
+                rows.append(
+                    ParityRow(
+                        direction, cpu[source].label, backend.label, compare_stages(reference, out, bound, carry), found
+                    )
+                )
         if models is not None:  # leave them as they came
             for name in twin:
                 load[name](twin[name], own[name])

@@ -12,9 +12,18 @@ import math
 import numpy as np
 
 
-def random_hf_gpt2(vocab_size: int, n_positions: int, n_embd: int, n_layer: int, *, seed: int = 0,
-                   prefix: str = "transformer.", buffers: bool = True, lm_head: bool = False,
-                   dtype=np.float32) -> dict[str, np.ndarray]:
+def random_hf_gpt2(
+    vocab_size: int,
+    n_positions: int,
+    n_embd: int,
+    n_layer: int,
+    *,
+    seed: int = 0,
+    prefix: str = "transformer.",
+    buffers: bool = True,
+    lm_head: bool = False,
+    dtype=np.float32,
+) -> dict[str, np.ndarray]:
     """A GPT-2 with GPT-2's init (N(0, 0.02) weights, LayerNorm near 1/0), in HF's names and shapes."""
     rng = np.random.default_rng(seed)
 
@@ -22,16 +31,28 @@ def random_hf_gpt2(vocab_size: int, n_positions: int, n_embd: int, n_layer: int,
         return (rng.standard_normal(shape) * std).astype(dtype)
 
     e = n_embd
-    sd = {"wte.weight": normal(vocab_size, e), "wpe.weight": normal(n_positions, e, std=0.01),
-          "ln_f.weight": 1 + normal(e, std=0.1), "ln_f.bias": normal(e, std=0.1)}
+    sd = {
+        "wte.weight": normal(vocab_size, e),
+        "wpe.weight": normal(n_positions, e, std=0.01),
+        "ln_f.weight": 1 + normal(e, std=0.1),
+        "ln_f.bias": normal(e, std=0.1),
+    }
     for i in range(n_layer):
         h = f"h.{i}."
-        sd |= {h + "ln_1.weight": 1 + normal(e, std=0.1), h + "ln_1.bias": normal(e, std=0.1),
-               h + "attn.c_attn.weight": normal(e, 3 * e), h + "attn.c_attn.bias": normal(3 * e),
-               h + "attn.c_proj.weight": normal(e, e), h + "attn.c_proj.bias": normal(e),
-               h + "ln_2.weight": 1 + normal(e, std=0.1), h + "ln_2.bias": normal(e, std=0.1),
-               h + "mlp.c_fc.weight": normal(e, 4 * e), h + "mlp.c_fc.bias": normal(4 * e),
-               h + "mlp.c_proj.weight": normal(4 * e, e), h + "mlp.c_proj.bias": normal(e)}
+        sd |= {
+            h + "ln_1.weight": 1 + normal(e, std=0.1),
+            h + "ln_1.bias": normal(e, std=0.1),
+            h + "attn.c_attn.weight": normal(e, 3 * e),
+            h + "attn.c_attn.bias": normal(3 * e),
+            h + "attn.c_proj.weight": normal(e, e),
+            h + "attn.c_proj.bias": normal(e),
+            h + "ln_2.weight": 1 + normal(e, std=0.1),
+            h + "ln_2.bias": normal(e, std=0.1),
+            h + "mlp.c_fc.weight": normal(e, 4 * e),
+            h + "mlp.c_fc.bias": normal(4 * e),
+            h + "mlp.c_proj.weight": normal(4 * e, e),
+            h + "mlp.c_proj.bias": normal(e),
+        }
         if buffers:  # what older HF files carry: the causal mask and the masked-score constant
             sd[h + "attn.bias"] = np.tril(np.ones((n_positions, n_positions), dtype))[None, None]
             sd[h + "attn.masked_bias"] = np.array(-1e4, dtype)
@@ -78,15 +99,36 @@ def hf_gpt2_logits(hf: dict[str, np.ndarray], ids: np.ndarray, n_head: int) -> n
     return x @ sd.get("lm_head.weight", sd["wte.weight"]).T
 
 
-def gpt2_config_json(vocab_size: int, n_positions: int, n_embd: int, n_layer: int, n_head: int,
-                     **changes) -> dict:
+def gpt2_config_json(vocab_size: int, n_positions: int, n_embd: int, n_layer: int, n_head: int, **changes) -> dict:
     """What transformers' `GPT2Config(...).save_pretrained` writes to config.json (5.x), with changes."""
-    return {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
-            "bos_token_id": 50256, "dtype": "float32", "embd_pdrop": 0.1, "eos_token_id": 50256,
-            "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gpt2",
-            "n_embd": n_embd, "n_head": n_head, "n_inner": None, "n_layer": n_layer,
-            "n_positions": n_positions, "pad_token_id": None, "reorder_and_upcast_attn": False,
-            "resid_pdrop": 0.1, "scale_attn_by_inverse_layer_idx": False, "scale_attn_weights": True,
-            "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
-            "summary_type": "cls_index", "summary_use_proj": True, "tie_word_embeddings": True,
-            "transformers_version": "5.23.0", "use_cache": True, "vocab_size": vocab_size} | changes
+    return {
+        "activation_function": "gelu_new",
+        "architectures": ["GPT2LMHeadModel"],
+        "attn_pdrop": 0.1,
+        "bos_token_id": 50256,
+        "dtype": "float32",
+        "embd_pdrop": 0.1,
+        "eos_token_id": 50256,
+        "initializer_range": 0.02,
+        "layer_norm_epsilon": 1e-05,
+        "model_type": "gpt2",
+        "n_embd": n_embd,
+        "n_head": n_head,
+        "n_inner": None,
+        "n_layer": n_layer,
+        "n_positions": n_positions,
+        "pad_token_id": None,
+        "reorder_and_upcast_attn": False,
+        "resid_pdrop": 0.1,
+        "scale_attn_by_inverse_layer_idx": False,
+        "scale_attn_weights": True,
+        "summary_activation": None,
+        "summary_first_dropout": 0.1,
+        "summary_proj_to_labels": True,
+        "summary_type": "cls_index",
+        "summary_use_proj": True,
+        "tie_word_embeddings": True,
+        "transformers_version": "5.23.0",
+        "use_cache": True,
+        "vocab_size": vocab_size,
+    } | changes

@@ -38,7 +38,7 @@ from .twins import Backend, call_module, submodule
 
 BOOK_LN_EPS = 1e-5
 ONE_HOT_ROWS = 32  # rows of a Linear probe: one-hot at evenly spread input features
-SWEEP_POINTS = 2 ** 16 + 1  # GELU over [-10, 10]
+SWEEP_POINTS = 2**16 + 1  # GELU over [-10, 10]
 PEAKED_SCALE = 16.0  # the attention input scaled by this: scores ~256x larger, softmax one-hot
 
 Finding = Comparison | BiasCheck
@@ -84,19 +84,19 @@ def large_mean_rows(k: int, rng: np.random.Generator) -> np.ndarray:
     """Rows +-2^e + d with d on a grid of 1/4 summing to zero, so every order of float32 sums
     them exactly and the mean is 2^e: only E[x^2] - E[x]^2 loses the variance (to cancellation)."""
     # Exactly summable while K * (2^e + |d|) < 2^24 * 1/4; GPT-2's 768 allows e = 12.
-    top = int(min(12, np.floor(np.log2(2.0 ** 22 / (1.05 * k)))))
+    top = int(min(12, np.floor(np.log2(2.0**22 / (1.05 * k)))))
     rows = []
     for e in (top - 4, top - 2, top):
         for sign in (1.0, -1.0):
             d = np.round(rng.standard_normal(k // 2) * 4) / 4
             row = np.concatenate([d, -d, np.zeros(k % 2)])
             rng.shuffle(row)
-            rows.append(sign * 2.0 ** e + row)
+            rows.append(sign * 2.0**e + row)
     return np.asarray(rows, dtype=np.float32)
 
 
 def constant_rows(k: int) -> np.ndarray:
-    return np.repeat(np.array([[0.0], [1.5], [-3.0], [2.0 ** 10]], np.float32), k, axis=1)
+    return np.repeat(np.array([[0.0], [1.5], [-3.0], [2.0**10]], np.float32), k, axis=1)
 
 
 def one_hot_rows(k: int, rng: np.random.Generator) -> np.ndarray:
@@ -110,19 +110,19 @@ def one_hot_rows(k: int, rng: np.random.Generator) -> np.ndarray:
 # --- probes of each building block ----------------------------------------------------------------
 
 
-def _layernorm_probes(path: str, x: np.ndarray, sd: Mapping[str, np.ndarray],
-                      rng: np.random.Generator) -> list[Probe]:
+def _layernorm_probes(path: str, x: np.ndarray, sd: Mapping[str, np.ndarray], rng: np.random.Generator) -> list[Probe]:
     scale, shift = sd[f"{path}.scale"], sd[f"{path}.shift"]
     k = scale.shape[0]
 
     def probe(inputs: str, rows: np.ndarray, bias_row: int | None) -> Probe:
-        return Probe(path, "LayerNorm", inputs, rows,
-                     envelopes.layernorm(rows, scale, shift, BOOK_LN_EPS), bias_row)
+        return Probe(path, "LayerNorm", inputs, rows, envelopes.layernorm(rows, scale, shift, BOOK_LN_EPS), bias_row)
 
-    return [probe("natural input", x, 0),
-            probe("rows of tiny variance", tiny_variance_rows(k, rng), None),
-            probe("rows of large mean", large_mean_rows(k, rng), None),
-            probe("constant rows", constant_rows(k), None)]
+    return [
+        probe("natural input", x, 0),
+        probe("rows of tiny variance", tiny_variance_rows(k, rng), None),
+        probe("rows of large mean", large_mean_rows(k, rng), None),
+        probe("constant rows", constant_rows(k), None),
+    ]
 
 
 def _linear_probe(path: str, sd: Mapping[str, np.ndarray], rng: np.random.Generator) -> Probe:
@@ -132,18 +132,27 @@ def _linear_probe(path: str, sd: Mapping[str, np.ndarray], rng: np.random.Genera
 
 
 def _attention_weights(path: str, sd: Mapping[str, np.ndarray]) -> list[np.ndarray | None]:
-    return [sd.get(f"{path}.{name}.{leaf}")
-            for name in ("W_query", "W_key", "W_value", "out_proj") for leaf in ("weight", "bias")]
+    return [
+        sd.get(f"{path}.{name}.{leaf}")
+        for name in ("W_query", "W_key", "W_value", "out_proj")
+        for leaf in ("weight", "bias")
+    ]
 
 
-def _attention_probe(path: str, inputs: str, x: np.ndarray, sd, cfg: GPTConfig,
-                     bias_row: int | None) -> Probe:
+def _attention_probe(path: str, inputs: str, x: np.ndarray, sd, cfg: GPTConfig, bias_row: int | None) -> Probe:
     limit = envelopes.attention(x, *_attention_weights(path, sd), n_heads=cfg.n_heads)
     return Probe(path, "MultiHeadAttention", inputs, x, limit, bias_row)
 
 
-def build_probes(cfg: GPTConfig, kind: str, stream: Mapping[str, np.ndarray],
-                 sd: Mapping[str, np.ndarray], *, seed: int = 0, traps: bool = True) -> list[Probe]:
+def build_probes(
+    cfg: GPTConfig,
+    kind: str,
+    stream: Mapping[str, np.ndarray],
+    sd: Mapping[str, np.ndarray],
+    *,
+    seed: int = 0,
+    traps: bool = True,
+) -> list[Probe]:
     """Every probe of a model, in the model's order, from the reference's stream and weights."""
     rng = np.random.default_rng(seed)
     probes: list[Probe] = []
@@ -155,19 +164,26 @@ def build_probes(cfg: GPTConfig, kind: str, stream: Mapping[str, np.ndarray],
         if traps and i == 0:
             whole = rng.standard_normal((1, cfg.context_length, cfg.emb_dim)).astype(np.float32)
             probes.append(_attention_probe(f"{p}.att", "the whole context", whole, sd, cfg, None))
-            probes.append(_attention_probe(f"{p}.att", f"the whole context x{PEAKED_SCALE:g} (peaked scores)",
-                                           whole * np.float32(PEAKED_SCALE), sd, cfg, None))
-        probes += [_linear_probe(f"{p}.att.{name}", sd, rng)
-                   for name in ("W_query", "W_key", "W_value", "out_proj")]
+            probes.append(
+                _attention_probe(
+                    f"{p}.att",
+                    f"the whole context x{PEAKED_SCALE:g} (peaked scores)",
+                    whole * np.float32(PEAKED_SCALE),
+                    sd,
+                    cfg,
+                    None,
+                )
+            )
+        probes += [_linear_probe(f"{p}.att.{name}", sd, rng) for name in ("W_query", "W_key", "W_value", "out_proj")]
         probes += _layernorm_probes(f"{p}.norm2", stream[f"{p}.residual"], sd, rng)
         h = stream[f"{p}.norm2"]
         ff = [sd[f"{p}.ff.layers.{j}.{leaf}"] for j in (0, 2) for leaf in ("weight", "bias")]
-        probes.append(Probe(f"{p}.ff", "FeedForward", "natural input", h,
-                            envelopes.feedforward(h, *ff), 0))
+        probes.append(Probe(f"{p}.ff", "FeedForward", "natural input", h, envelopes.feedforward(h, *ff), 0))
         if traps and i == 0:
             sweep = np.linspace(-10.0, 10.0, SWEEP_POINTS, dtype=np.float32)
-            probes.append(Probe(f"{p}.ff.layers.1", "GELU", "a sweep over [-10, 10]", sweep,
-                                envelopes.gelu(sweep), 256))
+            probes.append(
+                Probe(f"{p}.ff.layers.1", "GELU", "a sweep over [-10, 10]", sweep, envelopes.gelu(sweep), 256)
+            )
         probes += [_linear_probe(f"{p}.ff.layers.{j}", sd, rng) for j in (0, 2)]
         x = stream[p]
     if "final_norm.scale" in sd:
@@ -183,12 +199,11 @@ def reference_outputs(probes: list[Probe], backend: Backend, model: Any) -> list
     return [call_module(backend, submodule(model, p.module), p.x) for p in probes]
 
 
-def run_probes(probes: list[Probe], reference: list[np.ndarray], backend: Backend,
-               model: Any) -> list[Finding]:
+def run_probes(probes: list[Probe], reference: list[np.ndarray], backend: Backend, model: Any) -> list[Finding]:
     """The candidate twin's module on each probe, against the reference's outputs: one envelope
     comparison per probe and, on natural inputs, one bias check."""
     findings: list[Finding] = []
-    for probe, ref in zip(probes, reference):
+    for probe, ref in zip(probes, reference, strict=True):
         out = call_module(backend, submodule(model, probe.module), probe.x)
         findings.append(compare(probe.name, ref, out, Envelope(probe.layer), limit=probe.limit))
         if probe.bias_row is not None and findings[-1].passed:

@@ -68,8 +68,10 @@ def write_random_checkpoint(cfg: GPTConfig, path: Path, layout: str, *, seed: in
 
     if layout == "hf":
         path.mkdir(exist_ok=True)
-        save_file({f"transformer.{k}": random(s) for k, s in hf_shapes(cfg, lm_head=False).items()},
-                  str(path / "model.safetensors"))
+        save_file(
+            {f"transformer.{k}": random(s) for k, s in hf_shapes(cfg, lm_head=False).items()},
+            str(path / "model.safetensors"),
+        )
         (path / "config.json").write_text(json.dumps(hf_config(cfg, tied=True)), encoding="utf-8")
         return path / "model.safetensors"
     save_checkpoint(path, {name: random(shape) for name, shape in gpt_shapes(cfg).items()}, cfg)
@@ -79,8 +81,7 @@ def write_random_checkpoint(cfg: GPTConfig, path: Path, layout: str, *, seed: in
 def measure(path: Path, twin: str) -> dict:
     """Peak RSS of a fresh process loading `path` into `twin`, with the RSS it started from."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", _CHILD, twin, str(path)], capture_output=True, text=True,
-                          env=env)
+    proc = subprocess.run([sys.executable, "-c", _CHILD, twin, str(path)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"loading {path} in {twin} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -97,9 +98,16 @@ def run(cfg: GPTConfig, folder: Path, layouts=LAYOUTS, twins=TWINS, *, quiet: bo
         for twin in twins:
             with progress.step(f"{twin} loading {file.name} ({size / 2**30:.2f} GiB)"):
                 m = measure(file, twin)
-            rows.append({"layout": layout, "twin": twin, "file_bytes": size, **m,
-                         "peak_over_file": m["peak"] / size,
-                         "load_over_file": (m["peak"] - m["before"]) / size})
+            rows.append(
+                {
+                    "layout": layout,
+                    "twin": twin,
+                    "file_bytes": size,
+                    **m,
+                    "peak_over_file": m["peak"] / size,
+                    "load_over_file": (m["peak"] - m["before"]) / size,
+                }
+            )
         if target.is_dir():
             for p in target.iterdir():
                 p.unlink()
@@ -110,7 +118,29 @@ def run(cfg: GPTConfig, folder: Path, layouts=LAYOUTS, twins=TWINS, *, quiet: bo
 
 
 def format_report(report: dict) -> str:
-    rows = [[r["layout"], r["twin"], r["file_bytes"] / 2**30, r["before"] / 2**30, r["peak"] / 2**30,
-             r["peak_over_file"], r["load_over_file"], r["seconds"]] for r in report["rows"]]
-    return format_table(["layout", "twin", "file GiB", "RSS before GiB", "peak RSS GiB", "peak / file",
-                         "(peak - before) / file", "load s"], rows)
+    rows = [
+        [
+            r["layout"],
+            r["twin"],
+            r["file_bytes"] / 2**30,
+            r["before"] / 2**30,
+            r["peak"] / 2**30,
+            r["peak_over_file"],
+            r["load_over_file"],
+            r["seconds"],
+        ]
+        for r in report["rows"]
+    ]
+    return format_table(
+        [
+            "layout",
+            "twin",
+            "file GiB",
+            "RSS before GiB",
+            "peak RSS GiB",
+            "peak / file",
+            "(peak - before) / file",
+            "load s",
+        ],
+        rows,
+    )

@@ -36,8 +36,7 @@ class MeshRow:
 
     @property
     def passed(self) -> bool:
-        return (self.logits.passed and self.tokens_equal and all(g.passed for g in self.grads)
-                and self.weights.passed)
+        return self.logits.passed and self.tokens_equal and all(g.passed for g in self.grads) and self.weights.passed
 
 
 @dataclasses.dataclass
@@ -54,14 +53,33 @@ class ShardingReport:
 
     def format_table(self) -> str:
         rows = [
-            (r.mesh, r.logits.max_abs, "same" if r.tokens_equal else "DIFFER", max(g.max_abs for g in r.grads), r.weights.max_abs,
-             f"{r.bytes_per_device / r.bytes_total:.3f}", f"{r.bytes_split_per_device / r.bytes_split_total:.3f}",
-             "pass" if r.passed else "FAIL")
+            (
+                r.mesh,
+                r.logits.max_abs,
+                "same" if r.tokens_equal else "DIFFER",
+                max(g.max_abs for g in r.grads),
+                r.weights.max_abs,
+                f"{r.bytes_per_device / r.bytes_total:.3f}",
+                f"{r.bytes_split_per_device / r.bytes_split_total:.3f}",
+                "pass" if r.passed else "FAIL",
+            )
             for r in self.rows
         ]
-        lines = [format_table(["mesh (data x model)", "logits max |Δ|", "greedy tokens", "grads max |Δ|",
-                               "weights after AdamW max |Δ|", "param bytes/device", "split params bytes/device",
-                               "result"], rows)]
+        lines = [
+            format_table(
+                [
+                    "mesh (data x model)",
+                    "logits max |Δ|",
+                    "greedy tokens",
+                    "grads max |Δ|",
+                    "weights after AdamW max |Δ|",
+                    "param bytes/device",
+                    "split params bytes/device",
+                    "result",
+                ],
+                rows,
+            )
+        ]
         lines.append("bytes/device: the largest share of one device, as a fraction of the unsharded parameters")
         for r in self.rows:
             lines += [f"  {r.mesh}: {n}" for n in r.notes]
@@ -69,16 +87,31 @@ class ShardingReport:
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "batch": self.batch, "seq": self.seq,
-                "matmul_precision": self.precision, "passed": self.passed,
-                "meshes": [{"mesh": r.mesh, "passed": r.passed, "logits": r.logits.to_json(),
-                            "generated_tokens_equal": r.tokens_equal,
-                            "grads": [g.to_json() for g in r.grads], "weights": r.weights.to_json(),
-                            "param_bytes_per_device": r.bytes_per_device, "param_bytes_total": r.bytes_total,
-                            "split_param_bytes_per_device": r.bytes_split_per_device,
-                            "split_param_bytes_total": r.bytes_split_total, "notes": r.notes}
-                           for r in self.rows],
-                "devices": [str(d) for d in jax.devices()], "versions": versions()}
+        return {
+            "config": self.config.to_dict(),
+            "batch": self.batch,
+            "seq": self.seq,
+            "matmul_precision": self.precision,
+            "passed": self.passed,
+            "meshes": [
+                {
+                    "mesh": r.mesh,
+                    "passed": r.passed,
+                    "logits": r.logits.to_json(),
+                    "generated_tokens_equal": r.tokens_equal,
+                    "grads": [g.to_json() for g in r.grads],
+                    "weights": r.weights.to_json(),
+                    "param_bytes_per_device": r.bytes_per_device,
+                    "param_bytes_total": r.bytes_total,
+                    "split_param_bytes_per_device": r.bytes_split_per_device,
+                    "split_param_bytes_total": r.bytes_split_total,
+                    "notes": r.notes,
+                }
+                for r in self.rows
+            ],
+            "devices": [str(d) for d in jax.devices()],
+            "versions": versions(),
+        }
 
 
 def _flax_step_results(fm, opt, x, y, ids):
@@ -138,12 +171,20 @@ def run_sharding_parity(
             notes = plan.describe()
             if xs.sharding.spec[0] is None and mesh.shape["data"] > 1:
                 notes.append(f"batch {batch} not divisible by data axis {mesh.shape['data']}: replicated")
-            rows.append(MeshRow(
-                text, compare("logits", ref_logits, logits, FP32_FORWARD), bool(np.array_equal(tokens, ref_tokens)),
-                [compare(f"grad {k}", ref_grads[k], grads[k], GRADS) for k in ref_grads],
-                weights_check(1, ref_after, after, lr, ADAMW_OUTLIER_FRACTION),
-                max(per_device.values()), total, split_most, split_total, notes,
-            ))
+            rows.append(
+                MeshRow(
+                    text,
+                    compare("logits", ref_logits, logits, FP32_FORWARD),
+                    bool(np.array_equal(tokens, ref_tokens)),
+                    [compare(f"grad {k}", ref_grads[k], grads[k], GRADS) for k in ref_grads],
+                    weights_check(1, ref_after, after, lr, ADAMW_OUTLIER_FRACTION),
+                    max(per_device.values()),
+                    total,
+                    split_most,
+                    split_total,
+                    notes,
+                )
+            )
     return ShardingReport(cfg, batch, seq, precision, rows)
 
 

@@ -32,8 +32,15 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
         table.add_column(Text(str(header)), justify="right" if numeric else "left", no_wrap=True)
     for row in rows:
         table.add_row(*(Text(format_cell(v)) for v in row))
-    console = Console(file=io.StringIO(), width=TABLE_WIDTH, color_system=None, force_terminal=False,
-                      highlight=False, markup=False, emoji=False)
+    console = Console(
+        file=io.StringIO(),
+        width=TABLE_WIDTH,
+        color_system=None,
+        force_terminal=False,
+        highlight=False,
+        markup=False,
+        emoji=False,
+    )
     console.print(table)
     return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines())
 
@@ -75,8 +82,9 @@ class Progress:
         self.enabled = enabled
         self.live = enabled and _is_terminal(self.stream)
         # force_terminal: FORCE_COLOR in a CI log must not turn the lines into a live display
-        self.console = Console(file=self.stream, force_terminal=self.live, soft_wrap=True, highlight=False,
-                               markup=False, emoji=False)
+        self.console = Console(
+            file=self.stream, force_terminal=self.live, soft_wrap=True, highlight=False, markup=False, emoji=False
+        )
 
     @contextlib.contextmanager
     def step(self, what: str) -> Iterator[None]:
@@ -116,11 +124,17 @@ class _LiveLine:
         # however narrow the terminal. stderr is redirected above the line, stdout left alone.
         description = Column(no_wrap=True, overflow="ellipsis", ratio=1)
         self.bar = rich.progress.Progress(
-            rich.progress.SpinnerColumn(), rich.progress.TextColumn("{task.description}", markup=False,
-                                                                    table_column=description),
-            rich.progress.BarColumn(bar_width=20), rich.progress.TimeElapsedColumn(),
-            console=console, transient=True, auto_refresh=False, expand=True, redirect_stdout=False,
-            redirect_stderr=True)
+            rich.progress.SpinnerColumn(),
+            rich.progress.TextColumn("{task.description}", markup=False, table_column=description),
+            rich.progress.BarColumn(bar_width=20),
+            rich.progress.TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            auto_refresh=False,
+            expand=True,
+            redirect_stdout=False,
+            redirect_stderr=True,
+        )
         self.bar.add_task(label, total=total, completed=done)
         self.fd = console.file.fileno()
         self.stop = threading.Event()
@@ -176,8 +190,9 @@ def check_output(path: str, flag: str, *, plot: bool = False) -> None:
         plt.close("all")
         suffix = os.path.splitext(path)[1].lstrip(".").lower()
         if suffix not in formats:
-            raise ValueError(f"{flag} {path!r}: the file name must end in one of "
-                             f"{', '.join('.' + f for f in sorted(formats))}")
+            raise ValueError(
+                f"{flag} {path!r}: the file name must end in one of {', '.join('.' + f for f in sorted(formats))}"
+            )
 
 
 def pyplot():
@@ -223,4 +238,3 @@ def versions() -> dict[str, str]:
         "flax": flax.__version__,
         "numpy": np.__version__,
     }
-

@@ -16,8 +16,8 @@ from gpt_spec import GPT, GPTConfig
 
 from .cli import main
 from .compare import compare
-from .twins import build_flax, float32_matmuls
 from .tolerances import FP32_FORWARD
+from .twins import build_flax, float32_matmuls
 
 if len(jax.devices()) < 8:
     pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)", allow_module_level=True)
@@ -32,8 +32,25 @@ def test_four_meshes_equal_one_device_and_split_the_parameters(tmp_path, capsys)
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps(CFG.to_dict()))
     out = tmp_path / "check.json"
-    assert main(["check", "--config", str(config), "--mesh", "1x8,8x1,2x4,4x2", "--batch", "8",
-                 "--seq", "10", "--quiet", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "check",
+                "--config",
+                str(config),
+                "--mesh",
+                "1x8,8x1,2x4,4x2",
+                "--batch",
+                "8",
+                "--seq",
+                "10",
+                "--quiet",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "Flax twin sharded vs one device" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data["forward"]["passed"] and data["sharding"]["passed"]
@@ -76,8 +93,11 @@ def test_every_parameter_gets_the_rule_it_should():
     head = model.out_head.kernel[...]
     assert head.sharding.spec == jax.sharding.PartitionSpec("model", None)
     # Adam's moments are placed as their parameters are.
-    moments = {keys: var[...].sharding.spec for keys, var in nnx.to_flat_state(nnx.state(optimizer))
-               if keys[-3:] == ("att", "W_query", "kernel")}
+    moments = {
+        keys: var[...].sharding.spec
+        for keys, var in nnx.to_flat_state(nnx.state(optimizer))
+        if keys[-3:] == ("att", "W_query", "kernel")
+    }
     assert len(moments) == 4 and set(moments.values()) == {jax.sharding.PartitionSpec(None, "model")}, moments
 
 
@@ -105,8 +125,30 @@ def test_bench_reports_memory_per_device(tmp_path):
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps(CFG.to_dict()))
     bench_out = tmp_path / "bench.json"
-    assert main(["bench", "--config", str(config), "--mesh", "1x8", "--batch", "8", "--seq", "10",
-                 "--no-compile", "--repeats", "2", "--gemm-size", "256", "--quiet", "--json", str(bench_out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--config",
+                str(config),
+                "--mesh",
+                "1x8",
+                "--batch",
+                "8",
+                "--seq",
+                "10",
+                "--no-compile",
+                "--repeats",
+                "2",
+                "--gemm-size",
+                "256",
+                "--quiet",
+                "--json",
+                str(bench_out),
+            ]
+        )
+        == 0
+    )
     bench = json.loads(bench_out.read_text())
     memory = bench["memory"][0]
     assert memory["split_bytes_per_device"] * 8 == memory["split_unsharded_bytes"]

@@ -11,8 +11,8 @@ import gpt_torch
 
 from .configs import TINY, TINY_BIAS
 from .forward import compare_stages, run_parity
-from .twins import build_pair, float32_matmuls, run_flax, run_torch, token_batch
 from .tolerances import BF16_FORWARD, FP32_FORWARD
+from .twins import build_pair, float32_matmuls, run_flax, run_torch, token_batch
 
 
 def _bf16_pair(cfg, source="torch", seed=0):
@@ -53,8 +53,7 @@ def test_a_perturbed_weight_fails_the_bf16_bound():
     bias[...] = bias[...].at[3].add(0.5)
     ids = token_batch(TINY, 2, 9, seed=0)
     with float32_matmuls():
-        stages = compare_stages(run_torch(tm, ids, activations=True), run_flax(fm, ids, activations=True),
-                                BF16_FORWARD)
+        stages = compare_stages(run_torch(tm, ids, activations=True), run_flax(fm, ids, activations=True), BF16_FORWARD)
     assert [c.name for c in stages if not c.passed][0] == "trf_blocks.1.att"
 
 
@@ -75,6 +74,5 @@ def test_a_bf16_model_casts_back_to_float32_and_matches_again():
     gpt_flax.cast(fm, "float32")
     ids = token_batch(TINY, 2, 6, seed=3)
     with float32_matmuls():
-        stages = compare_stages(run_torch(tm, ids, activations=True), run_flax(fm, ids, activations=True),
-                                FP32_FORWARD)
+        stages = compare_stages(run_torch(tm, ids, activations=True), run_flax(fm, ids, activations=True), FP32_FORWARD)
     assert all(c.passed for c in stages), [c.describe() for c in stages]

@@ -20,8 +20,8 @@ from gpt_spec import get_tokenizer
 from . import book
 from .compare import assert_close
 from .configs import GPT_CONFIG_124M
-from .twins import float32_matmuls, run_flax, run_torch
 from .tolerances import BOOK_PRINTED, FP32_FORWARD
+from .twins import float32_matmuls, run_flax, run_torch
 
 
 def _book_model():

@@ -15,9 +15,9 @@ from gpt_spec import load_checkpoint
 from .cli import main
 from .compare import assert_close
 from .configs import TINY_BIAS
-from .twins import float32_matmuls, run_flax, run_torch
 from .hf_reference import gpt2_config_json, hf_gpt2_logits, random_hf_gpt2
 from .tolerances import FP32_FORWARD
+from .twins import float32_matmuls, run_flax, run_torch
 
 
 def _both_against_reference(path, hf, n_head, ids):
@@ -33,8 +33,7 @@ def _both_against_reference(path, hf, n_head, ids):
 
 @pytest.mark.parametrize("prefix, lm_head", [("transformer.", False), ("", True)], ids=["LMHead", "bare"])
 def test_tiny_hf_file_in_both_twins_equals_the_numpy_reference(tmp_path, prefix, lm_head):
-    hf = random_hf_gpt2(vocab_size=97, n_positions=11, n_embd=24, n_layer=2, seed=1, prefix=prefix,
-                        lm_head=lm_head)
+    hf = random_hf_gpt2(vocab_size=97, n_positions=11, n_embd=24, n_layer=2, seed=1, prefix=prefix, lm_head=lm_head)
     save_file(hf, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(gpt2_config_json(97, 11, 24, 2, 3)))
     ids = np.random.default_rng(0).integers(0, 97, (3, 11))
@@ -85,8 +84,20 @@ def test_gpt2_small_shaped_hf_file(tmp_path, capsys):
     tm, fm = _both_against_reference(tmp_path / "model.safetensors", hf, 12, ids)
     assert tm.cfg.emb_dim == 768 and tm.cfg.n_heads == 12 and tm.cfg.qkv_bias
     assert sum(p.numel() for p in tm.parameters()) == 163_037_184  # 124M + the untied head
-    assert main(["generate", "Hello, I am", "--checkpoint", str(tmp_path / "model.safetensors"),
-                 "--max-new-tokens", "4", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "Hello, I am",
+                "--checkpoint",
+                str(tmp_path / "model.safetensors"),
+                "--max-new-tokens",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "the twins generated the same token ids" in capsys.readouterr().out
 
 

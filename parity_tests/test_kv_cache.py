@@ -11,16 +11,18 @@ from gpt_flax.generate import _generate_cached
 
 from .compare import assert_close
 from .configs import TINY, TINY_BIAS
-from .twins import build_pair, float32_matmuls
 from .tolerances import FP32_FORWARD
+from .twins import build_pair, float32_matmuls
 
 
 def _generate(tm, fm, prompt, max_new_tokens, context_size=None, use_cache=True):
     with float32_matmuls():
-        t = gpt_torch.generate_text_simple_cached(tm, torch.from_numpy(prompt), max_new_tokens, context_size,
-                                                  use_cache=use_cache).numpy()
-        f = np.asarray(gpt_flax.generate_text_simple_cached(fm, prompt, max_new_tokens, context_size,
-                                                            use_cache=use_cache))
+        t = gpt_torch.generate_text_simple_cached(
+            tm, torch.from_numpy(prompt), max_new_tokens, context_size, use_cache=use_cache
+        ).numpy()
+        f = np.asarray(
+            gpt_flax.generate_text_simple_cached(fm, prompt, max_new_tokens, context_size, use_cache=use_cache)
+        )
     return t, f
 
 
@@ -89,10 +91,17 @@ def test_a_full_cache_is_refused_alike():
     with torch.no_grad():
         tm(torch.from_numpy(ids), use_cache=True)
         fm(ids, use_cache=True)
-        t, f = _refusals(lambda: tm(torch.from_numpy(ids[:, :4]), use_cache=True),
-                         lambda: fm(ids[:, :4], use_cache=True))
-    assert t == f == ("sequence length 12 exceeds context_length 11 (8 cached + 4 new tokens; "
-                      "the KV cache does not slide: reset it)")
+        t, f = _refusals(
+            lambda: tm(torch.from_numpy(ids[:, :4]), use_cache=True), lambda: fm(ids[:, :4], use_cache=True)
+        )
+    assert (
+        t
+        == f
+        == (
+            "sequence length 12 exceeds context_length 11 (8 cached + 4 new tokens; "
+            "the KV cache does not slide: reset it)"
+        )
+    )
 
 
 def test_a_different_batch_size_is_refused_alike():
@@ -102,19 +111,33 @@ def test_a_different_batch_size_is_refused_alike():
     with torch.no_grad():
         tm(torch.ones((2, 3), dtype=torch.int64), use_cache=True)
         fm(np.ones((2, 3), np.int64), use_cache=True)
-        t, f = _refusals(lambda: tm(torch.ones((3, 1), dtype=torch.int64), use_cache=True),
-                         lambda: fm(np.ones((3, 1), np.int64), use_cache=True))
+        t, f = _refusals(
+            lambda: tm(torch.ones((3, 1), dtype=torch.int64), use_cache=True),
+            lambda: fm(np.ones((3, 1), np.int64), use_cache=True),
+        )
     assert t == f == "the KV cache holds batch size 2, got 3: reset it"
 
 
 @pytest.mark.parametrize(
     "n_prompt, max_new_tokens, context_size, message",
-    [(5, 8, None, "cached generation would hold 12 tokens, more than context_size 11: the KV cache does "
-                  "not slide; use generate_text_simple, or fewer new tokens"),
-     (2, 4, 4, "cached generation would hold 5 tokens, more than context_size 4: the KV cache does not "
-               "slide; use generate_text_simple, or fewer new tokens"),
-     (2, -1, None, "max_new_tokens must be >= 0, got -1"),
-     (2, 3, 0, "context_size must be >= 1, got 0")],
+    [
+        (
+            5,
+            8,
+            None,
+            "cached generation would hold 12 tokens, more than context_size 11: the KV cache does "
+            "not slide; use generate_text_simple, or fewer new tokens",
+        ),
+        (
+            2,
+            4,
+            4,
+            "cached generation would hold 5 tokens, more than context_size 4: the KV cache does not "
+            "slide; use generate_text_simple, or fewer new tokens",
+        ),
+        (2, -1, None, "max_new_tokens must be >= 0, got -1"),
+        (2, 3, 0, "context_size must be >= 1, got 0"),
+    ],
     ids=["past-context", "past-context-size", "negative", "zero-window"],
 )
 def test_generation_the_cache_cannot_do_is_refused_alike(n_prompt, max_new_tokens, context_size, message):
@@ -122,7 +145,8 @@ def test_generation_the_cache_cannot_do_is_refused_alike(n_prompt, max_new_token
     prompt = np.arange(1, n_prompt + 1)[None, :]
     t, f = _refusals(
         lambda: gpt_torch.generate_text_simple_cached(tm, torch.from_numpy(prompt), max_new_tokens, context_size),
-        lambda: gpt_flax.generate_text_simple_cached(fm, prompt, max_new_tokens, context_size))
+        lambda: gpt_flax.generate_text_simple_cached(fm, prompt, max_new_tokens, context_size),
+    )
     assert t == f == message
 
 
@@ -155,5 +179,7 @@ def test_the_flax_cache_is_nnx_cache_state_never_a_parameter():
         assert not {"/".join(map(str, keys)) for keys, _ in nnx.to_flat_state(nnx.state(fm, nnx.Param))} & paths
         assert set(gpt_flax.state_dict(fm)) == names
         opt = gpt_flax.adamw(fm)
-        assert not any(keys[-1] in ("cache_k", "cache_v", "ptr_current_pos", "current_pos")
-                       for keys, _ in nnx.to_flat_state(nnx.state(opt)))
+        assert not any(
+            keys[-1] in ("cache_k", "cache_v", "ptr_current_pos", "current_pos")
+            for keys, _ in nnx.to_flat_state(nnx.state(opt))
+        )

@@ -11,13 +11,12 @@ import torch
 
 import gpt_flax
 import gpt_torch
-
 from gpt_spec import GPTConfig, stage_names
 
 from .configs import GPT_CONFIG_124M, TINY, TINY_BIAS
 from .forward import compare_stages, run_parity
-from .twins import build_pair, build_torch, float32_matmuls, run_flax, run_torch, token_batch
 from .tolerances import FP32_FORWARD
+from .twins import build_pair, build_torch, float32_matmuls, run_flax, run_torch, token_batch
 
 CONFIGS = {"tiny": TINY, "tiny-bias": TINY_BIAS}
 
@@ -85,8 +84,7 @@ def test_a_perturbed_weight_is_located_at_its_block():
     kernel[...] = kernel[...].at[5, 11].add(1e-3)
     ids = token_batch(cfg, 2, 9, seed=0)
     with float32_matmuls():
-        stages = compare_stages(run_torch(tm, ids, activations=True),
-                                run_flax(fm, ids, activations=True), FP32_FORWARD)
+        stages = compare_stages(run_torch(tm, ids, activations=True), run_flax(fm, ids, activations=True), FP32_FORWARD)
     verdicts = {c.name: c.passed for c in stages}
     assert verdicts["drop_emb"] and verdicts["trf_blocks.0"] and verdicts["trf_blocks.1"]
     assert verdicts["trf_blocks.2.att"] and verdicts["trf_blocks.2.norm2"]
@@ -100,8 +98,16 @@ def test_report_on_a_tiny_config():
     assert ("torch->flax", "flax/cpu:0") in labels and ("flax->torch", "torch/cpu") in labels
     assert report.passed, report.format_table()
     assert [c.name for c in report.rows[0].stages] == stage_names(2)
-    assert stage_names(2)[:8] == ["drop_emb", "trf_blocks.0.norm1", "trf_blocks.0.att", "trf_blocks.0.residual",
-                                  "trf_blocks.0.norm2", "trf_blocks.0.ff", "trf_blocks.0", "trf_blocks.1.norm1"]
+    assert stage_names(2)[:8] == [
+        "drop_emb",
+        "trf_blocks.0.norm1",
+        "trf_blocks.0.att",
+        "trf_blocks.0.residual",
+        "trf_blocks.0.norm2",
+        "trf_blocks.0.ff",
+        "trf_blocks.0",
+        "trf_blocks.1.norm1",
+    ]
     assert "float32" in report.precision
     data = report.to_json()
     assert data["passed"] and all(r["first_failure"] is None for r in data["rows"])

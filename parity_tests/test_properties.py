@@ -23,8 +23,8 @@ from gpt_spec import GPTConfig
 
 from .forward import carried, compare_stages
 from .layers import build_probes, reference_outputs, run_probes
-from .twins import Backend, build_pair, float32_matmuls, run_flax, run_torch
 from .tolerances import FP32_FORWARD
+from .twins import Backend, build_pair, float32_matmuls, run_flax, run_torch
 
 
 @st.composite
@@ -57,8 +57,14 @@ EDGE = GPTConfig(vocab_size=1, context_length=1, emb_dim=1, n_heads=1, n_layers=
 @example((EDGE, np.zeros((1, 1), np.int64)), "torch", True)  # one token, one channel: var = 0
 @example((EDGE.replace(vocab_size=2, context_length=3, emb_dim=2, n_heads=2), np.array([[1, 0, 1]])), "flax", False)
 @example((EDGE.replace(vocab_size=4, context_length=13), np.array([[0, 0]])), "torch", False)  # two identical rows
-@example((GPTConfig(vocab_size=37, context_length=10, emb_dim=2, n_heads=1, n_layers=1, drop_rate=0.0, qkv_bias=False),
-          np.array([[0, 1, 1, 1, 1]])), "torch", False)  # two-wide LayerNorm rows of tiny variance
+@example(
+    (
+        GPTConfig(vocab_size=37, context_length=10, emb_dim=2, n_heads=1, n_layers=1, drop_rate=0.0, qkv_bias=False),
+        np.array([[0, 1, 1, 1, 1]]),
+    ),
+    "torch",
+    False,
+)  # two-wide LayerNorm rows of tiny variance
 def test_twins_agree_on_any_valid_config_and_batch(case, source, jit):
     """Every stage of the whole forward, and every layer's own evidence (envelopes, bias)."""
     cfg, ids = case
@@ -76,15 +82,26 @@ def test_twins_agree_on_any_valid_config_and_batch(case, source, jit):
 
 KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
 ANY_VALUE = st.one_of(
-    st.integers(-3, 40), st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.none(),
-    st.text(max_size=3), st.lists(st.integers(), max_size=2),
+    st.integers(-3, 40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=3),
+    st.lists(st.integers(), max_size=2),
 )
 
 
 @st.composite
 def config_dicts(draw) -> dict:
-    base = {"vocab_size": 11, "context_length": 5, "emb_dim": 6, "n_heads": 3, "n_layers": 1,
-            "drop_rate": 0.1, "qkv_bias": False}
+    base = {
+        "vocab_size": 11,
+        "context_length": 5,
+        "emb_dim": 6,
+        "n_heads": 3,
+        "n_layers": 1,
+        "drop_rate": 0.1,
+        "qkv_bias": False,
+    }
     for key in draw(st.sets(st.sampled_from(KEYS), min_size=1)):
         base[key] = draw(ANY_VALUE)
     if draw(st.booleans()):
@@ -101,29 +118,55 @@ def _valid(d: dict) -> bool:
     if not all(type(v) is int and v > 0 for v in ints):
         return False
     rate = d["drop_rate"]
-    return (d["emb_dim"] % d["n_heads"] == 0 and type(d["qkv_bias"]) is bool
-            and type(rate) in (int, float) and not math.isnan(rate) and 0 <= rate < 1)
+    return (
+        d["emb_dim"] % d["n_heads"] == 0
+        and type(d["qkv_bias"]) is bool
+        and type(rate) in (int, float)
+        and not math.isnan(rate)
+        and 0 <= rate < 1
+    )
 
 
 @given(config_dicts())
-@example({"vocab_size": 11, "context_length": 5, "emb_dim": 6, "n_heads": 3, "n_layers": 1,
-          "drop_rate": float("nan"), "qkv_bias": False})
-@example({"vocab_size": 11, "context_length": 5, "emb_dim": 6, "n_heads": 0, "n_layers": 1,
-          "drop_rate": 0.1, "qkv_bias": False})  # emb_dim % 0 must not raise ZeroDivisionError
+@example(
+    {
+        "vocab_size": 11,
+        "context_length": 5,
+        "emb_dim": 6,
+        "n_heads": 3,
+        "n_layers": 1,
+        "drop_rate": float("nan"),
+        "qkv_bias": False,
+    }
+)
+@example(
+    {
+        "vocab_size": 11,
+        "context_length": 5,
+        "emb_dim": 6,
+        "n_heads": 0,
+        "n_layers": 1,
+        "drop_rate": 0.1,
+        "qkv_bias": False,
+    }
+)  # emb_dim % 0 must not raise ZeroDivisionError
 def test_invalid_configs_raise_value_error_and_nothing_else(d):
     if _valid(d):
         assert GPTConfig.from_dict(d).to_dict() == {k: d[k] for k in KEYS}
         return
-    for build in (GPTConfig.from_dict, gpt_torch.GPTModel,
-                  lambda cfg: gpt_flax.GPTModel(cfg, rngs=nnx.Rngs(0))):
+    for build in (GPTConfig.from_dict, gpt_torch.GPTModel, lambda cfg: gpt_flax.GPTModel(cfg, rngs=nnx.Rngs(0))):
         with pytest.raises(ValueError):
             build(d)
 
 
-@given(st.one_of(
-    arrays(np.float32, (1, 2)), arrays(np.bool_, (2, 2)), arrays(np.int64, st.sampled_from([(3,), (1, 1, 2), (0, 2), (2, 0)])),
-    arrays(np.int64, (1, 3), elements=st.one_of(st.integers(-2**40, -1), st.integers(11, 2**40))),
-))
+@given(
+    st.one_of(
+        arrays(np.float32, (1, 2)),
+        arrays(np.bool_, (2, 2)),
+        arrays(np.int64, st.sampled_from([(3,), (1, 1, 2), (0, 2), (2, 0)])),
+        arrays(np.int64, (1, 3), elements=st.one_of(st.integers(-(2**40), -1), st.integers(11, 2**40))),
+    )
+)
 def test_bad_ids_get_the_same_message_from_both_twins(ids):
     cfg = GPTConfig(vocab_size=11, context_length=5, emb_dim=6, n_heads=3, n_layers=1, drop_rate=0.0, qkv_bias=False)
     tm, fm = build_pair("gpt", cfg, source="torch")

@@ -24,7 +24,11 @@ def test_sharded_cases_on_eight_simulated_cpu_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
-        env=env, capture_output=True, text=True, timeout=900, cwd=CASES.parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=CASES.parent.parent,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
@@ -63,8 +67,7 @@ def test_every_partition_rule_names_canonical_parameters():
     from gpt_spec import GPTConfig
     from gpt_spec.checkpoint import gpt_shapes
 
-    cfg = GPTConfig(vocab_size=97, context_length=11, emb_dim=24, n_heads=3, n_layers=2, drop_rate=0.0,
-                    qkv_bias=True)
+    cfg = GPTConfig(vocab_size=97, context_length=11, emb_dim=24, n_heads=3, n_layers=2, drop_rate=0.0, qkv_bias=True)
     names = list(gpt_shapes(cfg))
     for pattern, _ in sharding.PARTITION_RULES:
         assert any(re.fullmatch(pattern, name) for name in names), pattern

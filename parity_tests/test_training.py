@@ -13,17 +13,16 @@ import gpt_flax
 import gpt_torch
 
 from .configs import TINY, TINY_BIAS
+from .tolerances import GRADS
 from .training import run_training_parity, weights_check
 from .twins import build_pair, float32_matmuls, token_batch
-from .tolerances import GRADS
 
 
 @pytest.mark.parametrize("cfg", [TINY, TINY_BIAS.replace(n_layers=2)], ids=["tiny", "tiny-qkv-bias"])
 def test_loss_gradients_and_ten_adamw_steps_agree(cfg):
     report = run_training_parity(cfg, batch=3, seq=cfg.context_length - 1, steps=10, outlier_fraction=0)
     assert report.passed, report.format_table()
-    assert report.loss.max_abs <= 1e-5 and len(report.grads) == len(gpt_torch.state_dict(
-        gpt_torch.GPTModel(cfg)))
+    assert report.loss.max_abs <= 1e-5 and len(report.grads) == len(gpt_torch.state_dict(gpt_torch.GPTModel(cfg)))
     assert [w.step for w in report.weights] == [1, 10]
     assert all(w.n_outliers == 0 for w in report.weights)
     assert all(abs(a - b) < 1e-5 for a, b in report.step_losses)

@@ -38,9 +38,17 @@ CONFIGS = {
 
 def _hf_model(vocab, positions, width, heads, layers, tied, *, seed=0, **config):
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=width, n_head=heads,
-                                  n_layer=layers, tie_word_embeddings=tied, bos_token_id=None,
-                                  eos_token_id=None, **config)
+    cfg = transformers.GPT2Config(
+        vocab_size=vocab,
+        n_positions=positions,
+        n_embd=width,
+        n_head=heads,
+        n_layer=layers,
+        tie_word_embeddings=tied,
+        bos_token_id=None,
+        eos_token_id=None,
+        **config,
+    )
     model = transformers.GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():  # GPT-2's init leaves LayerNorm at 1/0 and biases at 0: move them
         for name, p in model.named_parameters():
@@ -109,13 +117,15 @@ def test_sharded_snapshots_load_as_one_model(tmp_path):
     _twins_against(_hf_logits(model, ids), tmp_path / "model.safetensors.index.json", ids)
 
 
-@pytest.mark.parametrize("tied, qkv_bias", [(True, True), (False, True), (True, False)],
-                         ids=["tied", "untied", "book-no-qkv-bias"])
+@pytest.mark.parametrize(
+    "tied, qkv_bias", [(True, True), (False, True), (True, False)], ids=["tied", "untied", "book-no-qkv-bias"]
+)
 def test_twins_snapshots_load_in_transformers(tmp_path, tied, qkv_bias):
     """The other way: `save_hf` (what `convert --to hf` writes) read by GPT2LMHeadModel.from_pretrained
     gives the twins' logits. The book's GPT_CONFIG_124M has no q/k/v biases: zeros are written."""
-    cfg = GPTConfig(vocab_size=89, context_length=12, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
-                    qkv_bias=qkv_bias)
+    cfg = GPTConfig(
+        vocab_size=89, context_length=12, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=qkv_bias
+    )
     torch.manual_seed(3)
     tm = gpt_torch.GPTModel(cfg).eval()
     if tied:
@@ -148,8 +158,10 @@ REFUSED = {
     "activation_function": ({"activation_function": "relu"}, "activation_function = 'relu'"),
     "layer_norm_epsilon": ({"layer_norm_epsilon": 1e-6}, "layer_norm_epsilon = 1e-06"),
     "n_inner": ({"n_inner": 1024}, "n_inner = 1024"),
-    "scale_attn_by_inverse_layer_idx": ({"scale_attn_by_inverse_layer_idx": True},
-                                        "scale_attn_by_inverse_layer_idx = True"),
+    "scale_attn_by_inverse_layer_idx": (
+        {"scale_attn_by_inverse_layer_idx": True},
+        "scale_attn_by_inverse_layer_idx = True",
+    ),
     "scale_attn_weights": ({"scale_attn_weights": False}, "scale_attn_weights = False"),
 }
 
@@ -158,8 +170,9 @@ REFUSED = {
 def test_config_fields_the_twins_do_not_compute_are_refused(tmp_path, field, capsys):
     changes, message = REFUSED[field]
     vocab, positions, width, heads, layers, _ = CONFIGS["issue-211v-4x16"]
-    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=width, n_head=heads,
-                                  n_layer=layers, **changes)
+    cfg = transformers.GPT2Config(
+        vocab_size=vocab, n_positions=positions, n_embd=width, n_head=heads, n_layer=layers, **changes
+    )
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
     for load in (gpt_torch.load, gpt_flax.load, load_checkpoint):
         with pytest.raises(ValueError, match=message):

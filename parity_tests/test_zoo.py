@@ -43,8 +43,10 @@ def test_nothing_planted_passes_and_the_report_says_so(tiny_zoo, tmp_path):
     assert control.mutant == "" and control.passed and control.ok and not control.first
     assert 0 < control.margin < 1 and control.describe.startswith("closest to failing: ")
     assert tiny_zoo.passed and len(tiny_zoo.rows) == 1 + 2 * len(zoo.MUTANTS)
-    assert "50 of 50 planted bugs caught at the stage they were planted; control passes (its closest call: " \
+    assert (
+        "50 of 50 planted bugs caught at the stage they were planted; control passes (its closest call: "
         in tiny_zoo.format_table()
+    )
     data = tiny_zoo.to_json()
     assert data["passed"] and data["rows"][0]["mutant"] is None and data["rows"][0]["check_passed"]
     assert all(r["caught"] and r["located"] and r["first_stage"] for r in data["rows"][1:])
@@ -52,13 +54,19 @@ def test_nothing_planted_passes_and_the_report_says_so(tiny_zoo, tmp_path):
     assert (tmp_path / "zoo.png").read_bytes()[:4] == b"\x89PNG"
 
 
-NULL = zoo.Mutant("null", "every zoo layer with its knobs at their defaults", "-",
-                  tuple(zoo.Swap(layer, ()) for layer in zoo._LAYERS["torch"] if layer != "Dropout"))
+NULL = zoo.Mutant(
+    "null",
+    "every zoo layer with its knobs at their defaults",
+    "-",
+    tuple(zoo.Swap(layer, ()) for layer in zoo._LAYERS["torch"] if layer != "Dropout"),
+)
 
 
 @pytest.mark.parametrize("twin", zoo.TWINS)
 def test_the_zoos_layers_at_their_defaults_pass_the_check(twin):
-    report = run_parity(CFG.replace(qkv_bias=True), batch=2, seq=7, plant=lambda models: zoo.planted(NULL, twin, models))
+    report = run_parity(
+        CFG.replace(qkv_bias=True), batch=2, seq=7, plant=lambda models: zoo.planted(NULL, twin, models)
+    )
     assert report.passed, report.failures()
 
 
@@ -100,8 +108,7 @@ class _OneModule:
 def test_the_report_names_the_planted_stage_in_either_direction(direction, twin):
     """Flax's jitted stages come back sorted by name (trf_blocks.10 before trf_blocks.2); every
     table, JSON and verdict must still read them by name, in the model's order."""
-    cfg = GPTConfig(vocab_size=53, context_length=9, emb_dim=12, n_heads=3, n_layers=11,
-                    drop_rate=0.0, qkv_bias=False)
+    cfg = GPTConfig(vocab_size=53, context_length=9, emb_dim=12, n_heads=3, n_layers=11, drop_rate=0.0, qkv_bias=False)
     report = run_parity(cfg, batch=2, seq=9, directions=[direction], plant=_OneModule(twin, "trf_blocks.10.norm2"))
     row = report.rows[0]
     assert [c.name for c in row.stages] == stage_names(11)
@@ -118,8 +125,9 @@ def test_the_report_names_the_planted_stage_in_either_direction(direction, twin)
     assert f"{direction} {row.candidate}: first failure at trf_blocks.10.norm2" in report.failures()[0]
 
 
-@pytest.mark.parametrize("name, twin", [("layernorm-eps-1e-6", "flax"), ("matmul-tf32", "torch"),
-                                        ("positions-off-by-one", "flax")])
+@pytest.mark.parametrize(
+    "name, twin", [("layernorm-eps-1e-6", "flax"), ("matmul-tf32", "torch"), ("positions-off-by-one", "flax")]
+)
 def test_check_exits_1_with_a_mutant_planted_and_0_without(name, twin, tmp_path, capsys):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(CFG.to_dict()))
@@ -140,25 +148,45 @@ def test_mutants_command_lists_runs_and_exits_1_on_an_escape(tmp_path, capsys, m
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(CFG.to_dict()))
     out, png = tmp_path / "zoo.json", tmp_path / "zoo.png"
-    argv = ["mutants", "--config", str(config), "--mutant", "gelu-constant,post-norm", "--quiet",
-            "--json", str(out), "--plot", str(png)]
+    argv = [
+        "mutants",
+        "--config",
+        str(config),
+        "--mutant",
+        "gelu-constant,post-norm",
+        "--quiet",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+    ]
     assert main(argv) == 0
     data = json.loads(out.read_text())
     assert [(r["mutant"], r["twin"]) for r in data["rows"]] == [
-        (None, "-"), ("gelu-constant", "torch"), ("gelu-constant", "flax"), ("post-norm", "torch"), ("post-norm", "flax")]
+        (None, "-"),
+        ("gelu-constant", "torch"),
+        ("gelu-constant", "flax"),
+        ("post-norm", "torch"),
+        ("post-norm", "flax"),
+    ]
     assert png.stat().st_size > 5_000
     # A suite blind to the bug: the mutant escapes, and the command says so with exit status 1.
-    monkeypatch.setitem(zoo.BY_NAME, "gelu-constant", zoo.Mutant("gelu-constant", "no bug at all", "trf_blocks.0.ff",
-                                                                 (zoo.Swap("GELU", ()),)))
+    monkeypatch.setitem(
+        zoo.BY_NAME,
+        "gelu-constant",
+        zoo.Mutant("gelu-constant", "no bug at all", "trf_blocks.0.ff", (zoo.Swap("GELU", ()),)),
+    )
     assert main(["mutants", "--config", str(config), "--mutant", "gelu-constant", "--twin", "flax", "--quiet"]) == 1
     assert "ESCAPED" in capsys.readouterr().out
 
 
 def test_unknown_mutants_and_twins_are_refused_in_one_line(capsys):
-    for argv, message in [(["check", "--plant", "nope"], "unknown mutant 'nope'"),
-                          (["check", "--plant", "gelu-erf@jax"], "unknown twin 'jax'"),
-                          (["mutants", "--mutant", "gelu-erf,nope"], "unknown mutant 'nope'"),
-                          (["check", "--model", "dummy", "--plant", "gelu-erf"], "--plant needs --model gpt")]:
+    for argv, message in [
+        (["check", "--plant", "nope"], "unknown mutant 'nope'"),
+        (["check", "--plant", "gelu-erf@jax"], "unknown twin 'jax'"),
+        (["mutants", "--mutant", "gelu-erf,nope"], "unknown mutant 'nope'"),
+        (["check", "--model", "dummy", "--plant", "gelu-erf"], "--plant needs --model gpt"),
+    ]:
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err

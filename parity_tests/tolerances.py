@@ -26,8 +26,11 @@ class Bound:
         return self.atol + scale + self.rtol * reference_abs
 
     def describe(self) -> str:
-        terms = [f"{self.atol:g}" if self.atol else "", f"{self.rtol:g}|ref|" if self.rtol else "",
-                 f"{self.stol:.3g}max|ref|" if self.stol else ""]
+        terms = [
+            f"{self.atol:g}" if self.atol else "",
+            f"{self.rtol:g}|ref|" if self.rtol else "",
+            f"{self.stol:.3g}max|ref|" if self.stol else "",
+        ]
         return "+".join(t for t in terms if t) or "0 (exact)"
 
 
@@ -50,7 +53,7 @@ EXACT = Bound(atol=0.0, rtol=0.0, measured="round trips copy float32 values unch
 FP32_FORWARD = Bound(
     atol=0.0,
     rtol=0.0,
-    stol=2.0 ** -17,
+    stol=2.0**-17,
     measured="max |Δ|/max|ref| 12.6 ulps (gpt2-small, weights x100), 9.3 (x1), 3.6 (tiny configs, x0.01-x100)",
 )
 
@@ -123,7 +126,7 @@ ADAMW_NOISE_ONLY = ("att.W_key.bias",)
 BF16_FORWARD = Bound(
     atol=1e-2,
     rtol=0.0,
-    stol=2.0 ** -5,
+    stol=2.0**-5,
     measured="gpt2-small: max |Δ| 0.141 (block 11, 4.5 bf16 ulps of max |x| 7.9), logits 0.028",
 )
 

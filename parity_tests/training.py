@@ -53,10 +53,16 @@ class WeightCheck:
         return finite and self.n_outliers <= self.allowed_outliers and self.max_abs <= self.envelope
 
     def to_json(self) -> dict[str, Any]:
-        return {"step": self.step, "passed": self.passed, "max_abs": self.max_abs,
-                "envelope": self.envelope, "n_outliers": self.n_outliers,
-                "allowed_outliers": self.allowed_outliers, "n_elements": self.n_elements,
-                "tensors": [c.to_json() for c in self.tensors]}
+        return {
+            "step": self.step,
+            "passed": self.passed,
+            "max_abs": self.max_abs,
+            "envelope": self.envelope,
+            "n_outliers": self.n_outliers,
+            "allowed_outliers": self.allowed_outliers,
+            "n_elements": self.n_elements,
+            "tensors": [c.to_json() for c in self.tensors],
+        }
 
 
 def _noise_only(name: str) -> bool:
@@ -81,13 +87,16 @@ class TrainingReport:
     def noise_grads_ok(self) -> bool:
         """Gradients zero in exact arithmetic agree and are at the rounding floor in both twins,
         which is why their AdamW updates are held to the envelope only."""
-        return all(c.passed and c.ref_max + c.max_abs <= GRADS.atol
-                   for c in self.grads if _noise_only(c.name))
+        return all(c.passed and c.ref_max + c.max_abs <= GRADS.atol for c in self.grads if _noise_only(c.name))
 
     @property
     def passed(self) -> bool:
-        return (self.loss.passed and all(g.passed for g in self.grads) and self.noise_grads_ok
-                and all(w.passed for w in self.weights))
+        return (
+            self.loss.passed
+            and all(g.passed for g in self.grads)
+            and self.noise_grads_ok
+            and all(w.passed for w in self.weights)
+        )
 
     def format_table(self) -> str:
         signal = [c for c in self.grads if not _noise_only(c.name)]
@@ -95,35 +104,60 @@ class TrainingReport:
         worst = max(signal, key=lambda c: c.max_rel)
         rows = [
             ("loss", self.loss.max_abs, LOSS.describe(), "pass" if self.loss.passed else "FAIL"),
-            (f"gradients, {len(signal)} tensors (largest max|Δ|/max|g|: {worst.max_rel:.2g}, "
-             f"{worst.name.removeprefix('grad ')})", max(c.max_abs for c in signal),
-             GRADS.describe(), "pass" if all(c.passed for c in signal) else "FAIL"),
+            (
+                f"gradients, {len(signal)} tensors (largest max|Δ|/max|g|: {worst.max_rel:.2g}, "
+                f"{worst.name.removeprefix('grad ')})",
+                max(c.max_abs for c in signal),
+                GRADS.describe(),
+                "pass" if all(c.passed for c in signal) else "FAIL",
+            ),
         ]
         if noise:
-            rows.append((f"gradients zero in exact arithmetic, {len(noise)} tensors (max |g| "
-                         f"{max(c.ref_max for c in noise):.2g})", max(c.max_abs for c in noise),
-                         f"|g| and |Δ| <= {GRADS.atol:g}", "pass" if self.noise_grads_ok else "FAIL"))
+            rows.append(
+                (
+                    f"gradients zero in exact arithmetic, {len(noise)} tensors (max |g| "
+                    f"{max(c.ref_max for c in noise):.2g})",
+                    max(c.max_abs for c in noise),
+                    f"|g| and |Δ| <= {GRADS.atol:g}",
+                    "pass" if self.noise_grads_ok else "FAIL",
+                )
+            )
         for w in self.weights:
-            rows.append((f"weights after {w.step} AdamW step(s): {w.n_outliers} of {w.n_elements} "
-                         f"elements past the bound (<= {w.allowed_outliers})", w.max_abs,
-                         f"{ADAMW_WEIGHTS.describe()}, all <= {w.envelope:.2g}",
-                         "pass" if w.passed else "FAIL"))
+            rows.append(
+                (
+                    f"weights after {w.step} AdamW step(s): {w.n_outliers} of {w.n_elements} "
+                    f"elements past the bound (<= {w.allowed_outliers})",
+                    w.max_abs,
+                    f"{ADAMW_WEIGHTS.describe()}, all <= {w.envelope:.2g}",
+                    "pass" if w.passed else "FAIL",
+                )
+            )
         lines = [format_table(["what", "max |Δ|", "bound", "result"], rows)]
         lines += [f"  {g.describe()}" for g in self.grads if not g.passed]
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "model": self.model, "batch": self.batch,
-                "seq": self.seq, "lr": self.lr, "weight_decay": self.weight_decay,
-                "matmul_precision": self.precision, "passed": self.passed,
-                "noise_only_gradients_at_rounding_floor": self.noise_grads_ok,
-                "loss": self.loss.to_json(), "grads": [g.to_json() for g in self.grads],
-                "step_losses": [list(p) for p in self.step_losses],
-                "weights": [w.to_json() for w in self.weights], "versions": versions()}
+        return {
+            "config": self.config.to_dict(),
+            "model": self.model,
+            "batch": self.batch,
+            "seq": self.seq,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "matmul_precision": self.precision,
+            "passed": self.passed,
+            "noise_only_gradients_at_rounding_floor": self.noise_grads_ok,
+            "loss": self.loss.to_json(),
+            "grads": [g.to_json() for g in self.grads],
+            "step_losses": [list(p) for p in self.step_losses],
+            "weights": [w.to_json() for w in self.weights],
+            "versions": versions(),
+        }
 
 
-def weights_check(step: int, ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], lr: float,
-                   outlier_fraction: float) -> WeightCheck:
+def weights_check(
+    step: int, ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], lr: float, outlier_fraction: float
+) -> WeightCheck:
     tensors = [compare(name, ref[name], cand[name], ADAMW_WEIGHTS) for name in ref]
     n = sum(v.size for k, v in ref.items() if not _noise_only(k))
     return WeightCheck(step, tensors, ADAMW_FLIP_ENVELOPE * lr * step, int(outlier_fraction * n))
@@ -170,16 +204,22 @@ def run_training_parity(
             f_loss, f_grads = gpt_flax.loss_and_grads(fm, x, y)
         loss = compare("loss", np.float64(t_loss), np.float64(f_loss), LOSS)
         grads = [compare(f"grad {name}", t_grads[name], f_grads[name], GRADS) for name in t_grads]
-        t_opt, f_opt = gpt_torch.adamw(tm, lr=lr, weight_decay=weight_decay), gpt_flax.adamw(fm, lr=lr, weight_decay=weight_decay)
+        t_opt, f_opt = (
+            gpt_torch.adamw(tm, lr=lr, weight_decay=weight_decay),
+            gpt_flax.adamw(fm, lr=lr, weight_decay=weight_decay),
+        )
         step_losses, weights = [], []
         for step in range(1, steps + 1):
             with prog.step(f"AdamW step {step}"):
                 x, y = next_batch()
-                step_losses.append((gpt_torch.train_step(tm, t_opt, torch.from_numpy(x), torch.from_numpy(y)),
-                                    gpt_flax.train_step(fm, f_opt, x, y)))
+                step_losses.append(
+                    (
+                        gpt_torch.train_step(tm, t_opt, torch.from_numpy(x), torch.from_numpy(y)),
+                        gpt_flax.train_step(fm, f_opt, x, y),
+                    )
+                )
             if step in (1, steps):
-                weights.append(weights_check(step, gpt_torch.state_dict(tm), gpt_flax.state_dict(fm),
-                                              lr, outlier_fraction))
-    return TrainingReport(cfg, model, batch, seq, lr, weight_decay, precision, loss, grads,
-                          step_losses, weights)
-
+                weights.append(
+                    weights_check(step, gpt_torch.state_dict(tm), gpt_flax.state_dict(fm), lr, outlier_fraction)
+                )
+    return TrainingReport(cfg, model, batch, seq, lr, weight_decay, precision, loss, grads, step_losses, weights)

@@ -20,8 +20,8 @@ from flax import nnx
 
 import gpt_flax
 import gpt_torch
-from gpt_spec import GPTConfig
 from gpt_spec import MODEL_CLASSES as MODELS
+from gpt_spec import GPTConfig
 from gpt_spec.checkpoint import Checkpoint, load_checkpoint
 
 MODES = ("eval", "train")
@@ -44,8 +44,9 @@ def build_flax(kind: str, cfg: GPTConfig, *, seed: int, **options: Any) -> nnx.M
     return _model_class(gpt_flax, kind)(cfg, **options, rngs=nnx.Rngs(seed))
 
 
-def build_pair(kind: str, cfg: GPTConfig, *, source: str, seed: int = 0, mode: str = "eval",
-               **options: Any) -> tuple[torch.nn.Module, nnx.Module]:
+def build_pair(
+    kind: str, cfg: GPTConfig, *, source: str, seed: int = 0, mode: str = "eval", **options: Any
+) -> tuple[torch.nn.Module, nnx.Module]:
     """(torch twin, flax twin) holding the same weights: the `source` twin's own init, copied
     into the other by the production converters."""
     if source not in ("torch", "flax"):
@@ -121,7 +122,7 @@ MATMUL_PRECISIONS = ("float32", "default")
 
 @contextlib.contextmanager
 def matmuls(precision: str = "float32") -> Iterator[str]:
-    """"float32": float32_matmuls(). "default": whatever each framework does unpinned (JAX: TF32
+    """ "float32": float32_matmuls(). "default": whatever each framework does unpinned (JAX: TF32
     on NVIDIA GPUs, one bfloat16 pass on TPUs; torch: its float32 matmul precision setting), to
     see what a parity check says about it. Yields the description for the report."""
     if precision not in MATMUL_PRECISIONS:
@@ -130,8 +131,10 @@ def matmuls(precision: str = "float32") -> Iterator[str]:
         with float32_matmuls() as described:
             yield described
         return
-    yield (f"each framework's default (jax_default_matmul_precision={jax.config.jax_default_matmul_precision}, "
-           f"torch {torch.get_float32_matmul_precision()!r})")
+    yield (
+        f"each framework's default (jax_default_matmul_precision={jax.config.jax_default_matmul_precision}, "
+        f"torch {torch.get_float32_matmul_precision()!r})"
+    )
 
 
 def numpy_tree(tree: Any) -> Any:
@@ -142,8 +145,7 @@ def numpy_tree(tree: Any) -> Any:
     return np.asarray(tree)
 
 
-def run_torch(model: torch.nn.Module, ids: np.ndarray, device: str = "cpu", *,
-              activations: bool = False) -> Any:
+def run_torch(model: torch.nn.Module, ids: np.ndarray, device: str = "cpu", *, activations: bool = False) -> Any:
     """Logits (or every stage's output) as numpy, computed on `device` under no_grad."""
     if device != "cpu":
         model = copy.deepcopy(model).to(device)
@@ -151,8 +153,9 @@ def run_torch(model: torch.nn.Module, ids: np.ndarray, device: str = "cpu", *,
         return numpy_tree(model(torch.from_numpy(ids).to(device), return_activations=activations))
 
 
-def run_flax(model: nnx.Module, ids: np.ndarray, device: jax.Device | None = None, *,
-             jit: bool = True, activations: bool = False) -> Any:
+def run_flax(
+    model: nnx.Module, ids: np.ndarray, device: jax.Device | None = None, *, jit: bool = True, activations: bool = False
+) -> Any:
     """Logits (or every stage's output) as numpy: jitted by default, or op by op."""
     if jit:
         return numpy_tree(gpt_flax.jit_forward(model, device=device, return_activations=activations)(ids))
@@ -199,8 +202,6 @@ def call_module(backend: Backend, module: Any, x: np.ndarray) -> np.ndarray:
     return numpy_tree(_module_call(graphdef, state, x))
 
 
-
 def token_batch(cfg: GPTConfig, batch: int, seq: int, seed: int) -> np.ndarray:
     """Random ids in [0, vocab_size), made once in numpy and fed to both twins."""
     return np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, seq), dtype=np.int64)
-

@@ -64,58 +64,149 @@ def _swap(layer: str, only: str | None = None, **knobs: Any) -> Swap:
 TF32, BF16 = 10, 7  # explicit mantissa bits
 
 MUTANTS: tuple[Mutant, ...] = (
-    Mutant("layernorm-eps-1e-6", "LayerNorm eps 1e-6 (nnx.LayerNorm's default), not the book's 1e-5",
-           "trf_blocks.0.norm1", (_swap("LayerNorm", bug_eps=1e-6),)),
-    Mutant("layernorm-eps-1e-12", "LayerNorm eps 1e-12 (BERT's), not the book's 1e-5",
-           "trf_blocks.0.norm1", (_swap("LayerNorm", bug_eps=1e-12),)),
-    Mutant("layernorm-unbiased-variance", "LayerNorm variance with Bessel's correction (torch.var's default)",
-           "trf_blocks.0.norm1", (_swap("LayerNorm", bug_variance="unbiased"),)),
-    Mutant("layernorm-moments-variance", "LayerNorm variance as E[x²] − E[x]² (nnx.LayerNorm's fast variance)",
-           "trf_blocks.0.norm1", (_swap("LayerNorm", bug_variance="moments"),)),
-    Mutant("layernorm-scale-shift-swapped", "LayerNorm scale and shift each in the other's place",
-           "trf_blocks.0.norm1", (_swap("LayerNorm", bug_swap=True),)),
-    Mutant("gelu-erf", "GELU in the exact erf form (torch.nn.GELU()'s default), not the tanh approximation",
-           "trf_blocks.0.ff", (_swap("GELU", bug_form="erf"),)),
-    Mutant("gelu-constant", "GELU's cubic constant 0.0447 for 0.044715",
-           "trf_blocks.0.ff", (_swap("GELU", bug_constant=0.0447),)),
-    Mutant("attention-unscaled", "attention scores not divided by sqrt(head_dim)",
-           "trf_blocks.0.att", (_swap("MultiHeadAttention", bug_scale="none"),)),
-    Mutant("attention-scaled-by-head-dim", "attention scores divided by head_dim, not its square root",
-           "trf_blocks.0.att", (_swap("MultiHeadAttention", bug_scale="head_dim"),)),
-    Mutant("mask-sees-next-token", "causal mask one off: each token also sees the next",
-           "trf_blocks.0.att", (_swap("MultiHeadAttention", bug_mask_diagonal=2),)),
-    Mutant("mask-hides-diagonal", "causal mask one off: a token cannot see itself",
-           "trf_blocks.0.att", (_swap("MultiHeadAttention", bug_mask_diagonal=0),)),
-    Mutant("heads-split-wrong-order", "heads split as (head_dim, n_heads), not (n_heads, head_dim)",
-           "trf_blocks.0.att", (_swap("MultiHeadAttention", bug_split="dims"),)),
-    Mutant("query-key-swapped", "the query and key projections swapped",
-           "trf_blocks.0.att", (_swap("MultiHeadAttention", bug_swap_qk=True),)),
-    Mutant("square-kernel-untransposed", "the square attention projections loaded untransposed "
-           "(the converter transposes only where shapes disagree)", "trf_blocks.0.att", converter=True),
-    Mutant("softmax-wrong-axis", "attention softmax over the query axis, not the key axis",
-           "trf_blocks.0.att", (_swap("MultiHeadAttention", bug_softmax_axis=-2),)),
-    Mutant("positions-off-by-one", "position ids counted from 1", "drop_emb",
-           (_swap("GPT", bug_position_offset=1),)),
-    Mutant("missing-residual", "the attention's shortcut add left out", "trf_blocks.0",
-           (_swap("TransformerBlock", bug_residual=False),)),
-    Mutant("post-norm", "LayerNorm after each residual add (the 2017 Transformer), not before",
-           "trf_blocks.0", (_swap("TransformerBlock", bug_post_norm=True),)),
-    Mutant("dropout-in-eval", "dropout left on in eval mode", "drop_emb", (_swap("Dropout"),),
-           needs=(("drop_rate", 0.1),)),
-    Mutant("qkv-bias-dropped", "the query/key/value biases not applied", "trf_blocks.0.att",
-           (_swap("MultiHeadAttention", bug_qkv_bias=False),), needs=(("qkv_bias", True),)),
-    Mutant("head-tied-to-embedding", "logits from the token embedding's table (GPT-2's tying), not out_head",
-           "out_head", (_swap("GPT", bug_tied_head=True),)),
-    Mutant("logits-bfloat16", "the head computed in bfloat16", "out_head",
-           (_swap("Linear", "out_head", bug_operand_bits=BF16, bug_output_bits=BF16),)),
-    Mutant("softmax-bfloat16", "attention softmax computed in bfloat16", "trf_blocks.0.att",
-           (_swap("MultiHeadAttention", bug_softmax_bf16=True),)),
-    Mutant("matmul-tf32", "every matmul's operands rounded to TF32 (JAX's default on NVIDIA GPUs)",
-           "trf_blocks.0.att", (_swap("Linear", bug_operand_bits=TF32),
-                                _swap("MultiHeadAttention", bug_operand_bits=TF32))),
-    Mutant("matmul-bfloat16-pass", "every matmul's operands rounded to bfloat16 (JAX's default on TPUs)",
-           "trf_blocks.0.att", (_swap("Linear", bug_operand_bits=BF16),
-                                _swap("MultiHeadAttention", bug_operand_bits=BF16))),
+    Mutant(
+        "layernorm-eps-1e-6",
+        "LayerNorm eps 1e-6 (nnx.LayerNorm's default), not the book's 1e-5",
+        "trf_blocks.0.norm1",
+        (_swap("LayerNorm", bug_eps=1e-6),),
+    ),
+    Mutant(
+        "layernorm-eps-1e-12",
+        "LayerNorm eps 1e-12 (BERT's), not the book's 1e-5",
+        "trf_blocks.0.norm1",
+        (_swap("LayerNorm", bug_eps=1e-12),),
+    ),
+    Mutant(
+        "layernorm-unbiased-variance",
+        "LayerNorm variance with Bessel's correction (torch.var's default)",
+        "trf_blocks.0.norm1",
+        (_swap("LayerNorm", bug_variance="unbiased"),),
+    ),
+    Mutant(
+        "layernorm-moments-variance",
+        "LayerNorm variance as E[x²] − E[x]² (nnx.LayerNorm's fast variance)",
+        "trf_blocks.0.norm1",
+        (_swap("LayerNorm", bug_variance="moments"),),
+    ),
+    Mutant(
+        "layernorm-scale-shift-swapped",
+        "LayerNorm scale and shift each in the other's place",
+        "trf_blocks.0.norm1",
+        (_swap("LayerNorm", bug_swap=True),),
+    ),
+    Mutant(
+        "gelu-erf",
+        "GELU in the exact erf form (torch.nn.GELU()'s default), not the tanh approximation",
+        "trf_blocks.0.ff",
+        (_swap("GELU", bug_form="erf"),),
+    ),
+    Mutant(
+        "gelu-constant",
+        "GELU's cubic constant 0.0447 for 0.044715",
+        "trf_blocks.0.ff",
+        (_swap("GELU", bug_constant=0.0447),),
+    ),
+    Mutant(
+        "attention-unscaled",
+        "attention scores not divided by sqrt(head_dim)",
+        "trf_blocks.0.att",
+        (_swap("MultiHeadAttention", bug_scale="none"),),
+    ),
+    Mutant(
+        "attention-scaled-by-head-dim",
+        "attention scores divided by head_dim, not its square root",
+        "trf_blocks.0.att",
+        (_swap("MultiHeadAttention", bug_scale="head_dim"),),
+    ),
+    Mutant(
+        "mask-sees-next-token",
+        "causal mask one off: each token also sees the next",
+        "trf_blocks.0.att",
+        (_swap("MultiHeadAttention", bug_mask_diagonal=2),),
+    ),
+    Mutant(
+        "mask-hides-diagonal",
+        "causal mask one off: a token cannot see itself",
+        "trf_blocks.0.att",
+        (_swap("MultiHeadAttention", bug_mask_diagonal=0),),
+    ),
+    Mutant(
+        "heads-split-wrong-order",
+        "heads split as (head_dim, n_heads), not (n_heads, head_dim)",
+        "trf_blocks.0.att",
+        (_swap("MultiHeadAttention", bug_split="dims"),),
+    ),
+    Mutant(
+        "query-key-swapped",
+        "the query and key projections swapped",
+        "trf_blocks.0.att",
+        (_swap("MultiHeadAttention", bug_swap_qk=True),),
+    ),
+    Mutant(
+        "square-kernel-untransposed",
+        "the square attention projections loaded untransposed (the converter transposes only where shapes disagree)",
+        "trf_blocks.0.att",
+        converter=True,
+    ),
+    Mutant(
+        "softmax-wrong-axis",
+        "attention softmax over the query axis, not the key axis",
+        "trf_blocks.0.att",
+        (_swap("MultiHeadAttention", bug_softmax_axis=-2),),
+    ),
+    Mutant("positions-off-by-one", "position ids counted from 1", "drop_emb", (_swap("GPT", bug_position_offset=1),)),
+    Mutant(
+        "missing-residual",
+        "the attention's shortcut add left out",
+        "trf_blocks.0",
+        (_swap("TransformerBlock", bug_residual=False),),
+    ),
+    Mutant(
+        "post-norm",
+        "LayerNorm after each residual add (the 2017 Transformer), not before",
+        "trf_blocks.0",
+        (_swap("TransformerBlock", bug_post_norm=True),),
+    ),
+    Mutant(
+        "dropout-in-eval", "dropout left on in eval mode", "drop_emb", (_swap("Dropout"),), needs=(("drop_rate", 0.1),)
+    ),
+    Mutant(
+        "qkv-bias-dropped",
+        "the query/key/value biases not applied",
+        "trf_blocks.0.att",
+        (_swap("MultiHeadAttention", bug_qkv_bias=False),),
+        needs=(("qkv_bias", True),),
+    ),
+    Mutant(
+        "head-tied-to-embedding",
+        "logits from the token embedding's table (GPT-2's tying), not out_head",
+        "out_head",
+        (_swap("GPT", bug_tied_head=True),),
+    ),
+    Mutant(
+        "logits-bfloat16",
+        "the head computed in bfloat16",
+        "out_head",
+        (_swap("Linear", "out_head", bug_operand_bits=BF16, bug_output_bits=BF16),),
+    ),
+    Mutant(
+        "softmax-bfloat16",
+        "attention softmax computed in bfloat16",
+        "trf_blocks.0.att",
+        (_swap("MultiHeadAttention", bug_softmax_bf16=True),),
+    ),
+    Mutant(
+        "matmul-tf32",
+        "every matmul's operands rounded to TF32 (JAX's default on NVIDIA GPUs)",
+        "trf_blocks.0.att",
+        (_swap("Linear", bug_operand_bits=TF32), _swap("MultiHeadAttention", bug_operand_bits=TF32)),
+    ),
+    Mutant(
+        "matmul-bfloat16-pass",
+        "every matmul's operands rounded to bfloat16 (JAX's default on TPUs)",
+        "trf_blocks.0.att",
+        (_swap("Linear", bug_operand_bits=BF16), _swap("MultiHeadAttention", bug_operand_bits=BF16)),
+    ),
 )
 BY_NAME = {m.name: m for m in MUTANTS}
 
@@ -167,8 +258,11 @@ def _modules(twin: str, model: Any) -> Iterator[tuple[str, Any]]:
 
 
 def _square_projection(name: str, value: np.ndarray) -> bool:
-    return name.endswith(("W_query.weight", "W_key.weight", "W_value.weight", "out_proj.weight")) \
-        and value.ndim == 2 and value.shape[0] == value.shape[1]
+    return (
+        name.endswith(("W_query.weight", "W_key.weight", "W_value.weight", "out_proj.weight"))
+        and value.ndim == 2
+        and value.shape[0] == value.shape[1]
+    )
 
 
 @contextlib.contextmanager
@@ -179,8 +273,10 @@ def _untransposed_squares(twin: str) -> Iterator[None]:
     load, export = package.load_state_dict, package.state_dict
 
     def flip(sd):
-        return {k: np.ascontiguousarray(np.asarray(v).T) if _square_projection(k, np.asarray(v)) else v
-                for k, v in sd.items()}
+        return {
+            k: np.ascontiguousarray(np.asarray(v).T) if _square_projection(k, np.asarray(v)) else v
+            for k, v in sd.items()
+        }
 
     package.load_state_dict = lambda model, sd: load(model, flip(sd))
     package.state_dict = lambda model: flip(export(model))
@@ -247,11 +343,21 @@ class ZooRow:
         return self.passed if not self.mutant else (self.caught and self.located)
 
     def to_json(self) -> dict[str, Any]:
-        return {"mutant": self.mutant or None, "twin": self.twin, "planted_at": self.where,
-                "check_passed": self.passed, "caught": self.caught if self.mutant else None,
-                "first_failure": self.first or None, "first_stage": stage_of(self.first) if self.first else None,
-                "evidence": self.evidence or None, "margin": self.margin, "direction": self.direction or None,
-                "located": self.located if self.mutant else None, "ok": self.ok, "describe": self.describe}
+        return {
+            "mutant": self.mutant or None,
+            "twin": self.twin,
+            "planted_at": self.where,
+            "check_passed": self.passed,
+            "caught": self.caught if self.mutant else None,
+            "first_failure": self.first or None,
+            "first_stage": stage_of(self.first) if self.first else None,
+            "evidence": self.evidence or None,
+            "margin": self.margin,
+            "direction": self.direction or None,
+            "located": self.located if self.mutant else None,
+            "ok": self.ok,
+            "describe": self.describe,
+        }
 
 
 @dataclasses.dataclass
@@ -271,30 +377,61 @@ class ZooReport:
         for r in self.rows:
             if not r.mutant:
                 verdict = "control: pass" if r.passed else "CONTROL FAILS"
-                body.append(["(nothing planted)", "-", "-", verdict, r.first and stage_of(r.first) or "-",
-                             r.evidence or "-", r.margin, "ok" if r.ok else "FAIL"])
+                body.append(
+                    [
+                        "(nothing planted)",
+                        "-",
+                        "-",
+                        verdict,
+                        r.first and stage_of(r.first) or "-",
+                        r.evidence or "-",
+                        r.margin,
+                        "ok" if r.ok else "FAIL",
+                    ]
+                )
                 continue
-            body.append([r.mutant, r.twin, r.where, "caught" if r.caught else "ESCAPED",
-                         stage_of(r.first) if r.first else "-", r.evidence or "-", r.margin,
-                         "ok" if r.ok else ("MISPLACED" if r.caught else "FAIL")])
-        table = format_table(["mutant", "twin", "planted at", "check", "first stage named", "evidence",
-                              "|Δ|/allowed", "result"], body)
+            body.append(
+                [
+                    r.mutant,
+                    r.twin,
+                    r.where,
+                    "caught" if r.caught else "ESCAPED",
+                    stage_of(r.first) if r.first else "-",
+                    r.evidence or "-",
+                    r.margin,
+                    "ok" if r.ok else ("MISPLACED" if r.caught else "FAIL"),
+                ]
+            )
+        table = format_table(
+            ["mutant", "twin", "planted at", "check", "first stage named", "evidence", "|Δ|/allowed", "result"], body
+        )
         bad = [r for r in self.rows if not r.ok]
         lines = [table]
         lines += [f"  {r.mutant or 'control'} in {r.twin}: {r.describe or 'no failure'}" for r in bad]
         caught = sum(r.caught and r.located for r in self.rows if r.mutant)
         control = self.rows[0]
-        lines.append(f"{caught} of {sum(1 for r in self.rows if r.mutant)} planted bugs caught at the stage "
-                     f"they were planted; control {'passes' if control.passed else 'FAILS'}"
-                     + (f" (its closest call: {control.margin:.3g} of what its {control.evidence} allows)"
-                        if control.passed and control.evidence else ""))
+        lines.append(
+            f"{caught} of {sum(1 for r in self.rows if r.mutant)} planted bugs caught at the stage "
+            f"they were planted; control {'passes' if control.passed else 'FAILS'}"
+            + (
+                f" (its closest call: {control.margin:.3g} of what its {control.evidence} allows)"
+                if control.passed and control.evidence
+                else ""
+            )
+        )
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "batch": self.batch, "seq": self.seq,
-                "matmul_precision": self.precision, "passed": self.passed,
-                "mutants": {m.name: {"bug": m.bug, "planted_at": m.where} for m in MUTANTS},
-                "rows": [r.to_json() for r in self.rows], "versions": versions()}
+        return {
+            "config": self.config.to_dict(),
+            "batch": self.batch,
+            "seq": self.seq,
+            "matmul_precision": self.precision,
+            "passed": self.passed,
+            "mutants": {m.name: {"bug": m.bug, "planted_at": m.where} for m in MUTANTS},
+            "rows": [r.to_json() for r in self.rows],
+            "versions": versions(),
+        }
 
     def plot(self, path: str) -> None:
         """|Δ| / allowed at the first failure, per mutant and twin, on a log scale."""
@@ -314,8 +451,10 @@ class ZooReport:
         ax.set_yticks(y, names, fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("|Δ| / allowed at the first failing stage (NaN, inf: drawn at 1e12)")
-        ax.set_title(f"planted bugs, {self.config.emb_dim}-wide {self.config.n_layers}-layer GPT, "
-                     f"batch {self.batch} x {self.seq}")
+        ax.set_title(
+            f"planted bugs, {self.config.emb_dim}-wide {self.config.n_layers}-layer GPT, "
+            f"batch {self.batch} x {self.seq}"
+        )
         ax.grid(True, axis="x", which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
@@ -360,8 +499,9 @@ def run_zoo(
         return built[c]
 
     prog = Progress(1 + len(mutants) * len(twins), enabled=progress)
-    check = functools.partial(run_parity, batch=batch, seq=seq, seed=seed, directions=directions,
-                              matmul_precision=matmul_precision)
+    check = functools.partial(
+        run_parity, batch=batch, seq=seq, seed=seed, directions=directions, matmul_precision=matmul_precision
+    )
     with prog.step("control: nothing planted"):
         control = check(cfg, models=models(cfg))
     rows = [_row(None, "-", control)]
@@ -369,6 +509,7 @@ def run_zoo(
         for twin in twins:
             with prog.step(f"{mutant.name} in {twin}"):
                 c = mutant.adapt(cfg)
-                rows.append(_row(mutant, twin, check(c, models=models(c),
-                                                      plant=functools.partial(planted, mutant, twin))))
+                rows.append(
+                    _row(mutant, twin, check(c, models=models(c), plant=functools.partial(planted, mutant, twin)))
+                )
     return ZooReport(cfg, batch, seq, control.precision, rows)

@@ -93,7 +93,7 @@ class MultiHeadAttention(book.MultiHeadAttention):
         if self.bug_swap_qk:
             queries, keys = keys, queries
         bits = self.bug_operand_bits
-        divisor = {"sqrt": self.head_dim ** 0.5, "none": 1.0, "head_dim": float(self.head_dim)}[self.bug_scale]
+        divisor = {"sqrt": self.head_dim**0.5, "none": 1.0, "head_dim": float(self.head_dim)}[self.bug_scale]
         queries = queries * (1.0 / divisor)  # before the product, as gpt_flax.model does
         attn_scores = round_mantissa(queries, bits) @ round_mantissa(keys, bits).transpose(0, 1, 3, 2)
         mask = jnp.triu(jnp.ones((num_tokens, num_tokens), dtype=bool), k=self.bug_mask_diagonal)

@@ -101,7 +101,7 @@ class MultiHeadAttention(book.MultiHeadAttention):
         attn_scores = round_mantissa(queries, bits) @ round_mantissa(keys, bits).transpose(2, 3)
         mask = torch.triu(torch.ones(num_tokens, num_tokens, dtype=torch.bool), diagonal=self.bug_mask_diagonal)
         attn_scores = attn_scores.masked_fill(mask, -torch.inf)
-        divisor = {"sqrt": self.head_dim ** 0.5, "none": 1.0, "head_dim": float(self.head_dim)}[self.bug_scale]
+        divisor = {"sqrt": self.head_dim**0.5, "none": 1.0, "head_dim": float(self.head_dim)}[self.bug_scale]
         attn_scores = attn_scores / divisor
         if self.bug_softmax_bf16:
             attn_weights = torch.softmax(attn_scores.to(torch.bfloat16), dim=self.bug_softmax_axis).float()

@@ -37,8 +37,9 @@ from parity_tests.twins import build_pair, float32_matmuls
 INT_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
 NOISELESS = TINY.replace(drop_rate=0.0)
 # Wide enough that an int16 (or int8, uint8) prompt cannot hold every id; narrow to stay cheap.
-BIG_VOCAB = GPTConfig(vocab_size=50257, context_length=11, emb_dim=4, n_heads=1, n_layers=1,
-                      drop_rate=0.0, qkv_bias=False)
+BIG_VOCAB = GPTConfig(
+    vocab_size=50257, context_length=11, emb_dim=4, n_heads=1, n_layers=1, drop_rate=0.0, qkv_bias=False
+)
 
 
 def _refusals(call_torch, call_flax) -> tuple[str, str]:
@@ -57,6 +58,7 @@ def _same_refusal(call_torch, call_flax) -> str:
 
 
 # 1. Ids of every integer dtype; generation never wraps an id.
+
 
 @pytest.mark.parametrize("dtype", INT_DTYPES, ids=lambda d: np.dtype(d).name)
 def test_ids_of_any_integer_dtype_give_what_int64_ids_give(dtype):
@@ -91,7 +93,9 @@ def test_uint64_ids_past_2_63_are_out_of_range_not_negative(value):
     message = _same_refusal(lambda: tm(torch.from_numpy(ids)), lambda: fm(ids))
     assert message == f"token id {value} is out of range [0, 97) (vocab_size)"
     low = np.array([[1, 2, 3]], np.uint64)
-    np.testing.assert_array_equal(tm(torch.from_numpy(low)).detach().numpy(), tm(torch.from_numpy(low.astype(np.int64))).detach().numpy())
+    np.testing.assert_array_equal(
+        tm(torch.from_numpy(low)).detach().numpy(), tm(torch.from_numpy(low.astype(np.int64))).detach().numpy()
+    )
 
 
 def _pointing_at(token: int):
@@ -109,10 +113,14 @@ def _pointing_at(token: int):
 
 
 GENERATORS = {
-    "simple": (lambda m, ids, n: gpt_torch.generate_text_simple(m, ids, n, BIG_VOCAB.context_length),
-               lambda m, ids, n: gpt_flax.generate_text_simple(m, ids, n, BIG_VOCAB.context_length)),
-    "cached": (lambda m, ids, n: gpt_torch.generate_text_simple_cached(m, ids, n),
-               lambda m, ids, n: gpt_flax.generate_text_simple_cached(m, ids, n)),
+    "simple": (
+        lambda m, ids, n: gpt_torch.generate_text_simple(m, ids, n, BIG_VOCAB.context_length),
+        lambda m, ids, n: gpt_flax.generate_text_simple(m, ids, n, BIG_VOCAB.context_length),
+    ),
+    "cached": (
+        lambda m, ids, n: gpt_torch.generate_text_simple_cached(m, ids, n),
+        lambda m, ids, n: gpt_flax.generate_text_simple_cached(m, ids, n),
+    ),
 }
 
 
@@ -125,8 +133,10 @@ def test_a_prompt_dtype_that_cannot_hold_the_vocabulary_is_refused(generator, dt
     gen_t, gen_f = GENERATORS[generator]
     message = _same_refusal(lambda: gen_t(tm, torch.from_numpy(prompt), 4), lambda: gen_f(fm, prompt, 4))
     name = np.dtype(dtype).name
-    assert message == (f"token ids of dtype {name} cannot hold every id of the vocabulary (up to 50256, "
-                       "vocab_size 50257): generation would wrap them; pass int32 or int64 ids")
+    assert message == (
+        f"token ids of dtype {name} cannot hold every id of the vocabulary (up to 50256, "
+        "vocab_size 50257): generation would wrap them; pass int32 or int64 ids"
+    )
 
 
 @pytest.mark.parametrize("generator", GENERATORS)
@@ -173,10 +183,15 @@ BAD_ADAMW = [
     (dict(eps=INF), "eps must be a finite number >= 1.17549e-38 (float32's smallest normal), got inf"),
     (dict(weight_decay=10**400), "weight_decay must be a finite number >= 0, got " + str(10**400)),
     # Found by tests/test_fuzz.py: torch raised RuntimeError in the step, optax made every weight inf.
-    (dict(lr=1e39, betas=(0.0, 0.999)), "lr / (1 - betas[0]), Adam's first step size, must be at most "
-                                        "3.4028234663852886e+38 (float32's largest), got 1e+39"),
-    (dict(lr=1e30, weight_decay=1e10), "lr * weight_decay must be at most 3.4028234663852886e+38 "
-                                       "(float32's largest), got 1e+40"),
+    (
+        dict(lr=1e39, betas=(0.0, 0.999)),
+        "lr / (1 - betas[0]), Adam's first step size, must be at most "
+        "3.4028234663852886e+38 (float32's largest), got 1e+39",
+    ),
+    (
+        dict(lr=1e30, weight_decay=1e10),
+        "lr * weight_decay must be at most 3.4028234663852886e+38 (float32's largest), got 1e+40",
+    ),
 ]
 
 
@@ -192,7 +207,9 @@ def test_adamw_takes_numpy_scalars_zero_and_ints_and_steps_alike():
     args = dict(lr=np.float32(1e-2), weight_decay=0, betas=[np.float64(0.8), 0.99], eps=np.float32(1e-6))
     ids = np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 6))
     with float32_matmuls():
-        gpt_torch.train_step(tm, gpt_torch.adamw(tm, **args), torch.from_numpy(ids[:, :-1]), torch.from_numpy(ids[:, 1:]))
+        gpt_torch.train_step(
+            tm, gpt_torch.adamw(tm, **args), torch.from_numpy(ids[:, :-1]), torch.from_numpy(ids[:, 1:])
+        )
         gpt_flax.train_step(fm, gpt_flax.adamw(fm, **args), ids[:, :-1], ids[:, 1:])
     t, f = gpt_torch.state_dict(tm), gpt_flax.state_dict(fm)
     for name in t:
@@ -204,8 +221,10 @@ def test_adamw_takes_numpy_scalars_zero_and_ints_and_steps_alike():
 CEILING = "must be at most 2147483647 (2**31 - 1: token ids and positions are int32 in JAX)"
 
 
-@pytest.mark.parametrize("field, value", [("vocab_size", 10**30), ("context_length", 2**63),
-                                          ("emb_dim", 2**31), ("n_heads", 2**40), ("n_layers", 2**31)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("vocab_size", 10**30), ("context_length", 2**63), ("emb_dim", 2**31), ("n_heads", 2**40), ("n_layers", 2**31)],
+)
 def test_config_sizes_have_a_ceiling(field, value):
     with pytest.raises(ValueError) as e:
         GPTConfig.from_dict({**TINY.to_dict(), field: value})
@@ -214,8 +233,9 @@ def test_config_sizes_have_a_ceiling(field, value):
 
 def test_the_ceiling_itself_is_a_valid_size():
     top = 2**31 - 1
-    cfg = GPTConfig(vocab_size=top, context_length=top, emb_dim=top, n_heads=top, n_layers=top,
-                    drop_rate=0.0, qkv_bias=False)
+    cfg = GPTConfig(
+        vocab_size=top, context_length=top, emb_dim=top, n_heads=top, n_layers=top, drop_rate=0.0, qkv_bias=False
+    )
     assert cfg.head_dim == 1
 
 
@@ -234,34 +254,47 @@ def test_a_model_memory_cannot_hold_is_refused_alike(monkeypatch):
     monkeypatch.setattr("gpt_spec.limits.available_memory", lambda: 50_000)
     message = _same_refusal(lambda: gpt_torch.GPTModel(TINY), lambda: gpt_flax.GPTModel(TINY, rngs=nnx.Rngs(0)))
     # 19,272 float32 parameters, 2 causal masks of 11 x 11 floats and 2 blocks: 206,056 bytes.
-    assert message == ("GPTModel with 19,272 parameters needs 206 kB (float32 parameters, causal masks and "
-                       "64 kB per block) to build; 50 kB of memory is available")
+    assert message == (
+        "GPTModel with 19,272 parameters needs 206 kB (float32 parameters, causal masks and "
+        "64 kB per block) to build; 50 kB of memory is available"
+    )
     monkeypatch.setattr("gpt_spec.limits.available_memory", lambda: 19_000)
-    message = _same_refusal(lambda: gpt_torch.DummyGPTModel(TINY),
-                            lambda: gpt_flax.DummyGPTModel(TINY, rngs=nnx.Rngs(0)))
-    assert message == ("DummyGPTModel with 4,920 parameters needs 27.7 kB (float32 parameters and 4 kB per "
-                       "block) to build; 19 kB of memory is available")
+    message = _same_refusal(
+        lambda: gpt_torch.DummyGPTModel(TINY), lambda: gpt_flax.DummyGPTModel(TINY, rngs=nnx.Rngs(0))
+    )
+    assert message == (
+        "DummyGPTModel with 4,920 parameters needs 27.7 kB (float32 parameters and 4 kB per "
+        "block) to build; 19 kB of memory is available"
+    )
     monkeypatch.setattr("gpt_spec.limits.available_memory", lambda: None)  # unknown: not checked
     gpt_torch.GPTModel(TINY)
     gpt_flax.GPTModel(TINY, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("change, models", [
-    ({"emb_dim": 3_000_000, "n_heads": 1}, ["GPTModel"]),  # DummyGPTModel: 2.5 GB, it would be built
-    ({"vocab_size": 2**31 - 1, "emb_dim": 768, "n_heads": 1}, ["GPTModel", "DummyGPTModel"]),
-    ({"context_length": 2**31 - 1}, ["GPTModel", "DummyGPTModel"]),
-    # Found by tests/test_fuzz.py: a DummyGPTModel's parameters do not grow with its blocks.
-    ({"n_layers": 2**31 - 1}, ["GPTModel", "DummyGPTModel"]),
-], ids=["emb_dim-3e6", "vocab-2**31-1", "context-2**31-1", "layers-2**31-1"])
+@pytest.mark.parametrize(
+    "change, models",
+    [
+        ({"emb_dim": 3_000_000, "n_heads": 1}, ["GPTModel"]),  # DummyGPTModel: 2.5 GB, it would be built
+        ({"vocab_size": 2**31 - 1, "emb_dim": 768, "n_heads": 1}, ["GPTModel", "DummyGPTModel"]),
+        ({"context_length": 2**31 - 1}, ["GPTModel", "DummyGPTModel"]),
+        # Found by tests/test_fuzz.py: a DummyGPTModel's parameters do not grow with its blocks.
+        ({"n_layers": 2**31 - 1}, ["GPTModel", "DummyGPTModel"]),
+    ],
+    ids=["emb_dim-3e6", "vocab-2**31-1", "context-2**31-1", "layers-2**31-1"],
+)
 def test_a_model_no_machine_holds_is_refused_before_anything_is_allocated(change, models):
     """Before: torch raised RuntimeError or TypeError; the Flax twin aborted the interpreter."""
     cfg = TINY.replace(**change)
     for model in models:
-        message = _same_refusal(lambda: getattr(gpt_torch, model)(cfg),
-                                lambda: getattr(gpt_flax, model)(cfg, rngs=nnx.Rngs(0)))
-        assert re.fullmatch(rf"{model} with \S+ parameters needs \S+ [kMGTPEZ]?B \(float32 parameters"
-                            rf"(, causal masks)? and \d+ kB per block\) to build; \S+ [kMGTPEZ]?B of memory is "
-                            "available", message), message
+        message = _same_refusal(
+            lambda: getattr(gpt_torch, model)(cfg), lambda: getattr(gpt_flax, model)(cfg, rngs=nnx.Rngs(0))
+        )
+        assert re.fullmatch(
+            rf"{model} with \S+ parameters needs \S+ [kMGTPEZ]?B \(float32 parameters"
+            rf"(, causal masks)? and \d+ kB per block\) to build; \S+ [kMGTPEZ]?B of memory is "
+            "available",
+            message,
+        ), message
 
 
 def test_the_available_memory_is_read():
@@ -274,12 +307,15 @@ def test_an_output_memory_cannot_hold_is_refused_before_generation(monkeypatch):
     tm, fm = build_pair("dummy", TINY, source="torch")
     monkeypatch.setattr("gpt_spec.limits.available_memory", lambda: 1_000)
     prompt = np.ones((16, 3), np.int64)
-    for gen_t, gen_f in [(gpt_torch.generate_text_simple, gpt_flax.generate_text_simple),
-                         (gpt_torch.generate_text_simple_cached, gpt_flax.generate_text_simple_cached)]:
-        message = _same_refusal(lambda: gen_t(tm, torch.from_numpy(prompt), 5, 11),
-                                lambda: gen_f(fm, prompt, 5, 11))
-        assert message == ("generating 5 new tokens at batch 16 needs 1.02 kB for the output ids alone "
-                           "(16 x 8 int64); 1 kB of memory is available")
+    for gen_t, gen_f in [
+        (gpt_torch.generate_text_simple, gpt_flax.generate_text_simple),
+        (gpt_torch.generate_text_simple_cached, gpt_flax.generate_text_simple_cached),
+    ]:
+        message = _same_refusal(lambda: gen_t(tm, torch.from_numpy(prompt), 5, 11), lambda: gen_f(fm, prompt, 5, 11))
+        assert message == (
+            "generating 5 new tokens at batch 16 needs 1.02 kB for the output ids alone "
+            "(16 x 8 int64); 1 kB of memory is available"
+        )
 
 
 def test_a_billion_new_tokens_at_batch_16_is_refused_on_this_machine(monkeypatch):
@@ -291,18 +327,24 @@ def test_a_billion_new_tokens_at_batch_16_is_refused_on_this_machine(monkeypatch
     monkeypatch.setattr(limits, "available_memory", lambda: min(real or 10**11, 10**11))
     tm, fm = build_pair("dummy", TINY, source="torch")
     prompt = np.ones((16, 3), np.int64)
-    message = _same_refusal(lambda: gpt_torch.generate_text_simple(tm, torch.from_numpy(prompt), 10**9, 11),
-                            lambda: gpt_flax.generate_text_simple(fm, prompt, 10**9, 11))
+    message = _same_refusal(
+        lambda: gpt_torch.generate_text_simple(tm, torch.from_numpy(prompt), 10**9, 11),
+        lambda: gpt_flax.generate_text_simple(fm, prompt, 10**9, 11),
+    )
     assert message.startswith("generating 1000000000 new tokens at batch 16 needs 128 GB for the output ids alone")
 
 
 def test_a_sequence_past_the_position_ceiling_is_refused():
     tm, fm = build_pair("dummy", TINY, source="torch")
     prompt = np.ones((1, 3), np.int8)
-    message = _same_refusal(lambda: gpt_torch.generate_text_simple(tm, torch.from_numpy(prompt), 2**31, 11),
-                            lambda: gpt_flax.generate_text_simple(fm, prompt, 2**31, 11))
-    assert message == ("a prompt of 3 and 2147483648 new tokens make 2147483651 tokens, more than 2147483647 "
-                       "(2**31 - 1: token ids and positions are int32 in JAX)")
+    message = _same_refusal(
+        lambda: gpt_torch.generate_text_simple(tm, torch.from_numpy(prompt), 2**31, 11),
+        lambda: gpt_flax.generate_text_simple(fm, prompt, 2**31, 11),
+    )
+    assert message == (
+        "a prompt of 3 and 2147483648 new tokens make 2147483651 tokens, more than 2147483647 "
+        "(2**31 - 1: token ids and positions are int32 in JAX)"
+    )
 
 
 LONG = GPTConfig(vocab_size=97, context_length=100, emb_dim=4, n_heads=1, n_layers=1, drop_rate=0.0, qkv_bias=False)
@@ -356,8 +398,11 @@ def test_long_generation_runs_in_chunks_of_one_compiled_program(monkeypatch):
 def test_ctrl_c_stops_a_long_generation_between_chunks(monkeypatch, cached):
     tm, fm = build_pair("gpt", LONG, source="torch", seed=4)
     prompt = np.array([[5, 6]])
-    generate = (lambda: gpt_flax.generate_text_simple_cached(fm, prompt, 90)) if cached else (
-        lambda: gpt_flax.generate_text_simple(fm, prompt, 90, LONG.context_length))
+    generate = (
+        (lambda: gpt_flax.generate_text_simple_cached(fm, prompt, 90))
+        if cached
+        else (lambda: gpt_flax.generate_text_simple(fm, prompt, 90, LONG.context_length))
+    )
     expected = np.asarray(generate())
     waits = _count_waits(monkeypatch, interrupt_at=2)
     with pytest.raises(KeyboardInterrupt):
@@ -369,18 +414,30 @@ def test_ctrl_c_stops_a_long_generation_between_chunks(monkeypatch, cached):
 
 # 4. The same culprit named first; the same inputs taken.
 
+
 def _cropped(sd, *names):
     return {k: (v[:-1].copy() if k in names else v) for k, v in sd.items()}
 
 
-@pytest.mark.parametrize("cfg, bad, first", [
-    (TINY, ("out_head.weight", "pos_emb.weight"), "pos_emb.weight"),
-    (TINY, ("pos_emb.weight", "tok_emb.weight"), "tok_emb.weight"),
-    (TINY, ("trf_blocks.1.att.W_key.weight", "trf_blocks.1.att.W_query.weight"), "trf_blocks.1.att.W_query.weight"),
-    (TINY, ("trf_blocks.0.ff.layers.2.weight", "trf_blocks.0.att.W_value.weight"), "trf_blocks.0.att.W_value.weight"),
-    (TINY.replace(n_layers=11), ("trf_blocks.2.ff.layers.0.weight", "trf_blocks.10.ff.layers.0.weight"),
-     "trf_blocks.2.ff.layers.0.weight"),
-], ids=["out_head-pos_emb", "pos_emb-tok_emb", "W_key-W_query", "ff-W_value", "block-10-block-2"])
+@pytest.mark.parametrize(
+    "cfg, bad, first",
+    [
+        (TINY, ("out_head.weight", "pos_emb.weight"), "pos_emb.weight"),
+        (TINY, ("pos_emb.weight", "tok_emb.weight"), "tok_emb.weight"),
+        (TINY, ("trf_blocks.1.att.W_key.weight", "trf_blocks.1.att.W_query.weight"), "trf_blocks.1.att.W_query.weight"),
+        (
+            TINY,
+            ("trf_blocks.0.ff.layers.2.weight", "trf_blocks.0.att.W_value.weight"),
+            "trf_blocks.0.att.W_value.weight",
+        ),
+        (
+            TINY.replace(n_layers=11),
+            ("trf_blocks.2.ff.layers.0.weight", "trf_blocks.10.ff.layers.0.weight"),
+            "trf_blocks.2.ff.layers.0.weight",
+        ),
+    ],
+    ids=["out_head-pos_emb", "pos_emb-tok_emb", "W_key-W_query", "ff-W_value", "block-10-block-2"],
+)
 def test_two_bad_keys_the_first_in_model_order_is_named_by_both(cfg, bad, first):
     tm, fm = build_pair("gpt", cfg, source="torch")
     sd = _cropped(gpt_torch.state_dict(tm), *bad)
@@ -392,10 +449,16 @@ BAD_PAIRS = [
     (np.array([[1, 97, 3]]), np.array([[1, -1, 3]]), "token id 97 is out of range [0, 97) (vocab_size)"),
     (np.zeros((1, 3), np.float32), np.array([[1, 2, 97]]), "token ids must be integers, got dtype float32"),
     (np.zeros((1, 12), np.int64), np.zeros((1, 3), np.float32), "sequence length 12 exceeds context_length 11"),
-    (np.zeros((3,), np.int64), np.zeros((2, 2, 2), np.int64),
-     "token ids must have shape (batch, seq_len), got shape (3,)"),
-    (np.zeros((1, 3), np.int64), np.zeros((1, 4), np.int64),
-     "targets have shape (1, 4), expected the inputs' shape (1, 3)"),
+    (
+        np.zeros((3,), np.int64),
+        np.zeros((2, 2, 2), np.int64),
+        "token ids must have shape (batch, seq_len), got shape (3,)",
+    ),
+    (
+        np.zeros((1, 3), np.int64),
+        np.zeros((1, 4), np.int64),
+        "targets have shape (1, 4), expected the inputs' shape (1, 3)",
+    ),
     (np.zeros((1, 3), np.int64), np.array([[0, 0, 97, 0]]), "token id 97 is out of range [0, 97) (vocab_size)"),
 ]
 
@@ -408,8 +471,10 @@ def test_the_input_is_checked_before_the_target_by_both(entry, x, y, message):
     calls = {
         "calc_loss_batch": (lambda: gpt_torch.calc_loss_batch(tx, ty, tm), lambda: gpt_flax.calc_loss_batch(x, y, fm)),
         "loss_and_grads": (lambda: gpt_torch.loss_and_grads(tm, tx, ty), lambda: gpt_flax.loss_and_grads(fm, x, y)),
-        "train_step": (lambda: gpt_torch.train_step(tm, gpt_torch.adamw(tm), tx, ty),
-                       lambda: gpt_flax.train_step(fm, gpt_flax.adamw(fm), x, y)),
+        "train_step": (
+            lambda: gpt_torch.train_step(tm, gpt_torch.adamw(tm), tx, ty),
+            lambda: gpt_flax.train_step(fm, gpt_flax.adamw(fm), x, y),
+        ),
     }
     assert _same_refusal(*calls[entry]) == message
 
@@ -459,8 +524,9 @@ def book_generate_text_simple(model, idx, max_new_tokens, context_size):
     return idx
 
 
-@pytest.mark.parametrize("n_prompt, max_new_tokens, context_size", [(3, 6, 11), (15, 4, 5), (2, 12, 11)],
-                         ids=["short", "cropped", "sliding"])
+@pytest.mark.parametrize(
+    "n_prompt, max_new_tokens, context_size", [(3, 6, 11), (15, 4, 5), (2, 12, 11)], ids=["short", "cropped", "sliding"]
+)
 def test_the_torch_generators_drive_the_books_own_model(n_prompt, max_new_tokens, context_size):
     twin, _ = build_pair("gpt", TINY, source="torch", seed=7)
     book = BookGPTModel(TINY.to_dict()).eval()
@@ -513,23 +579,37 @@ def test_both_twins_generate_with_a_model_that_tells_nothing_of_itself():
     # Its vocabulary shows in its logits only: an int8 prompt is refused there, alike.
     bt, bf = _pointing_at(35000)
     prompt8 = np.array([[1, 2]], np.int8)
-    message = _same_refusal(lambda: gpt_torch.generate_text_simple(TorchBare(bt), torch.from_numpy(prompt8), 2, 11),
-                            lambda: gpt_flax.generate_text_simple(FlaxBare(bf), prompt8, 2, 11))
+    message = _same_refusal(
+        lambda: gpt_torch.generate_text_simple(TorchBare(bt), torch.from_numpy(prompt8), 2, 11),
+        lambda: gpt_flax.generate_text_simple(FlaxBare(bf), prompt8, 2, 11),
+    )
     assert message.startswith("token ids of dtype int8 cannot hold every id of the vocabulary (up to 50256")
 
 
 # 8. reset_kv_cache's batch_size and max_len: checked alike, and honoured alike.
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
-    ({"batch_size": 2.0}, "batch_size must be an int, got 2.0 (float)"),
-    ({"batch_size": True}, "batch_size must be an int, got True (bool)"),
-    ({"max_len": 0}, "max_len must be >= 1, got 0"),
-    ({"max_len": "5"}, "max_len must be an int, got '5' (str)"),
-    ({"max_len": 12}, "max_len 12 exceeds context_length 11"),
-    ({"batch_size": 2, "max_len": 12}, "max_len 12 exceeds context_length 11"),
-], ids=["batch-0", "batch-float", "batch-bool", "max-len-0", "max-len-str", "max-len-past-context",
-        "allocated-past-context"])
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+        ({"batch_size": 2.0}, "batch_size must be an int, got 2.0 (float)"),
+        ({"batch_size": True}, "batch_size must be an int, got True (bool)"),
+        ({"max_len": 0}, "max_len must be >= 1, got 0"),
+        ({"max_len": "5"}, "max_len must be an int, got '5' (str)"),
+        ({"max_len": 12}, "max_len 12 exceeds context_length 11"),
+        ({"batch_size": 2, "max_len": 12}, "max_len 12 exceeds context_length 11"),
+    ],
+    ids=[
+        "batch-0",
+        "batch-float",
+        "batch-bool",
+        "max-len-0",
+        "max-len-str",
+        "max-len-past-context",
+        "allocated-past-context",
+    ],
+)
 @pytest.mark.parametrize("kind", ["gpt", "dummy"])
 def test_reset_kv_cache_refuses_the_same_arguments_alike(kind, kwargs, message):
     tm, fm = build_pair(kind, TINY, source="torch")
@@ -546,10 +626,13 @@ def test_a_cached_call_past_max_len_is_refused_alike(kind, batch_size):
     with torch.no_grad():
         t = tm(torch.from_numpy(ids[:, :3]), use_cache=True).numpy()
         f = np.asarray(fm(ids[:, :3], use_cache=True))
-        message = _same_refusal(lambda: tm(torch.from_numpy(ids[:, 3:]), use_cache=True),
-                                lambda: fm(ids[:, 3:], use_cache=True))
-        assert message == ("sequence length 6 exceeds the KV cache's max_len 5 (3 cached + 3 new tokens; "
-                           "reset it with a larger max_len)")
+        message = _same_refusal(
+            lambda: tm(torch.from_numpy(ids[:, 3:]), use_cache=True), lambda: fm(ids[:, 3:], use_cache=True)
+        )
+        assert message == (
+            "sequence length 6 exceeds the KV cache's max_len 5 (3 cached + 3 new tokens; "
+            "reset it with a larger max_len)"
+        )
         # The refused call changed nothing: the cache goes on from position 3, up to max_len.
         t = np.concatenate([t, tm(torch.from_numpy(ids[:, 3:5]), use_cache=True).numpy()], axis=1)
         f = np.concatenate([f, np.asarray(fm(ids[:, 3:5], use_cache=True))], axis=1)
@@ -565,8 +648,10 @@ def test_the_batch_size_given_to_reset_kv_cache_is_held_to_alike():
     tm.reset_kv_cache(batch_size=2)
     fm.reset_kv_cache(batch_size=2)
     with torch.no_grad():
-        message = _same_refusal(lambda: tm(torch.ones((3, 1), dtype=torch.int64), use_cache=True),
-                                lambda: fm(np.ones((3, 1), np.int64), use_cache=True))
+        message = _same_refusal(
+            lambda: tm(torch.ones((3, 1), dtype=torch.int64), use_cache=True),
+            lambda: fm(np.ones((3, 1), np.int64), use_cache=True),
+        )
     assert message == "the KV cache holds batch size 2, got 3: reset it"
     # Without arguments, the defaults: any batch, context_length positions.
     tm.reset_kv_cache()
@@ -577,6 +662,7 @@ def test_the_batch_size_given_to_reset_kv_cache_is_held_to_alike():
 
 
 # 9. calc_loss_batch(input_batch, target_batch, model, device): the book's signature in both twins.
+
 
 def test_calc_loss_batch_takes_a_device_in_both_twins():
     tm, fm = build_pair("gpt", NOISELESS, source="torch")
@@ -594,6 +680,8 @@ def test_calc_loss_batch_takes_a_device_in_both_twins():
     assert abs(t - f) <= LOSS.atol + LOSS.rtol * abs(t)
     # Ids are checked before they move, and the inputs before the targets, as without a device.
     bad = np.full_like(x, TINY.vocab_size)
-    message = _same_refusal(lambda: gpt_torch.calc_loss_batch(torch.from_numpy(bad), tx, tm, "cpu"),
-                            lambda: gpt_flax.calc_loss_batch(bad, y, fm, device))
+    message = _same_refusal(
+        lambda: gpt_torch.calc_loss_batch(torch.from_numpy(bad), tx, tm, "cpu"),
+        lambda: gpt_flax.calc_loss_batch(bad, y, fm, device),
+    )
     assert message == "token id 97 is out of range [0, 97) (vocab_size)"

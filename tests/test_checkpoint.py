@@ -19,8 +19,7 @@ HF_TINY_CONFIG = gpt2_config_json(**HF_TINY, n_head=3)
 
 
 def _hf_config(cfg, **changes):
-    return gpt2_config_json(cfg.vocab_size, cfg.context_length, cfg.emb_dim, cfg.n_layers, cfg.n_heads,
-                            **changes)
+    return gpt2_config_json(cfg.vocab_size, cfg.context_length, cfg.emb_dim, cfg.n_layers, cfg.n_heads, **changes)
 
 
 def _canonical(cfg, seed=0):
@@ -63,14 +62,21 @@ def test_hf_layout_maps_fused_and_transposed_tensors():
 def test_n_heads_is_never_guessed_beyond_the_published_shapes():
     """Without a config only the four published GPT-2 shapes imply n_heads (gpt2-xl: 25 heads of 64)."""
     hf = random_hf_gpt2(vocab_size=50, n_positions=8, n_embd=128, n_layer=1)
-    with pytest.raises(ValueError, match=r"cannot tell n_heads.*emb_dim 128 x n_layers 1 is none of the "
-                                         r"published GPT-2 shapes.*--n-heads N"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot tell n_heads.*emb_dim 128 x n_layers 1 is none of the "
+        r"published GPT-2 shapes.*--n-heads N",
+    ):
         from_hf(hf)
     assert from_hf(hf, config=GPTConfig(50, 8, 128, 4, 1, 0.1, True))[1].n_heads == 4
     from gpt_spec.hf import published_n_heads
 
-    assert [published_n_heads(e, n, "x") for e, n in [(768, 12), (1024, 24), (1280, 36), (1600, 48)]] == \
-        [12, 16, 20, 25]
+    assert [published_n_heads(e, n, "x") for e, n in [(768, 12), (1024, 24), (1280, 36), (1600, 48)]] == [
+        12,
+        16,
+        20,
+        25,
+    ]
     with pytest.raises(ValueError, match="cannot tell n_heads"):
         infer_config(_canonical(TINY))
 
@@ -79,14 +85,22 @@ def test_n_heads_is_never_guessed_beyond_the_published_shapes():
     "edit, message",
     [
         (lambda sd: sd.pop("transformer.h.1.mlp.c_fc.bias"), "missing tensor 'h.1.mlp.c_fc.bias'"),
-        (lambda sd: sd.update({"transformer.h.0.attn.c_attn.weight": np.zeros((24, 71), np.float32)}),
-         r"tensor 'h.0.attn.c_attn.weight' has shape \(24, 71\), expected \(24, 72\)"),
-        (lambda sd: sd.update({"transformer.h.0.ln_1.weight": np.ones(24, np.int32)}),
-         "tensor 'h.0.ln_1.weight' has dtype int32, expected one of float16, bfloat16, float32, float64"),
-        (lambda sd: sd.update({"transformer.h.0.attn.extra": np.ones(2, np.float32)}),
-         "unexpected tensor 'transformer.h.0.attn.extra' for a GPT-2"),
-        (lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("transformer.h.0.")],
-         r"transformer layers \[1\] are not numbered 0..n-1"),
+        (
+            lambda sd: sd.update({"transformer.h.0.attn.c_attn.weight": np.zeros((24, 71), np.float32)}),
+            r"tensor 'h.0.attn.c_attn.weight' has shape \(24, 71\), expected \(24, 72\)",
+        ),
+        (
+            lambda sd: sd.update({"transformer.h.0.ln_1.weight": np.ones(24, np.int32)}),
+            "tensor 'h.0.ln_1.weight' has dtype int32, expected one of float16, bfloat16, float32, float64",
+        ),
+        (
+            lambda sd: sd.update({"transformer.h.0.attn.extra": np.ones(2, np.float32)}),
+            "unexpected tensor 'transformer.h.0.attn.extra' for a GPT-2",
+        ),
+        (
+            lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("transformer.h.0.")],
+            r"transformer layers \[1\] are not numbered 0..n-1",
+        ),
         (lambda sd: sd.pop("transformer.wpe.weight"), "missing tensor 'wpe.weight'"),
     ],
 )
@@ -131,8 +145,11 @@ def test_twins_save_and_load_self_describing_files(tmp_path, twin):
     assert type(loaded).__name__ == "GPTModel" and loaded.cfg == TINY
     for name, value in state_dict(model).items():
         np.testing.assert_array_equal(state_dict(loaded)[name], value, err_msg=name)
-    dummy = (gpt_torch.DummyGPTModel(TINY, final_norm="layernorm") if twin == "torch"
-             else gpt_flax.DummyGPTModel(TINY, final_norm="layernorm", rngs=gpt_flax_rngs()))
+    dummy = (
+        gpt_torch.DummyGPTModel(TINY, final_norm="layernorm")
+        if twin == "torch"
+        else gpt_flax.DummyGPTModel(TINY, final_norm="layernorm", rngs=gpt_flax_rngs())
+    )
     save(dummy, path)
     again = load(path)
     assert type(again).__name__ == "DummyGPTModel" and "final_norm.scale" in state_dict(again)
@@ -186,13 +203,23 @@ def test_hf_config_json_is_read_beside_the_file_or_in_the_folder(tmp_path, given
     [
         (lambda p: None, "does not exist"),
         (lambda p: p.write_bytes(b"not a safetensors file at all"), "is not a readable safetensors file"),
-        (lambda p: (save_file({"tok_emb.weight": np.ones((4, 4), np.float32)}, p),
-                    p.write_bytes(p.read_bytes()[:-9])), "is not a readable safetensors file"),
-        (lambda p: save_file({"weight": np.ones((4, 4), np.float32)}, p),
-         r"neither the canonical layout \(tok_emb.weight, ...\) nor HF GPT-2's"),
-        (lambda p: save_file({"tok_emb.weight": np.ones((4, 4), np.float32),
-                              "pos_emb.weight": np.ones((4, 4), np.float32)}, p),
-         r"no transformer blocks \(trf_blocks.N.\*\) found"),
+        (
+            lambda p: (
+                save_file({"tok_emb.weight": np.ones((4, 4), np.float32)}, p),
+                p.write_bytes(p.read_bytes()[:-9]),
+            ),
+            "is not a readable safetensors file",
+        ),
+        (
+            lambda p: save_file({"weight": np.ones((4, 4), np.float32)}, p),
+            r"neither the canonical layout \(tok_emb.weight, ...\) nor HF GPT-2's",
+        ),
+        (
+            lambda p: save_file(
+                {"tok_emb.weight": np.ones((4, 4), np.float32), "pos_emb.weight": np.ones((4, 4), np.float32)}, p
+            ),
+            r"no transformer blocks \(trf_blocks.N.\*\) found",
+        ),
     ],
     ids=["missing", "garbage", "truncated", "unknown-layout", "no-blocks"],
 )
@@ -209,11 +236,15 @@ def test_a_mismatched_file_leaves_no_model_half_loaded(tmp_path):
     sd = _canonical(TINY)
     sd["trf_blocks.1.ff.layers.0.weight"] = np.zeros((96, 23), np.float32)
     save_file(sd, path)
-    with pytest.raises(ValueError, match=r"'trf_blocks.1.ff.layers.0.weight' has shape \(96, 23\), expected \(96, 24\)"):
+    with pytest.raises(
+        ValueError, match=r"'trf_blocks.1.ff.layers.0.weight' has shape \(96, 23\), expected \(96, 24\)"
+    ):
         load_checkpoint(path, config=TINY)
     model = gpt_torch.GPTModel(TINY)
     before = gpt_torch.state_dict(model)
-    with pytest.raises(ValueError, match=r"'trf_blocks.1.ff.layers.0.weight' has shape \(96, 23\), expected \(96, 24\)"):
+    with pytest.raises(
+        ValueError, match=r"'trf_blocks.1.ff.layers.0.weight' has shape \(96, 23\), expected \(96, 24\)"
+    ):
         gpt_torch.load_state_dict(model, sd)
     for name, value in gpt_torch.state_dict(model).items():
         np.testing.assert_array_equal(value, before[name], err_msg=name)
@@ -226,8 +257,10 @@ def test_the_books_model_pth_loads_without_running_pickled_code(tmp_path):
     model = gpt_torch.GPTModel(TINY_BIAS)
     sd = model.state_dict()
     n = TINY_BIAS.context_length  # the book's MultiHeadAttention saves its mask buffer
-    book_sd = {**sd, **{f"trf_blocks.{i}.att.mask": torch.triu(torch.ones(n, n), diagonal=1)
-                        for i in range(TINY_BIAS.n_layers)}}
+    book_sd = {
+        **sd,
+        **{f"trf_blocks.{i}.att.mask": torch.triu(torch.ones(n, n), diagonal=1) for i in range(TINY_BIAS.n_layers)},
+    }
     torch.save(book_sd, tmp_path / "model.pth")
     torch.save({"model_state_dict": book_sd, "optimizer_state_dict": {}}, tmp_path / "model_and_optimizer.pth")
     for name in ("model.pth", "model_and_optimizer.pth"):

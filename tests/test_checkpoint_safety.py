@@ -39,18 +39,23 @@ def _hf_snapshot(tmp_path, hf=None, **changes):
 
 # --- the HF config is honoured or refused ---------------------------------------------------------
 
-@pytest.mark.parametrize("changes, message", [
-    ({"model_type": "llama"}, "model_type = 'llama'"),
-    ({"add_cross_attention": True}, "add_cross_attention = True"),
-    ({"n_positions": 12}, "config.json says n_positions = 12, the tensors 11"),
-    ({"n_layer": 3}, "config.json says n_layer = 3, the tensors 2"),
-    ({"vocab_size": 98}, "config.json says vocab_size = 98, the tensors 97"),
-    ({"n_ctx": 10}, "n_ctx = 10"),
-    ({"tie_word_embeddings": False}, "tie_word_embeddings = false but the file has no lm_head.weight"),
-    ({"attn_pdrop": 0.0}, "the twins have one drop_rate"),
-    ({"rope_theta": 10000.0}, "config.json has key\\(s\\) 'rope_theta' whose meaning the twins do not know"),
-    ({"layer_norm_epsilon": True}, "layer_norm_epsilon = True"),
-], ids=lambda v: v if isinstance(v, str) else next(iter(v)))
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"model_type": "llama"}, "model_type = 'llama'"),
+        ({"add_cross_attention": True}, "add_cross_attention = True"),
+        ({"n_positions": 12}, "config.json says n_positions = 12, the tensors 11"),
+        ({"n_layer": 3}, "config.json says n_layer = 3, the tensors 2"),
+        ({"vocab_size": 98}, "config.json says vocab_size = 98, the tensors 97"),
+        ({"n_ctx": 10}, "n_ctx = 10"),
+        ({"tie_word_embeddings": False}, "tie_word_embeddings = false but the file has no lm_head.weight"),
+        ({"attn_pdrop": 0.0}, "the twins have one drop_rate"),
+        ({"rope_theta": 10000.0}, "config.json has key\\(s\\) 'rope_theta' whose meaning the twins do not know"),
+        ({"layer_norm_epsilon": True}, "layer_norm_epsilon = True"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else next(iter(v)),
+)
 @pytest.mark.parametrize("twin", list(LOADERS))
 def test_config_fields_are_checked_against_the_tensors_and_the_twins(tmp_path, twin, changes, message):
     path = _hf_snapshot(tmp_path, **changes)
@@ -64,8 +69,7 @@ def test_a_tied_config_with_a_different_lm_head_is_refused(tmp_path):
     path = _hf_snapshot(tmp_path, hf)
     with pytest.raises(ValueError, match="tie_word_embeddings = true .* lm_head.weight differs"):
         load_checkpoint(path)
-    (tmp_path / "config.json").write_text(json.dumps(gpt2_config_json(**HF_TINY, n_head=3,
-                                                                      tie_word_embeddings=False)))
+    (tmp_path / "config.json").write_text(json.dumps(gpt2_config_json(**HF_TINY, n_head=3, tie_word_embeddings=False)))
     np.testing.assert_array_equal(load_checkpoint(path).state_dict["out_head.weight"], hf["lm_head.weight"])
 
 
@@ -89,18 +93,33 @@ def test_n_heads_can_be_given_for_a_file_without_config(tmp_path):
 
 # --- no key silently ignored or preferred ---------------------------------------------------------
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda hf: hf.update({"wte.weight": hf["transformer.wte.weight"]}),
-     "holds both 'wte.weight' and 'transformer.wte.weight'|holds both 'transformer.wte.weight' and 'wte.weight'"),
-    (lambda hf: hf.update({"transformer.h.0.foo.attn.bias": hf["transformer.h.0.attn.bias"]}),
-     "unexpected tensor 'transformer.h.0.foo.attn.bias'"),
-    (lambda hf: hf.update({"transformer.h.7.attn.bias": hf["transformer.h.0.attn.bias"]}),
-     "transformer layers \\[0, 1, 7\\] are not numbered"),
-    (lambda hf: hf.update({"transformer.h.0.attn.bias": np.ones((1, 1, 11, 11), np.float32)}),
-     "buffer 'h.0.attn.bias' is not GPT-2's causal mask of 11 positions"),
-    (lambda hf: hf.update({"transformer.h.1.attn.masked_bias": np.array(0.0, np.float32)}),
-     "buffer 'h.1.attn.masked_bias' is not a masked-score fill value"),
-], ids=["both-prefixes", "nested-buffer-name", "stray-block", "not-causal", "masked-bias"])
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda hf: hf.update({"wte.weight": hf["transformer.wte.weight"]}),
+            "holds both 'wte.weight' and 'transformer.wte.weight'|holds both 'transformer.wte.weight' and 'wte.weight'",
+        ),
+        (
+            lambda hf: hf.update({"transformer.h.0.foo.attn.bias": hf["transformer.h.0.attn.bias"]}),
+            "unexpected tensor 'transformer.h.0.foo.attn.bias'",
+        ),
+        (
+            lambda hf: hf.update({"transformer.h.7.attn.bias": hf["transformer.h.0.attn.bias"]}),
+            "transformer layers \\[0, 1, 7\\] are not numbered",
+        ),
+        (
+            lambda hf: hf.update({"transformer.h.0.attn.bias": np.ones((1, 1, 11, 11), np.float32)}),
+            "buffer 'h.0.attn.bias' is not GPT-2's causal mask of 11 positions",
+        ),
+        (
+            lambda hf: hf.update({"transformer.h.1.attn.masked_bias": np.array(0.0, np.float32)}),
+            "buffer 'h.1.attn.masked_bias' is not a masked-score fill value",
+        ),
+    ],
+    ids=["both-prefixes", "nested-buffer-name", "stray-block", "not-causal", "masked-bias"],
+)
 def test_no_hf_key_is_silently_ignored_or_preferred(tmp_path, edit, message):
     hf = random_hf_gpt2(**HF_TINY)
     edit(hf)
@@ -114,8 +133,7 @@ def _book_state_dict(cfg, seed=0):
     torch.manual_seed(seed)
     sd = gpt_torch.GPTModel(cfg).state_dict()
     n = cfg.context_length
-    return {**sd, **{f"trf_blocks.{i}.att.mask": torch.triu(torch.ones(n, n), diagonal=1)
-                     for i in range(cfg.n_layers)}}
+    return {**sd, **{f"trf_blocks.{i}.att.mask": torch.triu(torch.ones(n, n), diagonal=1) for i in range(cfg.n_layers)}}
 
 
 @pytest.mark.parametrize("twin", ["torch", "flax"])
@@ -127,15 +145,25 @@ def test_the_books_in_memory_state_dict_loads_straight(twin):
     np.testing.assert_array_equal(got["trf_blocks.1.att.W_key.weight"], book["trf_blocks.1.att.W_key.weight"].numpy())
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda sd, n: sd.update({"trf_blocks.5.att.mask": torch.triu(torch.ones(n, n), 1)}),
-     "unexpected key\\(s\\) 'trf_blocks.5.att.mask'"),
-    (lambda sd, n: sd.update({"trf_blocks.0.att.mask": torch.triu(torch.ones(n + 1, n + 1), 1)}),
-     "'trf_blocks.0.att.mask' has shape \\(12, 12\\), expected the causal mask \\(11, 11\\)"),
-    (lambda sd, n: sd.update({"trf_blocks.1.att.mask": torch.triu(torch.ones(n, n), 0)}),
-     "'trf_blocks.1.att.mask' is not the causal mask"),
-    (lambda sd, n: sd.update({"att.mask": torch.triu(torch.ones(n, n), 1)}), "unexpected key\\(s\\) 'att.mask'"),
-], ids=["stray-block", "wrong-size", "not-causal", "no-block"])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda sd, n: sd.update({"trf_blocks.5.att.mask": torch.triu(torch.ones(n, n), 1)}),
+            "unexpected key\\(s\\) 'trf_blocks.5.att.mask'",
+        ),
+        (
+            lambda sd, n: sd.update({"trf_blocks.0.att.mask": torch.triu(torch.ones(n + 1, n + 1), 1)}),
+            "'trf_blocks.0.att.mask' has shape \\(12, 12\\), expected the causal mask \\(11, 11\\)",
+        ),
+        (
+            lambda sd, n: sd.update({"trf_blocks.1.att.mask": torch.triu(torch.ones(n, n), 0)}),
+            "'trf_blocks.1.att.mask' is not the causal mask",
+        ),
+        (lambda sd, n: sd.update({"att.mask": torch.triu(torch.ones(n, n), 1)}), "unexpected key\\(s\\) 'att.mask'"),
+    ],
+    ids=["stray-block", "wrong-size", "not-causal", "no-block"],
+)
 @pytest.mark.parametrize("via", ["pth", "torch", "flax"])
 def test_a_wrong_mask_buffer_is_refused_never_dropped(tmp_path, edit, message, via):
     book = _book_state_dict(TINY)
@@ -164,14 +192,18 @@ def test_the_books_chapter5_pth_reaches_the_flax_twin_in_one_call(tmp_path):
 
 # --- every dtype ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
 @pytest.mark.parametrize("twin", ["torch", "flax"])
 def test_half_and_double_files_load_in_both_twins(tmp_path, dtype, twin):
     sd = _canonical(TINY_BIAS)
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
     stored = {k: v.astype(np_dtype) for k, v in sd.items()}
-    save_file(stored, tmp_path / "m.safetensors", metadata={"format": FORMAT, "config": json.dumps(TINY_BIAS.to_dict()),
-                                                            "model": "GPTModel", "options": "{}"})
+    save_file(
+        stored,
+        tmp_path / "m.safetensors",
+        metadata={"format": FORMAT, "config": json.dumps(TINY_BIAS.to_dict()), "model": "GPTModel", "options": "{}"},
+    )
     model = LOADERS[twin](tmp_path / "m.safetensors")
     got = (gpt_torch if twin == "torch" else gpt_flax).state_dict(model)
     for name, value in stored.items():
@@ -212,32 +244,48 @@ def test_saving_bfloat16_on_request(tmp_path, twin):
 
 # --- shapes before any model is built -------------------------------------------------------------
 
-@pytest.mark.parametrize("claim", [{"n_layers": 20_000}, {"vocab_size": 2**31 - 1}, {"emb_dim": 3 * 10**6, "n_heads": 1}])
+
+@pytest.mark.parametrize(
+    "claim", [{"n_layers": 20_000}, {"vocab_size": 2**31 - 1}, {"emb_dim": 3 * 10**6, "n_heads": 1}]
+)
 @pytest.mark.parametrize("twin", ["torch", "flax"])
 def test_metadata_is_checked_against_the_tensors_before_building(tmp_path, twin, claim):
     """An 80 KB file claiming 20,000 layers took 15 s (torch) and 182 s (Flax) to be refused; one
     claiming vocab 1e11 made torch try to allocate 9.6 TB (the largest vocab a config may now name, 2**31 - 1: 200 GB)."""
     sd = _canonical(TINY)
     cfg = TINY.replace(**claim)
-    save_file(sd, tmp_path / "liar.safetensors", metadata={"format": FORMAT, "config": json.dumps(cfg.to_dict()),
-                                                           "model": "GPTModel", "options": "{}"})
+    save_file(
+        sd,
+        tmp_path / "liar.safetensors",
+        metadata={"format": FORMAT, "config": json.dumps(cfg.to_dict()), "model": "GPTModel", "options": "{}"},
+    )
     start = time.perf_counter()
     with pytest.raises(ValueError, match="liar.safetensors.*(does not match GPTModel|'tok_emb.weight' has shape)"):
         LOADERS[twin](tmp_path / "liar.safetensors")
     assert time.perf_counter() - start < 5  # refused from the header, not after building
 
 
-@pytest.mark.parametrize("metadata, message", [
-    ({"model": "DummyGPTModel", "options": '{"final_norm": "rmsnorm"}'}, "final_norm must be one of dummy, layernorm"),
-    ({"model": "DummyGPTModel", "options": '{"bias": true}'}, "DummyGPTModel takes no option\\(s\\) 'bias'"),
-    ({"model": "DummyGPTModel", "options": "[1]"}, "options must be a mapping, got list"),
-    ({"model": "GPTModel", "options": '{"final_norm": "layernorm"}'}, "GPTModel takes no option\\(s\\) 'final_norm'"),
-    ({"model": "GPT3", "options": "{}"}, "model must be one of GPTModel, DummyGPTModel, got 'GPT3'"),
-])
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        (
+            {"model": "DummyGPTModel", "options": '{"final_norm": "rmsnorm"}'},
+            "final_norm must be one of dummy, layernorm",
+        ),
+        ({"model": "DummyGPTModel", "options": '{"bias": true}'}, "DummyGPTModel takes no option\\(s\\) 'bias'"),
+        ({"model": "DummyGPTModel", "options": "[1]"}, "options must be a mapping, got list"),
+        (
+            {"model": "GPTModel", "options": '{"final_norm": "layernorm"}'},
+            "GPTModel takes no option\\(s\\) 'final_norm'",
+        ),
+        ({"model": "GPT3", "options": "{}"}, "model must be one of GPTModel, DummyGPTModel, got 'GPT3'"),
+    ],
+)
 def test_bad_options_metadata_is_refused_on_load(tmp_path, metadata, message):
     sd = _canonical(TINY)
-    save_file(sd, tmp_path / "m.safetensors", metadata={"format": FORMAT, "config": json.dumps(TINY.to_dict()),
-                                                        **metadata})
+    save_file(
+        sd, tmp_path / "m.safetensors", metadata={"format": FORMAT, "config": json.dumps(TINY.to_dict()), **metadata}
+    )
     for load in (load_checkpoint, *LOADERS.values()):
         with pytest.raises(ValueError, match=message):
             load(tmp_path / "m.safetensors")
@@ -247,12 +295,14 @@ def test_save_checkpoint_validates_every_model_and_its_options(tmp_path):
     with pytest.raises(ValueError, match="state dict does not match DummyGPTModel: missing key"):
         save_checkpoint(tmp_path / "d.safetensors", {"x": np.ones(2, np.float32)}, TINY, model="DummyGPTModel")
     with pytest.raises(ValueError, match="final_norm must be one of dummy, layernorm"):
-        save_checkpoint(tmp_path / "d.safetensors", _canonical(TINY), TINY, options={"final_norm": "x"},
-                        model="DummyGPTModel")
+        save_checkpoint(
+            tmp_path / "d.safetensors", _canonical(TINY), TINY, options={"final_norm": "x"}, model="DummyGPTModel"
+        )
     assert list(tmp_path.iterdir()) == []
 
 
 # --- saving respects the umask, links and neighbours, and cleans up after itself -----------------
+
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_saved_files_get_the_umasks_mode(tmp_path, umask, mode):
@@ -272,36 +322,39 @@ def test_a_symlinked_destination_is_written_where_it_points(tmp_path):
     link.symlink_to(real)
     save_checkpoint(link, _canonical(TINY, seed=1), TINY)
     assert link.is_symlink()
-    np.testing.assert_array_equal(load_checkpoint(real).state_dict["tok_emb.weight"],
-                                  _canonical(TINY, seed=1)["tok_emb.weight"])
+    np.testing.assert_array_equal(
+        load_checkpoint(real).state_dict["tok_emb.weight"], _canonical(TINY, seed=1)["tok_emb.weight"]
+    )
 
 
 def test_neighbours_survive_and_a_killed_saves_temp_is_cleaned(tmp_path):
     neighbour = tmp_path / "m.safetensors.partial"
     neighbour.write_bytes(b"someone else's")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     stale = tmp_path / f".m.safetensors.{dead}.abc123.partial"  # what a SIGKILLed save leaves
     stale.write_bytes(b"x" * 1000)
     live = tmp_path / f".m.safetensors.{os.getppid()}.xyz789.partial"  # a save running now
     live.write_bytes(b"y")
     save_checkpoint(tmp_path / "m.safetensors", _canonical(TINY), TINY)
     assert neighbour.read_bytes() == b"someone else's" and live.exists() and not stale.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["m.safetensors", "m.safetensors.partial", live.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.safetensors", "m.safetensors.partial", live.name])
 
 
 def test_a_sigkilled_save_leaves_only_a_temp_the_next_save_removes(tmp_path):
-    code = ("import signal, os, safetensors.numpy as s\n"
-            "from gpt_spec import save_checkpoint\n"
-            "from parity_tests.configs import TINY\n"
-            "import numpy as np, json\n"
-            "real = s.save_file\n"
-            "def killed(t, f, metadata=None):\n"
-            "    real(t, f, metadata=metadata); os.kill(os.getpid(), signal.SIGKILL)\n"
-            "s.save_file = killed\n"
-            "sd = json.load(open('sd.json'))\n"
-            "save_checkpoint('m.safetensors', {k: np.array(v, np.float32) for k, v in sd.items()}, TINY)\n")
+    code = (
+        "import signal, os, safetensors.numpy as s\n"
+        "from gpt_spec import save_checkpoint\n"
+        "from parity_tests.configs import TINY\n"
+        "import numpy as np, json\n"
+        "real = s.save_file\n"
+        "def killed(t, f, metadata=None):\n"
+        "    real(t, f, metadata=metadata); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "s.save_file = killed\n"
+        "sd = json.load(open('sd.json'))\n"
+        "save_checkpoint('m.safetensors', {k: np.array(v, np.float32) for k, v in sd.items()}, TINY)\n"
+    )
     sd = {k: v.tolist() for k, v in _canonical(TINY).items()}
     (tmp_path / "sd.json").write_text(json.dumps(sd))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), *sys.path])}
@@ -313,10 +366,14 @@ def test_a_sigkilled_save_leaves_only_a_temp_the_next_save_removes(tmp_path):
     assert list(tmp_path.glob(".m.safetensors.*.partial")) == []
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: p.mkdir(), "it is a directory"),
-    (lambda p: None, "folder .* does not exist"),
-], ids=["directory", "missing-folder"])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.mkdir(), "it is a directory"),
+        (lambda p: None, "folder .* does not exist"),
+    ],
+    ids=["directory", "missing-folder"],
+)
 def test_save_errors_are_value_errors_naming_the_file(tmp_path, make, message):
     target = tmp_path / "x.safetensors" if message != "folder .* does not exist" else tmp_path / "no" / "x.safetensors"
     make(target)
@@ -347,6 +404,7 @@ def test_a_write_that_does_not_read_back_never_replaces_the_file(tmp_path, monke
 
 # --- sharded snapshots ----------------------------------------------------------------------------
 
+
 def _shard(tmp_path, hf, n=3):
     keys = sorted(hf)
     weight_map = {}
@@ -365,8 +423,9 @@ def test_a_sharded_snapshot_loads_as_one_model(tmp_path):
     _shard(tmp_path, hf)
     ckpt = load_checkpoint(tmp_path)
     assert len(ckpt.files) == 3 and ckpt.layout == "hf-gpt2"
-    np.testing.assert_array_equal(ckpt.state_dict["trf_blocks.1.ff.layers.2.weight"],
-                                  hf["transformer.h.1.mlp.c_proj.weight"].T)
+    np.testing.assert_array_equal(
+        ckpt.state_dict["trf_blocks.1.ff.layers.2.weight"], hf["transformer.h.1.mlp.c_proj.weight"].T
+    )
 
 
 def test_a_shard_index_that_disagrees_with_its_shards_is_refused(tmp_path):
@@ -378,7 +437,9 @@ def test_a_shard_index_that_disagrees_with_its_shards_is_refused(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wrong}))
     with pytest.raises(ValueError, match=f"holds '{key}', which the index places in"):
         load_checkpoint(tmp_path)
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {**weight_map, "x": "model-00001-of-00003.safetensors"}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {**weight_map, "x": "model-00001-of-00003.safetensors"}})
+    )
     with pytest.raises(ValueError, match="lists tensor\\(s\\) no shard holds: x"):
         load_checkpoint(tmp_path)
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../evil.safetensors"}}))
@@ -397,7 +458,7 @@ def test_a_flax_load_never_computes_the_random_init_yet_keeps_the_rng_state(tmp_
     a = nnx.to_flat_state(nnx.state(loaded, nnx.Not(nnx.Param)))
     b = nnx.to_flat_state(nnx.state(plain, nnx.Not(nnx.Param)))
     assert [p for p, _ in a] == [p for p, _ in b] and len(a) > 0
-    for (path, x), (_, y) in zip(a, b):
+    for (path, x), (_, y) in zip(a, b, strict=True):
         x, y = x.get_value(), y.get_value()
         if jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
             x, y = jax.random.key_data(x), jax.random.key_data(y)

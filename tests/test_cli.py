@@ -16,7 +16,7 @@ from parity_tests.output import format_cell
 
 def _row(stdout: str, *first: str) -> list[str]:
     """The words of the one table row of `stdout` whose first words are `first`."""
-    rows = [line.split() for line in stdout.splitlines() if tuple(line.split()[:len(first)]) == first]
+    rows = [line.split() for line in stdout.splitlines() if tuple(line.split()[: len(first)]) == first]
     assert len(rows) == 1, f"{len(rows)} rows start with {' '.join(first)!r}:\n{stdout}"
     return rows[0]
 
@@ -51,8 +51,21 @@ def test_check_passes_prints_a_row_per_backend_and_writes_json(tiny_json, tmp_pa
 
 def test_check_layers_plot_and_training(tiny_json, tmp_path, capsys):
     png, out = tmp_path / "layers.png", tmp_path / "check.json"
-    argv = ["check", "--config", tiny_json, "--drop-rate", "0", "--layers", "--plot", str(png),
-            "--train-steps", "2", "--quiet", "--json", str(out)]
+    argv = [
+        "check",
+        "--config",
+        tiny_json,
+        "--drop-rate",
+        "0",
+        "--layers",
+        "--plot",
+        str(png),
+        "--train-steps",
+        "2",
+        "--quiet",
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     assert stdout.splitlines()[-1] == "PASS"
@@ -74,8 +87,7 @@ def test_generate_prints_both_twins_text(tiny_json, tmp_path, capsys):
     vocab = json.loads(open(tiny_json).read())
     big = tmp_path / "wide.json"  # the tokenizer's ids need the full GPT-2 vocabulary
     big.write_text(json.dumps({**vocab, "vocab_size": 50257, "context_length": 32}))
-    assert main(["generate", "Hello, I am", "--config", str(big), "--max-new-tokens", "5",
-                 "--json", str(out)]) == 0
+    assert main(["generate", "Hello, I am", "--config", str(big), "--max-new-tokens", "5", "--json", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert "[torch] Hello, I am" in stdout and "[flax] Hello, I am" in stdout
     assert "the twins generated the same token ids" in stdout
@@ -97,12 +109,28 @@ def test_check_exits_1_when_the_twins_disagree(tiny_json, monkeypatch, capsys):
     assert main(["check", "--config", tiny_json, "--seq", "5", "--quiet"]) == 1
     stdout = capsys.readouterr().out
     assert stdout.rstrip().endswith("FAIL")
-    assert "torch->flax flax/cpu:0: first failure at out_head, bound evidence: out_head: FAILED: max |Δ| 0.001" in stdout
+    assert (
+        "torch->flax flax/cpu:0: first failure at out_head, bound evidence: out_head: FAILED: max |Δ| 0.001" in stdout
+    )
 
 
 def test_check_leaves_matmul_precision_to_each_framework_when_asked(tiny_json, capsys):
-    assert main(["check", "--config", tiny_json, "--seq", "5", "--quiet", "--no-layer-evidence",
-                 "--matmul-precision", "default"]) == 0
+    assert (
+        main(
+            [
+                "check",
+                "--config",
+                tiny_json,
+                "--seq",
+                "5",
+                "--quiet",
+                "--no-layer-evidence",
+                "--matmul-precision",
+                "default",
+            ]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
     assert "matmuls each framework's default" in stdout and "layer evidence left out" in stdout
 
@@ -125,7 +153,10 @@ def test_train_mode_check(tiny_json, capsys):
         (["bench", "--repeats", "0"], "argument --repeats: expected a positive integer, got 0"),
         (["bench", "--batch", "4,0"], "argument --batch: expected a positive integer, got 0"),
         (["bench", "--seq", "64,2048"], "--seq 2048 exceeds context_length 1024"),
-        (["bench", "--dtype", "float32,float16"], "argument --dtype: expected dtypes from float32, bfloat16, got 'float16'"),
+        (
+            ["bench", "--dtype", "float32,float16"],
+            "argument --dtype: expected dtypes from float32, bfloat16, got 'float16'",
+        ),
         (["bench", "--decode", "1020"], "decoding 1020 tokens after a 8-token prompt exceeds context_length 1024"),
         (["bench", "--model", "dummy", "--decode", "8"], "decoding needs the gpt model"),
         (["check", "--final-norm", "layernorm"], "--final-norm applies to --model dummy only"),
@@ -137,7 +168,10 @@ def test_train_mode_check(tiny_json, capsys):
         (["check", "--mesh", "3x3"], "mesh 3x3 needs 9 devices, this job has 1"),
         (["bench", "--mesh", "0x8"], "mesh must look like DATAxMODEL"),
         (["check", "--cpu-devices", "8"], "--cpu-devices goes with --mesh"),
-        (["check", "--mesh", "2x4", "--cpu-devices", "8"], "--cpu-devices 8: JAX has already started with 1 CPU device(s)"),
+        (
+            ["check", "--mesh", "2x4", "--cpu-devices", "8"],
+            "--cpu-devices 8: JAX has already started with 1 CPU device(s)",
+        ),
         (["check", "--mesh", "1x1", "--model", "dummy"], "--mesh needs --model gpt"),
         (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
     ],
@@ -154,17 +188,36 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
 
 
 def test_console_script_prints_no_traceback():
-    proc = subprocess.run([sys.executable, "-m", "parity_tests.cli", "check", "--config", "nope"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "parity_tests.cli", "check", "--config", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().endswith("unknown preset 'nope'; known presets: gpt2-small, gpt2-medium, gpt2-large, gpt2-xl")
+    assert proc.stderr.strip().endswith(
+        "unknown preset 'nope'; known presets: gpt2-small, gpt2-medium, gpt2-large, gpt2-xl"
+    )
     assert "Traceback" not in proc.stderr
 
 
 def test_bench_writes_json_with_every_backend(tiny_json, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    argv = ["bench", "--config", tiny_json, "--batch", "2", "--seq", "11", "--repeats", "3", "--gemm-size", "256",
-            "--json", str(out)]
+    argv = [
+        "bench",
+        "--config",
+        tiny_json,
+        "--batch",
+        "2",
+        "--seq",
+        "11",
+        "--repeats",
+        "3",
+        "--gemm-size",
+        "256",
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "[5/6] float32 2x11 torch-compile" in captured.err  # progress on stderr, table on stdout
@@ -184,7 +237,8 @@ def test_bench_writes_json_with_every_backend(tiny_json, tmp_path, capsys):
     assert results["torch-eager"]["speedup_vs_torch_eager"] == 1.0
     assert results["torch-compile"]["speedup_vs_torch_compile"] == 1.0
     assert results["flax-jit"]["speedup_vs_torch_compile"] == pytest.approx(
-        results["torch-compile"]["median_s"] / results["flax-jit"]["median_s"])
+        results["torch-compile"]["median_s"] / results["flax-jit"]["median_s"]
+    )
     assert 0 < data["id_check_s"] < results["flax-jit"]["median_s"]
     assert data["decode"] == [] and data["read_bytes_per_s"] is None
     assert "host-side token-id check before dispatch" in captured.out and "of GEMM" in captured.out
@@ -192,15 +246,38 @@ def test_bench_writes_json_with_every_backend(tiny_json, tmp_path, capsys):
 
 def test_bench_grid_dtypes_decoding_and_plot(tiny_json, tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    argv = ["bench", "--config", tiny_json, "--batch", "1,3", "--seq", "9", "--dtype", "float32,bfloat16",
-            "--no-compile", "--repeats", "2", "--gemm-size", "256", "--decode", "4", "--decode-uncached", "2",
-            "--quiet", "--plot", str(png), "--json", str(out)]
+    argv = [
+        "bench",
+        "--config",
+        tiny_json,
+        "--batch",
+        "1,3",
+        "--seq",
+        "9",
+        "--dtype",
+        "float32,bfloat16",
+        "--no-compile",
+        "--repeats",
+        "2",
+        "--gemm-size",
+        "256",
+        "--decode",
+        "4",
+        "--decode-uncached",
+        "2",
+        "--quiet",
+        "--plot",
+        str(png),
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     data = json.loads(out.read_text())
     cells = {(r["dtype"], r["batch"], r["seq"], r["backend"]) for r in data["results"]}
-    assert cells == {(d, b, s, k) for d in ("float32", "bfloat16") for b in (1, 3) for s in (9,)
-                     for k in ("flax-jit", "torch-eager")}
+    assert cells == {
+        (d, b, s, k) for d in ("float32", "bfloat16") for b in (1, 3) for s in (9,) for k in ("flax-jit", "torch-eager")
+    }
     assert set(data["gemm_flops_per_s"]) == {"float32", "bfloat16"}
     decode = {(d["twin"], d["dtype"], d["kv_cache"]): d for d in data["decode"]}
     assert len(decode) == 8

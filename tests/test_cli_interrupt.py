@@ -34,8 +34,13 @@ INTERRUPT_DELAY_S = 0.3  # after the line: inside the step, not before it
 
 
 def _interrupted_run(argv: list[str], cwd, line: str) -> tuple[int, str, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "parity_tests.cli", *argv], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "parity_tests.cli", *argv],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     stderr: list[str] = []
     sent = threading.Event()
 
@@ -57,19 +62,39 @@ def _interrupted_run(argv: list[str], cwd, line: str) -> tuple[int, str, str]:
 
 def test_ctrl_c_anywhere_in_check_says_so_in_one_line_exits_130_and_writes_nothing(tmp_path):
     config = tmp_path / "tiny.json"
-    config.write_text(json.dumps({"vocab_size": 97, "context_length": 11, "emb_dim": 24, "n_heads": 3,
-                                  "n_layers": 2, "drop_rate": 0.0, "qkv_bias": False}))
+    config.write_text(
+        json.dumps(
+            {
+                "vocab_size": 97,
+                "context_length": 11,
+                "emb_dim": 24,
+                "n_heads": 3,
+                "n_layers": 2,
+                "drop_rate": 0.0,
+                "qkv_bias": False,
+            }
+        )
+    )
     results = {}
 
     def run(line: str, k: int) -> None:
         out = tmp_path / f"run{k}"
         out.mkdir()
-        argv = ["check", "--config", str(config), "--train-steps", "3", "--json", str(out / "check.json"),
-                "--plot", str(out / "check.png")]
+        argv = [
+            "check",
+            "--config",
+            str(config),
+            "--train-steps",
+            "3",
+            "--json",
+            str(out / "check.json"),
+            "--plot",
+            str(out / "check.png"),
+        ]
         results[line] = (out, _interrupted_run(argv, tmp_path, line))
 
     # Two at a time: the machine has two cores, and each run is mostly waiting on compiles.
-    for pair in (INTERRUPT_AT[i:i + 2] for i in range(0, len(INTERRUPT_AT), 2)):
+    for pair in (INTERRUPT_AT[i : i + 2] for i in range(0, len(INTERRUPT_AT), 2)):
         threads = [threading.Thread(target=run, args=(line, INTERRUPT_AT.index(line))) for line in pair]
         for t in threads:
             t.start()
@@ -116,19 +141,26 @@ def _one_line_exit_2(capsys, argv: list[str]) -> str:
     return err
 
 
-@pytest.mark.parametrize("where, message", [
-    ("missing/out.json", "/missing' does not exist"),
-    ("readonly/out.json", "/readonly' is not writable"),
-    ("adir", "it is a directory"),
-])
-def test_an_unwritable_json_path_is_refused_before_the_run(tmp_path, tiny_json_path, capsys, monkeypatch,
-                                                          where, message):
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("missing/out.json", "/missing' does not exist"),
+        ("readonly/out.json", "/readonly' is not writable"),
+        ("adir", "it is a directory"),
+    ],
+)
+def test_an_unwritable_json_path_is_refused_before_the_run(
+    tmp_path, tiny_json_path, capsys, monkeypatch, where, message
+):
     (tmp_path / "readonly").mkdir(mode=0o500)
     (tmp_path / "adir").mkdir()
     if os.geteuid() == 0:  # root may write anywhere: the folder as a user who may not write it sees it
         readonly, real_access = (tmp_path / "readonly").resolve(), os.access
-        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.path.realpath(p) == str(readonly)
-                            else real_access(p, mode, **kw))
+        monkeypatch.setattr(
+            os,
+            "access",
+            lambda p, mode, **kw: False if os.path.realpath(p) == str(readonly) else real_access(p, mode, **kw),
+        )
     from parity_tests import forward
 
     def never(*args, **kwargs):
@@ -158,8 +190,22 @@ def test_a_failing_plot_does_not_keep_the_json_from_being_written(tmp_path, tiny
 
     monkeypatch.setattr(forward.ParityReport, "plot", broken)
     out, png = tmp_path / "out.json", tmp_path / "out.png"
-    err = _one_line_exit_2(capsys, ["check", "--config", tiny_json_path, "--seq", "3", "--quiet",
-                                    "--no-layer-evidence", "--json", str(out), "--plot", str(png)])
+    err = _one_line_exit_2(
+        capsys,
+        [
+            "check",
+            "--config",
+            tiny_json_path,
+            "--seq",
+            "3",
+            "--quiet",
+            "--no-layer-evidence",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ],
+    )
     assert "No space left on device" in err
     assert json.loads(out.read_text())["forward"]["passed"] and not png.exists()
 
@@ -175,8 +221,10 @@ def test_a_write_that_fails_half_way_leaves_the_old_json_whole(tmp_path, tiny_js
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(type(out), "write_text", half)
-    err = _one_line_exit_2(capsys, ["check", "--config", tiny_json_path, "--seq", "3", "--quiet",
-                                    "--no-layer-evidence", "--json", str(out)])
+    err = _one_line_exit_2(
+        capsys,
+        ["check", "--config", tiny_json_path, "--seq", "3", "--quiet", "--no-layer-evidence", "--json", str(out)],
+    )
     assert "No space left on device" in err
     assert out.read_text() == '{"old": true}\n'
     assert sorted(os.listdir(tmp_path)) == ["out.json", "tiny.json"]
@@ -189,8 +237,22 @@ def test_a_seed_beyond_63_bits_is_refused_naming_seed(tiny_json_path, capsys, se
 
 
 def test_the_largest_seed_runs(tiny_json_path, capsys):
-    assert main(["check", "--config", tiny_json_path, "--seq", "3", "--quiet", "--no-layer-evidence",
-                 "--seed", str(2**63 - 1)]) == 0
+    assert (
+        main(
+            [
+                "check",
+                "--config",
+                tiny_json_path,
+                "--seq",
+                "3",
+                "--quiet",
+                "--no-layer-evidence",
+                "--seed",
+                str(2**63 - 1),
+            ]
+        )
+        == 0
+    )
 
 
 def _dummy_checkpoint(tmp_path, tiny_cfg, final_norm: str) -> str:
@@ -203,11 +265,14 @@ def _dummy_checkpoint(tmp_path, tiny_cfg, final_norm: str) -> str:
     return path
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--model", "dummy"], "--model dummy contradicts --checkpoint"),
-    (["--model", "dummy", "--final-norm", "layernorm"], "--model dummy contradicts --checkpoint"),
-    (["--final-norm", "layernorm"], "--final-norm applies to --model dummy only; --checkpoint"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model", "dummy"], "--model dummy contradicts --checkpoint"),
+        (["--model", "dummy", "--final-norm", "layernorm"], "--model dummy contradicts --checkpoint"),
+        (["--final-norm", "layernorm"], "--final-norm applies to --model dummy only; --checkpoint"),
+    ],
+)
 def test_model_flags_that_contradict_a_gptmodel_checkpoint_are_refused(tmp_path, tiny_cfg, capsys, flags, message):
     import gpt_torch
     from gpt_spec import save_checkpoint
@@ -226,8 +291,24 @@ def test_a_final_norm_that_contradicts_a_dummy_checkpoint_is_refused(tmp_path, t
 
 def test_flags_that_agree_with_the_checkpoint_run(tmp_path, tiny_cfg, capsys):
     path = _dummy_checkpoint(tmp_path, tiny_cfg, "layernorm")
-    assert main(["check", "--checkpoint", path, "--model", "dummy", "--final-norm", "layernorm", "--seq", "3",
-                 "--quiet", "--no-layer-evidence"]) == 0
+    assert (
+        main(
+            [
+                "check",
+                "--checkpoint",
+                path,
+                "--model",
+                "dummy",
+                "--final-norm",
+                "layernorm",
+                "--seq",
+                "3",
+                "--quiet",
+                "--no-layer-evidence",
+            ]
+        )
+        == 0
+    )
     assert "dummy model" in capsys.readouterr().out
 
 

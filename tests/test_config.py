@@ -15,8 +15,12 @@ def test_book_dict_is_gpt2_small_and_round_trips():
 
 @pytest.mark.parametrize(
     "name, emb_dim, n_layers, n_heads",
-    [("gpt2-small", 768, 12, 12), ("gpt2-medium", 1024, 24, 16),
-     ("gpt2-large", 1280, 36, 20), ("gpt2-xl", 1600, 48, 25)],
+    [
+        ("gpt2-small", 768, 12, 12),
+        ("gpt2-medium", 1024, 24, 16),
+        ("gpt2-large", 1280, 36, 20),
+        ("gpt2-xl", 1600, 48, 25),
+    ],
 )
 def test_presets_have_the_books_sizes(name, emb_dim, n_layers, n_heads):
     cfg = GPTConfig.preset(name)
@@ -70,8 +74,9 @@ def test_unknown_preset_lists_the_known_ones():
 
 def test_numpy_scalars_are_accepted_as_plain_python():
     np = pytest.importorskip("numpy")
-    cfg = GPTConfig.from_dict({**GPT_CONFIG_124M, "emb_dim": np.int64(768), "qkv_bias": np.bool_(True),
-                               "drop_rate": np.float32(0.0)})
+    cfg = GPTConfig.from_dict(
+        {**GPT_CONFIG_124M, "emb_dim": np.int64(768), "qkv_bias": np.bool_(True), "drop_rate": np.float32(0.0)}
+    )
     assert type(cfg.emb_dim) is int and cfg.qkv_bias is True and type(cfg.drop_rate) is float
 
 

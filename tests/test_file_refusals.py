@@ -46,6 +46,7 @@ def _sd(cfg=TINY, seed=0):
 def _never_read(cfg=TINY):
     """A lazy state dict of `cfg`'s shapes whose every read fails: a save refused before any work
     never reads it."""
+
     def read():
         raise AssertionError("a tensor was read before the destination was checked")
 
@@ -64,8 +65,17 @@ def _cli_refuses(argv, capsys) -> str:
 
 
 def _canonical_file(path, sd=None, **metadata):
-    save_file(sd if sd is not None else _sd(), path, metadata={
-        "format": FORMAT, "config": json.dumps(TINY.to_dict()), "model": "GPTModel", "options": "{}", **metadata})
+    save_file(
+        sd if sd is not None else _sd(),
+        path,
+        metadata={
+            "format": FORMAT,
+            "config": json.dumps(TINY.to_dict()),
+            "model": "GPTModel",
+            "options": "{}",
+            **metadata,
+        },
+    )
     return path
 
 
@@ -84,13 +94,16 @@ def _listing(folder):
 
 # --- 1. saves: the destination is checked first, and a failed write leaves nothing ---------------
 
+
 def test_a_missing_or_wrong_destination_is_refused_before_any_tensor_is_read(tmp_path):
-    with pytest.raises(ValueError,
-                       match=r"cannot write checkpoint '.*/no/m\.safetensors': folder '.*/no' does not exist"):
+    with pytest.raises(
+        ValueError, match=r"cannot write checkpoint '.*/no/m\.safetensors': folder '.*/no' does not exist"
+    ):
         save_checkpoint(tmp_path / "no" / "m.safetensors", _never_read(), TINY)
     (tmp_path / "file").write_text("")
-    with pytest.raises(ValueError,
-                       match=r"cannot write checkpoint '.*/file/m\.safetensors': '.*/file' is not a folder"):
+    with pytest.raises(
+        ValueError, match=r"cannot write checkpoint '.*/file/m\.safetensors': '.*/file' is not a folder"
+    ):
         save_checkpoint(tmp_path / "file" / "m.safetensors", _never_read(), TINY)
     (tmp_path / "snap" / "model.safetensors").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"cannot write checkpoint '.*/snap/model\.safetensors': it is a directory"):
@@ -136,16 +149,24 @@ def test_a_read_only_folder_is_refused_before_any_tensor_is_read(tmp_path):
     os.chmod(tmp_path / "ro", 0o555)
     try:
         try:
-            proc = subprocess.run([sys.executable, "-c", _SAVES_INTO_READ_ONLY.format(cfg=TINY.to_dict())],
-                                  cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                                  text=True, timeout=60, preexec_fn=_obey_permissions if os.geteuid() == 0 else None)
+            proc = subprocess.run(
+                [sys.executable, "-c", _SAVES_INTO_READ_ONLY.format(cfg=TINY.to_dict())],
+                cwd=tmp_path,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                preexec_fn=_obey_permissions if os.geteuid() == 0 else None,
+            )
         except subprocess.SubprocessError:
             pytest.skip("running as root without the right to drop capabilities: root ignores permissions")
         assert proc.returncode == 0, proc.stderr
         ro = re.escape(str(tmp_path.resolve() / "ro"))
-        expected = [rf"ValueError cannot write checkpoint 'ro/old\.safetensors': folder '{ro}' is not writable",
-                    rf"ValueError cannot write HF snapshot 'ro': folder '{ro}' is not writable",
-                    rf"ValueError cannot write HF snapshot 'ro/new/snapshot': folder '{ro}' is not writable"]
+        expected = [
+            rf"ValueError cannot write checkpoint 'ro/old\.safetensors': folder '{ro}' is not writable",
+            rf"ValueError cannot write HF snapshot 'ro': folder '{ro}' is not writable",
+            rf"ValueError cannot write HF snapshot 'ro/new/snapshot': folder '{ro}' is not writable",
+        ]
         lines = proc.stdout.splitlines()
         assert len(lines) == len(expected) and all(map(re.fullmatch, expected, lines)), lines
         assert (tmp_path / "ro" / "old.safetensors").read_bytes() == b"old"
@@ -180,14 +201,21 @@ def test_a_write_past_the_file_size_limit_is_refused_naming_the_file_and_leaves_
     (tmp_path / "snap" / "model.safetensors").write_bytes(b"old model")
     (tmp_path / "snap" / "config.json").write_bytes(b"old config")
     code = _SAVES_PAST_A_FILE_SIZE_LIMIT.format(cfg=TINY.to_dict(), limit=FILE_SIZE_LIMIT)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert [line.split(": ", 1)[0] for line in lines] == [
         "ValueError cannot write checkpoint 'm.safetensors'",
         "ValueError cannot write checkpoint 'snap/model.safetensors'",
-        "ValueError cannot write checkpoint 'new/model.safetensors'"]
+        "ValueError cannot write checkpoint 'new/model.safetensors'",
+    ]
     assert all("File too large" in line for line in lines), lines
     assert (tmp_path / "m.safetensors").read_bytes() == b"old"
     assert (tmp_path / "snap" / "model.safetensors").read_bytes() == b"old model"
@@ -224,8 +252,9 @@ def test_a_safetensors_error_while_writing_is_a_value_error_naming_the_file(tmp_
         raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
 
     monkeypatch.setattr(safetensors.numpy, "save_file", failing)
-    with pytest.raises(ValueError,
-                       match=r"cannot write checkpoint '.*/m\.safetensors': Error while serializing: .*StorageFull"):
+    with pytest.raises(
+        ValueError, match=r"cannot write checkpoint '.*/m\.safetensors': Error while serializing: .*StorageFull"
+    ):
         save_checkpoint(tmp_path / "m.safetensors", _sd(), TINY)
     assert (tmp_path / "m.safetensors").read_bytes() == b"old" and _listing(tmp_path) == ["m.safetensors"]
 
@@ -236,8 +265,9 @@ def test_cli_save_refusals_are_one_line(tmp_path, capsys, monkeypatch):
     assert "no/dst.safetensors'" in err and "/no' does not exist" in err
     (tmp_path / "ro").mkdir()
     ro, real_access = (tmp_path / "ro").resolve(), os.access  # the folder as a user who may not write it sees it
-    monkeypatch.setattr(os, "access",
-                        lambda p, mode, **kw: False if Path(p).resolve() == ro else real_access(p, mode, **kw))
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **kw: False if Path(p).resolve() == ro else real_access(p, mode, **kw)
+    )
     err = _cli_refuses(["convert", src, tmp_path / "ro" / "dst.safetensors"], capsys)
     assert re.search(r"cannot write checkpoint '.*/ro/dst\.safetensors': folder '.*/ro' is not writable$", err)
     err = _cli_refuses(["convert", "--to", "hf", src, tmp_path / "ro" / "snap"], capsys)
@@ -255,23 +285,44 @@ def test_cli_save_refusals_are_one_line(tmp_path, capsys, monkeypatch):
 
 # --- 2. a canonical checkpoint's metadata ---------------------------------------------------------
 
-@pytest.mark.parametrize("metadata, message", [
-    ({"options": '{"x": 1}'}, "GPTModel takes no option\\(s\\) 'x'"),
-    ({"model": "DummyGPTModel", "options": '{"final_norm": "layernorm", "bias": [1]}'},
-     "DummyGPTModel takes no option\\(s\\) 'bias'; it takes final_norm"),
-    ({"options": "[1, 2]"}, "options must be a mapping, got list"),
-    ({"options": '"final_norm"'}, "options must be a mapping, got str"),
-    ({"options": "null"}, "options must be a mapping, got NoneType"),
-    ({"options": "{x"}, "its metadata field 'options' is not valid JSON: Expecting property name"),
-    ({"options": ""}, "its metadata field 'options' is not valid JSON: Expecting value"),
-    ({"options": DEEP_ARRAY}, "its metadata field 'options' is nested too deeply"),
-    ({"config": DEEP_OBJECT}, "its metadata field 'config' is nested too deeply"),
-    ({"config": "[1]"}, "its metadata holds a bad config: config must be a mapping, got list"),
-    ({"config": "{x"}, "its metadata field 'config' is not valid JSON"),
-    ({"config": json.dumps(TINY.to_dict() | {"n_heads": "3"})},
-     "its metadata holds a bad config: n_heads must be an int, got '3'"),
-], ids=["unknown-key", "dummy-unknown-key", "list", "string", "null", "not-json", "empty", "deep-options",
-        "deep-config", "config-list", "config-not-json", "config-field-type"])
+
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        ({"options": '{"x": 1}'}, "GPTModel takes no option\\(s\\) 'x'"),
+        (
+            {"model": "DummyGPTModel", "options": '{"final_norm": "layernorm", "bias": [1]}'},
+            "DummyGPTModel takes no option\\(s\\) 'bias'; it takes final_norm",
+        ),
+        ({"options": "[1, 2]"}, "options must be a mapping, got list"),
+        ({"options": '"final_norm"'}, "options must be a mapping, got str"),
+        ({"options": "null"}, "options must be a mapping, got NoneType"),
+        ({"options": "{x"}, "its metadata field 'options' is not valid JSON: Expecting property name"),
+        ({"options": ""}, "its metadata field 'options' is not valid JSON: Expecting value"),
+        ({"options": DEEP_ARRAY}, "its metadata field 'options' is nested too deeply"),
+        ({"config": DEEP_OBJECT}, "its metadata field 'config' is nested too deeply"),
+        ({"config": "[1]"}, "its metadata holds a bad config: config must be a mapping, got list"),
+        ({"config": "{x"}, "its metadata field 'config' is not valid JSON"),
+        (
+            {"config": json.dumps(TINY.to_dict() | {"n_heads": "3"})},
+            "its metadata holds a bad config: n_heads must be an int, got '3'",
+        ),
+    ],
+    ids=[
+        "unknown-key",
+        "dummy-unknown-key",
+        "list",
+        "string",
+        "null",
+        "not-json",
+        "empty",
+        "deep-options",
+        "deep-config",
+        "config-list",
+        "config-not-json",
+        "config-field-type",
+    ],
+)
 def test_bad_metadata_is_refused_naming_the_file_and_field(tmp_path, capsys, metadata, message):
     path = _canonical_file(tmp_path / "m.safetensors", **metadata)
     with pytest.raises(ValueError, match=f"^checkpoint '.*/m\\.safetensors': {message}"):
@@ -284,25 +335,46 @@ def test_bad_metadata_is_refused_naming_the_file_and_field(tmp_path, capsys, met
 
 # --- 3. HF config.json ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("changes, message", [
-    ({"resid_pdrop": None}, "resid_pdrop = None \\(JSON null\\); expected a number"),
-    ({"resid_pdrop": [], "embd_pdrop": [], "attn_pdrop": []},
-     "resid_pdrop = \\[\\] \\(JSON array\\); expected a number"),
-    ({"n_embd": "768"}, "n_embd = '768' \\(JSON string\\); expected an integer"),
-    ({"n_layer": 12.5}, "n_layer = 12.5 \\(JSON number\\); expected an integer"),
-    ({"n_layer": 2.0}, "n_layer = 2.0 \\(JSON number\\); expected an integer"),
-    ({"layer_norm_epsilon": None}, "layer_norm_epsilon = None \\(JSON null\\); expected a number"),
-    ({"n_head": None}, "n_head = None \\(JSON null\\); expected an integer"),
-    ({"n_head": "3"}, "n_head = '3' \\(JSON string\\); expected an integer"),
-    ({"n_inner": 96.0}, "n_inner = 96.0 \\(JSON number\\); expected an integer or null"),
-    ({"tie_word_embeddings": 1}, "tie_word_embeddings = 1 \\(JSON integer\\); expected true or false"),
-    ({"activation_function": ["gelu_new"]},
-     "activation_function = \\['gelu_new'\\] \\(JSON array\\); expected a string"),
-    ({"n_head": 5}, "describes no model the twins build: emb_dim \\(24\\) must be divisible by n_heads \\(5\\)"),
-    ({"n_embd": list(range(1000))}, "n_embd = \\[0, 1, 2, .*\\.\\.\\. \\(JSON array\\)"),  # a long value cut short
-], ids=["resid_pdrop-null", "pdrops-arrays", "n_embd-string", "n_layer-fraction", "n_layer-float", "eps-null",
-        "n_head-null", "n_head-string", "n_inner-float", "tie-integer", "activation-array", "n_head-indivisible",
-        "n_embd-long-array"])
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"resid_pdrop": None}, "resid_pdrop = None \\(JSON null\\); expected a number"),
+        (
+            {"resid_pdrop": [], "embd_pdrop": [], "attn_pdrop": []},
+            "resid_pdrop = \\[\\] \\(JSON array\\); expected a number",
+        ),
+        ({"n_embd": "768"}, "n_embd = '768' \\(JSON string\\); expected an integer"),
+        ({"n_layer": 12.5}, "n_layer = 12.5 \\(JSON number\\); expected an integer"),
+        ({"n_layer": 2.0}, "n_layer = 2.0 \\(JSON number\\); expected an integer"),
+        ({"layer_norm_epsilon": None}, "layer_norm_epsilon = None \\(JSON null\\); expected a number"),
+        ({"n_head": None}, "n_head = None \\(JSON null\\); expected an integer"),
+        ({"n_head": "3"}, "n_head = '3' \\(JSON string\\); expected an integer"),
+        ({"n_inner": 96.0}, "n_inner = 96.0 \\(JSON number\\); expected an integer or null"),
+        ({"tie_word_embeddings": 1}, "tie_word_embeddings = 1 \\(JSON integer\\); expected true or false"),
+        (
+            {"activation_function": ["gelu_new"]},
+            "activation_function = \\['gelu_new'\\] \\(JSON array\\); expected a string",
+        ),
+        ({"n_head": 5}, "describes no model the twins build: emb_dim \\(24\\) must be divisible by n_heads \\(5\\)"),
+        ({"n_embd": list(range(1000))}, "n_embd = \\[0, 1, 2, .*\\.\\.\\. \\(JSON array\\)"),  # a long value cut short
+    ],
+    ids=[
+        "resid_pdrop-null",
+        "pdrops-arrays",
+        "n_embd-string",
+        "n_layer-fraction",
+        "n_layer-float",
+        "eps-null",
+        "n_head-null",
+        "n_head-string",
+        "n_inner-float",
+        "tie-integer",
+        "activation-array",
+        "n_head-indivisible",
+        "n_embd-long-array",
+    ],
+)
 def test_an_hf_config_field_of_the_wrong_type_is_refused_naming_it(tmp_path, capsys, changes, message):
     folder = _hf_snapshot(tmp_path / "snap", **changes)
     source = "^checkpoint '.*/snap/model\\.safetensors': config\\.json (sets )?"
@@ -312,16 +384,20 @@ def test_an_hf_config_field_of_the_wrong_type_is_refused_naming_it(tmp_path, cap
     assert re.search(message, err) and "snap/model.safetensors" in err and len(err) < 400
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[1, 2]", "checkpoint '.*/model\\.safetensors': config\\.json must hold a JSON object, got list"),
-    ('"gpt2"', "checkpoint '.*/model\\.safetensors': config\\.json must hold a JSON object, got str"),
-    ("12", "checkpoint '.*/model\\.safetensors': config\\.json must hold a JSON object, got int"),
-    ("", "HF config '.*/config\\.json' is not valid JSON: Expecting value"),
-    (DEEP_OBJECT, "HF config '.*/config\\.json' is nested too deeply \\(more than 64 levels"),
-    (DEEP_ARRAY, "HF config '.*/config\\.json' is nested too deeply \\(more than 64 levels"),
-    (NOT_UTF8, "HF config '.*/config\\.json' is not UTF-8 text: 'utf-8' codec can't decode byte 0xff"),
-    ('{"n_head": 1' + "0" * 5000 + "}", "HF config '.*/config\\.json' is not valid JSON: Exceeds the limit"),
-], ids=["list", "string", "number", "empty", "deep-object", "deep-array", "not-utf8", "huge-int"])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[1, 2]", "checkpoint '.*/model\\.safetensors': config\\.json must hold a JSON object, got list"),
+        ('"gpt2"', "checkpoint '.*/model\\.safetensors': config\\.json must hold a JSON object, got str"),
+        ("12", "checkpoint '.*/model\\.safetensors': config\\.json must hold a JSON object, got int"),
+        ("", "HF config '.*/config\\.json' is not valid JSON: Expecting value"),
+        (DEEP_OBJECT, "HF config '.*/config\\.json' is nested too deeply \\(more than 64 levels"),
+        (DEEP_ARRAY, "HF config '.*/config\\.json' is nested too deeply \\(more than 64 levels"),
+        (NOT_UTF8, "HF config '.*/config\\.json' is not UTF-8 text: 'utf-8' codec can't decode byte 0xff"),
+        ('{"n_head": 1' + "0" * 5000 + "}", "HF config '.*/config\\.json' is not valid JSON: Exceeds the limit"),
+    ],
+    ids=["list", "string", "number", "empty", "deep-object", "deep-array", "not-utf8", "huge-int"],
+)
 def test_an_hf_config_that_is_no_json_object_is_refused_naming_the_file(tmp_path, capsys, text, message):
     folder = _hf_snapshot(tmp_path / "snap", config=text)
     with pytest.raises(ValueError, match=message):
@@ -334,8 +410,9 @@ def test_an_hf_config_given_from_elsewhere_is_named(tmp_path):
     folder = _hf_snapshot(tmp_path / "snap")
     other = tmp_path / "other.json"
     other.write_text(json.dumps(gpt2_config_json(**HF_TINY, n_head="3")))
-    with pytest.raises(ValueError,
-                       match=r"model\.safetensors' with HF config '.*/other\.json': config\.json sets n_head = '3'"):
+    with pytest.raises(
+        ValueError, match=r"model\.safetensors' with HF config '.*/other\.json': config\.json sets n_head = '3'"
+    ):
         load_checkpoint(folder, hf_config=other)
 
 
@@ -346,8 +423,9 @@ def test_a_shard_index_naming_no_file_or_nested_too_deeply_is_refused(tmp_path, 
     (folder / "config.json").write_text(json.dumps(gpt2_config_json(**HF_TINY, n_head=3)))
     index = folder / "model.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": {"transformer.wte.weight": ["model-00001-of-00001.safetensors"]}}))
-    with pytest.raises(ValueError,
-                       match=r"shard index '.*index\.json' names \['model-00001-of-00001\.safetensors'\], not a file"):
+    with pytest.raises(
+        ValueError, match=r"shard index '.*index\.json' names \['model-00001-of-00001\.safetensors'\], not a file"
+    ):
         load_checkpoint(folder)
     index.write_text('{"weight_map": ' + DEEP_ARRAY + "}")
     with pytest.raises(ValueError, match=r"shard index '.*index\.json' is nested too deeply"):
@@ -356,6 +434,7 @@ def test_a_shard_index_naming_no_file_or_nested_too_deeply_is_refused(tmp_path, 
 
 
 # --- 4. torch.save files of every dtype -------------------------------------------------------------
+
 
 def _book_bf16(cfg=TINY):
     """The book's state dict (parameters and the att.mask buffers) cast to bfloat16, as torch tensors."""
@@ -368,8 +447,9 @@ def _book_bf16(cfg=TINY):
 @pytest.mark.parametrize("wrap", ["state-dict", "chapter5"])
 def test_a_bfloat16_pth_loads_exactly_as_a_bfloat16_safetensors_file(tmp_path, wrap):
     book = _book_bf16()
-    torch.save(book if wrap == "state-dict" else {"model_state_dict": book, "optimizer_state_dict": {}},
-               tmp_path / "model.pth")
+    torch.save(
+        book if wrap == "state-dict" else {"model_state_dict": book, "optimizer_state_dict": {}}, tmp_path / "model.pth"
+    )
     ckpt = load_checkpoint(tmp_path / "model.pth", n_heads=TINY.n_heads)
     assert ckpt.config == TINY and ckpt.dtypes == ("bfloat16",) and ckpt.compute_dtype == "bfloat16"
     assert sorted(ckpt.state_dict) == sorted(gpt_shapes(TINY))
@@ -377,33 +457,41 @@ def test_a_bfloat16_pth_loads_exactly_as_a_bfloat16_safetensors_file(tmp_path, w
         got = ckpt.state_dict[name]
         assert got.dtype == ml_dtypes.bfloat16, name
         assert got.tobytes() == book[name].view(torch.int16).numpy().tobytes(), name  # bit for bit
-    save_file({k: book[k].float().numpy().astype(ml_dtypes.bfloat16) for k in ckpt.state_dict},
-              tmp_path / "m.safetensors")
+    save_file(
+        {k: book[k].float().numpy().astype(ml_dtypes.bfloat16) for k in ckpt.state_dict}, tmp_path / "m.safetensors"
+    )
     twin = load_checkpoint(tmp_path / "m.safetensors", n_heads=TINY.n_heads)
     assert twin.dtypes == ckpt.dtypes and all(
-        twin.state_dict[k].tobytes() == ckpt.state_dict[k].tobytes() for k in ckpt.state_dict)
+        twin.state_dict[k].tobytes() == ckpt.state_dict[k].tobytes() for k in ckpt.state_dict
+    )
 
 
 def test_a_bfloat16_pth_converts_through_the_cli(tmp_path, capsys):
     book = _book_bf16()
     torch.save(book, tmp_path / "model.pth")
-    assert cli.main(["convert", str(tmp_path / "model.pth"), str(tmp_path / "out.safetensors"),
-                     "--n-heads", "3"]) == 0
+    assert cli.main(["convert", str(tmp_path / "model.pth"), str(tmp_path / "out.safetensors"), "--n-heads", "3"]) == 0
     out = load_checkpoint(tmp_path / "out.safetensors")
     assert out.dtypes == ("bfloat16",)
-    np.testing.assert_array_equal(out.state_dict["tok_emb.weight"].astype(np.float32),
-                                  book["tok_emb.weight"].float().numpy())
+    np.testing.assert_array_equal(
+        out.state_dict["tok_emb.weight"].astype(np.float32), book["tok_emb.weight"].float().numpy()
+    )
 
 
 @pytest.mark.filterwarnings("ignore:.*quantize_per_tensor.*:UserWarning", "ignore:TypedStorage is deprecated")
-@pytest.mark.parametrize("make, message", [
-    (lambda t: t.to(torch.float8_e4m3fn),
-     "has dtype float8_e4m3fn, which numpy cannot hold; expected one of float16, bfloat16, float32, float64"),
-    (lambda t: t.to(torch.float8_e5m2), "has dtype float8_e5m2, which numpy cannot hold"),
-    (lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8), "has dtype qint8, which numpy cannot hold"),
-    (lambda t: t.to_sparse(), "is a sparse_coo tensor; expected a dense one"),
-    (lambda t: torch.empty(t.shape, device="meta"), "is a meta tensor"),
-], ids=["float8_e4m3fn", "float8_e5m2", "qint8", "sparse", "meta"])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda t: t.to(torch.float8_e4m3fn),
+            "has dtype float8_e4m3fn, which numpy cannot hold; expected one of float16, bfloat16, float32, float64",
+        ),
+        (lambda t: t.to(torch.float8_e5m2), "has dtype float8_e5m2, which numpy cannot hold"),
+        (lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8), "has dtype qint8, which numpy cannot hold"),
+        (lambda t: t.to_sparse(), "is a sparse_coo tensor; expected a dense one"),
+        (lambda t: torch.empty(t.shape, device="meta"), "is a meta tensor"),
+    ],
+    ids=["float8_e4m3fn", "float8_e5m2", "qint8", "sparse", "meta"],
+)
 def test_a_pth_tensor_numpy_cannot_hold_is_refused_naming_the_key_and_dtype(tmp_path, capsys, make, message):
     sd = {k: torch.from_numpy(v) for k, v in _sd().items()}
     sd["trf_blocks.1.att.W_key.weight"] = make(sd["trf_blocks.1.att.W_key.weight"])
@@ -417,17 +505,25 @@ def test_a_pth_tensor_numpy_cannot_hold_is_refused_naming_the_key_and_dtype(tmp_
 
 # --- 5 and 6. config files nested too deeply, or not UTF-8 ----------------------------------------
 
-@pytest.mark.parametrize("content, message", [
-    (DEEP_OBJECT, "config file '.*/c\\.json' is nested too deeply \\(more than 64 levels of arrays and objects\\)"),
-    (DEEP_ARRAY, "config file '.*/c\\.json' is nested too deeply"),
-    (NOT_UTF8, "config file '.*/c\\.json' is not UTF-8 text: 'utf-8' codec can't decode byte 0xff in position 0"),
-    ("", "config file '.*/c\\.json' is not valid JSON: Expecting value"),
-    ("[1]", "config file '.*/c\\.json' must hold a JSON object, got list"),
-    ('"gpt2-small"', "config file '.*/c\\.json' must hold a JSON object, got str"),
-    (json.dumps(TINY.to_dict() | {"n_heads": "3"}), "config file '.*/c\\.json': n_heads must be an int, got '3'"),
-    (json.dumps(TINY.to_dict() | {"dropout": 0.1}), "config file '.*/c\\.json': unknown config key\\(s\\) 'dropout'"),
-    ('{"n_heads": 1' + "0" * 5000 + "}", "config file '.*/c\\.json' is not valid JSON: Exceeds the limit"),
-], ids=["deep-object", "deep-array", "not-utf8", "empty", "list", "string", "field-type", "unknown-key", "huge-int"])
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (DEEP_OBJECT, "config file '.*/c\\.json' is nested too deeply \\(more than 64 levels of arrays and objects\\)"),
+        (DEEP_ARRAY, "config file '.*/c\\.json' is nested too deeply"),
+        (NOT_UTF8, "config file '.*/c\\.json' is not UTF-8 text: 'utf-8' codec can't decode byte 0xff in position 0"),
+        ("", "config file '.*/c\\.json' is not valid JSON: Expecting value"),
+        ("[1]", "config file '.*/c\\.json' must hold a JSON object, got list"),
+        ('"gpt2-small"', "config file '.*/c\\.json' must hold a JSON object, got str"),
+        (json.dumps(TINY.to_dict() | {"n_heads": "3"}), "config file '.*/c\\.json': n_heads must be an int, got '3'"),
+        (
+            json.dumps(TINY.to_dict() | {"dropout": 0.1}),
+            "config file '.*/c\\.json': unknown config key\\(s\\) 'dropout'",
+        ),
+        ('{"n_heads": 1' + "0" * 5000 + "}", "config file '.*/c\\.json' is not valid JSON: Exceeds the limit"),
+    ],
+    ids=["deep-object", "deep-array", "not-utf8", "empty", "list", "string", "field-type", "unknown-key", "huge-int"],
+)
 def test_a_bad_config_file_is_refused_naming_it(tmp_path, capsys, content, message):
     path = tmp_path / "c.json"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -435,8 +531,9 @@ def test_a_bad_config_file_is_refused_naming_it(tmp_path, capsys, content, messa
         GPTConfig.from_json(path)
     err = _cli_refuses(["check", "--config", path, "--seq", "4"], capsys)
     assert re.search(message, err)
-    err = _cli_refuses(["convert", _canonical_file(tmp_path / "m.safetensors"), tmp_path / "out.safetensors",
-                        "--config", path], capsys)
+    err = _cli_refuses(
+        ["convert", _canonical_file(tmp_path / "m.safetensors"), tmp_path / "out.safetensors", "--config", path], capsys
+    )
     assert re.search(message, err)
 
 
@@ -451,14 +548,14 @@ def test_a_config_nested_just_within_the_limit_still_reads_to_its_own_refusal(tm
 
 # --- around these: empty and damaged files --------------------------------------------------------
 
+
 def test_empty_and_damaged_checkpoints_are_refused_naming_them(tmp_path, capsys):
     """An empty torch.save file used to end its message in a bare colon (torch's EOFError says
     nothing); a canonical file without its config said only "'config'"."""
     cases = {
         "empty.pth": "'.*/empty\\.pth' is not a readable torch\\.save file: it ends before its first record",
         "empty.safetensors": "'.*/empty\\.safetensors' is not a readable safetensors file: .*header too small",
-        "no-config.safetensors":
-            "checkpoint '.*/no-config\\.safetensors': its metadata is damaged: it has no 'config'$",
+        "no-config.safetensors": "checkpoint '.*/no-config\\.safetensors': its metadata is damaged: it has no 'config'$",
     }
     for name in ("empty.pth", "empty.safetensors"):
         (tmp_path / name).write_bytes(b"")

@@ -14,8 +14,7 @@ from gpt_spec.flops import forward_flops, kv_cache_bytes_read, weight_bytes_per_
 # forward_flops leaves out: 1.9% more at 2x64 and 1.7% at 3x17 for this config (measured), all
 # the rest being the matmuls counted here.
 ELEMENTWISE_SHARE = 0.05
-MID = GPTConfig(vocab_size=1000, context_length=64, emb_dim=128, n_heads=4, n_layers=2, drop_rate=0.0,
-                qkv_bias=True)
+MID = GPTConfig(vocab_size=1000, context_length=64, emb_dim=128, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True)
 
 
 def test_gpt2_small_batch_4x256():
@@ -49,9 +48,11 @@ def test_decoding_reads_every_weight_but_the_embedding_tables(book_cfg):
     assert kv_cache_bytes_read(cfg, 100) == 2 * 12 * 100 * 768 * 4
 
 
-@pytest.mark.parametrize("count", [lambda m: forward_flops(MID, 2, 8, model=m),
-                                   lambda m: weight_bytes_per_token(MID, model=m)],
-                         ids=["forward_flops", "weight_bytes_per_token"])
+@pytest.mark.parametrize(
+    "count",
+    [lambda m: forward_flops(MID, 2, 8, model=m), lambda m: weight_bytes_per_token(MID, model=m)],
+    ids=["forward_flops", "weight_bytes_per_token"],
+)
 def test_models_are_named_by_their_class_and_nothing_else_is_taken(count):
     """The CLI's short names ("gpt") are not class names: refused, never counted as the dummy model."""
     from gpt_spec import DUMMY_GPT_MODEL, GPT_MODEL

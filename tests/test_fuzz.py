@@ -14,6 +14,7 @@ minute; for a long hunt set `GPT_FUZZ_PROFILE=hunt` (or the suite-wide
 sets: each new one is a compilation in the Flax twin, and the point is the inputs, not the compiler.
 """
 
+import functools
 import math
 import os
 from unittest import mock
@@ -34,18 +35,28 @@ _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_
 settings.register_profile("fuzz-quick", max_examples=25, deadline=None, suppress_health_check=_HEALTH)
 settings.register_profile("fuzz-hunt", max_examples=1000, deadline=None, suppress_health_check=_HEALTH)
 PROFILE = os.environ.get("GPT_FUZZ_PROFILE") or (
-    "hunt" if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else "quick")
+    "hunt" if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else "quick"
+)
 FUZZ = settings.get_profile(f"fuzz-{PROFILE}")
 
 # Three models, each cheap to compile: a real GPTModel, and two DummyGPTModels whose vocabularies
 # outgrow the small integer dtypes (300: int8/uint8; 70000: int16/uint16).
 CONFIGS = {
-    "gpt-97": ("GPTModel", GPTConfig(vocab_size=97, context_length=7, emb_dim=6, n_heads=2, n_layers=1,
-                                     drop_rate=0.0, qkv_bias=True), {}),
-    "dummy-300": ("DummyGPTModel", GPTConfig(vocab_size=300, context_length=6, emb_dim=4, n_heads=1, n_layers=1,
-                                             drop_rate=0.0, qkv_bias=False), {"final_norm": "layernorm"}),
-    "dummy-70000": ("DummyGPTModel", GPTConfig(vocab_size=70000, context_length=5, emb_dim=2, n_heads=1,
-                                               n_layers=1, drop_rate=0.0, qkv_bias=False), {}),
+    "gpt-97": (
+        "GPTModel",
+        GPTConfig(vocab_size=97, context_length=7, emb_dim=6, n_heads=2, n_layers=1, drop_rate=0.0, qkv_bias=True),
+        {},
+    ),
+    "dummy-300": (
+        "DummyGPTModel",
+        GPTConfig(vocab_size=300, context_length=6, emb_dim=4, n_heads=1, n_layers=1, drop_rate=0.0, qkv_bias=False),
+        {"final_norm": "layernorm"},
+    ),
+    "dummy-70000": (
+        "DummyGPTModel",
+        GPTConfig(vocab_size=70000, context_length=5, emb_dim=2, n_heads=1, n_layers=1, drop_rate=0.0, qkv_bias=False),
+        {},
+    ),
 }
 _PAIRS: dict = {}
 
@@ -78,8 +89,11 @@ def token_ids(draw, cfg: GPTConfig, shape=None):
     """Ids of any dtype (mostly integer), of a shape from a small set, mostly in range."""
     dtype = np.dtype(_mostly(draw, st.sampled_from(INT_DTYPES), st.sampled_from(["float32", "bool"]), 0.1))
     if shape is None:
-        shape = _mostly(draw, st.sampled_from([(2, 3), (1, cfg.context_length), (1, 1)]),
-                        st.sampled_from([(0, 3), (2, 0), (3,), (1, 2, 2), (1, cfg.context_length + 1)]))
+        shape = _mostly(
+            draw,
+            st.sampled_from([(2, 3), (1, cfg.context_length), (1, 1)]),
+            st.sampled_from([(0, 3), (2, 0), (3,), (1, 2, 2), (1, cfg.context_length + 1)]),
+        )
     if dtype.kind not in "iu":
         return draw(arrays(dtype, shape))
     info = np.iinfo(dtype)
@@ -113,12 +127,37 @@ def _finite(x) -> bool:
 
 # Optimizer settings: a few valid ones (each a compilation of the Flax train step), and any of
 # them with one argument made bad.
-VALID_ADAMW = [{}, {"lr": 0.0, "weight_decay": 0.0}, {"lr": 1.0, "betas": (0.0, 0.5), "eps": 1.0},
-               {"lr": np.float32(1e-3), "weight_decay": np.float64(0.5), "betas": [0.9, np.float32(0.99)]},
-               {"lr": 1e30, "weight_decay": 1e-30}]
-ANY_VALUE = st.one_of(st.sampled_from([math.nan, math.inf, -math.inf, -1.0, -0.0, 0.0, 1.0, 1e300, 5e-324,
-                                       None, True, False, "0.1", np.float32(math.nan), np.int64(3), 2**70, 10**400]),
-                      st.floats(allow_nan=True, allow_infinity=True))
+VALID_ADAMW = [
+    {},
+    {"lr": 0.0, "weight_decay": 0.0},
+    {"lr": 1.0, "betas": (0.0, 0.5), "eps": 1.0},
+    {"lr": np.float32(1e-3), "weight_decay": np.float64(0.5), "betas": [0.9, np.float32(0.99)]},
+    {"lr": 1e30, "weight_decay": 1e-30},
+]
+ANY_VALUE = st.one_of(
+    st.sampled_from(
+        [
+            math.nan,
+            math.inf,
+            -math.inf,
+            -1.0,
+            -0.0,
+            0.0,
+            1.0,
+            1e300,
+            5e-324,
+            None,
+            True,
+            False,
+            "0.1",
+            np.float32(math.nan),
+            np.int64(3),
+            2**70,
+            10**400,
+        ]
+    ),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
 ANY_BETAS = st.one_of(st.tuples(ANY_VALUE, ANY_VALUE), st.sampled_from([0.9, (0.9,), (0.9, 0.99, 0.999), "ab", None]))
 
 
@@ -148,13 +187,16 @@ def test_forward_loss_and_train_step_agree_or_refuse_alike(data):
         if entry == "forward":
             t, f = _same_outcome(lambda: tm(_torch(x)).detach().numpy(), lambda: np.asarray(fm(x)))
         elif entry == "calc_loss_batch":
-            t, f = _same_outcome(lambda: gpt_torch.calc_loss_batch(_torch(x), _torch(y), tm).item(),
-                                 lambda: float(gpt_flax.calc_loss_batch(x, y, fm)))
+            t, f = _same_outcome(
+                lambda: gpt_torch.calc_loss_batch(_torch(x), _torch(y), tm).item(),
+                lambda: float(gpt_flax.calc_loss_batch(x, y, fm)),
+            )
         else:
             args = data.draw(adamw_args(), label="adamw")
             t, f = _same_outcome(
                 lambda: gpt_torch.train_step(tm, gpt_torch.adamw(tm, **args), _torch(x), _torch(y)),
-                lambda: gpt_flax.train_step(fm, gpt_flax.adamw(fm, **args), x, y))
+                lambda: gpt_flax.train_step(fm, gpt_flax.adamw(fm, **args), x, y),
+            )
     event(f"{entry}: {t[0]} {t[1] if t[0] == 'refused' else ''}")
     if t[0] == "ok":
         assert _finite(t[1]) and _finite(f[1]), (t[1], f[1])  # finite weights and ids in: finite out
@@ -174,18 +216,28 @@ def test_generation_agrees_or_refuses_alike_and_never_wraps(data):
     max_new_tokens = _mostly(data.draw, GOOD_SIZES, BAD_SIZES, 0.2)
     cached = data.draw(st.booleans(), label="cached")
     if cached:
-        context_size = _mostly(data.draw, st.sampled_from([None, 3, cfg.context_length, 2**40]),
-                               st.sampled_from([1, 0, 1.5, -1, False]), 0.2)
+        context_size = _mostly(
+            data.draw,
+            st.sampled_from([None, 3, cfg.context_length, 2**40]),
+            st.sampled_from([1, 0, 1.5, -1, False]),
+            0.2,
+        )
         use_cache = data.draw(st.booleans(), label="use_cache")
-        call_t = lambda: gpt_torch.generate_text_simple_cached(tm, _torch(prompt), max_new_tokens, context_size,  # noqa: E731
-                                                               use_cache=use_cache)
-        call_f = lambda: gpt_flax.generate_text_simple_cached(fm, prompt, max_new_tokens, context_size,  # noqa: E731
-                                                              use_cache=use_cache)
+        call_t = functools.partial(
+            gpt_torch.generate_text_simple_cached, tm, _torch(prompt), max_new_tokens, context_size, use_cache=use_cache
+        )
+        call_f = functools.partial(
+            gpt_flax.generate_text_simple_cached, fm, prompt, max_new_tokens, context_size, use_cache=use_cache
+        )
     else:
-        context_size = _mostly(data.draw, st.sampled_from([1, 3, cfg.context_length]),
-                               st.sampled_from([cfg.context_length + 2, 2**40, 0, -2, None, False, 2.0]), 0.2)
-        call_t = lambda: gpt_torch.generate_text_simple(tm, _torch(prompt), max_new_tokens, context_size)  # noqa: E731
-        call_f = lambda: gpt_flax.generate_text_simple(fm, prompt, max_new_tokens, context_size)  # noqa: E731
+        context_size = _mostly(
+            data.draw,
+            st.sampled_from([1, 3, cfg.context_length]),
+            st.sampled_from([cfg.context_length + 2, 2**40, 0, -2, None, False, 2.0]),
+            0.2,
+        )
+        call_t = functools.partial(gpt_torch.generate_text_simple, tm, _torch(prompt), max_new_tokens, context_size)
+        call_f = functools.partial(gpt_flax.generate_text_simple, fm, prompt, max_new_tokens, context_size)
     tm.eval()
     fm.eval()
     with float32_matmuls(), mock.patch("gpt_spec.limits.available_memory", lambda: 10**9):
@@ -196,23 +248,32 @@ def test_generation_agrees_or_refuses_alike_and_never_wraps(data):
         assert out_t.dtype == _torch(prompt).dtype
         ids = out_t.to(torch.int64).numpy()
         assert ids.shape == (prompt.shape[0], prompt.shape[1] + int(max_new_tokens))
-        np.testing.assert_array_equal(ids[:, :prompt.shape[1]], prompt.astype(np.int64))
+        np.testing.assert_array_equal(ids[:, : prompt.shape[1]], prompt.astype(np.int64))
         assert ids.min() >= 0 and ids.max() < cfg.vocab_size  # never a wrapped id
         np.testing.assert_array_equal(out_f.astype(np.int64), ids)
 
 
 GOOD_FIELDS = st.one_of(st.integers(1, 12), st.sampled_from([np.int32(4), np.int64(2), 2**31 - 1, 2**20]))
 BAD_FIELDS = st.one_of(
-    st.integers(-3, 0), st.integers(2**31, 2**31 + 3), st.integers(-2**70, 2**70),
+    st.integers(-3, 0),
+    st.integers(2**31, 2**31 + 3),
+    st.integers(-(2**70), 2**70),
     st.sampled_from([None, True, False, 1.0, math.nan, "8", np.int64(2**40), np.bool_(True)]),
 )
 
 
 @st.composite
 def config_dicts(draw) -> dict:
-    d = {"vocab_size": 11, "context_length": 5, "emb_dim": 4, "n_heads": 2, "n_layers": 1,
-         "drop_rate": 0.0, "qkv_bias": False}
-    for key in draw(st.permutations(list(d)))[:draw(st.integers(1, 3))]:
+    d = {
+        "vocab_size": 11,
+        "context_length": 5,
+        "emb_dim": 4,
+        "n_heads": 2,
+        "n_layers": 1,
+        "drop_rate": 0.0,
+        "qkv_bias": False,
+    }
+    for key in draw(st.permutations(list(d)))[: draw(st.integers(1, 3))]:
         if key == "drop_rate":
             d[key] = _mostly(draw, st.floats(0, 0.99), st.floats(allow_nan=True, allow_infinity=True), 0.3)
         elif key == "qkv_bias":
@@ -234,8 +295,9 @@ def test_any_config_is_built_or_refused_alike(d, model):
     cfg = outcome[1]
     assert max(cfg.vocab_size, cfg.context_length, cfg.emb_dim, cfg.n_heads, cfg.n_layers) <= 2**31 - 1
     with mock.patch("gpt_spec.limits.available_memory", lambda: 4_000_000):
-        t, f = _same_outcome(lambda: getattr(gpt_torch, model)(cfg),
-                             lambda: getattr(gpt_flax, model)(cfg, rngs=nnx.Rngs(0)))
+        t, f = _same_outcome(
+            lambda: getattr(gpt_torch, model)(cfg), lambda: getattr(gpt_flax, model)(cfg, rngs=nnx.Rngs(0))
+        )
     event(f"model: {t[0]}")
     if t[0] == "ok":
         assert gpt_torch.state_dict(t[1]).keys() == gpt_flax.state_dict(f[1]).keys()

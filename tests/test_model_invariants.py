@@ -50,8 +50,11 @@ def _dropouts(twin, model):
     if isinstance(model, (gpt_torch.DummyGPTModel, gpt_flax.DummyGPTModel)):  # identity blocks
         return {"drop_emb": model.drop_emb}
     if twin == "torch":
-        return {"drop_emb": model.drop_emb, "att.dropout": model.trf_blocks[0].att.dropout,
-                "drop_shortcut": model.trf_blocks[0].drop_shortcut}
+        return {
+            "drop_emb": model.drop_emb,
+            "att.dropout": model.trf_blocks[0].att.dropout,
+            "drop_shortcut": model.trf_blocks[0].drop_shortcut,
+        }
     block = model.trf_blocks[0]
     return {"drop_emb": model.drop_emb, "att.dropout": block.att.dropout, "drop_shortcut": block.drop_shortcut}
 
@@ -108,8 +111,9 @@ def test_init_statistics_match_the_torch_defaults_in_both_twins():
     5 standard errors, std within 5 standard errors of the std (a few percent for these sizes), and
     the largest |value| within 15% of torch's (a distribution of the right std but another shape,
     such as a truncated normal, fails there)."""
-    cfg = GPTConfig(vocab_size=1031, context_length=64, emb_dim=192, n_heads=3, n_layers=2,
-                    drop_rate=0.0, qkv_bias=True)
+    cfg = GPTConfig(
+        vocab_size=1031, context_length=64, emb_dim=192, n_heads=3, n_layers=2, drop_rate=0.0, qkv_bias=True
+    )
     t_sd = gpt_torch.state_dict(TWINS["torch"][0](cfg))
     f_sd = gpt_flax.state_dict(TWINS["flax"][0](cfg))
     assert t_sd.keys() == f_sd.keys()

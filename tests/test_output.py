@@ -15,18 +15,28 @@ from parity_tests.output import Progress, format_cell, format_table
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("value, text", [(2.86e-6, "2.86e-06"), (0.12954, "0.1295"), (0.0, "0"), (12345.6, "12,346"),
-                                         (float("nan"), "nan"), (7, "7"), ("pass", "pass")])
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (2.86e-6, "2.86e-06"),
+        (0.12954, "0.1295"),
+        (0.0, "0"),
+        (12345.6, "12,346"),
+        (float("nan"), "nan"),
+        (7, "7"),
+        ("pass", "pass"),
+    ],
+)
 def test_cells_write_figures_as_the_json_holds_them_to_four_digits(value, text):
     assert format_cell(value) == text
 
 
 def test_a_table_has_its_headers_its_rows_and_numbers_right_aligned():
-    lines = format_table(["direction", "max |Δ|", "result"],
-                         [("torch->flax", 2.86e-6, "pass"), ("flax->torch", 0.5, "FAIL")]).splitlines()
+    lines = format_table(
+        ["direction", "max |Δ|", "result"], [("torch->flax", 2.86e-6, "pass"), ("flax->torch", 0.5, "FAIL")]
+    ).splitlines()
     assert lines[0].split() == ["direction", "max", "|Δ|", "result"]
-    assert [line.split() for line in lines[2:]] == [["torch->flax", "2.86e-06", "pass"],
-                                                    ["flax->torch", "0.5", "FAIL"]]
+    assert [line.split() for line in lines[2:]] == [["torch->flax", "2.86e-06", "pass"], ["flax->torch", "0.5", "FAIL"]]
     assert len({lines[2].index("2.86e-06") + 8, lines[3].index("0.5") + 3, lines[0].index("|Δ|") + 3}) == 1
     assert lines[2].index("pass") == lines[3].index("FAIL") == lines[0].index("result")
 
@@ -77,8 +87,14 @@ def _on_a_terminal(slow_s: float, *, interrupt: bool = False, **env: str) -> tup
     import pty
 
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-c", _ON_A_TERMINAL, str(slow_s)], cwd=ROOT, stdin=slave,
-                            stdout=slave, stderr=slave, env={**os.environ, "TERM": "xterm-256color", **env})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _ON_A_TERMINAL, str(slow_s)],
+        cwd=ROOT,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, "TERM": "xterm-256color", **env},
+    )
     os.close(slave)
     received = b""
     while True:

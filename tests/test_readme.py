@@ -76,8 +76,9 @@ def test_cli_examples_run(line, tmp_path, snapshot, monkeypatch, capsys):
     args = shlex.split(line)[1:]
     monkeypatch.chdir(tmp_path)
     if "--cpu-devices" in args:
-        proc = subprocess.run([sys.executable, "-m", "parity_tests.cli", *args], capture_output=True,
-                              text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-m", "parity_tests.cli", *args], capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr + proc.stdout
     else:
         from parity_tests.cli import main

@@ -49,4 +49,3 @@ def test_layernorm_is_the_books_form():
     ref = torch.nn.functional.layer_norm(x, (24,), ln.scale, ln.shift, eps=1e-5)
     torch.testing.assert_close(ln(x), ref, rtol=0, atol=2e-6)
     assert ln.eps == 1e-5
-

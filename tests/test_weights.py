@@ -72,9 +72,11 @@ def _bad_dicts(sd):
         (wrong_shape, "state dict key 'out_head.weight' has shape (24, 97), expected (97, 24)"),
         (missing, "state dict does not match DummyGPTModel: missing key(s) 'pos_emb.weight'"),
         (extra, "state dict does not match DummyGPTModel: unexpected key(s) 'trf_blocks.0.att.mask'"),
-        ({k: v for k, v in extra.items() if k != "tok_emb.weight"},
-         "state dict does not match DummyGPTModel: missing key(s) 'tok_emb.weight'; "
-         "unexpected key(s) 'trf_blocks.0.att.mask'"),
+        (
+            {k: v for k, v in extra.items() if k != "tok_emb.weight"},
+            "state dict does not match DummyGPTModel: missing key(s) 'tok_emb.weight'; "
+            "unexpected key(s) 'trf_blocks.0.att.mask'",
+        ),
         (ints, "state dict key 'tok_emb.weight' has dtype int32, expected one of float16, bfloat16, float32, float64"),
         ([("tok_emb.weight", 1)], "state dict must be a mapping of name -> array, got list"),
     ]
