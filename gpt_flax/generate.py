@@ -73,7 +73,8 @@ def _check_model_output(
 
     out = jax.eval_shape(forward, rng_state, params, ids)
     shape = tuple(getattr(out, "shape", ()))
-    check_logits(shape, *ids.shape, limits.vocab_size)
+    batch, seq_len = ids.shape
+    check_logits(shape, batch, seq_len, limits.vocab_size)
     if limits.vocab_size is None:  # a model that tells its vocabulary only by its logits
         check_id_dtype(dtype_name, shape[-1])
 
@@ -119,7 +120,8 @@ def generate_text_simple(model: nnx.Module, idx: Any, max_new_tokens: int, conte
     if max_new_tokens == 0:
         return ids
     window = min(context_size, n_prompt + max_new_tokens - 1)
-    graphdef, rng_state, params = nnx.split(model, nnx.RngState, ...)
+    graphdef, *states = nnx.split(model, nnx.RngState, ...)
+    rng_state, params = states
     if not isinstance(getattr(model, "cfg", None), GPTConfig):
         window_ids = jax.ShapeDtypeStruct((batch, window), ids.dtype)
         _check_model_output(graphdef, rng_state, params, window_ids, limits, dtype_name)
@@ -188,14 +190,16 @@ def generate_text_simple_cached(
         size = default_context_size(ids.shape[1], max_new_tokens, context_size, limits)
         return generate_text_simple(model, idx, max_new_tokens, size)
     max_new_tokens, context_size = check_cached_generation(ids.shape[1], max_new_tokens, context_size, limits)
-    if not hasattr(model, "reset_kv_cache"):
+    reset_kv_cache = getattr(model, "reset_kv_cache", None)
+    if reset_kv_cache is None:
         return generate_text_simple(model, idx, max_new_tokens, context_size)
     check_output_fits(ids.shape[0], ids.shape[1], max_new_tokens, dtype_name)
     if max_new_tokens == 0:
         return ids
     prompt = ids[:, -context_size:]
-    model.reset_kv_cache(batch_size=prompt.shape[0], max_len=prompt.shape[1] + max_new_tokens - 1)
-    graphdef, params, cache, rest = nnx.split(model, nnx.Param, nnx.Cache, ...)
+    reset_kv_cache(batch_size=prompt.shape[0], max_len=prompt.shape[1] + max_new_tokens - 1)
+    graphdef, *states = nnx.split(model, nnx.Param, nnx.Cache, ...)
+    params, cache, rest = states
     logits, cache, rest = _prefill(graphdef, params, cache, rest, prompt)
     tokens = jnp.zeros((prompt.shape[0], max_new_tokens), ids.dtype)
     try:

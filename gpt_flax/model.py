@@ -175,6 +175,7 @@ class MultiHeadAttention(nnx.Module):
         if use_cache:
             if self.cache_k is None:
                 self.init_cache(b, self.cache_max_len, keys_new.dtype)
+            assert self.cache_k is not None and self.cache_v is not None  # init_cache allocates both
             if self.cache_k.shape[0] != b:
                 raise ValueError(f"the KV cache holds batch size {self.cache_k.shape[0]}, got {b}: reset it")
             start = self.ptr_current_pos[...]
@@ -263,7 +264,7 @@ class DummyLayerNorm(nnx.Module):
         return x
 
 
-def _final_norm(kind: str) -> type[nnx.Module]:
+def _final_norm(kind: str) -> type[LayerNorm | DummyLayerNorm]:
     if kind not in FINAL_NORMS:
         raise ValueError(f"final_norm must be one of {', '.join(FINAL_NORMS)}, got {kind!r}")
     return LayerNorm if kind == LAYER_NORM else DummyLayerNorm
@@ -272,7 +273,13 @@ def _final_norm(kind: str) -> type[nnx.Module]:
 class _GPT(nnx.Module):
     """What DummyGPTModel and GPTModel share: the book's modules, in the book's order, and __call__."""
 
-    def _build(self, cfg: GPTConfig, block: type[nnx.Module], final_norm: type[nnx.Module], rngs: nnx.Rngs) -> None:
+    def _build(
+        self,
+        cfg: GPTConfig,
+        block: type[TransformerBlock | DummyTransformerBlock],
+        final_norm: type[LayerNorm | DummyLayerNorm],
+        rngs: nnx.Rngs,
+    ) -> None:
         self.cfg = cfg
         self.tok_emb = torch_embedding(cfg.vocab_size, cfg.emb_dim, rngs=rngs)
         self.pos_emb = torch_embedding(cfg.context_length, cfg.emb_dim, rngs=rngs)
@@ -293,7 +300,7 @@ class _GPT(nnx.Module):
         """
         in_idx = check_ids(in_idx, self.cfg, check_length=not use_cache)
         batch_size, seq_len = in_idx.shape
-        start = 0
+        start: int | jax.Array = 0
         if use_cache:
             start = self.current_pos[...]
             if not isinstance(start, jax.core.Tracer):  # in a trace, the caller checked the room
@@ -304,9 +311,9 @@ class _GPT(nnx.Module):
         x = self.drop_emb(tok_embeds + pos_embeds)
         activations = {"drop_emb": x}  # kept only when asked for: they hold every stage's memory
         for i, block in enumerate(self.trf_blocks):
-            inner = {} if return_activations else None
+            inner: dict[str, jax.Array] | None = {} if return_activations else None
             x = block(x, use_cache=use_cache, activations=inner)
-            if return_activations:
+            if inner is not None:
                 activations.update({f"trf_blocks.{i}.{name}": value for name, value in inner.items()})
                 activations[f"trf_blocks.{i}"] = x
         x = self.final_norm(x)
@@ -366,7 +373,7 @@ def _forward(graphdef, rng_state, params, in_idx, *, return_activations: bool):
     return m(in_idx, return_activations), nnx.state(m, nnx.RngState)
 
 
-def jit_forward(model: nnx.Module, *, device: jax.Device | None = None, return_activations: bool = False):
+def jit_forward(model: _GPT, *, device: jax.Device | None = None, return_activations: bool = False):
     """The model's forward as one compiled function of the ids, for inference and benchmarks.
 
     `nnx.split` runs once here, not per call, and one module-level `jax.jit` of the pure function
@@ -378,7 +385,8 @@ def jit_forward(model: nnx.Module, *, device: jax.Device | None = None, return_a
     Returns `forward(ids)`, giving what `model(ids, return_activations)` gives.
     """
     cfg = model.cfg
-    graphdef, rng_state, params = nnx.split(model, nnx.RngState, ...)
+    graphdef, *states = nnx.split(model, nnx.RngState, ...)
+    rng_state, params = states
     if device is not None:
         rng_state, params = jax.device_put((rng_state, params), device)
 

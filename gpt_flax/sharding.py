@@ -71,7 +71,8 @@ def make_mesh(shape: tuple[int, int] | str, devices: Sequence[jax.Device] | None
 
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> tuple[P, list[int]]:
     """`spec` with every axis that does not divide its dimension dropped; and those dimensions."""
-    fitted, dropped = [], []
+    fitted: list[str | tuple[str, ...] | None] = []
+    dropped: list[int] = []
     for dim, axis in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
         if axis is not None and shape[dim] % mesh.shape[axis]:
             fitted.append(None)
@@ -107,7 +108,7 @@ class ShardingPlan:
         ]
 
 
-def shard_model(model: nnx.Module, mesh: Mesh, *extra: nnx.Module) -> ShardingPlan:
+def shard_model(model: nnx.Module, mesh: Mesh, *extra: nnx.Pytree) -> ShardingPlan:
     """Place the model's parameters (and the same-shaped state of `extra` objects such as its
     nnx.Optimizer: Adam's moments, whose paths end in the parameter's) on the mesh by
     PARTITION_RULES; everything else replicated."""

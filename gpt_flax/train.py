@@ -12,11 +12,11 @@ from flax import nnx
 
 from gpt_spec import StateDict, check_adamw, check_targets
 
-from .model import check_ids
+from .model import _GPT, check_ids
 from .weights import to_canonical
 
 
-def _checked(model: nnx.Module, input_batch: Any, target_batch: Any) -> tuple[jax.Array, jax.Array]:
+def _checked(model: _GPT, input_batch: Any, target_batch: Any) -> tuple[jax.Array, jax.Array]:
     """Inputs, then targets, then their pairing (the torch twin's order). On the host before a
     jitted step's dispatch, where the values are known; in its trace, shapes and dtypes only."""
     input_batch = check_ids(input_batch, model.cfg)
@@ -25,9 +25,7 @@ def _checked(model: nnx.Module, input_batch: Any, target_batch: Any) -> tuple[ja
     return input_batch, target_batch
 
 
-def calc_loss_batch(
-    input_batch: Any, target_batch: Any, model: nnx.Module, device: jax.Device | None = None
-) -> jax.Array:
+def calc_loss_batch(input_batch: Any, target_batch: Any, model: _GPT, device: jax.Device | None = None) -> jax.Array:
     """Mean next-token cross-entropy of `model` on (batch, seq_len) inputs and targets.
 
     The inputs are checked first, then the targets (as the torch twin does); ids of any integer
@@ -43,11 +41,11 @@ def calc_loss_batch(
 
 
 @nnx.jit
-def _loss_and_grads(model: nnx.Module, input_batch: jax.Array, target_batch: jax.Array):
+def _loss_and_grads(model: _GPT, input_batch: jax.Array, target_batch: jax.Array):
     return nnx.value_and_grad(calc_loss_batch, argnums=2)(input_batch, target_batch, model)
 
 
-def loss_and_grads(model: nnx.Module, input_batch: Any, target_batch: Any) -> tuple[float, StateDict]:
+def loss_and_grads(model: _GPT, input_batch: Any, target_batch: Any) -> tuple[float, StateDict]:
     """The loss and the gradient of every parameter, as a canonical `{name: numpy array}`."""
     input_batch, target_batch = _checked(model, input_batch, target_batch)
     loss, grads = _loss_and_grads(model, input_batch, target_batch)
@@ -80,15 +78,13 @@ def _adamw_tx(lr: float, weight_decay: float, b1: float, b2: float, eps: float) 
 # Donated: the update writes parameters and optimizer state in place instead of a fresh copy
 # of both (2 GB at 124M parameters) per step.
 @nnx.jit(donate_argnums=(0, 1))
-def _train_step(
-    model: nnx.Module, optimizer: nnx.Optimizer, input_batch: jax.Array, target_batch: jax.Array
-) -> jax.Array:
+def _train_step(model: _GPT, optimizer: nnx.Optimizer, input_batch: jax.Array, target_batch: jax.Array) -> jax.Array:
     loss, grads = nnx.value_and_grad(calc_loss_batch, argnums=2)(input_batch, target_batch, model)
     optimizer.update(model, grads)
     return loss
 
 
-def train_step(model: nnx.Module, optimizer: nnx.Optimizer, input_batch: Any, target_batch: Any) -> float:
+def train_step(model: _GPT, optimizer: nnx.Optimizer, input_batch: Any, target_batch: Any) -> float:
     """One optimizer step on one batch (compiled once per shape); returns the loss before the step."""
     input_batch, target_batch = _checked(model, input_batch, target_batch)
     return float(np.asarray(_train_step(model, optimizer, input_batch, target_batch)))

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,10 @@ from flax import nnx
 
 from gpt_spec import GPTConfig, StateDict, check_dtype, check_state_dict, in_model_order
 from gpt_spec.checkpoint import load_checkpoint, read_torch_file, save_checkpoint
+
+from .model import _GPT
+
+_M = TypeVar("_M", bound=nnx.Module)
 
 __all__ = ["canonical_name", "cast", "load", "load_state_dict", "read_torch_file", "save", "state_dict"]
 
@@ -98,7 +103,7 @@ def _value(array: np.ndarray, var: nnx.Variable, transposed: bool) -> jax.Array:
     return jnp.asarray(array.T if transposed else array, dtype=var.dtype)
 
 
-def _unfilled(cls: type, cfg: GPTConfig, options: Mapping[str, object], rngs: nnx.Rngs) -> nnx.Module:
+def _unfilled(cls: Callable[..., _M], cfg: GPTConfig, options: Mapping[str, object], rngs: nnx.Rngs) -> _M:
     """`cls(cfg, **options, rngs=rngs)` with abstract parameters: the random init is never computed.
 
     The state that is not a parameter (dropout's RNG keys and counts, the KV cache's counters) is
@@ -115,7 +120,8 @@ def _unfilled(cls: type, cfg: GPTConfig, options: Mapping[str, object], rngs: nn
 
     rest_state, rng_after = jax.jit(rest)(rng_state)
     nnx.update(rngs, rng_after)
-    graphdef, params, _ = nnx.split(nnx.eval_shape(lambda: cls(cfg, **options, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    graphdef, *states = nnx.split(nnx.eval_shape(lambda: cls(cfg, **options, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    params, _ = states
     return nnx.merge(graphdef, params, rest_state)
 
 
@@ -127,7 +133,7 @@ def _fill(model: nnx.Module, sd: Mapping[str, np.ndarray], dtype) -> None:
         var.set_value(jnp.asarray(array.T if transposed else array, dtype=dtype))
 
 
-def save(model: nnx.Module, path: str | os.PathLike[str], *, dtype: str | None = None) -> None:
+def save(model: _GPT, path: str | os.PathLike[str], *, dtype: str | None = None) -> None:
     """Write the model's canonical state dict and config to a safetensors file, in `dtype`
     ("float32" or "bfloat16"; default the model's own)."""
     own = next(iter(_params(model).values()))[0].dtype
@@ -148,7 +154,7 @@ def load(
     n_heads: int | None = None,
     dtype: str | None = None,
     rngs: nnx.Rngs | None = None,
-) -> nnx.Module:
+) -> _GPT:
     """Build the model a checkpoint describes and load its weights (train mode, as constructed).
 
     Reads canonical or HF GPT-2 safetensors (a file, or a snapshot folder with its config.json,
@@ -169,7 +175,7 @@ def load(
 _JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def cast(model: nnx.Module, dtype: str) -> nnx.Module:
+def cast(model: _M, dtype: str) -> _M:
     """Parameters (and so the compute) in `dtype`, "float32" or "bfloat16"; LayerNorm statistics,
     softmax and logits stay float32. In place; returns the model."""
     target = _JAX_DTYPES[check_dtype(dtype)]

@@ -18,7 +18,7 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -92,7 +92,7 @@ def model_shapes(model: str, cfg: GPTConfig, options: Mapping[str, Any] | None =
     if model == GPT_MODEL:
         return gpt_shapes(cfg)
     e, v = cfg.emb_dim, cfg.vocab_size
-    shapes = {"tok_emb.weight": (v, e), "pos_emb.weight": (cfg.context_length, e)}
+    shapes: dict[str, tuple[int, ...]] = {"tok_emb.weight": (v, e), "pos_emb.weight": (cfg.context_length, e)}
     if options.get("final_norm", DUMMY_NORM) == LAYER_NORM:
         shapes |= {"final_norm.scale": (e,), "final_norm.shift": (e,)}
     return shapes | {"out_head.weight": (v, e)}
@@ -193,6 +193,7 @@ def _read_tensor(path: Path, key: str) -> np.ndarray:
                     out = np.empty(shape, block.dtype)
                 out[start:stop] = block
             del f, block
+        assert out is not None  # shape[0] > 0: an empty tensor was returned whole above
         return out
     except Exception as e:
         raise ValueError(f"{str(path)!r}: cannot read tensor {key!r}: {e}") from e
@@ -303,6 +304,10 @@ def _checked(
         raise ValueError(f"{source}: {e}") from None
 
 
+@overload
+def _with_n_heads(cfg: GPTConfig, n_heads: int | None) -> GPTConfig: ...
+@overload
+def _with_n_heads(cfg: None, n_heads: int | None) -> None: ...
 def _with_n_heads(cfg: GPTConfig | None, n_heads: int | None) -> GPTConfig | None:
     return cfg.replace(n_heads=n_heads) if cfg is not None and n_heads is not None else cfg
 
@@ -376,22 +381,25 @@ def load_checkpoint(
         if hf_config is None and (folder / "config.json").is_file():
             hf_config = folder / "config.json"
         config_source = "none: a published GPT-2 shape" if hf_config is None else "given"
+        hf_mapping: Mapping[str, Any] | None
         if isinstance(hf_config, (str, os.PathLike)):
             config_source = str(hf_config)
             if Path(hf_config) != folder / "config.json":  # the messages say config.json: name this one
                 source = f"{source} with HF config {config_source!r}"
-            hf_config = read_json(hf_config, "HF config")
+            hf_mapping = read_json(hf_config, "HF config")
+        else:
+            hf_mapping = hf_config
         override = _with_n_heads(config, n_heads)
         if n_heads is not None and config is None:
-            if hf_config is not None:
-                hf_config = {**hf_config, "n_head": n_heads} if isinstance(hf_config, Mapping) else hf_config
+            if hf_mapping is not None:
+                hf_mapping = {**hf_mapping, "n_head": n_heads} if isinstance(hf_mapping, Mapping) else hf_mapping
             else:
                 override = _n_heads_only(tensors, n_heads, source)
-        sd, cfg = from_hf(tensors, hf_config, config=override, source=source)
+        converted, cfg = from_hf(tensors, hf_mapping, config=override, source=source)
         if config is not None:
             config_source = "given"
         return Checkpoint(
-            _checked(sd, cfg, GPT_MODEL, {}, source),
+            _checked(converted, cfg, GPT_MODEL, {}, source),
             cfg,
             GPT_MODEL,
             {},
@@ -500,7 +508,7 @@ def _naming(path: str | os.PathLike[str], what: str) -> Iterator[None]:
         raise ValueError(f"cannot write {what} {os.fspath(path)!r}: {e}") from e
 
 
-def _atomic_write_all(outputs: Sequence[tuple[str | os.PathLike[str], Callable[[Path], None], str]]) -> list[Path]:
+def _atomic_write_all(outputs: Sequence[tuple[str | os.PathLike[str], Callable[[Path], object], str]]) -> list[Path]:
     """`(path, write, what)` each written to a temp file beside its path (`.NAME.PID.*.partial`),
     and renamed into place only once every one is written: a failure in any write leaves every
     old file as it was and no temp file behind."""
@@ -526,7 +534,7 @@ def _atomic_write_all(outputs: Sequence[tuple[str | os.PathLike[str], Callable[[
     return targets
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], what: str = "checkpoint") -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object], what: str = "checkpoint") -> Path:
     """Run `write(tmp)` then rename tmp onto `path`: an interrupted or failed write leaves the old
     file (if any) as it was and no temp file. A symlinked `path` is written where it points; the
     file gets the mode a plain `open` would (0666 less the umask). A missing, non-folder or

@@ -86,11 +86,12 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+            value = int(value)  # exact for any Integral (numpy's integers too)
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
             if value > MAX_SIZE:
                 raise ValueError(f"{name} must be at most {MAX_SIZE_TEXT}, got {value}")
-            object.__setattr__(self, name, int(value))
+            object.__setattr__(self, name, value)
         if self.emb_dim % self.n_heads:
             raise ValueError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
         rate = self.drop_rate
@@ -143,7 +144,7 @@ class GPTConfig:
     @classmethod
     def coerce(cls, cfg: GPTConfig | Mapping[str, Any]) -> GPTConfig:
         """Accept a GPTConfig or the book's plain dict; the twins' constructors call this."""
-        return cfg if isinstance(cfg, cls) else cls.from_dict(cfg)
+        return cfg if isinstance(cfg, GPTConfig) else cls.from_dict(cfg)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -329,7 +329,7 @@ def config_from_hf(
 def hf_shapes(cfg: GPTConfig, *, lm_head: bool) -> dict[str, tuple[int, ...]]:
     """`{HF name (no prefix): shape}` of a GPT-2 of this config."""
     e, v = cfg.emb_dim, cfg.vocab_size
-    out = {"wte.weight": (v, e), "wpe.weight": (cfg.context_length, e)}
+    out: dict[str, tuple[int, ...]] = {"wte.weight": (v, e), "wpe.weight": (cfg.context_length, e)}
     for i in range(cfg.n_layers):
         out |= {
             f"h.{i}.ln_1.weight": (e,),
@@ -380,7 +380,7 @@ def from_hf(
     *,
     config: GPTConfig | None = None,
     source: str = "HF GPT-2 state dict",
-) -> tuple[StateDict, GPTConfig]:
+) -> tuple[Mapping[str, np.ndarray], GPTConfig]:
     """Map a GPT-2 state dict in the HF layout onto the canonical layout, with its config.
 
     `hf_config` is HF's config.json as a dict (None: the file has none, and only the published

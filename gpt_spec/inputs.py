@@ -10,11 +10,14 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Iterable
+from typing import TypeVar
 
 import numpy as np
 
 from .checkpoint import gpt_shapes
 from .config import GPTConfig
+
+_T = TypeVar("_T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +162,8 @@ def check_cache_room(cached: int, new: int, cfg: GPTConfig, max_len: int | None 
 
 
 def default_context_size(
-    prompt_len: int, max_new_tokens: object, context_size: object, cfg: GPTConfig | ModelLimits
-) -> object:
+    prompt_len: int, max_new_tokens: object, context_size: _T | None, cfg: GPTConfig | ModelLimits
+) -> _T | int:
     """`context_size` None means the model's context_length, or, where the model does not tell
     it, the whole sequence (nothing is cropped)."""
     if context_size is not None:

@@ -159,7 +159,9 @@ def check_state_dict(
         if got != tuple(shape):
             raise ValueError(f"state dict key {name!r} has shape {got}, expected {tuple(shape)}")
     if isinstance(given, LazyStateDict):
-        return LazyStateDict(
-            {name: (*given.info(name), lambda name=name: checked_array(name, given[name])) for name in expected}
-        )
+
+        def reader(name: str) -> Callable[[], np.ndarray]:
+            return lambda: checked_array(name, given[name])
+
+        return LazyStateDict({name: (*given.info(name), reader(name)) for name in expected})
     return {name: checked_array(name, given[name]) for name in expected}

@@ -94,13 +94,14 @@ def generate_text_simple_cached(
         size = default_context_size(idx.shape[1], max_new_tokens, context_size, limits)
         return generate_text_simple(model, idx, max_new_tokens, size)
     max_new_tokens, context_size = check_cached_generation(idx.shape[1], max_new_tokens, context_size, limits)
-    if not hasattr(model, "reset_kv_cache"):
+    reset_kv_cache = getattr(model, "reset_kv_cache", None)
+    if reset_kv_cache is None:
         return generate_text_simple(model, idx, max_new_tokens, context_size)
     check_output_fits(idx.shape[0], idx.shape[1], max_new_tokens, _dtype_name(idx))
     if max_new_tokens == 0:
         return idx
     with torch.no_grad():
-        model.reset_kv_cache()
+        reset_kv_cache()
         logits = model(as_index(idx[:, -context_size:]), use_cache=True)
         for step in range(max_new_tokens):
             probas = torch.softmax(logits[:, -1, :], dim=-1)

@@ -39,8 +39,8 @@ def _id_range(ids: torch.Tensor) -> tuple[int, int]:
         lo = int(low_ids.min()) if low_ids.numel() else int(high_ids.min()) + 2**64
         hi = int(high_ids.max()) + 2**64 if high_ids.numel() else int(low_ids.max())
         return lo, hi
-    lo, hi = torch.aminmax(ids)
-    return int(lo), int(hi)
+    lo_hi = torch.aminmax(ids)
+    return int(lo_hi.min), int(lo_hi.max)
 
 
 def as_index(ids: torch.Tensor) -> torch.Tensor:
@@ -118,6 +118,11 @@ class FeedForward(nn.Module):
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention with separate query, key and value projections."""
 
+    # Buffers, registered in __init__ (nn.Module's __getattr__ would type them Tensor | Module).
+    mask: torch.Tensor
+    cache_k: torch.Tensor | None
+    cache_v: torch.Tensor | None
+
     def __init__(
         self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias: bool = False
     ):
@@ -175,6 +180,7 @@ class MultiHeadAttention(nn.Module):
         if use_cache:
             if self.cache_k is None:
                 self.init_cache(b, self.cache_max_len, keys_new.dtype, keys_new.device)
+            assert self.cache_k is not None and self.cache_v is not None  # init_cache allocates both
             if self.cache_k.shape[0] != b:
                 raise ValueError(f"the KV cache holds batch size {self.cache_k.shape[0]}, got {b}: reset it")
             start = self.ptr_current_pos
@@ -295,9 +301,9 @@ class _GPT(nn.Module):
         x = self.drop_emb(tok_embeds + pos_embeds)
         activations = {"drop_emb": x}  # kept only when asked for: they hold every stage's memory
         for i, block in enumerate(self.trf_blocks):
-            inner = {} if return_activations else None
+            inner: dict[str, torch.Tensor] | None = {} if return_activations else None
             x = block(x, use_cache=use_cache, activations=inner)
-            if return_activations:
+            if inner is not None:
                 activations.update({f"trf_blocks.{i}.{name}": value for name, value in inner.items()})
                 activations[f"trf_blocks.{i}"] = x
         x = self.final_norm(x)

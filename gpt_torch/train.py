@@ -7,13 +7,13 @@ import torch.nn.functional as F
 
 from gpt_spec import StateDict, check_adamw, check_targets
 
-from .model import check_ids
+from .model import _GPT, check_ids
 
 
 def calc_loss_batch(
     input_batch: torch.Tensor,
     target_batch: torch.Tensor,
-    model: torch.nn.Module,
+    model: _GPT,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of `model` on (batch, seq_len) inputs and targets.
@@ -31,14 +31,18 @@ def calc_loss_batch(
     return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten().long())
 
 
-def loss_and_grads(
-    model: torch.nn.Module, input_batch: torch.Tensor, target_batch: torch.Tensor
-) -> tuple[float, StateDict]:
-    """The loss and the gradient of every parameter, as a canonical `{name: numpy array}`."""
+def loss_and_grads(model: _GPT, input_batch: torch.Tensor, target_batch: torch.Tensor) -> tuple[float, StateDict]:
+    """The loss and the gradient of every parameter, as a canonical `{name: numpy array}`.
+
+    A parameter the loss does not reach gets no `.grad` from autograd: its gradient is zero, as the
+    Flax twin's value_and_grad gives it."""
     model.zero_grad(set_to_none=True)
     loss = calc_loss_batch(input_batch, target_batch, model)
     loss.backward()
-    grads = {name: p.grad.detach().cpu().numpy().copy() for name, p in model.named_parameters()}
+    grads = {
+        name: (torch.zeros_like(p) if p.grad is None else p.grad).detach().cpu().numpy().copy()
+        for name, p in model.named_parameters()
+    }
     model.zero_grad(set_to_none=True)
     return loss.item(), grads
 
@@ -59,7 +63,7 @@ def adamw(
 
 
 def train_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_batch: torch.Tensor, target_batch: torch.Tensor
+    model: _GPT, optimizer: torch.optim.Optimizer, input_batch: torch.Tensor, target_batch: torch.Tensor
 ) -> float:
     """One optimizer step on one batch; returns the loss before the step."""
     optimizer.zero_grad()

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from gpt_spec import GPTConfig, StateDict, check_dtype, check_state_dict
 from gpt_spec.checkpoint import load_checkpoint, read_torch_file, save_checkpoint
+
+from .model import _GPT
+
+_M = TypeVar("_M", bound=torch.nn.Module)
 
 __all__ = ["cast", "load", "load_state_dict", "read_torch_file", "save", "state_dict"]
 
@@ -58,7 +63,7 @@ def _dtype_name(model: torch.nn.Module) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
-def save(model: torch.nn.Module, path: str | os.PathLike[str], *, dtype: str | None = None) -> None:
+def save(model: _GPT, path: str | os.PathLike[str], *, dtype: str | None = None) -> None:
     """Write the model's canonical state dict and config to a safetensors file, in `dtype`
     ("float32" or "bfloat16"; default the model's own)."""
     save_checkpoint(
@@ -77,7 +82,7 @@ def load(
     config: GPTConfig | None = None,
     n_heads: int | None = None,
     dtype: str | None = None,
-) -> torch.nn.Module:
+) -> _GPT:
     """Build the model a checkpoint describes and load its weights (train mode, as constructed).
 
     Reads canonical or HF GPT-2 safetensors (a file, or a snapshot folder with its config.json,
@@ -99,7 +104,7 @@ def load(
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def cast(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+def cast(model: _M, dtype: str) -> _M:
     """Parameters (and so the compute) in `dtype`, "float32" or "bfloat16"; LayerNorm statistics,
     softmax and logits stay float32. In place; returns the model."""
     return model.to(_TORCH_DTYPES[check_dtype(dtype)])

@@ -22,7 +22,7 @@ import copy
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -32,7 +32,7 @@ import torch
 
 import gpt_flax
 import gpt_torch
-from gpt_spec import DTYPES, GPT, MODEL_CLASSES, GPTConfig, StateDict, check_dtype
+from gpt_spec import DTYPES, GPT, MODEL_CLASSES, GPTConfig, check_dtype
 from gpt_spec.flops import forward_flops, kv_cache_bytes_read, weight_bytes_per_token
 
 from .mesh import split_bytes
@@ -179,7 +179,7 @@ class BenchReport:
             f"{self.model} {_describe(self.config)}, {self.device}, matmuls "
             f"{self.precision.split(' ')[0]}, median of {self.repeats} after {self.warmup} warm-up"
         ]
-        gemm_rows = []
+        gemm_rows: list[tuple[str, str, float, float | str, float | str]] = []  # a bandwidth has no min, max
         for dtype, samples in self.gemm.items():
             for lib, values in samples.items():
                 gemm_rows.append(
@@ -435,7 +435,12 @@ class _Twins:
 
 
 def _build_twins(
-    model: str, cfg: GPTConfig, seed: int, dtypes: tuple[str, ...], options: dict[str, Any], weights: StateDict | None
+    model: str,
+    cfg: GPTConfig,
+    seed: int,
+    dtypes: tuple[str, ...],
+    options: dict[str, Any],
+    weights: Mapping[str, np.ndarray] | None,
 ) -> dict[str, _Twins]:
     """Both twins per dtype, all on the same weights (`weights`, or torch's init), in eval mode."""
     tm = build_torch(model, cfg, seed=seed, **options).eval()
@@ -543,7 +548,7 @@ def run_bench(
     backends: tuple[str, ...] = BACKENDS,
     seed: int = 0,
     options: dict[str, Any] | None = None,
-    weights: StateDict | None = None,
+    weights: Mapping[str, np.ndarray] | None = None,
     meshes: list[str] | None = None,
     decode: int = 0,
     decode_uncached: int = 32,

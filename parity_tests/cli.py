@@ -11,8 +11,10 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from gpt_spec import (
     DTYPES,
@@ -24,7 +26,6 @@ from gpt_spec import (
     MODEL_CLASSES,
     MODEL_KINDS,
     GPTConfig,
-    StateDict,
     resolve_config,
 )
 
@@ -335,7 +336,7 @@ class _Setup:
     label: str
     model: str
     options: dict
-    weights: StateDict | None = None
+    weights: Mapping[str, np.ndarray] | None = None
     meshes: list[str] = dataclasses.field(default_factory=list)
 
 

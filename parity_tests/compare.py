@@ -10,13 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, cast, overload
 
 import numpy as np
 
 from .tolerances import BIAS_FLOOR_ULPS, BIAS_MIN_ROWS, BIAS_Z, Bound
 
 EPS32 = float(np.finfo(np.float32).eps)  # one ulp at 1.0
+
+
+class Named(Protocol):
+    """What a comparison was held to, as its report names it: a `Tolerance`, or what an envelope
+    passed as `limit=` was derived from (layers.Envelope)."""
+
+    def describe(self) -> str: ...
+
+
+class Tolerance(Named, Protocol):
+    """A named limit per element from the reference's magnitudes: a `Bound`, or forward.Carried."""
+
+    def limit(self, reference_abs: np.ndarray) -> np.ndarray: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +41,7 @@ class Comparison:
     max_abs: float  # max |candidate - reference|
     max_rel: float  # max |candidate - reference| / max |reference|
     worst_index: tuple[int, ...] | None  # the element furthest past (or closest to) its bound
-    bound: Bound
+    bound: Named
     passed: bool
     problem: str = ""  # why it failed before values could be compared, or what was non-finite
     n_beyond: int = 0  # elements past the bound
@@ -78,7 +91,13 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def compare(name: str, reference: Any, candidate: Any, bound: Bound, *, limit: np.ndarray | None = None) -> Comparison:
+@overload
+def compare(
+    name: str, reference: Any, candidate: Any, bound: Tolerance, *, limit: np.ndarray | None = None
+) -> Comparison: ...
+@overload
+def compare(name: str, reference: Any, candidate: Any, bound: Named, *, limit: np.ndarray) -> Comparison: ...
+def compare(name: str, reference: Any, candidate: Any, bound: Named, *, limit: np.ndarray | None = None) -> Comparison:
     """Compare one tensor against its reference under `bound`; NaN or inf on either side fails.
 
     With `limit` (an array of the reference's shape: what each element may differ by, derived
@@ -126,7 +145,7 @@ def compare(name: str, reference: Any, candidate: Any, bound: Bound, *, limit: n
     diff = np.abs(cand - ref)
     ref_abs = np.abs(ref)
     if limit is None:
-        limit = bound.limit(ref_abs)
+        limit = cast(Tolerance, bound).limit(ref_abs)  # the overloads ask a Tolerance when no limit is given
     limit = np.broadcast_to(np.asarray(limit, dtype=np.float64), shape)
     if np.isnan(limit).any():  # a limit that could not be derived judges nothing: fail, say why
         where = tuple(int(i) for i in np.argwhere(np.isnan(limit))[0])
@@ -166,7 +185,7 @@ def compare(name: str, reference: Any, candidate: Any, bound: Bound, *, limit: n
     )
 
 
-def compare_tree(reference: Any, candidate: Any, bound: Bound, name: str = "output") -> list[Comparison]:
+def compare_tree(reference: Any, candidate: Any, bound: Tolerance, name: str = "output") -> list[Comparison]:
     """Compare nested dicts/lists/tuples of tensors leaf by leaf, names joined with '.'."""
     if isinstance(reference, Mapping):
         if not isinstance(candidate, Mapping) or set(reference) != set(candidate):
@@ -175,8 +194,8 @@ def compare_tree(reference: Any, candidate: Any, bound: Bound, name: str = "outp
         return [c for k in reference for c in compare_tree(reference[k], candidate[k], bound, f"{name}.{k}")]
     if isinstance(reference, Sequence) and not isinstance(reference, str):
         if not isinstance(candidate, Sequence) or len(candidate) != len(reference):
-            got = len(candidate) if isinstance(candidate, Sequence) else type(candidate).__name__
-            return [_structure_mismatch(name, f"{got} entries differ from reference's {len(reference)}", bound)]
+            entries = len(candidate) if isinstance(candidate, Sequence) else type(candidate).__name__
+            return [_structure_mismatch(name, f"{entries} entries differ from reference's {len(reference)}", bound)]
         return [
             c
             for i, (r, c_) in enumerate(zip(reference, candidate, strict=True))
@@ -185,7 +204,7 @@ def compare_tree(reference: Any, candidate: Any, bound: Bound, name: str = "outp
     return [compare(name, reference, candidate, bound)]
 
 
-def _structure_mismatch(name: str, problem: str, bound: Bound) -> Comparison:
+def _structure_mismatch(name: str, problem: str, bound: Named) -> Comparison:
     nan = float("nan")
     return Comparison(name, (), nan, nan, None, bound, False, problem, margin=float("inf"))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -20,7 +20,7 @@ import numpy as np
 
 import gpt_flax
 import gpt_torch
-from gpt_spec import GPT, GPTConfig, StateDict, check_dtype, stage_key, stage_of
+from gpt_spec import GPT, GPTConfig, check_dtype, stage_key, stage_of
 
 from .compare import Comparison, compare
 from .layers import Finding, build_probes, reference_outputs, run_probes
@@ -394,7 +394,10 @@ def _check_args(model: str, mode: str, cfg: GPTConfig) -> None:
 
 # What a twin's own converters say it holds: unaffected by a planted converter bug (zoo.py
 # patches the package-level functions, which the checks below call).
-_TRUE_STATE_DICT = {"torch": gpt_torch.weights.state_dict, "flax": gpt_flax.weights.state_dict}
+_TRUE_STATE_DICT: dict[str, Callable[[Any], dict[str, np.ndarray]]] = {
+    "torch": gpt_torch.weights.state_dict,
+    "flax": gpt_flax.weights.state_dict,
+}
 
 
 def run_parity(
@@ -408,7 +411,7 @@ def run_parity(
     directions: Sequence[str] = DIRECTIONS,
     bound: Bound | None = None,
     options: dict[str, Any] | None = None,
-    weights: StateDict | None = None,
+    weights: Mapping[str, np.ndarray] | None = None,
     progress: bool = False,
     dtype: str = "float32",
     layer_evidence: bool = True,
@@ -452,7 +455,7 @@ def run_parity(
     )
     with matmuls(matmul_precision) as precision, contextlib.ExitStack() as stack:
         with prog.step("building both twins, each with its own init"):
-            twin = (
+            twin: dict[str, Any] = (
                 models
                 if models is not None
                 else {
@@ -471,7 +474,10 @@ def run_parity(
                 set_mode(m, mode)
             gpt_torch.cast(twin["torch"], dtype)  # loads below round into this dtype
             gpt_flax.cast(twin["flax"], dtype)
-        load = {"torch": gpt_torch.load_state_dict, "flax": gpt_flax.load_state_dict}
+        load: dict[str, Callable[[Any, Mapping[str, object]], None]] = {
+            "torch": gpt_torch.load_state_dict,
+            "flax": gpt_flax.load_state_dict,
+        }
         for direction in directions:
             source, target = direction.split("->")
             with prog.step(

@@ -140,7 +140,8 @@ def _attention_weights(path: str, sd: Mapping[str, np.ndarray]) -> list[np.ndarr
 
 
 def _attention_probe(path: str, inputs: str, x: np.ndarray, sd, cfg: GPTConfig, bias_row: int | None) -> Probe:
-    limit = envelopes.attention(x, *_attention_weights(path, sd), n_heads=cfg.n_heads)
+    wq, bq, wk, bk, wv, bv, wo, bo = _attention_weights(path, sd)
+    limit = envelopes.attention(x, wq, bq, wk, bk, wv, bv, wo, bo, n_heads=cfg.n_heads)
     return Probe(path, "MultiHeadAttention", inputs, x, limit, bias_row)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -12,7 +12,7 @@ from flax import nnx
 
 import gpt_flax
 from gpt_flax.weights import canonical_name
-from gpt_spec import GPT, GPTConfig, StateDict
+from gpt_spec import GPT, GPTConfig
 
 from .compare import Comparison, compare
 from .output import Progress, format_table, versions
@@ -133,7 +133,7 @@ def run_sharding_parity(
     seq: int = 16,
     seed: int = 0,
     lr: float = 4e-4,
-    weights: StateDict | None = None,
+    weights: Mapping[str, np.ndarray] | None = None,
     progress: bool = False,
 ) -> ShardingReport:
     """For each mesh: the Flax twin's logits, gradients and weights after one AdamW step, sharded,
@@ -169,7 +169,9 @@ def run_sharding_parity(
                 xs, ys = sharding.shard_batch(x, mesh), sharding.shard_batch(y, mesh)
                 logits, tokens, grads, after = _flax_step_results(fm, opt, xs, ys, xs)
             notes = plan.describe()
-            if xs.sharding.spec[0] is None and mesh.shape["data"] > 1:
+            placed = xs.sharding
+            assert isinstance(placed, jax.sharding.NamedSharding)  # as shard_batch places a batch
+            if placed.spec[0] is None and mesh.shape["data"] > 1:
                 notes.append(f"batch {batch} not divisible by data axis {mesh.shape['data']}: replicated")
             rows.append(
                 MeshRow(
@@ -191,7 +193,8 @@ def run_sharding_parity(
 def split_bytes(model: nnx.Module, split_names: set[str]) -> tuple[int, int]:
     """(total bytes, most bytes on one device) of the parameters a partition rule split, named
     canonically (as ShardingPlan.specs names them)."""
-    total, per_device = 0, {}
+    total = 0
+    per_device: dict[jax.Device, int] = {}
     for keys, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if canonical_name(keys)[0] not in split_names:
             continue

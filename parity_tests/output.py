@@ -32,8 +32,9 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
         table.add_column(Text(str(header)), justify="right" if numeric else "left", no_wrap=True)
     for row in rows:
         table.add_row(*(Text(format_cell(v)) for v in row))
+    text = io.StringIO()
     console = Console(
-        file=io.StringIO(),
+        file=text,
         width=TABLE_WIDTH,
         color_system=None,
         force_terminal=False,
@@ -42,7 +43,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
         emoji=False,
     )
     console.print(table)
-    return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines())
+    return "\n".join(line.rstrip() for line in text.getvalue().splitlines())
 
 
 def _is_number(v: object) -> bool:

@@ -12,6 +12,8 @@ import torch
 import gpt_flax
 import gpt_torch
 
+from . import zoo
+from .compare import compare
 from .configs import TINY, TINY_BIAS
 from .tolerances import GRADS
 from .training import run_training_parity, weights_check
@@ -42,6 +44,30 @@ def test_gradients_are_compared_in_the_canonical_layout():
     name = "trf_blocks.0.ff.layers.0.weight"  # (4*emb, emb) in torch; the Flax kernel is (emb, 4*emb)
     assert t[name].shape == f[name].shape == (4 * TINY.emb_dim, TINY.emb_dim)
     np.testing.assert_allclose(f[name], t[name], atol=1e-7)
+
+
+def test_a_parameter_the_loss_does_not_reach_has_a_zero_gradient_in_both_twins():
+    """With the query/key/value biases left out of the forward (the zoo's qkv-bias-dropped, planted
+    in both twins), torch's autograd gives them no .grad and JAX a zero gradient: loss_and_grads
+    gives zeros in both, and every other gradient as usual."""
+    cfg = TINY_BIAS.replace(drop_rate=0.0)
+    tm, fm = build_pair("gpt", cfg, source="torch", mode="train")
+    models = {"torch": tm, "flax": fm}
+    mutant = zoo.get("qkv-bias-dropped")
+    ids = token_batch(cfg, 2, cfg.context_length + 1, seed=3)
+    x, y = ids[:, :-1], ids[:, 1:]
+    with zoo.planted(mutant, "torch", models), zoo.planted(mutant, "flax", models), float32_matmuls():
+        _, t = gpt_torch.loss_and_grads(tm, torch.from_numpy(x), torch.from_numpy(y))
+        _, f = gpt_flax.loss_and_grads(fm, x, y)
+    assert set(t) == set(f) == set(gpt_torch.state_dict(tm))
+    dropped = [name for name in t if name.endswith(("W_query.bias", "W_key.bias", "W_value.bias"))]
+    assert len(dropped) == 3 * cfg.n_layers
+    for name in t:
+        if name in dropped:
+            assert not t[name].any() and not f[name].any(), name
+        else:
+            check = compare(name, t[name], f[name], GRADS)
+            assert check.passed, check.describe()
 
 
 def test_a_different_weight_decay_is_caught():

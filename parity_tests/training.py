@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 import gpt_flax
 import gpt_torch
-from gpt_spec import GPT, GPTConfig, StateDict
+from gpt_spec import GPT, GPTConfig
 
 from .compare import Comparison, compare
 from .output import Progress, format_table, versions
@@ -174,7 +175,7 @@ def run_training_parity(
     lr: float = 4e-4,
     weight_decay: float = 0.1,
     outlier_fraction: float = ADAMW_OUTLIER_FRACTION,
-    weights: StateDict | None = None,
+    weights: Mapping[str, np.ndarray] | None = None,
     progress: bool = False,
 ) -> TrainingReport:
     """Loss and every gradient on one batch, then `steps` AdamW steps on fresh batches in both twins.
@@ -208,7 +209,8 @@ def run_training_parity(
             gpt_torch.adamw(tm, lr=lr, weight_decay=weight_decay),
             gpt_flax.adamw(fm, lr=lr, weight_decay=weight_decay),
         )
-        step_losses, weights = [], []
+        step_losses: list[tuple[float, float]] = []
+        weight_checks: list[WeightCheck] = []
         for step in range(1, steps + 1):
             with prog.step(f"AdamW step {step}"):
                 x, y = next_batch()
@@ -219,7 +221,7 @@ def run_training_parity(
                     )
                 )
             if step in (1, steps):
-                weights.append(
+                weight_checks.append(
                     weights_check(step, gpt_torch.state_dict(tm), gpt_flax.state_dict(fm), lr, outlier_fraction)
                 )
-    return TrainingReport(cfg, model, batch, seq, lr, weight_decay, precision, loss, grads, step_losses, weights)
+    return TrainingReport(cfg, model, batch, seq, lr, weight_decay, precision, loss, grads, step_losses, weight_checks)

@@ -20,9 +20,11 @@ from flax import nnx
 
 import gpt_flax
 import gpt_torch
+from gpt_flax.model import _GPT as FlaxGPT
 from gpt_spec import MODEL_CLASSES as MODELS
 from gpt_spec import GPTConfig
 from gpt_spec.checkpoint import Checkpoint, load_checkpoint
+from gpt_torch.model import _GPT as TorchGPT
 
 MODES = ("eval", "train")
 
@@ -33,20 +35,20 @@ def _model_class(module: Any, kind: str):
     return getattr(module, MODELS[kind])
 
 
-def build_torch(kind: str, cfg: GPTConfig, *, seed: int, **options: Any) -> torch.nn.Module:
+def build_torch(kind: str, cfg: GPTConfig, *, seed: int, **options: Any) -> TorchGPT:
     """The torch twin with torch's own init under `torch.manual_seed(seed)`."""
     torch.manual_seed(seed)
     return _model_class(gpt_torch, kind)(cfg, **options)
 
 
-def build_flax(kind: str, cfg: GPTConfig, *, seed: int, **options: Any) -> nnx.Module:
+def build_flax(kind: str, cfg: GPTConfig, *, seed: int, **options: Any) -> FlaxGPT:
     """The Flax twin with its torch-like init from `nnx.Rngs(seed)`."""
     return _model_class(gpt_flax, kind)(cfg, **options, rngs=nnx.Rngs(seed))
 
 
 def build_pair(
     kind: str, cfg: GPTConfig, *, source: str, seed: int = 0, mode: str = "eval", **options: Any
-) -> tuple[torch.nn.Module, nnx.Module]:
+) -> tuple[TorchGPT, FlaxGPT]:
     """(torch twin, flax twin) holding the same weights: the `source` twin's own init, copied
     into the other by the production converters."""
     if source not in ("torch", "flax"):
@@ -131,8 +133,10 @@ def matmuls(precision: str = "float32") -> Iterator[str]:
         with float32_matmuls() as described:
             yield described
         return
+    # jax.config's options are attributes set at runtime: its type stubs do not declare them.
+    jax_precision = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
     yield (
-        f"each framework's default (jax_default_matmul_precision={jax.config.jax_default_matmul_precision}, "
+        f"each framework's default (jax_default_matmul_precision={jax_precision}, "
         f"torch {torch.get_float32_matmul_precision()!r})"
     )
 
@@ -154,7 +158,7 @@ def run_torch(model: torch.nn.Module, ids: np.ndarray, device: str = "cpu", *, a
 
 
 def run_flax(
-    model: nnx.Module, ids: np.ndarray, device: jax.Device | None = None, *, jit: bool = True, activations: bool = False
+    model: FlaxGPT, ids: np.ndarray, device: jax.Device | None = None, *, jit: bool = True, activations: bool = False
 ) -> Any:
     """Logits (or every stage's output) as numpy: jitted by default, or op by op."""
     if jit:

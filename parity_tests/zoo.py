@@ -269,7 +269,7 @@ def _square_projection(name: str, value: np.ndarray) -> bool:
 def _untransposed_squares(twin: str) -> Iterator[None]:
     """The twin's converters, as a port that transposes only where shapes disagree: a square
     projection goes in (and comes out) the other way round."""
-    package = gpt_torch if twin == "torch" else gpt_flax
+    package: Any = gpt_torch if twin == "torch" else gpt_flax  # a module: its functions are patched below
     load, export = package.load_state_dict, package.state_dict
 
     def flip(sd):
@@ -298,8 +298,9 @@ def planted(mutant: Mutant, twin: str, models: dict[str, Any]) -> Iterator[None]
             for swap in mutant.swaps:
                 base, zoo_cls = _LAYERS[twin][swap.layer]
                 if isinstance(module, base) and swap.only in (None, attr):
-                    swapped.append((module, type(module)))
-                    object.__setattr__(module, "__class__", _mutant_class(zoo_cls, type(module), swap.knobs))
+                    cls: type = type(module)
+                    swapped.append((module, cls))
+                    object.__setattr__(module, "__class__", _mutant_class(zoo_cls, cls, swap.knobs))
                     break
         if mutant.swaps and not swapped:
             raise ValueError(f"mutant {mutant.name} has nothing to replace in {type(model).__name__}")

@@ -56,7 +56,8 @@ class Linear(nnx.Linear):
     bug_operand_bits: int | None = None  # matmul operands rounded to this many mantissa bits
     bug_output_bits: int | None = None  # and the product too
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    # The book's one-argument call, as a port writes it: no out_sharding (the twins never pass one).
+    def __call__(self, x: jax.Array) -> jax.Array:  # type: ignore[override]
         bits = self.bug_operand_bits
         y = round_mantissa(round_mantissa(x, bits) @ round_mantissa(self.kernel[...], bits), self.bug_output_bits)
         return y if self.bias is None else y + self.bias[...]
@@ -135,8 +136,8 @@ class TransformerBlock(book.TransformerBlock):
 class Dropout(nnx.Dropout):
     """Dropout that ignores eval(): always drops."""
 
-    def __call__(self, x: jax.Array, **kwargs) -> jax.Array:
-        return super().__call__(x, deterministic=False)
+    def __call__(self, inputs: jax.Array, **kwargs) -> jax.Array:
+        return super().__call__(inputs, deterministic=False)
 
 
 class GPT(book._GPT):

@@ -1,6 +1,7 @@
 """gpt_spec.checkpoint: canonical files, the HF GPT-2 layout, config inference, and bad files."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,18 +199,18 @@ def test_hf_config_json_is_read_beside_the_file_or_in_the_folder(tmp_path, given
     assert ckpt.config_source == str(tmp_path / "config.json")
 
 
+def _write_truncated(path: Path) -> None:
+    """A safetensors file with its last 9 bytes cut off."""
+    save_file({"tok_emb.weight": np.ones((4, 4), np.float32)}, path)
+    path.write_bytes(path.read_bytes()[:-9])
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
         (lambda p: None, "does not exist"),
         (lambda p: p.write_bytes(b"not a safetensors file at all"), "is not a readable safetensors file"),
-        (
-            lambda p: (
-                save_file({"tok_emb.weight": np.ones((4, 4), np.float32)}, p),
-                p.write_bytes(p.read_bytes()[:-9]),
-            ),
-            "is not a readable safetensors file",
-        ),
+        (_write_truncated, "is not a readable safetensors file"),
         (
             lambda p: save_file({"weight": np.ones((4, 4), np.float32)}, p),
             r"neither the canonical layout \(tok_emb.weight, ...\) nor HF GPT-2's",

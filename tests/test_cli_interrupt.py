@@ -41,11 +41,13 @@ def _interrupted_run(argv: list[str], cwd, line: str) -> tuple[int, str, str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+    out, err = proc.stdout, proc.stderr
+    assert out is not None and err is not None  # both piped
     stderr: list[str] = []
     sent = threading.Event()
 
     def read() -> None:
-        for text in proc.stderr:
+        for text in err:
             stderr.append(text)
             if text.rstrip("\n") == line and not sent.is_set():
                 threading.Timer(INTERRUPT_DELAY_S, proc.send_signal, [signal.SIGINT]).start()
@@ -53,7 +55,7 @@ def _interrupted_run(argv: list[str], cwd, line: str) -> tuple[int, str, str]:
 
     reader = threading.Thread(target=read)
     reader.start()
-    stdout = proc.stdout.read()
+    stdout = out.read()
     proc.wait(timeout=300)
     reader.join()
     assert sent.is_set(), f"the run never printed {line!r}:\n{''.join(stderr)}"

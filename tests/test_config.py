@@ -28,7 +28,7 @@ def test_presets_have_the_books_sizes(name, emb_dim, n_layers, n_heads):
     assert (cfg.vocab_size, cfg.context_length) == (50257, 1024)
 
 
-def test_config_is_frozen():
+def test_config_is_frozen() -> None:
     cfg = GPTConfig.preset("gpt2-small")
     with pytest.raises(AttributeError):
         cfg.emb_dim = 1  # type: ignore[misc]
@@ -56,7 +56,7 @@ def test_bad_values_name_the_field_and_rule(change, message):
     assert str(e.value) == message
 
 
-def test_unknown_and_missing_keys():
+def test_unknown_and_missing_keys() -> None:
     with pytest.raises(ValueError, match=r"unknown config key\(s\) 'emb_size'; known keys: vocab_size"):
         GPTConfig.from_dict({**GPT_CONFIG_124M, "emb_size": 768})
     partial = {k: v for k, v in GPT_CONFIG_124M.items() if k != "qkv_bias"}

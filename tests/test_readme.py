@@ -24,7 +24,7 @@ def _shell_lines() -> list[str]:
 
 
 @pytest.mark.slow  # the examples build gpt2-small in both twins
-def test_python_examples_run(capsys, tmp_path, monkeypatch):
+def test_python_examples_run(capsys, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # the examples write small.safetensors
     blocks = _blocks("python")
     assert len(blocks) >= 3
