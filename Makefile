@@ -2,15 +2,27 @@
 PYTHON ?= python3
 VENV ?= .venv
 CONSTRAINTS ?= constraints.txt
+# PyPI has no CPU-only torch (its Linux torch pulls CUDA, gigabytes): the `+cpu` pin of
+# constraints.txt comes from PyTorch's own CPU index. Only torch is taken from it, in a step of its
+# own (--no-deps); every other package comes from PyPI alone. A CUDA setup names its index
+# (TORCH_INDEX=https://download.pytorch.org/whl/cu128) or none (TORCH_INDEX=).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# `make test-floors`: the lowest versions pyproject.toml allows, installed together and tested.
+FLOORS_VENV ?= .venv-floors
+FLOORS ?= constraints-floors.txt
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test clean
+.PHONY: install run test lint clean check-install test-floors
 
 install: $(STAMP)
 
+# torch first, alone, from TORCH_INDEX; then the project, from PyPI. --retries 2: where TORCH_INDEX
+# cannot be reached but pip's own configuration holds the pin (a local wheel directory), pip's
+# default 5 retries would spend 7 s on it, 2 under half a second.
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_INDEX),$(BIN)/python -m pip install --quiet --retries 2 --no-deps -c $(CONSTRAINTS) --extra-index-url $(TORCH_INDEX) torch)
 	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
 	touch $@
 
@@ -23,5 +35,23 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# ruff (lint and format) and mypy, configured in pyproject.toml; CI runs this before the tests.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# The install on a machine with nothing but PyPI and TORCH_INDEX (network; not part of `make test`).
+# TORCH_WHEELS=/dir: stand in for TORCH_INDEX with a local index of the torch wheels in /dir.
+check-install:
+	PYTHON='$(PYTHON)' CONSTRAINTS='$(CONSTRAINTS)' TORCH_INDEX='$(TORCH_INDEX)' TORCH_WHEELS='$(TORCH_WHEELS)' tools/check_install.sh
+
+# The unit tests and the core parity tests on the dependency floors (not the slow whole suite).
+test-floors:
+	$(MAKE) --no-print-directory install VENV=$(FLOORS_VENV) CONSTRAINTS=$(FLOORS)
+	$(FLOORS_VENV)/bin/python -m pytest tests -x -q -p no:cacheprovider
+	$(FLOORS_VENV)/bin/python -m pytest -x -q -p no:cacheprovider parity_tests/test_parity.py \
+		parity_tests/test_kv_cache.py parity_tests/test_training.py parity_tests/test_checkpoints.py
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(FLOORS_VENV)

@@ -119,12 +119,16 @@ def test_ctrl_c_anywhere_in_check_says_so_in_one_line_exits_130_and_writes_nothi
 
 def test_the_interrupt_guard_is_lifted_when_the_command_returns(tiny_json_path, capsys):
     """Run in-process (as the tests do), main leaves SIGINT as it found it: handler and mask."""
-    handler = signal.getsignal(signal.SIGINT)
-    assert main(["check", "--config", tiny_json_path, "--seq", "3", "--no-layer-evidence", "--quiet"]) == 0
-    assert signal.getsignal(signal.SIGINT) is handler
-    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
-    with pytest.raises(KeyboardInterrupt):
-        signal.raise_signal(signal.SIGINT)
+    # Python's own handler, whatever pytest inherited (a background job starts with SIGINT ignored).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main(["check", "--config", tiny_json_path, "--seq", "3", "--no-layer-evidence", "--quiet"]) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 @pytest.fixture
