@@ -13,7 +13,7 @@ FLOORS ?= constraints-floors.txt
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint clean check-install test-floors
+.PHONY: install run test lint clean check-install test-floors train-chapter5
 
 install: $(STAMP)
 
@@ -31,6 +31,12 @@ run: $(STAMP)
 	$(BIN)/gpt-parity check --layers --train-steps 10 --plot out/layers.png --json out/check.json
 	$(BIN)/gpt-parity mutants --config examples/tiny-odd.json --plot out/mutants.png --json out/mutants.json
 	$(BIN)/gpt-parity bench --dtype float32,bfloat16 --decode 256 --plot out/bench.png --json out/bench.json
+	$(BIN)/gpt-parity train --config examples/chapter5-tiny.json --epochs 3 --lr 0.004 --out out/train
+
+# The book's chapter-5 run in both twins (GPT_CONFIG_124M at context 256, 10 epochs): about 15
+# minutes on 2 cores with dropout off, longer with parity dropout. Not part of `make run`.
+train-chapter5: $(STAMP)
+	$(BIN)/gpt-parity train --out out/chapter5
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -1,6 +1,8 @@
 """The Flax NNX twin of the chapter-4 GPT."""
 
-from .generate import generate_text_simple, generate_text_simple_cached
+from .data import GPTDatasetV1, create_dataloader_v1
+from .dropout import ParityDropout, use_parity_dropout
+from .generate import generate, generate_text_simple, generate_text_simple_cached, text_to_token_ids, token_ids_to_text
 from .model import (
     GELU,
     DummyGPTModel,
@@ -13,7 +15,16 @@ from .model import (
     TransformerBlock,
     jit_forward,
 )
-from .train import adamw, calc_loss_batch, loss_and_grads, train_step
+from .train import (
+    adamw,
+    calc_loss_batch,
+    calc_loss_loader,
+    evaluate_model,
+    generate_and_print_sample,
+    loss_and_grads,
+    train_model_simple,
+    train_step,
+)
 from .weights import cast, load, load_state_dict, read_torch_file, save, state_dict
 
 __all__ = [
@@ -22,21 +33,32 @@ __all__ = [
     "DummyTransformerBlock",
     "FeedForward",
     "GELU",
+    "GPTDatasetV1",
     "GPTModel",
     "LayerNorm",
     "MultiHeadAttention",
+    "ParityDropout",
     "TransformerBlock",
     "adamw",
     "calc_loss_batch",
+    "calc_loss_loader",
     "cast",
+    "create_dataloader_v1",
+    "evaluate_model",
+    "generate",
+    "generate_and_print_sample",
     "generate_text_simple",
     "generate_text_simple_cached",
     "jit_forward",
     "load",
     "load_state_dict",
-    "read_torch_file",
     "loss_and_grads",
+    "read_torch_file",
     "save",
     "state_dict",
+    "text_to_token_ids",
+    "token_ids_to_text",
+    "train_model_simple",
     "train_step",
+    "use_parity_dropout",
 ]

@@ -1,5 +1,6 @@
-"""Greedy generation, the book's generate_text_simple, as jitted chunks of steps over a fixed-size
-buffer, for any model with the book's interface."""
+"""Generation for any model with the book's interface: chapter 4's greedy generate_text_simple (as
+jitted chunks of steps over a fixed-size buffer) and its KV-cache variant, chapter 5's generate with
+temperature, top-k and eos, and the chapter's text_to_token_ids / token_ids_to_text."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from gpt_spec import (
     check_id_dtype,
     check_logits,
     check_output_fits,
+    check_sampling,
     default_context_size,
 )
+from gpt_spec.randomness import pick_token
 
 from .model import check_ids
 
@@ -86,21 +89,58 @@ def _generate(graphdef, rng_state, params, buf, lo, hi, *, n_prompt: int, window
     def step(i, carry):
         buf, rng_state = carry
         n = n_prompt + i  # tokens so far
-        # The book feeds idx[:, -context_size:]. A fixed-size window does the same: while fewer
-        # than `window` tokens exist it starts at 0 and the causal mask hides the unfilled tail;
-        # after that it slides, so its positions are 0..window-1 as the cropped input's are.
-        start = jnp.maximum(0, n - window)
-        idx_cond = jax.lax.dynamic_slice_in_dim(buf, start, window, axis=1)
-        model = nnx.merge(graphdef, rng_state, params)
-        logits = model(idx_cond)  # (batch, window, vocab_size)
-        logits = jax.lax.dynamic_index_in_dim(logits, n - 1 - start, axis=1, keepdims=False)
+        logits, rng_state = _window_logits(graphdef, rng_state, params, buf, n, window)
         probas = jax.nn.softmax(logits, axis=-1)
         # argmax is int32 and vocab_size <= 2**31 - 1; the prompt's dtype was checked to hold it.
         idx_next = jnp.argmax(probas, axis=-1).astype(buf.dtype)  # (batch,)
         buf = jax.lax.dynamic_update_slice_in_dim(buf, idx_next[:, None], n, axis=1)
-        return buf, nnx.state(model, nnx.RngState)
+        return buf, rng_state
 
     return jax.lax.fori_loop(lo, hi, step, (buf, rng_state))
+
+
+def _window_logits(graphdef, rng_state, params, buf, n, window: int):
+    """The logits (batch, vocab_size) at the last of the first `n` tokens in `buf`, the model fed at
+    most the last `window` of them; and the model's rng state after.
+
+    The book feeds idx[:, -context_size:]. A fixed-size window does the same: while fewer than
+    `window` tokens exist it starts at 0 and the causal mask hides the unfilled tail; after that
+    it slides, so its positions are 0..window-1 as the cropped input's are."""
+    start = jnp.maximum(0, n - window)
+    idx_cond = jax.lax.dynamic_slice_in_dim(buf, start, window, axis=1)
+    model = nnx.merge(graphdef, rng_state, params)
+    logits = model(idx_cond)  # (batch, window, vocab_size)
+    logits = jax.lax.dynamic_index_in_dim(logits, n - 1 - start, axis=1, keepdims=False)
+    return logits, nnx.state(model, nnx.RngState)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "window"))
+def _next_logits(graphdef, rng_state, params, buf, n, *, window: int):
+    return _window_logits(graphdef, rng_state, params, buf, n, window)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k",))
+def _filter_top_k(logits, *, top_k: int | None):
+    """The book's top-k: logits below the k-th largest of their row become -inf."""
+    if top_k is None:
+        return logits
+    min_val = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    return jnp.where(logits < min_val, -jnp.inf, logits)
+
+
+def _prepare(model: nnx.Module, ids: jax.Array, max_new_tokens: int, context_size: int, limits, dtype_name: str):
+    """What a generation over a fixed window needs: the window (at most context_size, never more
+    than the longest input), the model split (graph, rng state, the rest), and the buffer of
+    prompt and new tokens. A model that is not a twin's has its logits' shape checked first."""
+    batch, n_prompt = ids.shape
+    window = min(context_size, n_prompt + max_new_tokens - 1)
+    graphdef, *states = nnx.split(model, nnx.RngState, ...)
+    rng_state, params = states
+    if not isinstance(getattr(model, "cfg", None), GPTConfig):
+        window_ids = jax.ShapeDtypeStruct((batch, window), ids.dtype)
+        _check_model_output(graphdef, rng_state, params, window_ids, limits, dtype_name)
+    buf = jnp.concatenate([ids, jnp.zeros((batch, max_new_tokens), ids.dtype)], axis=1)
+    return window, graphdef, rng_state, params, buf
 
 
 def generate_text_simple(model: nnx.Module, idx: Any, max_new_tokens: int, context_size: int) -> jax.Array:
@@ -119,13 +159,7 @@ def generate_text_simple(model: nnx.Module, idx: Any, max_new_tokens: int, conte
     check_output_fits(batch, n_prompt, max_new_tokens, dtype_name)
     if max_new_tokens == 0:
         return ids
-    window = min(context_size, n_prompt + max_new_tokens - 1)
-    graphdef, *states = nnx.split(model, nnx.RngState, ...)
-    rng_state, params = states
-    if not isinstance(getattr(model, "cfg", None), GPTConfig):
-        window_ids = jax.ShapeDtypeStruct((batch, window), ids.dtype)
-        _check_model_output(graphdef, rng_state, params, window_ids, limits, dtype_name)
-    buf = jnp.concatenate([ids, jnp.zeros((batch, max_new_tokens), ids.dtype)], axis=1)
+    window, graphdef, rng_state, params, buf = _prepare(model, ids, max_new_tokens, context_size, limits, dtype_name)
     try:
         for lo in range(0, max_new_tokens, GENERATE_CHUNK):
             hi = min(lo + GENERATE_CHUNK, max_new_tokens)
@@ -134,6 +168,79 @@ def generate_text_simple(model: nnx.Module, idx: Any, max_new_tokens: int, conte
     finally:
         nnx.update(model, rng_state)  # dropout keys advance, as in the eager model (to the last chunk run)
     return buf
+
+
+def generate(
+    model: nnx.Module,
+    idx: Any,
+    max_new_tokens: int,
+    context_size: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+    *,
+    parity_seed: int | None = None,
+    rngs: nnx.Rngs | None = None,
+) -> jax.Array:
+    """The book's chapter-5 generate: at each step the logits at the last of the (at most
+    `context_size`) last tokens, the `top_k` largest kept (the others -inf); then with `temperature`
+    0 the argmax, else a sample of softmax(logits / temperature): by jax.random.categorical with
+    a key from `rngs` (JAX keeps no global generator: sampling without rngs or parity_seed is
+    refused), or, with `parity_seed`, gpt_spec.randomness.pick_token's Gumbel-max over noise of
+    (parity_seed, step): what the torch twin picks from equal logits.
+
+    `eos_id` ends a row as in the torch twin: generation stops at the first step where every row
+    has picked eos_id, without appending it; until then a row that has is filled with eos_id.
+    Each step is one compiled forward over a fixed window (one program per shape, as
+    generate_text_simple's). Returns (batch, n_tokens + tokens generated), in the prompt's dtype
+    as jnp holds it.
+    """
+    limits, ids, dtype_name = _check_prompt(model, idx)
+    batch, n_prompt = ids.shape
+    max_new_tokens, context_size = check_generation(n_prompt, max_new_tokens, context_size, limits)
+    temperature, top_k, eos_id = check_sampling(temperature, top_k, eos_id, parity_seed, limits.vocab_size)
+    if temperature > 0.0 and parity_seed is None and rngs is None:
+        raise ValueError("sampling (temperature > 0) needs rngs=nnx.Rngs(...) or parity_seed=")
+    check_output_fits(batch, n_prompt, max_new_tokens, dtype_name)
+    if max_new_tokens == 0:
+        return ids
+    window, graphdef, rng_state, params, buf = _prepare(model, ids, max_new_tokens, context_size, limits, dtype_name)
+    done = np.zeros(batch, dtype=bool)
+    n = n_prompt
+    try:
+        for step in range(max_new_tokens):
+            logits, rng_state = _next_logits(graphdef, rng_state, params, buf, n, window=window)
+            if temperature > 0.0 and parity_seed is not None:
+                picked = pick_token(np.asarray(logits, dtype=np.float32), temperature, top_k, parity_seed, step)
+            else:
+                logits = _filter_top_k(logits, top_k=top_k)
+                if temperature > 0.0:
+                    assert rngs is not None  # checked above
+                    picked = np.asarray(jax.random.categorical(rngs.sample(), logits / temperature, axis=-1))
+                else:
+                    picked = np.asarray(jnp.argmax(logits, axis=-1))
+            if eos_id is not None:
+                picked = np.where(done, eos_id, picked)
+                done |= picked == eos_id
+                if done.all():
+                    break
+            buf = buf.at[:, n].set(jnp.asarray(picked, buf.dtype))
+            n += 1
+    finally:
+        nnx.update(model, rng_state)  # dropout keys advance, as in the eager model
+    return buf[:, :n]
+
+
+def text_to_token_ids(text: str, tokenizer: Any) -> jax.Array:
+    """The book's text_to_token_ids: (1, n_tokens) int32 (jnp's integer), `<|endoftext|>` allowed."""
+    encoded = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+    return jnp.asarray(encoded, dtype=jnp.int32)[None, :]  # add the batch dimension
+
+
+def token_ids_to_text(token_ids: Any, tokenizer: Any) -> str:
+    """The book's token_ids_to_text: the one row of (1, n_tokens) ids, decoded."""
+    flat = np.asarray(token_ids).squeeze(0)  # remove the batch dimension
+    return tokenizer.decode(flat.tolist())
 
 
 def _run_cached(graphdef, params, cache, rest, ids):

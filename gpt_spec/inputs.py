@@ -16,6 +16,7 @@ import numpy as np
 
 from .checkpoint import gpt_shapes
 from .config import GPTConfig
+from .randomness import check_seed
 
 _T = TypeVar("_T")
 
@@ -211,6 +212,27 @@ def _non_negative(name: str, value: object, minimum: float = 0.0, why: str = "")
         bound = f">= {minimum:g}{why}" if minimum else ">= 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
     return number
+
+
+def check_sampling(
+    temperature: object, top_k: object, eos_id: object, parity_seed: object, vocab_size: int | None
+) -> tuple[float, int | None, int | None]:
+    """Check the book's generate's sampling arguments; return (temperature, top_k, eos_id).
+
+    temperature 0 is greedy; top_k keeps the k largest logits (1 <= k <= vocab_size); eos_id, an id
+    of the vocabulary, stops generation. parity_seed is None or an integer in [0, 2**32)."""
+    temperature = _non_negative("temperature", temperature)
+    if top_k is not None:
+        top_k = _count("top_k", top_k, 1)
+        if vocab_size is not None and top_k > vocab_size:
+            raise ValueError(f"top_k must be <= vocab_size {vocab_size}, got {top_k}")
+    if eos_id is not None:
+        eos_id = _count("eos_id", eos_id, 0)
+        if vocab_size is not None and eos_id >= vocab_size:
+            raise ValueError(f"eos_id must be < vocab_size {vocab_size}, got {eos_id}")
+    if parity_seed is not None:
+        check_seed(parity_seed)
+    return temperature, top_k, eos_id
 
 
 # eps below float32's smallest normal is 0 in float32 (XLA flushes subnormals; torch keeps them), and

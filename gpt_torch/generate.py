@@ -1,4 +1,6 @@
-"""Greedy generation, the book's generate_text_simple, for any model with the book's interface."""
+"""Generation for any model with the book's interface: chapter 4's greedy generate_text_simple (and
+its KV-cache variant), chapter 5's generate with temperature, top-k and eos, and the chapter's
+text_to_token_ids / token_ids_to_text."""
 
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ from gpt_spec import (
     check_id_dtype,
     check_logits,
     check_output_fits,
+    check_sampling,
     default_context_size,
 )
+from gpt_spec.randomness import pick_token
 
 from .model import as_index, check_ids
 
@@ -46,17 +50,25 @@ def _check_prompt(model: nn.Module, idx: torch.Tensor) -> GPTConfig | ModelLimit
     return limits
 
 
-def _next_ids(
+def _last_logits(
     model: nn.Module, idx_cond: torch.Tensor, dtype: torch.dtype, limits: GPTConfig | ModelLimits
 ) -> torch.Tensor:
-    """The greedy next id of each row, (batch, 1) in `dtype` (the prompt's)."""
+    """The logits at the last position of each row, (batch, vocab_size), after checking the model's
+    output (and, where only the logits tell the vocabulary, that `dtype`, the prompt's, holds it)."""
     batch, seq_len = idx_cond.shape
     with torch.no_grad():
         logits = model(as_index(idx_cond))
     check_logits(tuple(logits.shape), batch, seq_len, limits.vocab_size)
     if limits.vocab_size is None:  # a model that tells its vocabulary only by its logits
         check_id_dtype(str(dtype).removeprefix("torch."), logits.shape[-1])
-    logits = logits[:, -1, :]  # (batch, vocab_size): the last position only
+    return logits[:, -1, :]
+
+
+def _next_ids(
+    model: nn.Module, idx_cond: torch.Tensor, dtype: torch.dtype, limits: GPTConfig | ModelLimits
+) -> torch.Tensor:
+    """The greedy next id of each row, (batch, 1) in `dtype` (the prompt's)."""
+    logits = _last_logits(model, idx_cond, dtype, limits)
     probas = torch.softmax(logits, dim=-1)
     return torch.argmax(probas, dim=-1, keepdim=True).to(dtype)  # (batch, 1), never wrapped
 
@@ -78,6 +90,69 @@ def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: in
         idx_next = _next_ids(model, idx_cond, idx.dtype, limits)
         idx = torch.cat((idx, idx_next), dim=1)
     return idx
+
+
+def generate(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    context_size: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+    *,
+    parity_seed: int | None = None,
+) -> torch.Tensor:
+    """The book's chapter-5 generate: at each step the logits at the last of the (at most
+    `context_size`) last tokens, the `top_k` largest kept (the others -inf); then with `temperature`
+    0 the argmax, else a sample of softmax(logits / temperature) by torch.multinomial (torch's
+    global generator, as the book's), or, with `parity_seed`, gpt_spec.randomness.pick_token's
+    Gumbel-max over noise of (parity_seed, step): what the Flax twin picks from equal logits.
+
+    `eos_id` ends a row: the book's loop stops at its first eos without appending it, and so does
+    a batch, at the first step where every row has picked eos_id; until then a row that has is
+    filled with eos_id. Returns (batch, n_tokens + tokens generated), in the prompt's dtype.
+    """
+    limits = _check_prompt(model, idx)
+    max_new_tokens, context_size = check_generation(idx.shape[1], max_new_tokens, context_size, limits)
+    temperature, top_k, eos_id = check_sampling(temperature, top_k, eos_id, parity_seed, limits.vocab_size)
+    check_output_fits(idx.shape[0], idx.shape[1], max_new_tokens, _dtype_name(idx))
+    done = torch.zeros((idx.shape[0], 1), dtype=torch.bool, device=idx.device)
+    for step in range(max_new_tokens):
+        logits = _last_logits(model, idx[:, -context_size:], idx.dtype, limits)
+        if temperature > 0.0 and parity_seed is not None:
+            picked = pick_token(logits.float().cpu().numpy(), temperature, top_k, parity_seed, step)
+            idx_next = torch.from_numpy(picked).to(idx.device)[:, None]
+        else:
+            if top_k is not None:
+                top_logits, _ = torch.topk(logits, top_k)
+                min_val = top_logits[:, -1:]  # (batch, 1): the book's [:, -1] broadcasts for batch 1 only
+                logits = torch.where(logits < min_val, torch.tensor(float("-inf"), device=logits.device), logits)
+            if temperature > 0.0:
+                logits = logits / temperature
+                probs = torch.softmax(logits, dim=-1)
+                idx_next = torch.multinomial(probs, num_samples=1)
+            else:
+                idx_next = torch.argmax(logits, dim=-1, keepdim=True)
+        if eos_id is not None:
+            idx_next = torch.where(done, eos_id, idx_next)
+            done = done | (idx_next == eos_id)
+            if bool(done.all()):
+                break
+        idx = torch.cat((idx, idx_next.to(idx.dtype)), dim=1)
+    return idx
+
+
+def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
+    """The book's text_to_token_ids: (1, n_tokens) int64, `<|endoftext|>` allowed."""
+    encoded = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+    return torch.tensor(encoded).unsqueeze(0)  # add the batch dimension
+
+
+def token_ids_to_text(token_ids: torch.Tensor, tokenizer) -> str:
+    """The book's token_ids_to_text: the one row of (1, n_tokens) ids, decoded."""
+    flat = token_ids.squeeze(0)  # remove the batch dimension
+    return tokenizer.decode(flat.tolist())
 
 
 def generate_text_simple_cached(

@@ -1,12 +1,18 @@
-"""Training pieces: the book's calc_loss_batch, gradients in the canonical layout, AdamW, one step."""
+"""Training: the book's calc_loss_batch, gradients in the canonical layout, AdamW, one step; and
+chapter 5's calc_loss_loader, evaluate_model, generate_and_print_sample and train_model_simple."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from gpt_spec import StateDict, check_adamw, check_targets
+from gpt_spec.training import Log, OnEvent, check_num_batches, check_schedule, eval_event
 
+from .generate import generate_text_simple, text_to_token_ids, token_ids_to_text
 from .model import _GPT, check_ids
 
 
@@ -71,3 +77,105 @@ def train_step(
     loss.backward()
     optimizer.step()
     return loss.item()
+
+
+# Chapter 5: the book's loss over a loader, evaluation and training loop.
+
+
+def calc_loss_loader(
+    data_loader: Iterable, model: _GPT, device: torch.device | str | None = None, num_batches: int | None = None
+) -> float:
+    """The book's calc_loss_loader: the mean of calc_loss_batch over the first `num_batches`
+    batches (all by default; never more than the loader has); NaN for an empty loader."""
+    num_batches = check_num_batches(num_batches)
+    if len(data_loader) == 0:  # type: ignore[arg-type]
+        return float("nan")
+    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))  # type: ignore[arg-type]
+    total_loss = 0.0
+    for i, (input_batch, target_batch) in enumerate(data_loader):
+        if i >= num_batches:
+            break
+        total_loss += calc_loss_batch(input_batch, target_batch, model, device).item()
+    return total_loss / num_batches
+
+
+def evaluate_model(
+    model: _GPT, train_loader: Iterable, val_loader: Iterable, device: torch.device | str | None, eval_iter: int
+) -> tuple[float, float]:
+    """The book's evaluate_model: both losses over `eval_iter` batches, in eval mode without
+    gradients; the model is left in training mode."""
+    model.eval()
+    with torch.no_grad():
+        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
+        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
+    model.train()
+    return train_loss, val_loss
+
+
+def generate_and_print_sample(
+    model: _GPT, tokenizer: Any, device: torch.device | str | None, start_context: str, *, log: Log = print
+) -> str:
+    """The book's generate_and_print_sample: 50 greedy tokens after `start_context`, printed on
+    one line (through `log`); returned too."""
+    model.eval()
+    context_size = model.pos_emb.weight.shape[0]
+    encoded = text_to_token_ids(start_context, tokenizer)
+    if device is not None:
+        encoded = encoded.to(device)
+    with torch.no_grad():
+        token_ids = generate_text_simple(model=model, idx=encoded, max_new_tokens=50, context_size=context_size)
+    decoded_text = token_ids_to_text(token_ids, tokenizer).replace("\n", " ")
+    log(decoded_text)
+    model.train()
+    return decoded_text
+
+
+def train_model_simple(
+    model: _GPT,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device | str | None,
+    num_epochs: int,
+    eval_freq: int,
+    eval_iter: int,
+    start_context: str,
+    tokenizer: Any,
+    *,
+    log: Log = print,
+    on_event: OnEvent | None = None,
+) -> tuple[list[float], list[float], list[int]]:
+    """The book's train_model_simple: `num_epochs` passes over `train_loader`, one optimizer step
+    per batch; every `eval_freq` steps both losses over `eval_iter` batches (printed as the book
+    prints them, through `log`); after each epoch a greedy sample of `start_context`. Returns
+    (train losses, validation losses, tokens seen) at the evaluations.
+
+    `on_event`, if given, is called with each step's training loss ({"event": "step", "epoch",
+    "step", "loss"}), each evaluation ({"event": "eval", "epoch", "step", "train_loss",
+    "val_loss", "tokens_seen"}) and each sample ({"event": "sample", "epoch", "text"})."""
+    num_epochs, eval_freq, eval_iter = check_schedule(num_epochs, eval_freq, eval_iter)
+    emit = on_event or (lambda event: None)
+    train_losses: list[float] = []
+    val_losses: list[float] = []
+    track_tokens_seen: list[int] = []
+    tokens_seen, global_step = 0, -1
+    for epoch in range(num_epochs):
+        model.train()
+        for input_batch, target_batch in train_loader:
+            optimizer.zero_grad()
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            loss.backward()
+            optimizer.step()
+            tokens_seen += input_batch.numel()
+            global_step += 1
+            emit({"event": "step", "epoch": epoch + 1, "step": global_step, "loss": loss.item()})
+            if global_step % eval_freq == 0:
+                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+                train_losses.append(train_loss)
+                val_losses.append(val_loss)
+                track_tokens_seen.append(tokens_seen)
+                log(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+                emit(eval_event(epoch + 1, global_step, train_loss, val_loss, tokens_seen))
+        text = generate_and_print_sample(model, tokenizer, device, start_context, log=log)
+        emit({"event": "sample", "epoch": epoch + 1, "text": text})
+    return train_losses, val_losses, track_tokens_seen

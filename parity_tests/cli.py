@@ -26,10 +26,13 @@ from gpt_spec import (
     MODEL_CLASSES,
     MODEL_KINDS,
     GPTConfig,
+    check_adamw,
     resolve_config,
 )
+from gpt_spec.randomness import check_seed
+from gpt_spec.training import CHAPTER5
 
-from . import bench, forward, mesh, training, twins, zoo
+from . import bench, chapter5, forward, mesh, training, twins, zoo
 from .interrupt import exit_on_interrupt
 from .output import check_output, format_table, versions, write_json
 
@@ -315,6 +318,36 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="the head count of a source that does not record it",
     )
+    t = sub.add_parser(
+        "train",
+        help="the book's chapter-5 pretraining in both twins side by side: the same batches, the same "
+        "dropout masks, losses compared step by step",
+    )
+    t.add_argument("--text", metavar="PATH", help="the UTF-8 text to train on (default: the book's the-verdict.txt)")
+    t.add_argument(
+        "--config",
+        default="gpt2-small",
+        help="a preset or a JSON file with the book's keys (default: gpt2-small, at the chapter's context 256)",
+    )
+    t.add_argument("--epochs", type=_non_negative, default=CHAPTER5.num_epochs, help="epochs (default: 10)")
+    t.add_argument(
+        "--dropout",
+        default="parity",
+        choices=list(chapter5.DROPOUT_MODES),
+        help="parity: the config's drop rate, masks both twins draw alike (default); off: drop rate 0",
+    )
+    t.add_argument(
+        "--seed", type=_seed, default=CHAPTER5.seed, help="torch.manual_seed before the model (default: 123)"
+    )
+    t.add_argument("--lr", type=float, default=CHAPTER5.lr, help="AdamW's learning rate (default: 0.0004)")
+    t.add_argument(
+        "--out",
+        default="train-out",
+        metavar="DIR",
+        help="where train.json, train.png and both trained models (torch.safetensors, flax.safetensors) go "
+        "(default: train-out)",
+    )
+    t.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     lm = sub.add_parser(
         "load-memory",
         help="peak resident memory of each twin loading a random checkpoint "
@@ -660,6 +693,67 @@ def _generate(args: argparse.Namespace, setup: _Setup, parser: argparse.Argument
     return 0 if agree else 1
 
 
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gpt_spec.data import the_verdict
+
+    try:
+        if args.text is None:
+            text, source = the_verdict(), "the book's the-verdict.txt"
+        else:
+            text, source = Path(args.text).read_text(encoding="utf-8"), args.text
+        cfg = resolve_config(args.config)
+        settings = dataclasses.replace(CHAPTER5, num_epochs=args.epochs, lr=args.lr)
+        check_adamw(settings.lr, settings.weight_decay, (0.9, 0.999), 1e-8)
+        check_seed(args.seed)
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out!r} is a file, not a folder")
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {args.out!r}: {e.strerror}") from None
+        for name in ("train.json", "train.png"):
+            check_output(os.path.join(args.out, name), "--out", plot=name.endswith(".png"))
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        parser.error(str(e))
+    report = chapter5.run_chapter5(
+        cfg, text, dropout=args.dropout, seed=args.seed, settings=settings, out_dir=args.out, progress=not args.quiet
+    )
+    c, s = report.cfg, report.settings
+    print(
+        f"chapter 5 on {source}: {args.config} at context {c.context_length}, drop_rate {c.drop_rate} "
+        f"(dropout {args.dropout}), {s.num_epochs} epochs x {report.n_train_batches} batches of "
+        f"{s.batch_size}, {report.n_val_batches} validation batch(es), AdamW lr {s.lr:g} wd {s.weight_decay:g}, "
+        f"seed {args.seed}, matmuls {report.precision}"
+    )
+    print(f"seconds: torch {report.torch.seconds:.1f}, flax {report.flax.seconds:.1f}")
+    print(report.format_table())
+    print()
+    print(report.format_samples())
+    print()
+    texts = chapter5.decoded(report)
+    rows = [
+        [kind, name, texts[name][kind].replace("\n", " ")] for kind in ("greedy", "sampled") for name in chapter5.TWINS
+    ]
+    print(
+        f"after training, {chapter5.SAMPLE_TOKENS} tokens (sampled: top_k {chapter5.SAMPLE_TOP_K}, temperature "
+        f"{chapter5.SAMPLE_TEMPERATURE}, parity sampling with seed {args.seed})"
+    )
+    print(format_table(["how", "twin", "text"], rows))
+    deltas = report.step_deltas()
+    print(
+        f"max |Δ training loss| over {len(deltas)} steps: {deltas.max() if len(deltas) else 0.0:.3g}; "
+        f"max |Δ weight| after training: {report.weights_max_abs:.3g}"
+    )
+    for problem in report.failures():
+        print(f"FAIL: {problem}")
+    print("PASS: the two runs are one run, within the bound" if report.passed else "FAIL")
+    data = {**report.to_json(), "text": texts}
+    write_json(data, os.path.join(args.out, "train.json"))
+    report.plot(os.path.join(args.out, "train.png"))
+    print(f"wrote {args.out}/: train.json, train.png, torch.safetensors, flax.safetensors")
+    return 0 if report.passed else 1
+
+
 def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gpt_spec import save_checkpoint, save_hf
     from gpt_spec.checkpoint import check_destination, check_hf_destination
@@ -730,6 +824,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "convert":
         return _convert(args, parser)
+    if args.command == "train":
+        return _train(args, parser)
     if args.command == "load-memory":
         try:
             return _load_memory(args, parser)

@@ -11,7 +11,7 @@ import platform
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
 import rich.progress
@@ -68,6 +68,7 @@ def format_cell(v: object) -> str:
 _OUTPUT = threading.Lock()
 _live_fd: int | None = None
 _REDRAW_S = 0.1
+STATUS_EVERY_S = 10.0
 
 
 class Progress:
@@ -88,19 +89,30 @@ class Progress:
         )
 
     @contextlib.contextmanager
-    def step(self, what: str) -> Iterator[None]:
+    def step(self, what: str) -> Iterator[Callable[[str], None]]:
+        """One step, as a context; it gives a function that shows a status beside the step's label
+        (the current loss, say): on a live line, redrawn; elsewhere, as a line of its own at most
+        every STATUS_EVERY_S seconds."""
         self.done += 1
         label = f"[{self.done}/{self.total}] {what}"
         t0 = time.perf_counter()
         if not self.enabled:
-            yield
+            yield lambda status: None
             return
         if self.live:
-            with _LiveLine(self.console, label, self.done - 1, max(self.total, self.done)):
-                yield
+            with _LiveLine(self.console, label, self.done - 1, max(self.total, self.done)) as line:
+                yield line.status
         else:
             self._print(f"{label} ...")
-            yield
+            last = time.perf_counter()
+
+            def status(text: str) -> None:  # a line at most every STATUS_EVERY_S: a log, not a flood
+                nonlocal last
+                if time.perf_counter() - last >= STATUS_EVERY_S:
+                    last = time.perf_counter()
+                    self._print(f"{label} · {text}")
+
+            yield status
         self._print(f"{label}: done in {time.perf_counter() - t0:.1f}s")
 
     def _print(self, line: str) -> None:
@@ -136,17 +148,24 @@ class _LiveLine:
             redirect_stdout=False,
             redirect_stderr=True,
         )
-        self.bar.add_task(label, total=total, completed=done)
+        self.label = label
+        self.task = self.bar.add_task(label, total=total, completed=done)
         self.fd = console.file.fileno()
         self.stop = threading.Event()
         self.ticker = threading.Thread(target=self._tick, name="gpt-parity-progress", daemon=True)
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> _LiveLine:
         global _live_fd
         with _OUTPUT:
             self.bar.start()  # hides the cursor
             _live_fd = self.fd
         self.ticker.start()
+        return self
+
+    def status(self, text: str) -> None:
+        """Show `text` after the label, from the next redraw on."""
+        with _OUTPUT:
+            self.bar.update(self.task, description=f"{self.label} · {text}")
 
     def _tick(self) -> None:
         while not self.stop.wait(_REDRAW_S):

@@ -174,6 +174,15 @@ def test_train_mode_check(tiny_json, capsys):
         ),
         (["check", "--mesh", "1x1", "--model", "dummy"], "--mesh needs --model gpt"),
         (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
+        (["train", "--text", "missing.txt"], "No such file or directory: 'missing.txt'"),
+        (["train", "--seed", str(2**32)], "seed must be an integer in [0, 2**32), got 4294967296"),
+        (["train", "--lr", "-1"], "lr must be a finite number >= 0, got -1.0"),
+        (["train", "--dropout", "torch"], "argument --dropout: invalid choice: 'torch'"),
+        (["train", "--config", "gpt2-tiny"], "unknown preset 'gpt2-tiny'"),
+        (
+            ["train", "--text", "README.md", "--config", "examples/chapter5-tiny.json", "--out", "README.md"],
+            "--out 'README.md' is a file, not a folder",
+        ),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):

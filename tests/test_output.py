@@ -62,9 +62,21 @@ def test_progress_off_a_terminal_is_a_line_per_start_and_end_and_none_on_failure
     assert lines[:2] == ["[1/3] building ...", lines[1]] and lines[1].startswith("[1/3] building: done in ")
     assert lines[2:] == ["[2/3] failing ..."] and "\x1b" not in stream.getvalue()
     quiet = io.StringIO()
-    with Progress(1, stream=quiet, enabled=False).step("building"):
-        pass
+    with Progress(1, stream=quiet, enabled=False).step("building") as status:
+        status("loss 1.0")
     assert quiet.getvalue() == ""
+
+
+def test_a_status_off_a_terminal_is_a_line_at_most_every_few_seconds(monkeypatch):
+    import parity_tests.output as output
+
+    stream = io.StringIO()
+    with Progress(1, stream=stream).step("training") as status:
+        status("loss 2.0")  # within STATUS_EVERY_S of the start: not shown
+        monkeypatch.setattr(output, "STATUS_EVERY_S", 0.0)
+        status("loss 1.0")
+    lines = stream.getvalue().splitlines()
+    assert lines[:2] == ["[1/1] training ...", "[1/1] training · loss 1.0"] and len(lines) == 3
 
 
 _ON_A_TERMINAL = """
@@ -76,7 +88,8 @@ progress = Progress(2)
 with exit_on_interrupt("demo"):
     with progress.step("quick"):
         time.sleep(0.3)
-    with progress.step("slow"):
+    with progress.step("slow") as status:
+        status("loss 1.234")
         time.sleep(float(sys.argv[1]))
 print("the end")
 """
@@ -121,6 +134,7 @@ def test_progress_on_a_terminal_is_a_live_line_that_leaves_the_done_lines_and_th
     assert screen.count("\x1b[?25l") == screen.count("\x1b[?25h") == 2  # and shown again after each step
     assert "[1/2] quick ...\r\n" not in screen and "[1/2] quick: done in 0." in screen
     assert "[2/2] slow: done in 0." in screen
+    assert "[2/2] slow · loss 1.234" in screen  # the status, on the live line
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")

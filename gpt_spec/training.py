@@ -1,0 +1,63 @@
+"""Chapter 5's training, framework-free: its settings, the checks both twins' loops make, and the
+events their loops report."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+Log = Callable[[str], None]
+OnEvent = Callable[[dict[str, Any]], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Chapter5:
+    """The settings of the book's chapter-5 pretraining run (GPT_CONFIG_124M at context 256)."""
+
+    context_length: int = 256
+    batch_size: int = 2
+    stride: int = 256  # windows of context_length tokens, not overlapping
+    train_ratio: float = 0.90
+    lr: float = 4e-4
+    weight_decay: float = 0.1
+    num_epochs: int = 10
+    eval_freq: int = 5
+    eval_iter: int = 5
+    start_context: str = "Every effort moves you"
+    seed: int = 123  # torch.manual_seed before the model is built (and the loaders draw)
+
+
+CHAPTER5 = Chapter5()
+
+
+def _count(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_num_batches(num_batches: object) -> int | None:
+    """calc_loss_loader's num_batches: None (every batch) or an integer >= 1."""
+    return None if num_batches is None else _count("num_batches", num_batches, 1)
+
+
+def check_schedule(num_epochs: object, eval_freq: object, eval_iter: object) -> tuple[int, int, int]:
+    """train_model_simple's schedule: epochs >= 0, an evaluation every eval_freq >= 1 steps over
+    eval_iter >= 1 batches."""
+    return _count("num_epochs", num_epochs, 0), _count("eval_freq", eval_freq, 1), _count("eval_iter", eval_iter, 1)
+
+
+def eval_event(epoch: int, step: int, train_loss: float, val_loss: float, tokens_seen: int) -> dict[str, Any]:
+    return {
+        "event": "eval",
+        "epoch": epoch,
+        "step": step,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "tokens_seen": tokens_seen,
+    }
+
+
+__all__ = ["CHAPTER5", "Chapter5", "Log", "OnEvent", "check_num_batches", "check_schedule", "eval_event"]
