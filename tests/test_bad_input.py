@@ -19,6 +19,7 @@ same culprit named first) or the same result, never a silently wrong one.
 | train_step with a bad input and a bad target | the input's refusal (inputs are checked first, in both twins) |
 """
 
+import importlib
 import re
 
 import jax
@@ -369,7 +370,8 @@ def _count_waits(monkeypatch, interrupt_at: int | None = None) -> list[int]:
 
 def test_long_generation_runs_in_chunks_of_one_compiled_program(monkeypatch):
     """Ctrl-C lands between chunks, and the chunks share one compilation per shape."""
-    from gpt_flax import generate as flax_generate
+    # The module, not the package's `generate` (the book's chapter-5 function, which shadows it).
+    flax_generate = importlib.import_module("gpt_flax.generate")
 
     chunk = getattr(flax_generate, "GENERATE_CHUNK", None)
     assert chunk == 32
