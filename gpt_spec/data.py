@@ -7,6 +7,7 @@ drew).
 from __future__ import annotations
 
 import hashlib
+import numbers
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any
@@ -37,9 +38,10 @@ def split_text(text: str, train_ratio: float = 0.90) -> tuple[str, str]:
     return text[:split_idx], text[split_idx:]
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+def check_integer(name: str, value: Any, minimum: int) -> int:
+    """An integer argument of the chapter-5 pipeline and loop (not a bool), at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -49,8 +51,8 @@ def token_windows(token_ids: Sequence[int], max_length: int, stride: int) -> tup
 
     The book's loop, `range(0, len(token_ids) - max_length, stride)`, so a text needs at least
     max_length + 1 tokens (the book asserts it; here a ValueError says so)."""
-    max_length = _positive_int("max_length", max_length)
-    stride = _positive_int("stride", stride)
+    max_length = check_integer("max_length", max_length, 1)
+    stride = check_integer("stride", stride, 1)
     ids = np.asarray(token_ids, dtype=np.int64)
     if ids.ndim != 1:
         raise ValueError(f"token_ids must be one sequence, got shape {ids.shape}")
@@ -80,10 +82,7 @@ class GPTDatasetV1:
 
 def check_loader_args(batch_size: Any, num_workers: Any) -> tuple[int, int]:
     """The loader arguments both twins check alike (torch's DataLoader takes what passes)."""
-    batch_size = _positive_int("batch_size", batch_size)
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int | np.integer) or num_workers < 0:
-        raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
-    return batch_size, int(num_workers)
+    return check_integer("batch_size", batch_size, 1), check_integer("num_workers", num_workers, 0)
 
 
 class BatchLoader:
@@ -110,7 +109,7 @@ class BatchLoader:
         if orders is not None and not shuffle:
             raise ValueError("orders replay a shuffled loader's passes: pass shuffle=True with them")
         self.dataset = dataset
-        self.batch_size, _ = check_loader_args(batch_size, 0)
+        self.batch_size = check_integer("batch_size", batch_size, 1)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self.orders = orders
@@ -149,6 +148,7 @@ __all__ = [
     "THE_VERDICT_SHA256",
     "BatchLoader",
     "GPTDatasetV1",
+    "check_integer",
     "check_loader_args",
     "split_text",
     "the_verdict",

@@ -4,9 +4,10 @@ events their loops report."""
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Callable
 from typing import Any
+
+from .data import check_integer
 
 Log = Callable[[str], None]
 OnEvent = Callable[[dict[str, Any]], None]
@@ -32,21 +33,19 @@ class Chapter5:
 CHAPTER5 = Chapter5()
 
 
-def _count(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def check_num_batches(num_batches: object) -> int | None:
     """calc_loss_loader's num_batches: None (every batch) or an integer >= 1."""
-    return None if num_batches is None else _count("num_batches", num_batches, 1)
+    return None if num_batches is None else check_integer("num_batches", num_batches, 1)
 
 
 def check_schedule(num_epochs: object, eval_freq: object, eval_iter: object) -> tuple[int, int, int]:
     """train_model_simple's schedule: epochs >= 0, an evaluation every eval_freq >= 1 steps over
     eval_iter >= 1 batches."""
-    return _count("num_epochs", num_epochs, 0), _count("eval_freq", eval_freq, 1), _count("eval_iter", eval_iter, 1)
+    return (
+        check_integer("num_epochs", num_epochs, 0),
+        check_integer("eval_freq", eval_freq, 1),
+        check_integer("eval_iter", eval_iter, 1),
+    )
 
 
 def eval_event(epoch: int, step: int, train_loss: float, val_loss: float, tokens_seen: int) -> dict[str, Any]:

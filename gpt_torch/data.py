@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from gpt_spec import data as spec_data
 from gpt_spec import get_tokenizer
-from gpt_spec.data import check_loader_args, token_windows
+from gpt_spec.data import check_loader_args
 
 
 class GPTDatasetV1(Dataset):
@@ -18,10 +19,9 @@ class GPTDatasetV1(Dataset):
     its target one token on, as int64 tensors."""
 
     def __init__(self, txt: str, tokenizer: Any, max_length: int, stride: int):
-        token_ids = tokenizer.encode(txt, allowed_special={"<|endoftext|>"})
-        inputs, targets = token_windows(token_ids, max_length, stride)
-        self.input_ids = list(torch.from_numpy(inputs))
-        self.target_ids = list(torch.from_numpy(targets))
+        windows = spec_data.GPTDatasetV1(txt, tokenizer, max_length, stride)
+        self.input_ids = list(torch.from_numpy(windows.input_ids))
+        self.target_ids = list(torch.from_numpy(windows.target_ids))
 
     def __len__(self) -> int:
         return len(self.input_ids)
