@@ -110,8 +110,9 @@ def test_ctrl_c_anywhere_in_check_says_so_in_one_line_exits_130_and_writes_nothi
         assert len([x for x in after if not x.startswith("[")]) == 1, after  # progress, then one line
         if line != INTERRUPT_AT[-1] or "PASS" not in stdout:
             assert "PASS" not in stdout and "FAIL" not in stdout
-        # else the last step had ended and the verdict was out when the signal came (the race this
-        # case runs): it then came while the outputs were written, each whole or absent (below).
+        else:  # the race this case runs: the signal came after the verdict, as the command returned;
+            # check writes its outputs before the verdict, so both are there, whole (below).
+            assert sorted(os.listdir(out)) == ["check.json", "check.png"]
         left = sorted(os.listdir(out))
         assert not [f for f in left if f.endswith(".partial")], f"interrupted at {line!r}, left {left}"
         if line != INTERRUPT_AT[-1]:
