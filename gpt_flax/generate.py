@@ -25,7 +25,7 @@ from gpt_spec import (
 )
 from gpt_spec.randomness import pick_token
 
-from .model import check_ids
+from .model import _GPT, check_ids
 
 # Greedy steps per compiled call. The Python loop waits for each chunk before it dispatches the
 # next, so Ctrl-C lands between chunks instead of after the whole generation; the chunk's bounds
@@ -247,7 +247,9 @@ def _run_cached(graphdef, params, cache, rest, ids):
     """The model's logits at the last of `ids`, fed through its KV cache; the cache and the other
     state (dropout keys) as they are after."""
     model = nnx.merge(graphdef, params, cache, rest)
-    logits = model(ids, use_cache=True)[:, -1, :]  # (batch, vocab_size)
+    # The twins' forward can run its head on the last position only; another model's may not.
+    last = {"last_only": True} if isinstance(model, _GPT) else {}
+    logits = model(ids, use_cache=True, **last)[:, -1, :]  # (batch, vocab_size)
     _, _, cache, rest = nnx.split(model, nnx.Param, nnx.Cache, ...)
     return logits, cache, rest
 
@@ -284,12 +286,19 @@ def _generate_cached(graphdef, params, cache, rest, logits, tokens, lo, hi):
 def generate_text_simple_cached(
     model: nnx.Module, idx: Any, max_new_tokens: int, context_size: int | None = None, use_cache: bool = True
 ) -> jax.Array:
-    """generate_text_simple with the KV cache (the book's chapter-4 variant): the prompt is fed once,
-    then one new token per step. Same tokens as generate_text_simple (the window must not slide).
+    """generate_text_simple with the KV cache (the book's chapter-4 variant): the prompt, cropped to
+    its last `context_size` tokens, is fed once, then one new token per step.
+
+    Same tokens as generate_text_simple only while nothing slides. Without cfg.kv_window_size
+    nothing may: a generation that would need it is refused. With it (the book's optimized
+    variant) the cache keeps the last kv_window_size positions and slides past them, each token
+    attending to those, while positions go on counting: the cropped prompt must fit in the
+    window, and prompt + max_new_tokens - 1 positions within context_length.
 
     One compiled prefill per (batch, prompt) and one compiled chunk of decode steps per (batch,
-    prompt, max_new_tokens): the cache is preallocated for exactly the positions this call needs,
-    and every step has the same shapes. A model without a KV cache (no `reset_kv_cache`) is run
+    prompt, max_new_tokens): the cache is preallocated for exactly the positions this call needs
+    (at most kv_window_size of them), every step has the same shapes, and a sliding cache shifts
+    by a traced amount. A model without a KV cache (no `reset_kv_cache`) is run
     without one, after the same checks: the same tokens.
     """
     limits, ids, dtype_name = _check_prompt(model, idx)

@@ -22,6 +22,7 @@ from gpt_spec import (
     ModelLimits,
     check_cache_room,
     check_kv_cache,
+    check_last_only,
     check_model_fits,
     check_token_ids,
 )
@@ -127,6 +128,7 @@ class MultiHeadAttention(nnx.Module):
         dropout: float,
         num_heads: int,
         qkv_bias: bool = False,
+        window_size: int | None = None,
         *,
         rngs: nnx.Rngs,
     ):
@@ -144,15 +146,19 @@ class MultiHeadAttention(nnx.Module):
         # the shapes at trace time, a constant.
         self.context_length = context_length
         # The KV cache: preallocated by init_cache (its shapes fixed, so a jitted decoder compiles
-        # once), with a pointer to the next free position, as the book's ptr_current_pos. nnx.Cache
-        # is NNX's own type for decoding state: never an nnx.Param, so never in a state dict.
+        # once), with a pointer to the next free slot, as the book's ptr_current_pos. With
+        # `window_size` (the book's optimized variant) it holds the last window_size positions and
+        # slides; without, every position. nnx.Cache is NNX's own type for decoding state: never
+        # an nnx.Param, so never in a state dict.
         self.cache_k: nnx.Cache | None = nnx.data(None)  # data, not static: it becomes an nnx.Cache
         self.cache_v: nnx.Cache | None = nnx.data(None)
         self.ptr_current_pos = nnx.Cache(jnp.zeros((), jnp.int32))
-        self.cache_max_len = context_length  # positions a cache allocated at a cached call holds
+        self.window_size = window_size
+        self.cache_max_len = context_length  # positions a cache allocated at a cached call may reach
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> None:
-        shape = (batch_size, self.num_heads, max_len, self.head_dim)
+        slots = max_len if self.window_size is None else min(self.window_size, max_len)
+        shape = (batch_size, self.num_heads, slots, self.head_dim)
         self.cache_k = nnx.Cache(jnp.zeros(shape, dtype))
         self.cache_v = nnx.Cache(jnp.zeros(shape, dtype))
         self.ptr_current_pos = nnx.Cache(jnp.zeros((), jnp.int32))
@@ -178,12 +184,25 @@ class MultiHeadAttention(nnx.Module):
             assert self.cache_k is not None and self.cache_v is not None  # init_cache allocates both
             if self.cache_k.shape[0] != b:
                 raise ValueError(f"the KV cache holds batch size {self.cache_k.shape[0]}, got {b}: reset it")
+            slots = self.cache_k.shape[2]
+            if num_tokens > slots:
+                raise ValueError(f"{num_tokens} new tokens do not fit in the KV cache's {slots} slots")
             start = self.ptr_current_pos[...]
-            self.cache_k[...] = jax.lax.dynamic_update_slice(self.cache_k[...], keys_new, (0, 0, start, 0))
-            self.cache_v[...] = jax.lax.dynamic_update_slice(self.cache_v[...], values_new, (0, 0, start, 0))
+            cache_k, cache_v = self.cache_k[...], self.cache_v[...]  # (b, num_heads, slots, head_dim)
+            if slots < self.cache_max_len:
+                # The window can slide (known from the shapes, so a cache that cannot keeps the
+                # plain path): the oldest `overflow` positions leave, slot j takes slot
+                # j + overflow. The shift is traced, so every step runs one program; the slots
+                # rolled round to the end lie past the new keys, where the mask hides them.
+                overflow = jnp.maximum(start + num_tokens - slots, 0)
+                cache_k = jnp.roll(cache_k, -overflow, axis=2)
+                cache_v = jnp.roll(cache_v, -overflow, axis=2)
+                start = start - overflow
+            self.cache_k[...] = jax.lax.dynamic_update_slice(cache_k, keys_new, (0, 0, start, 0))
+            self.cache_v[...] = jax.lax.dynamic_update_slice(cache_v, values_new, (0, 0, start, 0))
             self.ptr_current_pos[...] = start + num_tokens
-            keys, values = self.cache_k[...], self.cache_v[...]  # (b, num_heads, max_len, head_dim)
-            # Query i sits at position start + i: it sees keys up to there; the unfilled tail of
+            keys, values = self.cache_k[...], self.cache_v[...]  # (b, num_heads, slots, head_dim)
+            # Query i sits in slot start + i: it sees keys up to there; the unfilled tail of
             # the cache lies beyond every query, so the same mask hides it.
             q_pos = start + jnp.arange(num_tokens)[:, None]
             mask_bool = jnp.arange(keys.shape[2])[None, :] > q_pos
@@ -216,6 +235,7 @@ class TransformerBlock(nnx.Module):
             num_heads=cfg.n_heads,
             dropout=cfg.drop_rate,
             qkv_bias=cfg.qkv_bias,
+            window_size=cfg.kv_window_size,
             rngs=rngs,
         )
         self.ff = FeedForward(cfg, rngs=rngs)
@@ -287,17 +307,23 @@ class _GPT(nnx.Module):
         self.trf_blocks = nnx.List([block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = final_norm(cfg.emb_dim)
         self.out_head = torch_linear(cfg.emb_dim, cfg.vocab_size, use_bias=False, rngs=rngs)
-        self.current_pos = nnx.Cache(jnp.zeros((), jnp.int32))  # positions held by the KV cache
-        self.cache_max_len = cfg.context_length  # positions it may hold (see reset_kv_cache)
+        # Positions fed through the KV cache (a sliding one keeps fewer).
+        self.current_pos = nnx.Cache(jnp.zeros((), jnp.int32))
+        self.cache_max_len = cfg.context_length  # positions it may reach (see reset_kv_cache)
 
-    def __call__(self, in_idx: Any, return_activations: bool = False, use_cache: bool = False):
+    def __call__(
+        self, in_idx: Any, return_activations: bool = False, use_cache: bool = False, *, last_only: bool = False
+    ):
         """(batch, seq_len) integer ids -> (batch, seq_len, vocab_size) logits.
 
         With `return_activations`, a dict of every stage's output instead, each named by the module
         that produced it: drop_emb; for each block i, trf_blocks.{i}.norm1, .att, .residual, .norm2,
         .ff and its output trf_blocks.{i}; final_norm; out_head (the logits).
         With `use_cache`, the ids continue the sequence the KV cache holds (see reset_kv_cache).
+        With `last_only`, the final norm and the head run on the last position only: logits
+        (batch, 1, vocab_size), what generation needs (the head is the largest matmul of a prefill).
         """
+        check_last_only(last_only, return_activations)
         in_idx = check_ids(in_idx, self.cfg, check_length=not use_cache)
         batch_size, seq_len = in_idx.shape
         start: int | jax.Array = 0
@@ -316,6 +342,8 @@ class _GPT(nnx.Module):
             if inner is not None:
                 activations.update({f"trf_blocks.{i}.{name}": value for name, value in inner.items()})
                 activations[f"trf_blocks.{i}"] = x
+        if last_only:
+            x = x[:, -1:, :]  # (batch_size, 1, emb_dim)
         x = self.final_norm(x)
         logits = self.out_head(x).astype(jnp.float32)  # (batch_size, seq_len, vocab_size), float32 in any dtype
         if return_activations:
@@ -325,9 +353,12 @@ class _GPT(nnx.Module):
     def reset_kv_cache(self, batch_size: int | None = None, max_len: int | None = None) -> None:
         """Empty every block's KV cache; the next cached call starts at position 0.
 
-        The cache holds at most `max_len` positions (default context_length): a cached call that
-        would pass them is refused. It is preallocated: with `batch_size`, now, for that batch;
-        without, at the first cached call, for its batch.
+        A cached sequence may reach `max_len` positions (default context_length): a cached call
+        that would pass them is refused. Each block's cache has min(cfg.kv_window_size, max_len)
+        slots (max_len without a window): past them it slides, keeping the last kv_window_size
+        positions (the book's optimized variant), and a call of more new tokens is refused. It is
+        preallocated: with `batch_size`, now, for that batch; without, at the first cached call,
+        for its batch.
         """
         batch_size, max_len = check_kv_cache(batch_size, max_len, self.cfg)
         for block in self.trf_blocks:

@@ -80,6 +80,10 @@ class GPTConfig:
     n_layers: int
     drop_rate: float
     qkv_bias: bool
+    # The sliding KV cache of the book's optimized chapter-4 variant: each attention layer keeps the
+    # keys and values of at most this many positions (None: context_length, nothing slides). Only
+    # cached decoding reads it; the forward and the weights do not depend on it.
+    kv_window_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -104,6 +108,16 @@ class GPTConfig:
         if type(self.qkv_bias).__name__ not in ("bool", "bool_"):
             raise ValueError(f"qkv_bias must be a bool, got {self.qkv_bias!r} ({type(self.qkv_bias).__name__})")
         object.__setattr__(self, "qkv_bias", bool(self.qkv_bias))
+        window = self.kv_window_size
+        if window is not None:
+            if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+                raise ValueError(f"kv_window_size must be an int or None, got {window!r} ({type(window).__name__})")
+            window = int(window)
+            if window <= 0:
+                raise ValueError(f"kv_window_size must be positive, got {window}")
+            if window > self.context_length:
+                raise ValueError(f"kv_window_size ({window}) must be at most context_length ({self.context_length})")
+            object.__setattr__(self, "kv_window_size", window)
 
     @property
     def head_dim(self) -> int:
@@ -121,11 +135,13 @@ class GPTConfig:
         """Build from a plain dict such as the book's GPT_CONFIG_124M."""
         if not isinstance(cfg, Mapping):
             raise ValueError(f"config must be a mapping, got {type(cfg).__name__}")
-        known = [f.name for f in dataclasses.fields(cls)]
+        fields = dataclasses.fields(cls)
+        known = [f.name for f in fields]
         unknown = sorted(set(cfg) - set(known), key=str)
         if unknown:
             raise ValueError(f"unknown config key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}")
-        missing = [k for k in known if k not in cfg]
+        # The book's keys are required; an optional one (kv_window_size) may be left out.
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in cfg]
         if missing:
             raise ValueError(f"missing config key(s): {', '.join(missing)}")
         return cls(**cfg)
@@ -147,7 +163,12 @@ class GPTConfig:
         return cfg if isinstance(cfg, GPTConfig) else cls.from_dict(cfg)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The book's keys, and kv_window_size only where it is set: a config without it writes
+        (and a checkpoint's metadata records) exactly what it did before the field existed."""
+        out = dataclasses.asdict(self)
+        if out["kv_window_size"] is None:
+            del out["kv_window_size"]
+        return out
 
     def replace(self, **changes: Any) -> GPTConfig:
         return dataclasses.replace(self, **changes)

@@ -519,7 +519,11 @@ def to_hf(sd: Mapping[str, np.ndarray], cfg: GPTConfig, *, tied: bool | None = N
 
 
 def hf_config(cfg: GPTConfig, *, tied: bool) -> dict[str, Any]:
-    """HF's config.json for a GPT-2 computing what the twins compute with `cfg`."""
+    """HF's config.json for a GPT-2 computing what the twins compute with `cfg`.
+
+    cfg.kv_window_size is left out: it changes only the twins' cached decoding (how many past
+    positions the KV cache keeps), not the forward the weights compute, and GPT2Config has no key
+    for it. An HF snapshot read back has no window (None), as every HF GPT-2 has."""
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",

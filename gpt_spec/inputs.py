@@ -147,18 +147,34 @@ def check_kv_cache(batch_size: object, max_len: object, cfg: GPTConfig) -> tuple
     return batch_size, max_len
 
 
+def check_last_only(last_only: bool, return_activations: bool) -> None:
+    """The forward's `last_only` (logits at the last position only) cannot give every stage's
+    activations, which are kept for every position."""
+    if last_only and return_activations:
+        raise ValueError("last_only and return_activations cannot be combined: the activations cover every position")
+
+
 def check_cache_room(cached: int, new: int, cfg: GPTConfig, max_len: int | None = None) -> None:
-    """A KV cache holds at most context_length positions (it does not slide), and at most the
-    `max_len` reset_kv_cache gave it."""
+    """A cached call may take its positions up to context_length (position embeddings end there,
+    whether or not the cache slides) and up to the `max_len` reset_kv_cache gave it. Without
+    cfg.kv_window_size the cache holds every position and never slides; with it, the cache keeps
+    the last kv_window_size positions, so no call may bring more new tokens than that."""
+    window = cfg.kv_window_size
     if cached + new > cfg.context_length:
+        why = "the KV cache does not slide" if window is None else "the KV cache's window slides, its positions do not"
         raise ValueError(
             f"sequence length {cached + new} exceeds context_length {cfg.context_length} "
-            f"({cached} cached + {new} new tokens; the KV cache does not slide: reset it)"
+            f"({cached} cached + {new} new tokens; {why}: reset it)"
         )
     if max_len is not None and cached + new > max_len:
         raise ValueError(
             f"sequence length {cached + new} exceeds the KV cache's max_len {max_len} "
             f"({cached} cached + {new} new tokens; reset it with a larger max_len)"
+        )
+    if window is not None and new > window:
+        raise ValueError(
+            f"{new} new tokens do not fit in the KV cache's window of {window} positions "
+            f"(kv_window_size): feed at most {window} tokens per cached call"
         )
 
 
@@ -180,18 +196,37 @@ def check_cached_generation(
     """Check generate_text_simple_cached's arguments; return (max_new_tokens, context_size).
 
     `context_size` None means cfg.context_length (see `default_context_size`). The prompt is
-    cropped to its last context_size tokens and then every token stays in the cache, so the
-    result equals generate_text_simple's only while the window never has to slide: refused up
-    front otherwise.
+    cropped to its last context_size tokens and fed once, then one token per step. Without
+    cfg.kv_window_size every token stays in the cache, so the result equals generate_text_simple's
+    only while the window never has to slide: refused up front otherwise. With it (the book's
+    sliding cache) the cache keeps the last kv_window_size positions: the cropped prompt must fit
+    in that window, and the positions, which do not slide, must stay within context_length.
     """
     context_size = default_context_size(prompt_len, max_new_tokens, context_size, cfg)
     max_new_tokens, context_size = check_generation(prompt_len, max_new_tokens, context_size, cfg)
-    room = context_size if cfg.context_length is None else min(context_size, cfg.context_length)
-    fed = min(prompt_len, context_size) + max(max_new_tokens - 1, 0)
-    if max_new_tokens and fed > room:
+    prompt = min(prompt_len, context_size)
+    fed = prompt + max(max_new_tokens - 1, 0)
+    if not max_new_tokens:
+        return max_new_tokens, context_size
+    if not isinstance(cfg, GPTConfig) or cfg.kv_window_size is None:
+        room = context_size if cfg.context_length is None else min(context_size, cfg.context_length)
+        if fed > room:
+            raise ValueError(
+                f"cached generation would hold {fed} tokens, more than context_size {room}: the KV "
+                "cache does not slide; use generate_text_simple, or fewer new tokens"
+            )
+        return max_new_tokens, context_size
+    window = cfg.kv_window_size
+    if prompt > window:
         raise ValueError(
-            f"cached generation would hold {fed} tokens, more than context_size {room}: the KV "
-            "cache does not slide; use generate_text_simple, or fewer new tokens"
+            f"the prompt's {prompt} tokens do not fit in the KV cache's window of {window} positions "
+            f"(kv_window_size): crop it with a context_size of at most {window}"
+        )
+    if fed > cfg.context_length:
+        raise ValueError(
+            f"cached generation would need {fed} positions, more than context_length {cfg.context_length}: "
+            "the KV cache's window slides, its positions do not; use generate_text_simple, or fewer "
+            "new tokens"
         )
     return max_new_tokens, context_size
 

@@ -20,7 +20,7 @@ from gpt_spec import (
 )
 from gpt_spec.randomness import pick_token
 
-from .model import as_index, check_ids
+from .model import _GPT, as_index, check_ids
 
 
 def model_limits(model: nn.Module) -> GPTConfig | ModelLimits:
@@ -158,8 +158,14 @@ def token_ids_to_text(token_ids: torch.Tensor, tokenizer) -> str:
 def generate_text_simple_cached(
     model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None, use_cache: bool = True
 ) -> torch.Tensor:
-    """generate_text_simple with the KV cache (the book's chapter-4 variant): the prompt is fed once,
-    then one new token per step. Same tokens as generate_text_simple (the window must not slide).
+    """generate_text_simple with the KV cache (the book's chapter-4 variant): the prompt, cropped to
+    its last `context_size` tokens, is fed once, then one new token per step.
+
+    Same tokens as generate_text_simple only while nothing slides. Without cfg.kv_window_size
+    nothing may: a generation that would need it is refused. With it (the book's optimized
+    variant) the cache keeps the last kv_window_size positions and slides past them, each token
+    attending to those, while positions go on counting: the cropped prompt must fit in the
+    window, and prompt + max_new_tokens - 1 positions within context_length.
 
     A model without a KV cache (no `reset_kv_cache`, as the book's chapter-4 GPTModel) is run
     without one, after the same checks: the same tokens.
@@ -175,13 +181,15 @@ def generate_text_simple_cached(
     check_output_fits(idx.shape[0], idx.shape[1], max_new_tokens, _dtype_name(idx))
     if max_new_tokens == 0:
         return idx
+    # The twins' forward can run its head on the last position only; another model's may not.
+    last = {"last_only": True} if isinstance(model, _GPT) else {}
     with torch.no_grad():
         reset_kv_cache()
-        logits = model(as_index(idx[:, -context_size:]), use_cache=True)
+        logits = model(as_index(idx[:, -context_size:]), use_cache=True, **last)
         for step in range(max_new_tokens):
             probas = torch.softmax(logits[:, -1, :], dim=-1)
             idx_next = torch.argmax(probas, dim=-1, keepdim=True)  # (batch, 1)
             idx = torch.cat((idx, idx_next.to(idx.dtype)), dim=1)
             if step < max_new_tokens - 1:  # the last token needs no logits
-                logits = model(idx_next, use_cache=True)
+                logits = model(idx_next, use_cache=True, **last)
     return idx

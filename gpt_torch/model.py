@@ -19,6 +19,7 @@ from gpt_spec import (
     ModelLimits,
     check_cache_room,
     check_kv_cache,
+    check_last_only,
     check_model_fits,
     check_token_ids,
 )
@@ -124,7 +125,14 @@ class MultiHeadAttention(nn.Module):
     cache_v: torch.Tensor | None
 
     def __init__(
-        self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias: bool = False
+        self,
+        d_in: int,
+        d_out: int,
+        context_length: int,
+        dropout: float,
+        num_heads: int,
+        qkv_bias: bool = False,
+        window_size: int | None = None,
     ):
         super().__init__()
         if d_out % num_heads:
@@ -143,12 +151,14 @@ class MultiHeadAttention(nn.Module):
             "mask", torch.triu(torch.ones(context_length, context_length), diagonal=1), persistent=False
         )
         # The KV cache of the book's chapter-4 variant, preallocated by init_cache as the Flax
-        # twin's is: keys and values of every position fed so far, with a pointer to the next
-        # free position, as the book's ptr_current_pos.
+        # twin's is: keys and values of the positions fed so far, with a pointer to the next free
+        # slot, as the book's ptr_current_pos. With `window_size` (the book's optimized variant)
+        # it holds the last window_size positions and slides; without, every position.
         self.register_buffer("cache_k", None, persistent=False)
         self.register_buffer("cache_v", None, persistent=False)
         self.ptr_current_pos = 0
-        self.cache_max_len = context_length  # positions a cache allocated at a cached call holds
+        self.window_size = window_size
+        self.cache_max_len = context_length  # positions a cache allocated at a cached call may reach
 
     def init_cache(
         self,
@@ -157,7 +167,8 @@ class MultiHeadAttention(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        shape = (batch_size, self.num_heads, max_len, self.head_dim)
+        slots = max_len if self.window_size is None else min(self.window_size, max_len)
+        shape = (batch_size, self.num_heads, slots, self.head_dim)
         self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
         self.ptr_current_pos = 0
@@ -183,6 +194,17 @@ class MultiHeadAttention(nn.Module):
             assert self.cache_k is not None and self.cache_v is not None  # init_cache allocates both
             if self.cache_k.shape[0] != b:
                 raise ValueError(f"the KV cache holds batch size {self.cache_k.shape[0]}, got {b}: reset it")
+            slots = self.cache_k.shape[2]
+            if num_tokens > slots:
+                raise ValueError(f"{num_tokens} new tokens do not fit in the KV cache's {slots} slots")
+            overflow = self.ptr_current_pos + num_tokens - slots
+            if slots < self.cache_max_len and overflow > 0:
+                # The window slides: the oldest `overflow` positions leave, slot j takes slot
+                # j + overflow, and the new keys and values go after what is kept.
+                kept = self.ptr_current_pos - overflow
+                self.cache_k[:, :, :kept] = self.cache_k[:, :, overflow : self.ptr_current_pos].clone()
+                self.cache_v[:, :, :kept] = self.cache_v[:, :, overflow : self.ptr_current_pos].clone()
+                self.ptr_current_pos = kept
             start = self.ptr_current_pos
             self.ptr_current_pos += num_tokens
             self.cache_k[:, :, start : self.ptr_current_pos] = keys_new
@@ -192,6 +214,8 @@ class MultiHeadAttention(nn.Module):
         else:
             keys, values, start = keys_new, values_new, 0
         attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_tokens, num_keys)
+        # Query i sits in slot start + i and sees the keys of slots up to there (a slid cache
+        # holds the last keys only: the oldest it keeps is at slot 0).
         mask_bool = self.mask.bool()[start : start + num_tokens, : keys.shape[2]]
         attn_scores = attn_scores.masked_fill(mask_bool, -torch.inf)
         attn_weights = torch.softmax(attn_scores.float() / keys.shape[-1] ** 0.5, dim=-1).to(values.dtype)
@@ -213,6 +237,7 @@ class TransformerBlock(nn.Module):
             num_heads=cfg.n_heads,
             dropout=cfg.drop_rate,
             qkv_bias=cfg.qkv_bias,
+            window_size=cfg.kv_window_size,
         )
         self.ff = FeedForward(cfg)
         self.norm1 = LayerNorm(cfg.emb_dim)
@@ -278,17 +303,28 @@ class _GPT(nn.Module):
         self.trf_blocks = nn.Sequential(*[block(cfg) for _ in range(cfg.n_layers)])
         self.final_norm = final_norm(cfg.emb_dim)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
-        self.current_pos = 0  # positions held by the KV cache
-        self.cache_max_len = cfg.context_length  # positions it may hold (see reset_kv_cache)
+        # Positions fed through the KV cache (a sliding one keeps fewer).
+        self.current_pos = 0
+        self.cache_max_len = cfg.context_length  # positions it may reach (see reset_kv_cache)
 
-    def forward(self, in_idx: torch.Tensor, return_activations: bool = False, use_cache: bool = False):
+    def forward(
+        self,
+        in_idx: torch.Tensor,
+        return_activations: bool = False,
+        use_cache: bool = False,
+        *,
+        last_only: bool = False,
+    ):
         """(batch, seq_len) integer ids -> (batch, seq_len, vocab_size) logits.
 
         With `return_activations`, a dict of every stage's output instead, each named by the module
         that produced it: drop_emb; for each block i, trf_blocks.{i}.norm1, .att, .residual, .norm2,
         .ff and its output trf_blocks.{i}; final_norm; out_head (the logits).
         With `use_cache`, the ids continue the sequence the KV cache holds (see reset_kv_cache).
+        With `last_only`, the final norm and the head run on the last position only: logits
+        (batch, 1, vocab_size), what generation needs (the head is the largest matmul of a prefill).
         """
+        check_last_only(last_only, return_activations)
         in_idx = check_ids(in_idx, self.cfg, check_length=not use_cache)
         batch_size, seq_len = in_idx.shape
         start = 0
@@ -306,6 +342,8 @@ class _GPT(nn.Module):
             if inner is not None:
                 activations.update({f"trf_blocks.{i}.{name}": value for name, value in inner.items()})
                 activations[f"trf_blocks.{i}"] = x
+        if last_only:
+            x = x[:, -1:, :]  # (batch_size, 1, emb_dim)
         x = self.final_norm(x)
         logits = self.out_head(x).float()  # (batch_size, seq_len, vocab_size), float32 in any dtype
         if return_activations:
@@ -315,9 +353,12 @@ class _GPT(nn.Module):
     def reset_kv_cache(self, batch_size: int | None = None, max_len: int | None = None) -> None:
         """Empty every block's KV cache; the next cached call starts at position 0.
 
-        The cache holds at most `max_len` positions (default context_length): a cached call that
-        would pass them is refused. It is preallocated: with `batch_size`, now, for that batch;
-        without, at the first cached call, for its batch.
+        A cached sequence may reach `max_len` positions (default context_length): a cached call
+        that would pass them is refused. Each block's cache has min(cfg.kv_window_size, max_len)
+        slots (max_len without a window): past them it slides, keeping the last kv_window_size
+        positions (the book's optimized variant), and a call of more new tokens is refused. It is
+        preallocated: with `batch_size`, now, for that batch; without, at the first cached call,
+        for its batch.
         """
         batch_size, max_len = check_kv_cache(batch_size, max_len, self.cfg)
         for block in self.trf_blocks:

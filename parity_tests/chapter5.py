@@ -34,8 +34,12 @@ SAMPLE_TEMPERATURE = 1.4
 
 def chapter5_config(cfg: GPTConfig, settings: Chapter5 = CHAPTER5) -> GPTConfig:
     """The book trains GPT_CONFIG_124M at context 256: a config's context_length is cut to the
-    chapter's where it is longer."""
-    return cfg.replace(context_length=min(cfg.context_length, settings.context_length))
+    chapter's where it is longer (and a kv_window_size with it, which may not pass it)."""
+    context_length = min(cfg.context_length, settings.context_length)
+    window = cfg.kv_window_size
+    return cfg.replace(
+        context_length=context_length, kv_window_size=None if window is None else min(window, context_length)
+    )
 
 
 @dataclasses.dataclass

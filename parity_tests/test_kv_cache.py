@@ -183,3 +183,39 @@ def test_the_flax_cache_is_nnx_cache_state_never_a_parameter():
             keys[-1] in ("cache_k", "cache_v", "ptr_current_pos", "current_pos")
             for keys, _ in nnx.to_flat_state(nnx.state(opt))
         )
+
+
+@pytest.mark.parametrize("kind", ["gpt", "dummy"])
+@pytest.mark.parametrize("cfg", [TINY, TINY_BIAS], ids=["tiny", "bias"])
+def test_last_only_gives_the_last_row_of_the_full_forward(kind, cfg):
+    """The head on the last position only (what generation reads), plain and through the cache."""
+    tm, fm = build_pair(kind, cfg, source="torch", seed=1)
+    ids = np.random.default_rng(4).integers(0, cfg.vocab_size, (2, cfg.context_length))
+    with float32_matmuls(), torch.no_grad():
+        full = tm(torch.from_numpy(ids)).numpy()
+        t = tm(torch.from_numpy(ids), last_only=True).numpy()
+        f = np.asarray(fm(ids, last_only=True))
+        tm.reset_kv_cache()
+        fm.reset_kv_cache()
+        tc = tm(torch.from_numpy(ids[:, :3]), use_cache=True, last_only=True).numpy()
+        fc = np.asarray(fm(ids[:, :3], use_cache=True, last_only=True))
+    assert t.shape == f.shape == tc.shape == fc.shape == (2, 1, cfg.vocab_size)
+    assert_close(full[:, -1:], t, FP32_FORWARD, name="torch last_only")
+    assert_close(full[:, -1:], f, FP32_FORWARD, name="flax last_only")
+    assert_close(full[:, 2:3], tc, FP32_FORWARD, name="torch cached last_only")
+    assert_close(full[:, 2:3], fc, FP32_FORWARD, name="flax cached last_only")
+    assert tm.current_pos == int(fm.current_pos[...]) == 3
+
+
+def test_last_only_with_activations_is_refused_alike_before_anything_runs():
+    tm, fm = build_pair("gpt", TINY, source="torch")
+    ids = np.ones((1, 3), np.int64)
+    tm.reset_kv_cache()
+    fm.reset_kv_cache()
+    with torch.no_grad():
+        t, f = _refusals(
+            lambda: tm(torch.from_numpy(ids), return_activations=True, use_cache=True, last_only=True),
+            lambda: fm(ids, return_activations=True, use_cache=True, last_only=True),
+        )
+    assert t == f == "last_only and return_activations cannot be combined: the activations cover every position"
+    assert tm.current_pos == int(fm.current_pos[...]) == 0

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gpt_flax import model as book
+from gpt_spec import check_last_only
 
 
 def round_mantissa(x: jax.Array, bits: int | None) -> jax.Array:
@@ -144,7 +145,8 @@ class GPT(book._GPT):
     bug_position_offset = 0  # position ids counted from this
     bug_tied_head = False  # logits from the token embedding's table
 
-    def __call__(self, in_idx, return_activations: bool = False, use_cache: bool = False):
+    def __call__(self, in_idx, return_activations: bool = False, use_cache: bool = False, *, last_only: bool = False):
+        check_last_only(last_only, return_activations)
         if use_cache:
             raise NotImplementedError("the zoo's model has no KV cache")
         in_idx = book.check_ids(in_idx, self.cfg)
@@ -157,6 +159,8 @@ class GPT(book._GPT):
             x = block(x, activations=inner)
             activations.update({f"trf_blocks.{i}.{k}": v for k, v in inner.items()})
             activations[f"trf_blocks.{i}"] = x
+        if last_only:
+            x = x[:, -1:, :]
         x = self.final_norm(x)
         head = self.tok_emb.embedding[...].T if self.bug_tied_head else self.out_head.kernel[...]
         logits = (x @ head).astype(jnp.float32)

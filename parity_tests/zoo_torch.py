@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from gpt_spec import check_last_only
 from gpt_torch import model as book
 
 
@@ -147,7 +148,15 @@ class GPT(book._GPT):
     bug_position_offset = 0  # position ids counted from this
     bug_tied_head = False  # logits from the token embedding's table
 
-    def forward(self, in_idx: torch.Tensor, return_activations: bool = False, use_cache: bool = False):
+    def forward(
+        self,
+        in_idx: torch.Tensor,
+        return_activations: bool = False,
+        use_cache: bool = False,
+        *,
+        last_only: bool = False,
+    ):
+        check_last_only(last_only, return_activations)
         if use_cache:
             raise NotImplementedError("the zoo's model has no KV cache")
         book.check_ids(in_idx, self.cfg)
@@ -161,6 +170,8 @@ class GPT(book._GPT):
             x = block(x, activations=inner)
             activations.update({f"trf_blocks.{i}.{k}": v for k, v in inner.items()})
             activations[f"trf_blocks.{i}"] = x
+        if last_only:
+            x = x[:, -1:, :]
         x = self.final_norm(x)
         head = self.tok_emb.weight if self.bug_tied_head else self.out_head.weight
         logits = F.linear(x, head).float()

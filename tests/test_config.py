@@ -98,3 +98,78 @@ def test_json_files_and_resolve(tmp_path, tiny_cfg):
         resolve_config(str(bad))
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         resolve_config("nope")
+
+
+# kv_window_size: optional (the book's optimized KV cache reads cfg["kv_window_size"]).
+
+
+def test_kv_window_size_is_optional_and_written_only_when_set():
+    cfg = GPTConfig.from_dict(GPT_CONFIG_124M)  # the book's dict has no such key
+    assert cfg.kv_window_size is None
+    assert "kv_window_size" not in cfg.to_dict()  # files without it read as before
+    windowed = GPTConfig.from_dict({**GPT_CONFIG_124M, "kv_window_size": 1024})
+    assert windowed.kv_window_size == 1024 and windowed != cfg
+    assert windowed.to_dict() == {**GPT_CONFIG_124M, "kv_window_size": 1024}
+    assert GPTConfig.from_dict(windowed.to_dict()) == windowed
+    assert GPTConfig.from_dict({**GPT_CONFIG_124M, "kv_window_size": None}) == cfg
+    assert cfg.replace(kv_window_size=5).kv_window_size == 5
+    np = pytest.importorskip("numpy")
+    assert type(GPTConfig.from_dict({**GPT_CONFIG_124M, "kv_window_size": np.int64(7)}).kv_window_size) is int
+
+
+@pytest.mark.parametrize(
+    "window, message",
+    [
+        (0, "kv_window_size must be positive, got 0"),
+        (-1, "kv_window_size must be positive, got -1"),
+        (True, "kv_window_size must be an int or None, got True (bool)"),
+        (1.5, "kv_window_size must be an int or None, got 1.5 (float)"),
+        ("5", "kv_window_size must be an int or None, got '5' (str)"),
+        (1025, "kv_window_size (1025) must be at most context_length (1024)"),
+    ],
+)
+def test_bad_kv_window_sizes_are_refused(window, message):
+    with pytest.raises(ValueError) as e:
+        GPTConfig.from_dict({**GPT_CONFIG_124M, "kv_window_size": window})
+    assert str(e.value) == message
+
+
+def test_kv_window_size_is_in_the_known_keys_but_never_missing():
+    partial = {k: v for k, v in GPT_CONFIG_124M.items() if k != "vocab_size"}
+    with pytest.raises(ValueError, match=r"^missing config key\(s\): vocab_size$"):
+        GPTConfig.from_dict(partial)
+    with pytest.raises(ValueError, match=r"known keys: vocab_size, .*, qkv_bias, kv_window_size$"):
+        GPTConfig.from_dict({**GPT_CONFIG_124M, "window": 3})
+
+
+def test_a_checkpoint_keeps_kv_window_size_and_one_without_reads_as_before(tmp_path, tiny_cfg):
+    import gpt_torch
+    from gpt_spec import load_checkpoint, save_checkpoint
+
+    sd = gpt_torch.state_dict(gpt_torch.GPTModel(tiny_cfg))
+    for cfg in (tiny_cfg, tiny_cfg.replace(kv_window_size=4)):
+        path = tmp_path / f"w{cfg.kv_window_size}.safetensors"
+        save_checkpoint(path, sd, cfg)
+        assert load_checkpoint(path).config == cfg
+        metadata = json.loads(_metadata(path)["config"])
+        assert metadata == cfg.to_dict()
+        assert ("kv_window_size" in metadata) == (cfg.kv_window_size is not None)
+
+
+def test_hf_export_drops_kv_window_size(tmp_path, tiny_cfg):
+    """It changes only cached decoding, not what the weights compute: GPT2Config has no key for it."""
+    import gpt_torch
+    from gpt_spec import load_checkpoint
+    from gpt_spec.checkpoint import save_hf
+
+    cfg = tiny_cfg.replace(qkv_bias=True, kv_window_size=4)
+    save_hf(tmp_path / "hf", gpt_torch.state_dict(gpt_torch.GPTModel(cfg)), cfg)
+    assert "window" not in (tmp_path / "hf" / "config.json").read_text()
+    assert load_checkpoint(tmp_path / "hf").config == cfg.replace(kv_window_size=None)
+
+
+def _metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return f.metadata()

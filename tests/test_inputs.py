@@ -70,3 +70,26 @@ def test_edge_of_the_valid_range_is_accepted(twin, tiny_cfg):
 def test_torch_twin_wants_a_tensor(tiny_cfg):
     with pytest.raises(ValueError, match="token ids must be a torch.Tensor, got list"):
         gpt_torch.DummyGPTModel(tiny_cfg)([[1, 2]])
+
+
+def test_cached_generation_with_a_window_checks_the_prompt_and_the_positions_at_their_edges():
+    from gpt_spec import check_cache_room, check_cached_generation
+    from parity_tests.configs import TINY
+
+    cfg = TINY.replace(kv_window_size=4)  # context_length 11
+    assert check_cached_generation(4, 8, None, cfg) == (8, 11)  # prompt = window, 11 positions
+    assert check_cached_generation(20, 8, 4, cfg) == (8, 4)  # the cropped prompt is what must fit
+    assert check_cached_generation(20, 0, None, cfg) == (0, 11)  # nothing generated: nothing to fit
+    with pytest.raises(ValueError, match=r"^the prompt's 5 tokens do not fit in the KV cache's window of 4 "):
+        check_cached_generation(5, 1, None, cfg)
+    with pytest.raises(ValueError, match=r"^cached generation would need 12 positions, more than context_length 11"):
+        check_cached_generation(4, 9, None, cfg)
+    # Without a window, today's refusal: the cache does not slide.
+    with pytest.raises(ValueError, match=r"^cached generation would hold 12 tokens, more than context_size 11"):
+        check_cached_generation(4, 9, None, TINY)
+    check_cache_room(7, 4, cfg, 11)  # a call of window size up to the last position
+    with pytest.raises(ValueError, match=r"^5 new tokens do not fit in the KV cache's window of 4 positions"):
+        check_cache_room(0, 5, cfg, 11)
+    # Where max_len is within the window, max_len's refusal comes first (the cache never slides).
+    with pytest.raises(ValueError, match=r"exceeds the KV cache's max_len 3"):
+        check_cache_room(0, 5, cfg, 3)
