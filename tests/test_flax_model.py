@@ -1,4 +1,5 @@
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -58,3 +59,25 @@ def test_layernorm_is_the_books_form():
     flax_ln.scale[...] = ln.scale[...]
     x_small = x * 1e-3
     assert np.abs(np.asarray(flax_ln(x_small)) - np.asarray(ln(x_small))).max() > 1e-3
+
+
+def test_round_to_bfloat16_is_the_conversion_pair():
+    """The head's bit-level rounding equals float32 -> bfloat16 -> float32 (ties to even) on every
+    kind of value: normals over the whole exponent range, ties, subnormals, the overflow edge, signed
+    zeros, infinities and NaN. Truncating instead (dropping the 0x7FFF carry) fails on ~half of them."""
+    from gpt_flax.model import round_to_bfloat16
+
+    rng = np.random.default_rng(0)
+    normals = rng.standard_normal(50_000).astype(np.float32) * np.float32(2.0) ** rng.integers(-126, 127, 50_000)
+    bits = rng.integers(0, 2**32, 50_000, dtype=np.uint64).astype(np.uint32)
+    ties = (bits & np.uint32(0xFFFF0000)) | np.uint32(0x8000)  # exactly half-way: rounds to even
+    special = np.array(
+        [0.0, -0.0, np.inf, -np.inf, np.nan, 3.4028235e38, -3.4028235e38, 1e-45, -1e-40, 1.0, 1.00390625],
+        dtype=np.float32,
+    )
+    x = np.concatenate([normals, bits.view(np.float32), ties.view(np.float32), special])
+    want = np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))
+    got = np.asarray(jax.jit(round_to_bfloat16)(jnp.asarray(x)))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    finite = ~np.isnan(want)
+    np.testing.assert_array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
