@@ -6,21 +6,30 @@ A program, not a test. Method:
   (compilation, timed on its own), `warmup` more times untimed, then `repeats` times, each call
   ended by `block_until_ready()` (torch on the CPU returns when done). Median, min and max.
 - Roofline references, measured in the same run: this machine's GEMM throughput (a 2048^3
-  matmul in XLA and in torch, the better of the two, per dtype; sampled before and after the
-  forwards, median) and its read bandwidth (a jitted sum over 512 MiB, the better of XLA and
-  torch). A forward's achieved FLOP/s (gpt_spec.flops.forward_flops: every matmul, the full
-  T x T attention matmuls included) is reported as a fraction of that GEMM throughput.
-- Decoding (`decode` > 0): greedy generation of `decode` new tokens at batch 1 from an 8-token
-  prompt, per twin, with the KV cache and without (the book's loop, re-running the whole
-  sequence per token: timed over `decode_uncached` tokens only). Its limit: a step must read every
-  weight once (and the cache), so tokens/s <= read bandwidth / bytes read per token.
+  matmul in XLA and in torch, per dtype, each call a sample, sampled before and after the
+  forwards; the reference is the best sample of either library, since interference only slows a
+  GEMM, with the medians beside it) and its read bandwidth (a jitted sum over 512 MiB, the better
+  of XLA and torch). A forward's achieved FLOP/s (gpt_spec.flops.forward_flops: every matmul, the
+  full T x T attention matmuls included, the masked half too) is reported as a fraction of that
+  GEMM throughput.
+- Decoding (`decode` > 0): greedy generation of `decode` new tokens with the KV cache over a grid
+  of batch sizes and prompt lengths (the Flax twin in every cell, the torch twin at batch 1), and
+  at batch 1 from an 8-token prompt without the cache (the book's loop, re-running the whole
+  sequence per token: timed over `decode_uncached` tokens only). A cached generation's time less
+  that of a 1-token generation from the same prompt (the prefill and the first pick) is the time
+  of its `decode - 1` decoding steps. Limits: a step reads every weight once and each row's cache
+  (tokens/s <= read bandwidth x batch / bytes per step) and does 2 FLOPs per weight and cached
+  value per row (tokens/s <= GEMM throughput / FLOPs per token); the lower one binds.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -42,38 +51,74 @@ from .twins import build_flax, build_torch, float32_matmuls, token_batch
 BACKENDS = ("flax-jit", "torch-eager", "torch-compile")
 GEMM_N = 2048
 READ_BYTES = 512 * 2**20
-DECODE_PROMPT = 8
+DECODE_PROMPT = 8  # the uncached loop's prompt
+DECODE_BATCHES = (1, 4, 16)
+DECODE_PROMPTS = (8, 512, 768)  # 768 + 256 new tokens: decoding at 1,024 positions
+# glibc's malloc asks for transparent huge pages: XLA allocates every output afresh, and a forward's
+# 206 MB of gpt2-small logits (4 x 256) otherwise costs ~50,000 page faults a call (measured: a
+# jitted x + 1 over them 65 -> 13 ms; the bf16 forward 0.50 -> 0.62 TFLOP/s; see the README).
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def hugepages() -> str:
+    """What the malloc of this process does with large blocks: the tunable and the kernel's mode."""
+    tunable = HUGEPAGE_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        mode = "unknown"
+    return f"{HUGEPAGE_TUNABLE if tunable else 'glibc defaults'}, transparent huge pages {mode}"
+
+
+def rerun_with_hugepages() -> None:
+    """Re-run this very command (sys.orig_argv) with HUGEPAGE_TUNABLE in GLIBC_TUNABLES, which
+    glibc reads only at start-up. Returns where that is already so, or where the C library is not
+    glibc (the tunable would mean nothing)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if HUGEPAGE_TUNABLE in tunables or platform.libc_ver()[0] != "glibc":
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, HUGEPAGE_TUNABLE) if t))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 # --- what the machine can do -------------------------------------------------------------------
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+def _times(fn: Callable[[], Any], repeats: int) -> list[float]:
     fn()  # compile / warm up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
-def gemm_flops(dtype: str, n: int = GEMM_N, repeats: int = 3) -> dict[str, float]:
-    """FLOP/s of an n x n x n matmul in XLA and in torch (median of `repeats`), inputs in `dtype`.
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    return statistics.median(_times(fn, repeats))
 
-    torch multiplies as nn.Linear does, by a transposed weight (a @ b.T): its bfloat16 kernels are
-    fast in that layout only (18 GFLOP/s vs 0.9 for a @ b on this AVX2 CPU)."""
+
+def gemm_flops(dtype: str, n: int = GEMM_N, repeats: int = 3) -> dict[str, list[float]]:
+    """FLOP/s of each of `repeats` n x n x n matmuls in XLA and in torch, inputs in `dtype`.
+
+    XLA as the Flax twin multiplies (gpt_flax.model.dot_general_f32: accumulated and returned in
+    float32, then rounded; its CPU backend runs bfloat16 fast only so). torch as nn.Linear does, by
+    a transposed weight (a @ b.T): its bfloat16 kernels are fast in that layout only (18 GFLOP/s
+    vs 0.9 for a @ b on an AVX2 CPU)."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     ja, jb = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
-    matmul = jax.jit(lambda x, y: x @ y)
+    matmul = jax.jit(lambda x, y: gpt_flax.model.matmul_f32(x, y))
     ta, tb = torch.from_numpy(a).to(getattr(torch, dtype)), torch.from_numpy(b).to(getattr(torch, dtype))
     flops = 2 * n**3
     with float32_matmuls():
         return {
-            "xla": flops / _median_time(lambda: matmul(ja, jb).block_until_ready(), repeats),
-            "torch": flops / _median_time(lambda: torch.nn.functional.linear(ta, tb), repeats),
+            "xla": [flops / t for t in _times(lambda: matmul(ja, jb).block_until_ready(), repeats)],
+            "torch": [flops / t for t in _times(lambda: torch.nn.functional.linear(ta, tb), repeats)],
         }
 
 
@@ -123,14 +168,27 @@ class DecodeTiming:
     twin: str  # torch or flax
     dtype: str
     cache: bool
-    new_tokens: int
+    batch: int
+    prompt: int
+    new_tokens: int  # per row
     first_call_s: float  # flax: compilation plus one run; torch: one run
-    time_s: float  # median over the timed runs
-    limit_tokens_per_s: float  # read bandwidth / bytes read per token
+    time_s: float  # of the decoding steps timed (cached: all but the prefill and first pick)
+    steps: int  # decoding steps in time_s
+    prefill_s: float | None  # cached: a 1-token generation (prefill and first pick)
+    limit_bandwidth: float  # tokens/s if a step only read the weights and caches once
+    limit_compute: float  # tokens/s if a step ran at GEMM throughput
 
     @property
     def tokens_per_s(self) -> float:
-        return self.new_tokens / self.time_s
+        return self.batch * self.steps / self.time_s
+
+    @property
+    def limit_tokens_per_s(self) -> float:
+        return min(self.limit_bandwidth, self.limit_compute)
+
+    @property
+    def binds(self) -> str:
+        return "bandwidth" if self.limit_bandwidth <= self.limit_compute else "compute"
 
     @property
     def fraction_of_limit(self) -> float:
@@ -152,10 +210,13 @@ class BenchReport:
     read_bw: dict[str, float] = dataclasses.field(default_factory=dict)  # bytes/s, see read_bandwidth
     decode: list[DecodeTiming] = dataclasses.field(default_factory=list)
     memory: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # per mesh, see _shard
+    cpu: str = ""  # model name and vector extensions (see cpu_description)
+    hugepages: str = ""  # see hugepages()
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def gemm_throughput(self, dtype: str) -> float:
-        """The machine's GEMM FLOP/s in `dtype`: the better library's median."""
-        return max(statistics.median(s) for s in self.gemm[dtype].values())
+        """The machine's GEMM FLOP/s in `dtype`: the best sample of either library."""
+        return max(max(s) for s in self.gemm[dtype].values())
 
     def fraction_of_gemm(self, t: Timing) -> float:
         return t.flops_per_s / self.gemm_throughput(t.dtype)
@@ -177,7 +238,8 @@ class BenchReport:
     def format_table(self) -> str:
         lines = [
             f"{self.model} {_describe(self.config)}, {self.device}, matmuls "
-            f"{self.precision.split(' ')[0]}, median of {self.repeats} after {self.warmup} warm-up"
+            f"{self.precision.split(' ')[0]}, median of {self.repeats} after {self.warmup} warm-up",
+            f"CPU: {self.cpu}; malloc: {self.hugepages}",
         ]
         gemm_rows: list[tuple[str, str, float, float | str, float | str]] = []  # a bandwidth has no min, max
         for dtype, samples in self.gemm.items():
@@ -196,7 +258,7 @@ class BenchReport:
                 gemm_rows.append(("float32", f"sum over {READ_BYTES >> 20} MiB, {lib} (GB/s)", value / 1e9, "", ""))
         lines += [
             "",
-            "this machine, measured in this run (GFLOP/s unless marked):",
+            "this machine, measured in this run (GFLOP/s unless marked; the reference is the best sample):",
             format_table(["dtype", "reference", "median", "min", "max"], gemm_rows),
         ]
         rows = []
@@ -243,17 +305,22 @@ class BenchReport:
         if self.decode:
             lines += [
                 "",
-                f"greedy decoding at batch 1 from a {DECODE_PROMPT}-token prompt; limit = read "
-                "bandwidth / bytes of weights and cache read per token:",
+                "greedy decoding; cached: the steps after the prefill and first pick; limit = the lower of read "
+                "bandwidth x batch / bytes read per step (weights once, each row's cache) and GEMM throughput / "
+                "FLOPs per token:",
                 format_table(
                     [
                         "twin",
                         "dtype",
                         "KV cache",
+                        "batch",
+                        "prompt",
                         "new tokens",
                         "first call s",
+                        "prefill s",
                         "tokens/s",
                         "limit tokens/s",
+                        "binds",
                         "of limit",
                     ],
                     [
@@ -261,10 +328,14 @@ class BenchReport:
                             d.twin,
                             d.dtype,
                             "yes" if d.cache else "no",
+                            d.batch,
+                            d.prompt,
                             d.new_tokens,
                             d.first_call_s,
+                            "-" if d.prefill_s is None else f"{d.prefill_s:.3f}",
                             d.tokens_per_s,
                             d.limit_tokens_per_s,
+                            d.binds,
                             f"{d.fraction_of_limit:.3f}",
                         )
                         for d in self.decode
@@ -303,6 +374,7 @@ class BenchReport:
                     "(simulated devices share this machine's cores: sharded timings measure the "
                     "program, not a speed-up)"
                 )
+        lines += self.notes
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -316,6 +388,7 @@ class BenchReport:
             "gemm_flops_per_s": {
                 dtype: {
                     "throughput": self.gemm_throughput(dtype),
+                    "reference": "the best sample of either library",
                     "n": self.gemm_n,
                     **{lib: {"median": statistics.median(v), "samples": v} for lib, v in s.items()},
                 }
@@ -349,43 +422,90 @@ class BenchReport:
                     "twin": d.twin,
                     "dtype": d.dtype,
                     "kv_cache": d.cache,
-                    "batch": 1,
-                    "prompt_tokens": DECODE_PROMPT,
+                    "batch": d.batch,
+                    "prompt_tokens": d.prompt,
                     "new_tokens": d.new_tokens,
                     "first_call_s": d.first_call_s,
+                    "prefill_s": d.prefill_s,
                     "time_s": d.time_s,
+                    "steps": d.steps,
                     "tokens_per_s": d.tokens_per_s,
+                    "limit_bandwidth_tokens_per_s": d.limit_bandwidth,
+                    "limit_compute_tokens_per_s": d.limit_compute,
                     "limit_tokens_per_s": d.limit_tokens_per_s,
+                    "binds": d.binds,
                     "fraction_of_limit": d.fraction_of_limit,
                 }
                 for d in self.decode
             ],
+            "cpu": self.cpu,
+            "malloc": self.hugepages,
+            "notes": self.notes,
             "versions": versions(),
         }
 
     def plot(self, path: str) -> None:
-        """Tokens/s against sequence length, one line per backend, dtype and batch size; and the
-        same forwards as a fraction of GEMM throughput."""
+        """The forward as a fraction of GEMM throughput (and tokens/s): bars per backend and dtype
+        for a single cell, lines against sequence length for a grid; with decoding, the cached
+        decoder's tokens/s and fraction of its limit against batch size, a line per twin, dtype
+        and prompt length."""
         plt = pyplot()
 
-        fig, (ax, frac) = plt.subplots(1, 2, figsize=(11, 4.2))
-        lines: dict[tuple[str, str, int], list[Timing]] = {}
-        for t in self.timings:
-            lines.setdefault((t.backend, t.dtype, t.batch), []).append(t)
-        for (backend, dtype, batch), ts in lines.items():
-            ts = sorted(ts, key=lambda t: t.seq)
-            label = f"{backend} {dtype} batch {batch}"
-            ax.plot([t.seq for t in ts], [t.tokens_per_s for t in ts], marker="o", label=label)
-            frac.plot([t.seq for t in ts], [self.fraction_of_gemm(t) for t in ts], marker="o", label=label)
-        for a in (ax, frac):
-            a.set_xscale("log", base=2)
-            a.set_xlabel("sequence length (tokens)")
-            a.grid(True, which="both", alpha=0.3)
+        panels = 2 + (2 if self.decode else 0)
+        fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.4))
+        ax, frac = axes[0], axes[1]
+        cells = {(t.batch, t.seq) for t in self.timings}
+        if len(cells) == 1:
+            ((batch, seq),) = cells
+            names = [f"{t.backend}\n{t.dtype}" for t in self.timings]
+            colors = [
+                f"C{BACKENDS.index(t.backend.split('@')[0]) if t.backend in BACKENDS else 3}" for t in self.timings
+            ]
+            ax.bar(names, [t.tokens_per_s for t in self.timings], color=colors)
+            frac.bar(names, [self.fraction_of_gemm(t) for t in self.timings], color=colors)
+            for a in (ax, frac):
+                a.tick_params(axis="x", labelsize=7)
+                a.set_title(f"forward, batch {batch} x {seq} tokens", fontsize=9)
+                a.grid(True, axis="y", alpha=0.3)
+        else:
+            lines: dict[tuple[str, str, int], list[Timing]] = {}
+            for t in self.timings:
+                lines.setdefault((t.backend, t.dtype, t.batch), []).append(t)
+            for (backend, dtype, batch), ts in lines.items():
+                ts = sorted(ts, key=lambda t: t.seq)
+                label = f"{backend} {dtype} batch {batch}"
+                ax.plot([t.seq for t in ts], [t.tokens_per_s for t in ts], marker="o", label=label)
+                frac.plot([t.seq for t in ts], [self.fraction_of_gemm(t) for t in ts], marker="o", label=label)
+            for a in (ax, frac):
+                a.set_xscale("log", base=2)
+                a.set_xlabel("sequence length (tokens)")
+                a.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
         ax.set_ylabel("tokens/s (forward)")
-        frac.set_ylabel("achieved FLOP/s / GEMM FLOP/s")
+        frac.set_ylabel("achieved FLOP/s / best GEMM FLOP/s")
         frac.axhline(1.0, color="grey", linestyle="--", linewidth=1)
-        ax.legend(fontsize=7)
-        fig.suptitle(f"{self.model} {_describe(self.config)}, {self.device}")
+        if self.decode:
+            tps, lim = axes[2], axes[3]
+            series: dict[tuple[str, str, int], list[DecodeTiming]] = {}
+            for d in self.decode:
+                if d.cache:
+                    series.setdefault((d.twin, d.dtype, d.prompt), []).append(d)
+            for (twin, dtype, prompt), ds in series.items():
+                ds = sorted(ds, key=lambda d: d.batch)
+                style = "-" if twin == "flax" else ":"
+                label = f"{twin} {dtype}, prompt {prompt}"
+                tps.plot([d.batch for d in ds], [d.tokens_per_s for d in ds], style, marker="o", label=label)
+                lim.plot([d.batch for d in ds], [d.fraction_of_limit for d in ds], style, marker="o", label=label)
+            for a in (tps, lim):
+                a.set_xscale("log", base=2)
+                a.set_xlabel("batch size (decoding with the KV cache)")
+                a.grid(True, which="both", alpha=0.3)
+            tps.set_yscale("log")
+            tps.set_ylabel("tokens/s (all rows)")
+            lim.set_ylabel("of the bandwidth or compute limit")
+            lim.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+            tps.legend(fontsize=6)
+        fig.suptitle(f"{self.model} {_describe(self.config)}, {self.cpu}", fontsize=9)
         fig.tight_layout()
         save_figure(fig, path)
 
@@ -476,14 +596,18 @@ def _forwards(twins: _Twins, backends: tuple[str, ...]):
     return out
 
 
-def _decode_limit(cfg: GPTConfig, model: str, dtype: str, new_tokens: int, read_bw: float) -> float:
-    """Tokens/s if each step only had to read the weights and the cache once at `read_bw`."""
+def _decode_limits(
+    cfg: GPTConfig, model: str, dtype: str, batch: int, prompt: int, new_tokens: int, read_bw: float, gemm: float
+) -> tuple[float, float]:
+    """(bandwidth, compute) limits in tokens/s of decoding steps from `prompt` positions on: a step
+    reads the weights once and each row's cache, and does 2 FLOPs per weight and cached value."""
     size = jnp.dtype(dtype).itemsize
-    mean_positions = DECODE_PROMPT + (new_tokens - 1) / 2
-    per_token = weight_bytes_per_token(cfg, size, MODEL_CLASSES[model]) + kv_cache_bytes_read(
-        cfg, int(mean_positions), size
-    )
-    return read_bw / per_token
+    mean_positions = prompt + (new_tokens - 1) / 2
+    weights = weight_bytes_per_token(cfg, size, MODEL_CLASSES[model])
+    cache = kv_cache_bytes_read(cfg, int(mean_positions), size)
+    bandwidth = read_bw * batch / (weights + batch * cache)
+    flops_per_token = 2 * (weights + cache) // size
+    return bandwidth, gemm / flops_per_token
 
 
 def _time_decode(
@@ -493,34 +617,54 @@ def _time_decode(
     dtype: str,
     decode: int,
     decode_uncached: int,
+    batches: list[int],
+    prompts: list[int],
     read_bw: float,
+    gemm: float,
     repeats: int,
     prog: Progress,
 ) -> list[DecodeTiming]:
-    prompt = token_batch(cfg, 1, DECODE_PROMPT, seed=7)
-    tprompt = torch.from_numpy(prompt)
-    runs = {
-        ("torch", True): lambda n: gpt_torch.generate_text_simple_cached(twins.torch, tprompt, n),
-        ("flax", True): lambda n: gpt_flax.generate_text_simple_cached(twins.flax, prompt, n).block_until_ready(),
-        ("torch", False): lambda n: gpt_torch.generate_text_simple(twins.torch, tprompt, n, cfg.context_length),
-        ("flax", False): lambda n: gpt_flax.generate_text_simple(
-            twins.flax, prompt, n, cfg.context_length
-        ).block_until_ready(),
-    }
+    def cached(twin: str, prompt: np.ndarray):
+        if twin == "torch":
+            tprompt = torch.from_numpy(prompt)
+            return lambda n: gpt_torch.generate_text_simple_cached(twins.torch, tprompt, n)
+        return lambda n: gpt_flax.generate_text_simple_cached(twins.flax, prompt, n).block_until_ready()
+
     out = []
-    for (twin, cache), run in runs.items():
-        n = decode if cache else min(decode, decode_uncached)
-        with prog.step(
-            f"decode {dtype} {twin} {'with' if cache else 'without'} KV cache: {n} tokens, first call + {repeats} timed"
-        ):
+    for batch in batches:
+        for n_prompt in prompts:
+            prompt = token_batch(cfg, batch, n_prompt, seed=7)
+            for twin in ("torch", "flax") if batch == 1 else ("flax",):
+                run = cached(twin, prompt)
+                with prog.step(
+                    f"decode {dtype} {twin} with KV cache, batch {batch}, prompt {n_prompt}: {decode} tokens "
+                    f"(first call, {repeats} timed) and 1 token (the prefill)"
+                ):
+                    with torch.inference_mode():
+                        first = _time(lambda: run(decode), lambda x: x)
+                        run(1)  # compiles the 1-token generation's own shapes
+                        prefill = statistics.median([_time(lambda: run(1), lambda x: x) for _ in range(repeats)])
+                        whole = statistics.median([_time(lambda: run(decode), lambda x: x) for _ in range(repeats)])
+                limits = _decode_limits(cfg, model, dtype, batch, n_prompt, decode, read_bw, gemm)
+                steps = decode - 1
+                out.append(
+                    DecodeTiming(
+                        twin, dtype, True, batch, n_prompt, decode, first, whole - prefill, steps, prefill, *limits
+                    )
+                )
+    prompt = token_batch(cfg, 1, DECODE_PROMPT, seed=7)
+    n = min(decode, decode_uncached)
+    uncached = {
+        "torch": lambda: gpt_torch.generate_text_simple(twins.torch, torch.from_numpy(prompt), n, cfg.context_length),
+        "flax": lambda: gpt_flax.generate_text_simple(twins.flax, prompt, n, cfg.context_length).block_until_ready(),
+    }
+    for twin, run_uncached in uncached.items():
+        with prog.step(f"decode {dtype} {twin} without KV cache: {n} tokens, first call + {repeats} timed"):
             with torch.inference_mode():
-                first = _time(lambda: run(n), lambda x: x)
-                times = [_time(lambda: run(n), lambda x: x) for _ in range(repeats)]
-        out.append(
-            DecodeTiming(
-                twin, dtype, cache, n, first, statistics.median(times), _decode_limit(cfg, model, dtype, n, read_bw)
-            )
-        )
+                first = _time(run_uncached, lambda x: x)
+                time_s = statistics.median([_time(run_uncached, lambda x: x) for _ in range(repeats)])
+        limits = _decode_limits(cfg, model, dtype, 1, DECODE_PROMPT, n, read_bw, gemm)
+        out.append(DecodeTiming(twin, dtype, False, 1, DECODE_PROMPT, n, first, time_s, n, None, *limits))
     return out
 
 
@@ -552,6 +696,8 @@ def run_bench(
     meshes: list[str] | None = None,
     decode: int = 0,
     decode_uncached: int = 32,
+    decode_batches: list[int] | tuple[int, ...] = DECODE_BATCHES,
+    decode_prompts: list[int] | tuple[int, ...] = DECODE_PROMPTS,
     decode_repeats: int = 1,
     gemm_n: int = GEMM_N,
     progress: bool = True,
@@ -575,6 +721,8 @@ def run_bench(
     meshes = list(meshes or [])
     if meshes and ("flax-jit" not in backends or model != GPT):
         raise ValueError("meshes need the flax-jit backend and the gpt model")
+    notes: list[str] = []
+    decode_batches, decode_prompts = list(dict.fromkeys(decode_batches)), list(dict.fromkeys(decode_prompts))
     if decode:
         if model != GPT:
             raise ValueError("decoding needs the gpt model (the dummy model has no KV cache)")
@@ -583,12 +731,22 @@ def run_bench(
                 f"decoding {decode} tokens after a {DECODE_PROMPT}-token prompt exceeds "
                 f"context_length {cfg.context_length}"
             )
+        if not decode_batches or not decode_prompts or min(decode_batches + decode_prompts) < 1:
+            raise ValueError("the decoding grid needs positive batch sizes and prompt lengths")
+        fits = [p for p in decode_prompts if p + decode - 1 <= cfg.context_length]
+        if len(fits) < len(decode_prompts):
+            left_out = ", ".join(str(p) for p in decode_prompts if p not in fits)
+            notes.append(
+                f"decoding grid: prompt(s) {left_out} left out: with {decode} new tokens they pass "
+                f"context_length {cfg.context_length}"
+            )
+        decode_prompts = fits or [DECODE_PROMPT]
     cells = [(d, b, s) for d in dtypes for b in batches for s in seqs]
     n_steps = (
         3
         + len(cells) * len(backends)
         + len(meshes) * len(batches) * len(seqs) * ("float32" in dtypes)
-        + (1 + 4 * len(dtypes) if decode else 0)
+        + (1 + len(dtypes) * (2 + len(decode_prompts) * (len(decode_batches) + (1 in decode_batches))) if decode else 0)
     )
     prog = Progress(n_steps, enabled=progress)
     with prog.step(f"building {model} twins on {_describe(cfg)} in {', '.join(dtypes)}"):
@@ -603,8 +761,8 @@ def run_bench(
     def sample_gemm(when: str):
         with prog.step(f"GEMM throughput, {gemm_n}^3 matmul in XLA and torch, {', '.join(dtypes)} ({when})"):
             for d in dtypes:
-                for lib, value in gemm_flops(d, gemm_n).items():
-                    gemm[d][lib].append(value)
+                for lib, values in gemm_flops(d, gemm_n).items():
+                    gemm[d][lib] += values
 
     timings = []
     with float32_matmuls() as precision:
@@ -635,7 +793,10 @@ def run_bench(
                     dtype,
                     decode,
                     decode_uncached,
+                    decode_batches,
+                    decode_prompts,
                     max(read_bw.values()),
+                    max(max(v) for v in gemm[dtype].values()),
                     decode_repeats,
                     prog,
                 )
@@ -655,7 +816,24 @@ def run_bench(
         read_bw,
         decoded,
         memory,
+        cpu_description(),
+        hugepages(),
+        notes,
     )
+
+
+def cpu_description() -> str:
+    """The CPU's model name and its AVX-512 / AMX extensions (or AVX2), as /proc/cpuinfo tells."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wide = sorted(f for f in set(flags) if f.startswith(("avx512", "amx")))
+    ext = ", ".join(wide) if wide else ("avx2, no AVX-512" if "avx2" in flags else "no AVX2")
+    return f"{name or platform.machine()}, {os.cpu_count()} cores, {ext}"
 
 
 def _time_id_check(ids: np.ndarray, cfg: GPTConfig, calls: int = 200) -> float:

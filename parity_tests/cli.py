@@ -273,6 +273,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens timed without the cache, at most --decode (default: 32)",
     )
     b.add_argument(
+        "--decode-batch",
+        type=_positive_list,
+        default=list(bench.DECODE_BATCHES),
+        metavar="B[,B...]",
+        help="batch sizes of the cached-decoding grid (default: %(default)s)",
+    )
+    b.add_argument(
+        "--decode-prompt",
+        type=_positive_list,
+        default=list(bench.DECODE_PROMPTS),
+        metavar="P[,P...]",
+        help="prompt lengths of the cached-decoding grid, each at most context_length - N + 1; "
+        "longer ones are left out with a note (default: %(default)s)",
+    )
+    b.add_argument(
+        "--no-hugepages",
+        action="store_true",
+        help="leave glibc's malloc as it is (by default bench re-runs itself with "
+        f"GLIBC_TUNABLES={bench.HUGEPAGE_TUNABLE}: see the README)",
+    )
+    b.add_argument(
         "--gemm-size",
         type=_positive,
         default=bench.GEMM_N,
@@ -633,6 +654,8 @@ def _bench(args: argparse.Namespace, setup: _Setup) -> int:
         meshes=setup.meshes,
         decode=args.decode,
         decode_uncached=args.decode_uncached,
+        decode_batches=args.decode_batch,
+        decode_prompts=args.decode_prompt,
         gemm_n=args.gemm_size,
         progress=not args.quiet,
     )
@@ -817,6 +840,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     one line, nothing half-written, no verdict)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None and args.command == "bench" and not args.no_hugepages:
+        bench.rerun_with_hugepages()  # returns only where it cannot (or already did)
     with exit_on_interrupt(parser.prog, _outputs(args, parser)):
         return _run(args, parser)
 

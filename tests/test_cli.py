@@ -211,7 +211,7 @@ def test_console_script_prints_no_traceback():
 
 
 def test_bench_writes_json_with_every_backend(tiny_json, tmp_path, capsys):
-    out = tmp_path / "bench.json"
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     argv = [
         "bench",
         "--config",
@@ -226,8 +226,11 @@ def test_bench_writes_json_with_every_backend(tiny_json, tmp_path, capsys):
         "256",
         "--json",
         str(out),
+        "--plot",
+        str(png),  # one cell: bars per backend
     ]
     assert main(argv) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
     captured = capsys.readouterr()
     assert "[5/6] float32 2x11 torch-compile" in captured.err  # progress on stderr, table on stdout
     for backend in ("flax-jit", "torch-eager", "torch-compile"):
@@ -236,8 +239,10 @@ def test_bench_writes_json_with_every_backend(tiny_json, tmp_path, capsys):
     results = {r["backend"]: r for r in data["results"]}
     assert set(results) == {"flax-jit", "torch-eager", "torch-compile"}
     gemm = data["gemm_flops_per_s"]["float32"]
-    assert gemm["n"] == 256 and len(gemm["xla"]["samples"]) == len(gemm["torch"]["samples"]) == 2
-    assert gemm["throughput"] == max(gemm["xla"]["median"], gemm["torch"]["median"]) > 0
+    # sampled before and after the forwards, 3 calls each; the reference is the best sample
+    assert gemm["n"] == 256 and len(gemm["xla"]["samples"]) == len(gemm["torch"]["samples"]) == 6
+    assert gemm["throughput"] == max(gemm["xla"]["samples"] + gemm["torch"]["samples"]) > 0
+    assert gemm["throughput"] >= max(gemm["xla"]["median"], gemm["torch"]["median"])
     for r in results.values():
         assert len(r["times_s"]) == 3 and r["min_s"] <= r["median_s"] <= r["max_s"]
         assert r["tokens_per_s"] == pytest.approx(2 * 11 / r["median_s"])
@@ -274,6 +279,10 @@ def test_bench_grid_dtypes_decoding_and_plot(tiny_json, tmp_path, capsys):
         "4",
         "--decode-uncached",
         "2",
+        "--decode-batch",
+        "1,2",
+        "--decode-prompt",
+        "3,30",
         "--quiet",
         "--plot",
         str(png),
@@ -288,16 +297,59 @@ def test_bench_grid_dtypes_decoding_and_plot(tiny_json, tmp_path, capsys):
         (d, b, s, k) for d in ("float32", "bfloat16") for b in (1, 3) for s in (9,) for k in ("flax-jit", "torch-eager")
     }
     assert set(data["gemm_flops_per_s"]) == {"float32", "bfloat16"}
-    decode = {(d["twin"], d["dtype"], d["kv_cache"]): d for d in data["decode"]}
-    assert len(decode) == 8
+    decode = {(d["twin"], d["dtype"], d["kv_cache"], d["batch"], d["prompt_tokens"]): d for d in data["decode"]}
+    # the cached grid: flax in every cell, torch at batch 1; prompt 30 + 4 new tokens would pass
+    # context_length 32 and is left out, with a note; the uncached loop at batch 1 from 8 tokens
+    assert set(decode) == {
+        (t, d, True, b, 3) for d in ("float32", "bfloat16") for t, b in (("torch", 1), ("flax", 1), ("flax", 2))
+    } | {(t, d, False, 1, 8) for t in ("torch", "flax") for d in ("float32", "bfloat16")}
+    assert any("prompt(s) 30 left out" in note for note in data["notes"])
     assert {d["new_tokens"] for d in data["decode"] if d["kv_cache"]} == {4}
     assert {d["new_tokens"] for d in data["decode"] if not d["kv_cache"]} == {2}
     bandwidth = data["read_bytes_per_s"]["throughput"]
     for d in data["decode"]:
-        assert d["tokens_per_s"] == pytest.approx(d["new_tokens"] / d["time_s"])
+        assert d["steps"] == (3 if d["kv_cache"] else 2)
+        assert d["tokens_per_s"] == pytest.approx(d["batch"] * d["steps"] / d["time_s"])
+        assert d["limit_tokens_per_s"] == min(d["limit_bandwidth_tokens_per_s"], d["limit_compute_tokens_per_s"])
         assert d["fraction_of_limit"] == pytest.approx(d["tokens_per_s"] / d["limit_tokens_per_s"])
-    # bfloat16 reads half the bytes per token: twice the limit
-    f32, bf16 = decode[("flax", "float32", True)], decode[("flax", "bfloat16", True)]
-    assert bf16["limit_tokens_per_s"] == pytest.approx(2 * f32["limit_tokens_per_s"])
-    assert f32["limit_tokens_per_s"] < bandwidth / weight_bytes_per_token(GPTConfig.from_dict(data["config"]))
-    assert "greedy decoding at batch 1" in capsys.readouterr().out
+        assert (d["prefill_s"] is not None) == d["kv_cache"]
+    # bfloat16 reads half the bytes per token: twice the bandwidth limit
+    f32, bf16 = decode[("flax", "float32", True, 1, 3)], decode[("flax", "bfloat16", True, 1, 3)]
+    assert bf16["limit_bandwidth_tokens_per_s"] == pytest.approx(2 * f32["limit_bandwidth_tokens_per_s"])
+    assert f32["limit_bandwidth_tokens_per_s"] < bandwidth / weight_bytes_per_token(
+        GPTConfig.from_dict(data["config"])
+    )
+    # a batch of 2 reads the weights once for both rows: more than the batch-1 bandwidth limit
+    assert (
+        decode[("flax", "float32", True, 2, 3)]["limit_bandwidth_tokens_per_s"]
+        > f32["limit_bandwidth_tokens_per_s"] * 1.5
+    )
+    gemm = data["gemm_flops_per_s"]["float32"]
+    assert gemm["throughput"] == max(max(gemm["xla"]["samples"]), max(gemm["torch"]["samples"]))
+    assert "limit = the lower of read bandwidth" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-hugepages"]], ids=["hugepages", "no-hugepages"])
+def test_bench_reruns_itself_with_huge_pages(tiny_json, tmp_path, flag):
+    """The bench command re-runs itself with glibc's malloc asking for transparent huge pages
+    (glibc reads GLIBC_TUNABLES only at start-up) and says so in its header and JSON; --no-hugepages
+    leaves malloc alone."""
+    import os
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the tunable is glibc's")
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--config", tiny_json, "--batch", "1", "--seq", "4", "--repeats", "1", "--warmup", "0"]
+    argv += ["--no-compile", "--gemm-size", "64", "--quiet", "--json", str(out), *flag]
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env["GLIBC_TUNABLES"] = "glibc.malloc.check=0"
+    proc = subprocess.run(
+        [sys.executable, "-m", "parity_tests.cli", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    malloc = json.loads(out.read_text())["malloc"]
+    if flag:
+        assert malloc.startswith("glibc defaults") and "malloc: glibc defaults" in proc.stdout
+    else:
+        assert malloc.startswith("glibc.malloc.hugetlb=1") and "malloc: glibc.malloc.hugetlb=1" in proc.stdout
