@@ -316,9 +316,7 @@ def test_bench_grid_dtypes_decoding_and_plot(tiny_json, tmp_path, capsys):
     # bfloat16 reads half the bytes per token: twice the bandwidth limit
     f32, bf16 = decode[("flax", "float32", True, 1, 3)], decode[("flax", "bfloat16", True, 1, 3)]
     assert bf16["limit_bandwidth_tokens_per_s"] == pytest.approx(2 * f32["limit_bandwidth_tokens_per_s"])
-    assert f32["limit_bandwidth_tokens_per_s"] < bandwidth / weight_bytes_per_token(
-        GPTConfig.from_dict(data["config"])
-    )
+    assert f32["limit_bandwidth_tokens_per_s"] < bandwidth / weight_bytes_per_token(GPTConfig.from_dict(data["config"]))
     # a batch of 2 reads the weights once for both rows: more than the batch-1 bandwidth limit
     assert (
         decode[("flax", "float32", True, 2, 3)]["limit_bandwidth_tokens_per_s"]
