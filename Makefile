@@ -30,7 +30,7 @@ run: $(STAMP)
 	mkdir -p out
 	$(BIN)/gpt-parity check --layers --train-steps 10 --plot out/layers.png --json out/check.json
 	$(BIN)/gpt-parity mutants --config examples/tiny-odd.json --plot out/mutants.png --json out/mutants.json
-	$(BIN)/gpt-parity bench --dtype float32,bfloat16 --decode 256 --plot out/bench.png --json out/bench.json
+	$(BIN)/gpt-parity bench --dtype float32,bfloat16 --seq 256,1024 --decode 256 --plot out/bench.png --json out/bench.json
 	$(BIN)/gpt-parity train --config examples/chapter5-tiny.json --epochs 3 --lr 0.004 --out out/train
 
 # The book's chapter-5 run in both twins (GPT_CONFIG_124M at context 256, 10 epochs): about 15
