@@ -451,8 +451,9 @@ class BenchReport:
         and prompt length."""
         plt = pyplot()
 
-        panels = 2 + (2 if self.decode else 0)
-        fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.4))
+        rows = 2 if self.decode else 1  # the forward above, decoding below
+        fig, grid = plt.subplots(rows, 2, figsize=(12, 4.6 * rows), squeeze=False)
+        axes = grid.flatten()
         ax, frac = axes[0], axes[1]
         cells = {(t.batch, t.seq) for t in self.timings}
         if len(cells) == 1:
