@@ -51,6 +51,12 @@ def check_ids(in_idx: Any, cfg: GPTConfig | ModelLimits, *, check_length: bool =
     return ids if ids.dtype == jnp.int32 else ids.astype(jnp.int32)
 
 
+# Causal attention over at least MIN_BLOCKED_TOKENS tokens, in inference, runs as ATTENTION_BLOCKS
+# pieces of queries, each skipping the keys the mask hides from all of it (see _attend_in_blocks).
+ATTENTION_BLOCKS = 4
+MIN_BLOCKED_TOKENS = 512
+
+
 def _uniform(bound: float) -> nnx.Initializer:
     def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
         return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
@@ -266,13 +272,41 @@ class MultiHeadAttention(nnx.Module):
         # so `scores - max(scores)` came out far from 0 at scores ~1e16: every exp underflowed,
         # the row summed to 0, and the jitted forward returned NaN where torch and eager JAX did not.
         queries = queries * (1.0 / keys.shape[-1] ** 0.5)
-        attn_scores = matmul_f32(queries, keys.transpose(0, 1, 3, 2))  # (b, num_heads, num_tokens, num_keys)
+        if not use_cache and num_tokens >= MIN_BLOCKED_TOKENS and self.dropout.deterministic is True:
+            context = self._attend_in_blocks(queries, keys, values)
+        else:
+            context = self._attend(queries, keys, values, mask_bool)
+        context_vec = context.transpose(0, 2, 1, 3)  # (b, num_tokens, num_heads, head_dim)
+        context_vec = context_vec.reshape(b, num_tokens, self.d_out)
+        return self.out_proj(context_vec)
+
+    def _attend(self, queries: jax.Array, keys: jax.Array, values: jax.Array, mask_bool: jax.Array) -> jax.Array:
+        """softmax(queries @ keys^T, masked) @ values, with dropout on the weights: (b, num_heads,
+        num_queries, head_dim). The queries come scaled."""
+        attn_scores = matmul_f32(queries, keys.transpose(0, 1, 3, 2))  # (b, num_heads, num_queries, num_keys)
         attn_scores = jnp.where(mask_bool, -jnp.inf, attn_scores)
         attn_weights = jax.nn.softmax(attn_scores.astype(jnp.float32), axis=-1).astype(values.dtype)
         attn_weights = self.dropout(attn_weights)
-        context_vec = matmul_f32(attn_weights, values).transpose(0, 2, 1, 3)  # (b, num_tokens, num_heads, head_dim)
-        context_vec = context_vec.reshape(b, num_tokens, self.d_out)
-        return self.out_proj(context_vec)
+        return matmul_f32(attn_weights, values)
+
+    def _attend_in_blocks(self, queries: jax.Array, keys: jax.Array, values: jax.Array) -> jax.Array:
+        """Causal attention without its fully masked blocks: the queries in ATTENTION_BLOCKS pieces,
+        each against the keys up to its own last position (keys past it would get weight exactly 0).
+
+        Only where dropout is off (a dropout mask's draws depend on the weights' shape). Measured,
+        gpt2-small (12 heads x 64), batch 4: the attention core alone 107 -> 65 ms at 1,024 tokens
+        (float32; bfloat16 95 -> 65), 14 -> 6 ms at 256; the whole forward at 1,024 tokens
+        bfloat16 407 -> 527 GFLOP/s, float32 273 -> 279; at 256 tokens the whole forward gained
+        nothing (hence MIN_BLOCKED_TOKENS). The FLOP count of gpt_spec.flops still counts the
+        whole product."""
+        num_tokens = queries.shape[2]
+        size = -(-num_tokens // ATTENTION_BLOCKS)
+        pieces = []
+        for lo in range(0, num_tokens, size):
+            hi = min(lo + size, num_tokens)
+            mask_bool = jnp.arange(hi)[None, :] > (lo + jnp.arange(hi - lo))[:, None]
+            pieces.append(self._attend(queries[:, :, lo:hi], keys[:, :, :hi], values[:, :, :hi], mask_bool))
+        return jnp.concatenate(pieces, axis=2)
 
 
 class TransformerBlock(nnx.Module):

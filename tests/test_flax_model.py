@@ -81,3 +81,37 @@ def test_round_to_bfloat16_is_the_conversion_pair():
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     finite = ~np.isnan(want)
     np.testing.assert_array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_causal_attention_in_blocks_equals_the_whole_product(dtype, monkeypatch):
+    """In inference, attention over >= MIN_BLOCKED_TOKENS tokens runs in query blocks that skip the
+    keys the mask hides; the logits equal those of the whole masked product (257 tokens, the
+    threshold lowered to 128: blocks of 65, the last shorter)."""
+    from gpt_flax import model as flax_model
+
+    monkeypatch.setattr(flax_model, "MIN_BLOCKED_TOKENS", 128)
+    cfg = TINY.replace(context_length=300, emb_dim=32, n_heads=4)
+    model = gpt_flax.GPTModel(cfg, rngs=nnx.Rngs(3))
+    gpt_flax.cast(model, dtype)
+    model.eval()
+    ids = _ids(cfg, seq=257)
+    blocked = np.asarray(model(ids))
+    monkeypatch.setattr(flax_model, "MIN_BLOCKED_TOKENS", 10**9)
+    whole = np.asarray(model(ids))
+    tol = 2e-6 if dtype == "float32" else 2.0**-8  # measured: 4.8e-7 of max|logit| ~1 (float32), 0 (bf16)
+    np.testing.assert_allclose(blocked, whole, rtol=0, atol=tol * np.abs(whole).max())
+    if dtype != "float32":
+        return
+    # the blocks are taken: with each block's keys cut one short, the logits move
+    monkeypatch.setattr(flax_model, "MIN_BLOCKED_TOKENS", 128)
+    att = flax_model.MultiHeadAttention
+    original = att._attend
+
+    def short(self, queries, keys, values, mask_bool):
+        if keys.shape[2] > queries.shape[2]:  # a block after the first
+            keys, values, mask_bool = keys[:, :, 1:], values[:, :, 1:], mask_bool[:, 1:]
+        return original(self, queries, keys, values, mask_bool)
+
+    monkeypatch.setattr(att, "_attend", short)
+    assert np.abs(np.asarray(model(ids)) - whole).max() > 100 * tol * np.abs(whole).max()
