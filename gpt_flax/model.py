@@ -94,15 +94,9 @@ def round_to_bfloat16(x: jax.Array) -> jax.Array:
 def dot_general_logits(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
     """The vocabulary head's product: float32 logits, rounded to bfloat16 when the inputs are
     (what torch's bfloat16 head gives, cast to float32), without a bfloat16 array in between."""
-    out = jax.lax.dot_general(
-        lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32, **kwargs
-    )
     dtype = preferred_element_type or jnp.result_type(lhs, rhs)
-    if dtype == jnp.float32:
-        return out
-    if dtype != jnp.bfloat16:
-        return out.astype(dtype)
-    return round_to_bfloat16(out)
+    out = dot_general_f32(lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32, **kwargs)
+    return round_to_bfloat16(out) if dtype == jnp.bfloat16 else out.astype(dtype)
 
 
 def matmul_f32(a: jax.Array, b: jax.Array) -> jax.Array:
