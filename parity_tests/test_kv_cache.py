@@ -1,6 +1,9 @@
 """The KV cache (the book's chapter-4 variant) in both twins: same tokens with and without it, same
 tokens in both twins, the same logits position by position, the same refusals."""
 
+import re
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -160,6 +163,48 @@ def test_the_cached_decoder_compiles_once_per_shape():
     for shift in range(1, 4):
         gpt_flax.generate_text_simple_cached(fm, prompt + shift, 6)
     assert _generate_cached._cache_size() == compiled
+
+
+def _while_bodies(hlo: str) -> list[str]:
+    """The text of every while loop's body computation in an XLA HLO module's text."""
+    names = re.findall(r"\bwhile\(.*?body=%?([\w.\-]+)", hlo)
+    bodies = []
+    for name in names:
+        start = re.search(rf"^%?{re.escape(name)} \(", hlo, re.MULTILINE)
+        assert start, name
+        bodies.append(hlo[start.start() : hlo.index("\n}", start.start())])
+    return bodies
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_decoding_loop_updates_the_cache_in_place(batch):
+    """The compiled decoding loop writes each new key and value into the cache without copying
+    the cache: no copy, and no more cache-shaped updates than one per cache (keys and values of
+    each block). With the book's (batch, num_heads, slots, head_dim) layout, XLA's CPU backend
+    reshaped the updated cache for the attention's dots and copied it about five times a step
+    (gpt2-small, batch 1, 263 slots: 18.3 ms a token against 15.4 with 71 slots)."""
+    from flax import nnx
+
+    from gpt_flax.generate import _prefill
+
+    _, fm = build_pair("gpt", TINY, source="torch")
+    prompt = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (batch, 3)), jnp.int32)
+    fm.reset_kv_cache(batch_size=batch, max_len=9)
+    graphdef, params, cache, rest = nnx.split(fm, nnx.Param, nnx.Cache, ...)
+    logits, cache, rest = _prefill(graphdef, params, cache, rest, prompt)
+    tokens = jnp.zeros((batch, 7), jnp.int32)
+    hlo = _generate_cached.lower(graphdef, params, cache, rest, logits, tokens, 0, 6).compile().as_text()
+    (body,) = _while_bodies(hlo)
+    size = int(np.prod(fm.trf_blocks[0].att.cache_k.shape))
+    written = []  # instructions of the loop body that produce a cache-sized array (views aside)
+    for line in body.splitlines():
+        result = re.match(r"\s*(?:ROOT )?%\S+ = f32\[([\d,]*)\]\S* (\S+?)\(", line)
+        if result and result.group(2) not in ("bitcast", "get-tuple-element", "parameter"):
+            if int(np.prod([int(d) for d in result.group(1).split(",") if d])) == size:
+                written.append(line.strip()[:120])
+    # One update of each block's keys and values, in place: no copy, no transposed or second update.
+    assert len(written) == 2 * TINY.n_layers, written
+    assert all("dynamic-update-slice" in line for line in written), written
 
 
 def test_the_flax_cache_is_nnx_cache_state_never_a_parameter():

@@ -642,7 +642,8 @@ def test_a_cached_call_past_max_len_is_refused_alike(kind, batch_size):
     np.testing.assert_allclose(t, full, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(f, full, rtol=1e-5, atol=1e-5)
     if kind == "gpt":  # both caches hold max_len positions, not context_length
-        assert tuple(tm.trf_blocks[0].att.cache_k.shape) == fm.trf_blocks[0].att.cache_k.shape == (2, 3, 5, 8)
+        assert tuple(tm.trf_blocks[0].att.cache_k.shape) == (2, 3, 5, 8)  # (batch, num_heads, slots, head_dim)
+        assert fm.trf_blocks[0].att.cache_k.shape == (2 * 3, 5, 8)  # the heads folded into the batch axis
 
 
 def test_the_batch_size_given_to_reset_kv_cache_is_held_to_alike():
