@@ -260,12 +260,15 @@ def _prefill(graphdef, params, cache, rest, prompt):
     return _run_cached(graphdef, params, cache, rest, prompt)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("tokens",))
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "tokens"))
 def _generate_cached(graphdef, params, cache, rest, logits, tokens, lo, hi):
     """Decode steps lo..hi-1: step i picks token i from the logits carried in and feeds it through
     the cache. Then token hi is picked from the last logits: the next chunk's first pick, or, at
     hi = max_new_tokens - 1, the last token (which needs no logits). Params stay constants of the
-    program; the cache (and dropout keys) are carried from step to step."""
+    program; the cache (and dropout keys) are carried from step to step. The cache is donated: a
+    chunk updates it where it lies instead of copying it first (it is the prefill's output or the
+    chunk before's, which nothing else holds). gpt2-small float32, batch 16 from a 768-token prompt
+    (1.2 GB of cache): 83 -> 75 ms a step."""
 
     def pick(logits):
         probas = jax.nn.softmax(logits, axis=-1)
