@@ -30,6 +30,7 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -497,12 +498,18 @@ class BenchReport:
             for d in self.decode:
                 if d.cache:
                     series.setdefault((d.twin, d.dtype, d.prompt), []).append(d)
+            # colour: the prompt length; line: the dtype; marker: the twin
+            prompts = sorted({prompt for _, _, prompt in series})
             for (twin, dtype, prompt), ds in series.items():
                 ds = sorted(ds, key=lambda d: d.batch)
-                style = "-" if twin == "flax" else ":"
-                label = f"{twin} {dtype}, prompt {prompt}"
-                tps.plot([d.batch for d in ds], [d.tokens_per_s for d in ds], style, marker="o", label=label)
-                lim.plot([d.batch for d in ds], [d.fraction_of_limit for d in ds], style, marker="o", label=label)
+                style = {
+                    "color": f"C{prompts.index(prompt) % 10}",
+                    "linestyle": "-" if dtype == "float32" else "--",
+                    "marker": "o" if twin == "flax" else "x",
+                    "label": f"{twin} {dtype}, prompt {prompt}",
+                }
+                tps.plot([d.batch for d in ds], [d.tokens_per_s for d in ds], **style)
+                lim.plot([d.batch for d in ds], [d.fraction_of_limit for d in ds], **style)
             for a in (tps, lim):
                 a.set_xscale("log", base=2)
                 a.set_xlabel("batch size (decoding with the KV cache)")
@@ -512,7 +519,7 @@ class BenchReport:
             lim.set_ylabel("of the bandwidth or compute limit")
             lim.axhline(1.0, color="grey", linestyle="--", linewidth=1)
             tps.legend(fontsize=6)
-        fig.suptitle(f"{self.model} {_describe(self.config)}, {self.cpu}", fontsize=9)
+        fig.suptitle(textwrap.fill(f"{self.model} {_describe(self.config)}, {self.cpu}", 150), fontsize=9)
         fig.tight_layout()
         save_figure(fig, path)
 
