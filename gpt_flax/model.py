@@ -148,10 +148,16 @@ class LayerNorm(nnx.Module):
 
 
 class GELU(nnx.Module):
-    """The book's GELU: the tanh approximation, written out (jax.nn.gelu's default is the same form)."""
+    """The book's GELU: the tanh approximation, written out (jax.nn.gelu's default is the same form),
+    evaluated in float32 whatever the input dtype and rounded once, as torch's twin.
+
+    In bfloat16, op by op, XLA's CPU backend converts around every one of the formula's operations:
+    a (1024, 3072) GELU took 3.8-7.5 ms against 1.4 evaluated in float32 (1.0 for float32 input)."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return 0.5 * x * (1 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * jnp.power(x, 3))))
+        x32 = x.astype(jnp.float32)
+        y = 0.5 * x32 * (1 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x32 + 0.044715 * jnp.power(x32, 3))))
+        return y.astype(x.dtype)
 
 
 class FeedForward(nnx.Module):

@@ -95,10 +95,13 @@ class LayerNorm(nn.Module):
 
 
 class GELU(nn.Module):
-    """The book's GELU: the tanh approximation (torch.nn.GELU() defaults to the exact erf form)."""
+    """The book's GELU: the tanh approximation (torch.nn.GELU() defaults to the exact erf form),
+    evaluated in float32 whatever the input dtype and rounded once, as the Flax twin."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+        x32 = x.float()  # float32 input: x itself
+        y = 0.5 * x32 * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x32 + 0.044715 * torch.pow(x32, 3))))
+        return y.to(x.dtype)
 
 
 class FeedForward(nn.Module):
