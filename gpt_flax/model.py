@@ -300,10 +300,7 @@ class MultiHeadAttention(nnx.Module):
         if queries.shape[-2] == 1:
             # One query (a decoding step): keys @ query^T has the keys as the dot's left operand,
             # in the layout XLA's CPU dot wants; queries @ keys^T would transpose every key first.
-            lead = tuple(range(queries.ndim - 2))
-            last = queries.ndim - 1
-            attn_scores = dot_general_f32(keys, queries, (((last,), (last,)), (lead, lead)))
-            attn_scores = jnp.swapaxes(attn_scores, -1, -2)  # (..., 1, num_keys)
+            attn_scores = jnp.swapaxes(matmul_f32(keys, jnp.swapaxes(queries, -1, -2)), -1, -2)  # (..., 1, num_keys)
         else:
             attn_scores = matmul_f32(queries, jnp.swapaxes(keys, -1, -2))  # (..., num_queries, num_keys)
         attn_scores = jnp.where(mask_bool, -jnp.inf, attn_scores)
