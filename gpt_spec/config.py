@@ -39,9 +39,26 @@ def _json_depth(value: Any) -> int:
     return deepest
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a key given twice (json.loads would keep the last silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def parse_json(data: str | bytes, what: str) -> Any:
     """`data` (text, or bytes that must be UTF-8) parsed as JSON, or a ValueError that starts with
-    `what` (the file, or the field of one) and keeps the parser's reason."""
+    `what` (the file, or the field of one) and keeps the parser's reason; an object that gives a
+    key twice is refused, at any depth."""
     if isinstance(data, bytes):
         try:
             data = data.decode("utf-8")
@@ -49,7 +66,9 @@ def parse_json(data: str | bytes, what: str) -> Any:
             raise ValueError(f"{what} is not UTF-8 text: {e}") from e
     too_deep = f"{what} is nested too deeply (more than {JSON_MAX_DEPTH} levels of arrays and objects)"
     try:
-        value = json.loads(data)
+        value = json.loads(data, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise ValueError(f"{what} has the key {e.key!r} more than once") from None
     except RecursionError as e:
         raise ValueError(too_deep) from e
     except ValueError as e:  # JSONDecodeError, or an integer past Python's int_max_str_digits

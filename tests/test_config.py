@@ -3,6 +3,7 @@ import json
 import pytest
 
 from gpt_spec import PRESETS, GPTConfig, resolve_config
+from gpt_spec.config import read_json
 from parity_tests.configs import GPT_CONFIG_124M
 
 
@@ -98,6 +99,28 @@ def test_json_files_and_resolve(tmp_path, tiny_cfg):
         resolve_config(str(bad))
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         resolve_config("nope")
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('{"emb_dim": 24, "emb_dim": 48}', "emb_dim"),
+        ('{"a": {"n_head": 3, "n_head": 4}}', "n_head"),  # HF's config.json nests objects
+    ],
+)
+def test_a_json_key_given_twice_is_refused_naming_the_key_and_file(tmp_path, tiny_cfg, text, key):
+    """json.loads keeps the last of two equal keys: which value was meant is the file's ambiguity."""
+    path = tmp_path / "dup.json"
+    path.write_text(text)
+    with pytest.raises(ValueError) as e:
+        resolve_config(str(path))
+    assert str(e.value) == f"config file {str(path)!r} has the key {key!r} more than once"
+    fields = json.dumps(tiny_cfg.to_dict())[1:-1]
+    path.write_text("{" + fields + ', "n_layers": 7}')
+    with pytest.raises(ValueError, match="has the key 'n_layers' more than once"):
+        resolve_config(str(path))
+    with pytest.raises(ValueError, match=r"^HF config '.*dup\.json' has the key 'n_layers' more than once$"):
+        read_json(path, "HF config")  # the reader of HF's config.json and the shard index
 
 
 # kv_window_size: optional (the book's optimized KV cache reads cfg["kv_window_size"]).
