@@ -1,11 +1,12 @@
 """What the suite writes: tables for the terminal (rich), progress of anything slow on stderr, and
-JSON for machines (with the versions that produced it)."""
+strict JSON for machines (with the versions that produced it; null where a figure is NaN or infinite)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import math
 import os
 import platform
 import sys
@@ -236,11 +237,28 @@ def save_figure(fig, path: str) -> None:
         pyplot().close(fig)
 
 
+def _finite(value: Any) -> Any:
+    """`value` with every NaN and infinity replaced by None, in dicts, lists and tuples at any depth."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_text(data: dict[str, Any]) -> str:
+    """Indented, strict JSON: a figure that is not a number (NaN, an infinity) is written as null,
+    since JSON has no such numbers and strict parsers refuse Python's bare NaN and Infinity."""
+    return json.dumps(_finite(data), indent=2, allow_nan=False) + "\n"
+
+
 def write_json(data: dict[str, Any], path: str) -> None:
-    """Indented JSON; the file appears whole or not at all (written aside, then renamed)."""
+    """json_text(data) in a file that appears whole or not at all (written aside, then renamed)."""
     from gpt_spec.checkpoint import atomic_write
 
-    text = json.dumps(data, indent=2) + "\n"  # serialised first: a failure leaves no file
+    text = json_text(data)  # serialised first: a failure leaves no file
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), what="JSON")
 
 

@@ -2,6 +2,7 @@
 live line on a terminal that Ctrl-C leaves clean."""
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -154,3 +155,23 @@ def test_no_color_and_dumb_terminals_are_respected(env):
     assert "\x1b[3" not in screen  # no colour
     if "TERM" in env:  # no live line either: the lines a log gets
         assert "\x1b" not in screen and "[1/2] quick ...\r\n" in screen
+
+
+def _refuse(constant: str):
+    raise ValueError(f"not strict JSON: {constant}")
+
+
+def test_json_has_null_where_a_figure_is_not_a_number_so_strict_parsers_read_it(tmp_path):
+    import numpy as np
+
+    from parity_tests.output import write_json
+
+    path = tmp_path / "out.json"
+    data = {"max_abs": float("nan"), "rows": [{"margin": float("inf")}, -float("inf"), np.float64("nan")], "ok": 1.5}
+    write_json(data, str(path))
+    assert json.loads(path.read_text(), parse_constant=_refuse) == {
+        "max_abs": None,
+        "rows": [{"margin": None}, None, None],
+        "ok": 1.5,
+    }
+    assert data["max_abs"] != data["max_abs"]  # the caller's data is left as it was
