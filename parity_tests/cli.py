@@ -530,10 +530,12 @@ def _check(args: argparse.Namespace, setup: _Setup, parser: argparse.ArgumentPar
             seed=args.seed,
             weights=setup.weights,
             progress=not args.quiet,
+            dtype=args.dtype,
+            plant=plant,
         )
         print()
         print(
-            f"training, train mode at drop_rate 0, batch {args.batch} x {trained.seq} tokens, "
+            f"training, train mode at drop_rate 0, {args.dtype}, batch {args.batch} x {trained.seq} tokens, "
             f"AdamW lr {trained.lr:g}, weight decay {trained.weight_decay:g}"
         )
         print(trained.format_table())
@@ -716,6 +718,17 @@ def _generate(args: argparse.Namespace, setup: _Setup, parser: argparse.Argument
     return 0 if agree else 1
 
 
+def _read_text(path: str) -> str:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read --text {path!r}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text {path!r} is not UTF-8 text: {e}") from None
+
+
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gpt_spec.data import the_verdict
 
@@ -723,7 +736,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.text is None:
             text, source = the_verdict(), "the book's the-verdict.txt"
         else:
-            text, source = Path(args.text).read_text(encoding="utf-8"), args.text
+            text, source = _read_text(args.text), args.text
         cfg = resolve_config(args.config)
         settings = dataclasses.replace(CHAPTER5, num_epochs=args.epochs, lr=args.lr)
         check_adamw(settings.lr, settings.weight_decay, (0.9, 0.999), 1e-8)
@@ -736,7 +749,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             raise ValueError(f"--out {args.out!r}: {e.strerror}") from None
         for name in ("train.json", "train.png"):
             check_output(os.path.join(args.out, name), "--out", plot=name.endswith(".png"))
-    except (ValueError, OSError, UnicodeDecodeError) as e:
+    except (ValueError, OSError) as e:
         parser.error(str(e))
     report = chapter5.run_chapter5(
         cfg, text, dropout=args.dropout, seed=args.seed, settings=settings, out_dir=args.out, progress=not args.quiet
@@ -777,6 +790,18 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0 if report.passed else 1
 
 
+# Checkpoint.config_source in words after "config"; any other value is the file it was read from.
+_CONFIG_ORIGINS = {
+    "given": "config from --config",
+    "inferred from the tensors": "config inferred from the tensors",
+    "none: a published GPT-2 shape": "config of the published GPT-2 of these shapes (no config.json)",
+}
+
+
+def _config_origin(source: str) -> str:
+    return _CONFIG_ORIGINS.get(source, f"config from {source}")
+
+
 def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gpt_spec import save_checkpoint, save_hf
     from gpt_spec.checkpoint import check_destination, check_hf_destination
@@ -799,7 +824,7 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
         print(
             f"read {args.src}: {ckpt.layout}, {len(ckpt.files)} file(s), {'/'.join(ckpt.dtypes)}, "
-            f"{ckpt.model}, {ckpt.n_parameters:,} parameters; config from {ckpt.config_source}: "
+            f"{ckpt.model}, {ckpt.n_parameters:,} parameters; {_config_origin(ckpt.config_source)}: "
             f"{json.dumps(ckpt.config.to_dict())}",
             flush=True,
         )

@@ -174,7 +174,7 @@ def test_train_mode_check(tiny_json, capsys):
         ),
         (["check", "--mesh", "1x1", "--model", "dummy"], "--mesh needs --model gpt"),
         (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
-        (["train", "--text", "missing.txt"], "No such file or directory: 'missing.txt'"),
+        (["train", "--text", "missing.txt"], "cannot read --text 'missing.txt': No such file or directory"),
         (["train", "--seed", str(2**32)], "seed must be an integer in [0, 2**32), got 4294967296"),
         (["train", "--lr", "-1"], "lr must be a finite number >= 0, got -1.0"),
         (["train", "--dropout", "torch"], "argument --dropout: invalid choice: 'torch'"),
@@ -351,3 +351,30 @@ def test_bench_reruns_itself_with_huge_pages(tiny_json, tmp_path, flag):
         assert malloc.startswith("glibc defaults") and "malloc: glibc defaults" in proc.stdout
     else:
         assert malloc.startswith("glibc.malloc.hugetlb=1") and "malloc: glibc.malloc.hugetlb=1" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, origin",
+    [([], "config inferred from the tensors: {"), (["--config", "CONFIG"], "config from --config: {")],
+)
+def test_convert_says_where_the_config_came_from_in_words(tmp_path, tiny_cfg, tiny_json, capsys, flags, origin):
+    from safetensors.torch import save_file
+
+    import gpt_torch
+
+    src = tmp_path / "bare.safetensors"  # canonical names, no metadata: the config is inferred
+    save_file(gpt_torch.GPTModel(tiny_cfg).state_dict(), str(src))
+    flags = [tiny_json if f == "CONFIG" else f for f in flags]
+    assert main(["convert", str(src), str(tmp_path / "out.safetensors"), "--n-heads", "3", *flags]) == 0
+    out = capsys.readouterr().out
+    assert origin in out and "config from inferred" not in out and "from given" not in out
+
+
+def test_a_text_that_is_not_utf8_is_refused_naming_the_file(tmp_path, capsys):
+    text = tmp_path / "latin1.txt"
+    text.write_bytes("café ".encode("latin-1") * 100)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--text", str(text), "--config", "examples/chapter5-tiny.json", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"gpt-parity: error: --text {str(text)!r} is not UTF-8 text: "), err
