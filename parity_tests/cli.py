@@ -729,6 +729,42 @@ def _read_text(path: str) -> str:
         raise ValueError(f"--text {path!r} is not UTF-8 text: {e}") from None
 
 
+def _check_training_text(text: str, source: str, cfg: GPTConfig, settings) -> None:
+    """Refuse, before any model is built, a text the chapter-5 run could not train and validate on:
+    each part must hold a window of context_length + 1 tokens, the training part a full batch of
+    windows (the book's loader drops a short last batch), and every id must be in the vocabulary."""
+    from gpt_spec import get_tokenizer
+    from gpt_spec.data import split_text
+
+    tokenizer = get_tokenizer()
+    size = chapter5.chapter5_config(cfg, settings).context_length
+    train_text, val_text = split_text(text, settings.train_ratio)
+    share = round(100 * settings.train_ratio)
+    parts = {
+        f"training part (the first {share}% of its characters)": train_text,
+        f"validation part (the last {100 - share}% of its characters)": val_text,
+    }
+    ids = {part: tokenizer.encode(t, allowed_special={"<|endoftext|>"}) for part, t in parts.items()}
+    for part, tokens in ids.items():
+        if len(tokens) <= size:
+            raise ValueError(f"{source}: its {part} has {len(tokens)} tokens; a window of {size} needs {size + 1}")
+    windows = len(range(0, len(next(iter(ids.values()))) - size, size))  # the book's windows, stride = size
+    if windows < settings.batch_size:
+        raise ValueError(
+            f"{source}: its training part makes {windows} window(s) of {size} tokens, fewer than one batch of "
+            f"{settings.batch_size}"
+        )
+    top = max(max(tokens) for tokens in ids.values())
+    if top >= cfg.vocab_size:
+        raise ValueError(f"{source} has token id {top}, past the config's vocab_size {cfg.vocab_size}")
+    prompt = tokenizer.encode(settings.start_context, allowed_special={"<|endoftext|>"})
+    if max(prompt) >= cfg.vocab_size:
+        raise ValueError(
+            f"the chapter's sample prompt {settings.start_context!r} has token id {max(prompt)}, past the "
+            f"config's vocab_size {cfg.vocab_size}"
+        )
+
+
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gpt_spec.data import the_verdict
 
@@ -736,11 +772,12 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.text is None:
             text, source = the_verdict(), "the book's the-verdict.txt"
         else:
-            text, source = _read_text(args.text), args.text
+            text, source = _read_text(args.text), f"--text {args.text!r}"
         cfg = resolve_config(args.config)
         settings = dataclasses.replace(CHAPTER5, num_epochs=args.epochs, lr=args.lr)
         check_adamw(settings.lr, settings.weight_decay, (0.9, 0.999), 1e-8)
         check_seed(args.seed)
+        _check_training_text(text, source, cfg, settings)
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise ValueError(f"--out {args.out!r} is a file, not a folder")
         try:
@@ -749,11 +786,19 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             raise ValueError(f"--out {args.out!r}: {e.strerror}") from None
         for name in ("train.json", "train.png"):
             check_output(os.path.join(args.out, name), "--out", plot=name.endswith(".png"))
-    except (ValueError, OSError) as e:
+        report = chapter5.run_chapter5(
+            cfg,
+            text,
+            dropout=args.dropout,
+            seed=args.seed,
+            settings=settings,
+            out_dir=args.out,
+            progress=not args.quiet,
+        )
+    except (ValueError, OSError) as e:  # bad input found while running too, e.g. a disk filling up
         parser.error(str(e))
-    report = chapter5.run_chapter5(
-        cfg, text, dropout=args.dropout, seed=args.seed, settings=settings, out_dir=args.out, progress=not args.quiet
-    )
+    if args.text is not None:
+        source = args.text
     c, s = report.cfg, report.settings
     print(
         f"chapter 5 on {source}: {args.config} at context {c.context_length}, drop_rate {c.drop_rate} "

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -378,3 +379,33 @@ def test_a_text_that_is_not_utf8_is_refused_naming_the_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert err.startswith(f"gpt-parity: error: --text {str(text)!r} is not UTF-8 text: "), err
+
+
+TINY_CHAPTER5 = "examples/chapter5-tiny.json"  # context_length 64: a window needs 65 tokens
+
+
+@pytest.mark.parametrize(
+    "text, config, message",
+    [
+        ("", None, "its training part (the first 90% of its characters) has 0 tokens; a window of 64 needs 65"),
+        ("Hello world", None, "its training part (the first 90% of its characters) has 2 tokens; a window of 64"),
+        (" word" * 300, None, "its validation part (the last 10% of its characters) has 30 tokens; a window of 64"),
+        (" the" * 90 + "🙂" * 40, None, "its training part makes 1 window(s) of 64 tokens, fewer than one batch of 2"),
+        (" word" * 800, {"vocab_size": 100}, "has token id 1573, past the config's vocab_size 100"),
+    ],
+    ids=["empty", "two-tokens", "short-validation", "no-batch", "vocab"],
+)
+def test_a_text_train_cannot_learn_from_is_refused_in_one_line_before_any_work(tmp_path, capsys, text, config, message):
+    path = tmp_path / "text.txt"
+    path.write_text(text, encoding="utf-8")
+    cfg = TINY_CHAPTER5
+    if config:
+        cfg = str(tmp_path / "c.json")
+        Path(cfg).write_text(json.dumps({**json.loads(Path(TINY_CHAPTER5).read_text()), **config}))
+    out = tmp_path / "new" / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--text", str(path), "--config", cfg, "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"gpt-parity: error: --text {str(path)!r}") and message in err, err
+    assert not (tmp_path / "new").exists()  # nothing was created for a run that never started
