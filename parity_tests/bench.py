@@ -179,15 +179,17 @@ class DecodeTiming:
     prompt: int
     new_tokens: int  # per row
     first_call_s: float  # flax: compilation plus one run; torch: one run
-    time_s: float  # of the decoding steps timed (cached: all but the prefill and first pick)
+    # Of the decoding steps timed (cached: all but the prefill and first pick); None where the
+    # clock gave the cached generation no more time than the prefill's alone (too few steps).
+    time_s: float | None
     steps: int  # decoding steps in time_s
     prefill_s: float | None  # cached: a 1-token generation (prefill and first pick)
     limit_bandwidth: float  # tokens/s if a step only read the weights and caches once
     limit_compute: float  # tokens/s if a step ran at GEMM throughput
 
     @property
-    def tokens_per_s(self) -> float:
-        return self.batch * self.steps / self.time_s
+    def tokens_per_s(self) -> float | None:
+        return None if self.time_s is None else self.batch * self.steps / self.time_s
 
     @property
     def limit_tokens_per_s(self) -> float:
@@ -198,8 +200,9 @@ class DecodeTiming:
         return "bandwidth" if self.limit_bandwidth <= self.limit_compute else "compute"
 
     @property
-    def fraction_of_limit(self) -> float:
-        return self.tokens_per_s / self.limit_tokens_per_s
+    def fraction_of_limit(self) -> float | None:
+        rate = self.tokens_per_s
+        return None if rate is None else rate / self.limit_tokens_per_s
 
 
 @dataclasses.dataclass
@@ -340,10 +343,10 @@ class BenchReport:
                             d.new_tokens,
                             d.first_call_s,
                             "-" if d.prefill_s is None else f"{d.prefill_s:.3f}",
-                            d.tokens_per_s,
+                            "-" if d.tokens_per_s is None else d.tokens_per_s,
                             d.limit_tokens_per_s,
                             d.binds,
-                            f"{d.fraction_of_limit:.3f}",
+                            "-" if d.fraction_of_limit is None else f"{d.fraction_of_limit:.3f}",
                         )
                         for d in self.decode
                     ],
@@ -496,7 +499,7 @@ class BenchReport:
             tps, lim = axes[2], axes[3]
             series: dict[tuple[str, str, int], list[DecodeTiming]] = {}
             for d in self.decode:
-                if d.cache:
+                if d.cache and d.tokens_per_s is not None:
                     series.setdefault((d.twin, d.dtype, d.prompt), []).append(d)
             # colour: the prompt length; line: the dtype; marker: the twin
             prompts = sorted({prompt for _, _, prompt in series})
@@ -661,10 +664,10 @@ def _time_decode(
                         whole = statistics.median([_time(lambda: run(decode), lambda x: x) for _ in range(repeats)])
                 limits = _decode_limits(cfg, model, dtype, batch, n_prompt, decode, read_bw, gemm)
                 steps = decode - 1
+                # Two medians' difference: with few steps, noise can make it zero or negative.
+                steps_s = whole - prefill if whole > prefill else None
                 out.append(
-                    DecodeTiming(
-                        twin, dtype, True, batch, n_prompt, decode, first, whole - prefill, steps, prefill, *limits
-                    )
+                    DecodeTiming(twin, dtype, True, batch, n_prompt, decode, first, steps_s, steps, prefill, *limits)
                 )
     prompt = token_batch(cfg, 1, DECODE_PROMPT, seed=7)
     n = min(decode, decode_uncached)
@@ -737,6 +740,11 @@ def run_bench(
         raise ValueError("meshes need the flax-jit backend and the gpt model")
     notes: list[str] = []
     decode_batches, decode_prompts = list(dict.fromkeys(decode_batches)), list(dict.fromkeys(decode_prompts))
+    if decode == 1:
+        raise ValueError(
+            "decode must be 0 (off) or at least 2, got 1: the first new token comes with the prefill, "
+            "so a 1-token generation leaves no decoding step to time"
+        )
     if decode:
         if model != GPT:
             raise ValueError("decoding needs the gpt model (the dummy model has no KV cache)")
@@ -813,6 +821,13 @@ def run_bench(
                     best_gemm(gemm[dtype]),
                     decode_repeats,
                     prog,
+                )
+            unmeasured = sum(d.time_s is None for d in decoded)
+            if unmeasured:
+                notes.append(
+                    f"cached decoding: the steps after the prefill took no measurable time in {unmeasured} "
+                    f"cell(s) (a {decode}-token generation timed no longer than a 1-token one), so they have "
+                    "no rate; more new tokens time more steps"
                 )
     device = f"CPU, {torch.get_num_threads()} torch threads"
     check_ids = token_batch(cfg, batches[0], seqs[0], seed)

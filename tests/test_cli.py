@@ -310,8 +310,11 @@ def test_bench_grid_dtypes_decoding_and_plot(tiny_json, tmp_path, capsys):
     bandwidth = data["read_bytes_per_s"]["throughput"]
     for d in data["decode"]:
         assert d["steps"] == (3 if d["kv_cache"] else 2)
-        assert d["tokens_per_s"] == pytest.approx(d["batch"] * d["steps"] / d["time_s"])
         assert d["limit_tokens_per_s"] == min(d["limit_bandwidth_tokens_per_s"], d["limit_compute_tokens_per_s"])
+        if d["time_s"] is None:  # 3 cached steps can time below the noise: no rate, never a wrong one
+            assert d["kv_cache"] and d["tokens_per_s"] is None and d["fraction_of_limit"] is None
+            continue
+        assert d["tokens_per_s"] == pytest.approx(d["batch"] * d["steps"] / d["time_s"]) and d["time_s"] > 0
         assert d["fraction_of_limit"] == pytest.approx(d["tokens_per_s"] / d["limit_tokens_per_s"])
         assert (d["prefill_s"] is not None) == d["kv_cache"]
     # bfloat16 reads half the bytes per token: twice the bandwidth limit
@@ -409,3 +412,37 @@ def test_a_text_train_cannot_learn_from_is_refused_in_one_line_before_any_work(t
     assert e.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"gpt-parity: error: --text {str(path)!r}") and message in err, err
     assert not (tmp_path / "new").exists()  # nothing was created for a run that never started
+
+
+def test_bench_never_reports_a_negative_or_zero_decoding_rate(tiny_json, tmp_path, capsys, monkeypatch):
+    """The cached steps' time is a generation's less a 1-token one's; where the clock says the
+    longer took no longer (noise at a few steps), the rate is unmeasured, never 0 or negative."""
+    from parity_tests import bench
+
+    ticks = iter(range(10**6))
+
+    def shrinking(fn, sync):  # each call timed shorter than the one before: whole < prefill
+        sync(fn())
+        return 1.0 / (2 + next(ticks))
+
+    monkeypatch.setattr(bench, "_time", shrinking)
+    monkeypatch.setattr(bench, "read_bandwidth", lambda: {"xla": 1e10, "torch": 1e10})  # not what is tested
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--config", tiny_json, "--batch", "1", "--seq", "4", "--repeats", "1", "--no-compile"]
+    argv += ["--gemm-size", "64", "--decode", "4", "--decode-uncached", "2", "--decode-batch", "1"]
+    assert main([*argv, "--decode-prompt", "3", "--quiet", "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    cached = [d for d in data["decode"] if d["kv_cache"]]
+    assert cached and all(d["tokens_per_s"] is None and d["fraction_of_limit"] is None for d in cached)
+    assert all(d["tokens_per_s"] > 0 for d in data["decode"] if not d["kv_cache"])
+    assert "cached decoding: the steps after the prefill took no measurable time" in stdout
+    assert not [v for d in data["decode"] for v in d.values() if isinstance(v, (int, float)) and v < 0]
+
+
+def test_bench_refuses_decoding_one_token_which_leaves_no_step_to_time(tiny_json, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--config", tiny_json, "--seq", "4", "--decode", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "decode must be 0 (off) or at least 2, got 1: the first new token comes with the prefill" in err
