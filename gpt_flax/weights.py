@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from gpt_spec import GPTConfig, StateDict, check_dtype, check_state_dict, in_model_order
-from gpt_spec.checkpoint import load_checkpoint, read_torch_file, save_checkpoint
+from gpt_spec.checkpoint import check_save, load_checkpoint, read_torch_file, save_checkpoint
 
 from .model import _GPT
 
@@ -135,15 +135,16 @@ def _fill(model: nnx.Module, sd: Mapping[str, np.ndarray], dtype) -> None:
 
 def save(model: _GPT, path: str | os.PathLike[str], *, dtype: str | None = None) -> None:
     """Write the model's canonical state dict and config to a safetensors file, in `dtype`
-    ("float32" or "bfloat16"; default the model's own)."""
-    own = next(iter(_params(model).values()))[0].dtype
+    ("float32" or "bfloat16"; default the model's own). The path must end in .safetensors."""
+    dtype = dtype or jnp.dtype(next(iter(_params(model).values()))[0].dtype).name
+    check_save(path, dtype)  # a refusal before the parameters are copied out
     save_checkpoint(
         path,
         state_dict(model),
         model.cfg,
         model=type(model).__name__,
         options=getattr(model, "options", {}),
-        dtype=dtype or jnp.dtype(own).name,
+        dtype=dtype,
     )
 
 

@@ -13,9 +13,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import numbers
 import os
+import pickle
+import re
 import stat
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
@@ -38,6 +42,7 @@ from .tensors import (
 
 FORMAT = "gpt-twins/canonical-v1"
 SAVE_DTYPES = ("float32", "bfloat16")
+SAVE_SUFFIX = ".safetensors"
 HF_INDEX = "model.safetensors.index.json"
 
 
@@ -113,15 +118,26 @@ def infer_config(
     n_layers = layer_count(sd, r"trf_blocks\.(\d+)\.", source)
     if n_layers == 0:
         raise ValueError(f"{source}: no transformer blocks (trf_blocks.N.*) found")
-    return GPTConfig(
+    if n_heads is None:
+        n_heads = published_n_heads(emb_dim, n_layers, source)
+    return _config(
+        source,
         vocab_size=vocab_size,
         context_length=shapes["pos_emb.weight"][0],
         emb_dim=emb_dim,
-        n_heads=n_heads or published_n_heads(emb_dim, n_layers, source),
+        n_heads=n_heads,
         n_layers=n_layers,
         drop_rate=drop_rate,
         qkv_bias="trf_blocks.0.att.W_query.bias" in sd,
     )
+
+
+def _config(source: str, **fields: Any) -> GPTConfig:
+    """GPTConfig(**fields), its refusal (an n_heads given that does not divide emb_dim) naming the file."""
+    try:
+        return GPTConfig(**fields)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -152,6 +168,64 @@ class Checkpoint:
         """The dtype the twins keep these weights in by default: bfloat16 for a bfloat16 file, else
         float32 (float16 widens to it exactly)."""
         return "bfloat16" if self.dtypes == ("bfloat16",) else "float32"
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _unsearchable(path: Path) -> Path:
+    """The folder whose missing search permission hides `path`: the nearest one that can be reached."""
+    for folder in path.parents:
+        with contextlib.suppress(OSError):
+            os.stat(folder)
+            return folder
+    return path.parent
+
+
+def check_input_file(path: str | os.PathLike[str], what: str) -> None:
+    """`path` is a regular file this process may read, or a ValueError naming it (`what` it is).
+    Every reader of a checkpoint calls this before opening a file: a FIFO would block the reader,
+    deaf to Ctrl-C, until a writer came."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise ValueError(f"{what} {str(path)!r} does not exist") from None
+    except PermissionError:
+        folder = _unsearchable(path)
+        raise ValueError(
+            f"{what} {str(path)!r} cannot be reached: folder {str(folder)!r} is not searchable (permission denied)"
+        ) from None
+    except OSError as e:  # a loop of symlinks, a name too long
+        raise ValueError(f"cannot read {what} {str(path)!r}: {e.strerror}") from e
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
+        raise ValueError(f"{what} {str(path)!r} is {kind}, not a regular file")
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+    except PermissionError:
+        raise ValueError(f"{what} {str(path)!r} is not readable (permission denied)") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {str(path)!r}: {e.strerror}") from e
+
+
+def _exists_in(folder: Path, name: str) -> bool:
+    """Whether `folder` holds `name`; a folder that may not be searched is refused, naming it."""
+    try:
+        os.stat(folder / name)
+    except PermissionError:
+        raise ValueError(f"checkpoint folder {str(folder)!r} is not searchable (permission denied)") from None
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:  # a loop of symlinks: there, and check_input_file says what is wrong with it
+        pass
+    return True
 
 
 def _safetensors_error(path: Path, e: Exception) -> ValueError:
@@ -199,10 +273,13 @@ def _read_tensor(path: Path, key: str) -> np.ndarray:
         raise ValueError(f"{str(path)!r}: cannot read tensor {key!r}: {e}") from e
 
 
-def _open_safetensors(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], str, Callable]], dict[str, str]]:
+def _open_safetensors(
+    path: Path, what: str = "checkpoint"
+) -> tuple[dict[str, tuple[tuple[int, ...], str, Callable]], dict[str, str]]:
     """`{key: (shape, dtype, read)}` and the metadata of one file, from its header alone."""
     from safetensors import safe_open
 
+    check_input_file(path, what)
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = dict(f.metadata() or {})
@@ -221,6 +298,7 @@ def _open_safetensors(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], str,
 
 def _open_sharded(index: Path) -> tuple[LazyStateDict, tuple[str, ...]]:
     """A sharded HF snapshot (`model.safetensors.index.json` + shards) as one lazy state dict."""
+    check_input_file(index, "shard index")
     data = read_json(index, "shard index")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -231,7 +309,7 @@ def _open_sharded(index: Path) -> tuple[LazyStateDict, tuple[str, ...]]:
     entries: dict[str, tuple] = {}
     shards = sorted(set(weight_map.values()))
     for shard in shards:
-        found, _ = _open_safetensors(index.parent / shard)
+        found, _ = _open_safetensors(index.parent / shard, "shard")
         for key, entry in found.items():
             if key in entries:
                 raise ValueError(f"{str(index.parent)!r}: tensor {key!r} is in more than one shard")
@@ -250,18 +328,25 @@ def read_torch_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """A state dict saved with `torch.save` (the book's `model.pth`, or its chapter-5 dict with a
     `model_state_dict` entry) as numpy arrays, loaded with `weights_only=True`, so no pickled code
     runs. The book's `att.mask` buffers stay in: `check_state_dict` checks and drops them."""
-    import pickle
-
     import torch
 
+    check_input_file(path, "checkpoint")
+    what = f"checkpoint {os.fspath(path)!r}"
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns before it refuses a TorchScript archive; the refusal below says it all
+            warnings.filterwarnings("ignore", message=".*TorchScript archive")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ValueError(f"checkpoint {os.fspath(path)!r} does not exist") from None
+        raise ValueError(f"{what} does not exist") from None
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{os.fspath(path)!r} holds more than tensors; refusing to unpickle it: {e}") from e
+        raise ValueError(_unpickling_refusal(path, e)) from e
     except Exception as e:  # a truncated zip, or not a torch file at all; an empty one is a bare EOFError
-        reason = str(e) or (
+        if "TorchScript" in str(e):
+            raise ValueError(
+                f"{what} is a TorchScript archive (a program, not a state dict); refused, nothing was run"
+            ) from e
+        reason = _torch_reason(e) or (
             "it ends before its first record (empty or cut short)" if isinstance(e, EOFError) else type(e).__name__
         )
         raise ValueError(f"{os.fspath(path)!r} is not a readable torch.save file: {reason}") from e
@@ -270,6 +355,50 @@ def read_torch_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{os.fspath(path)!r} does not hold a state dict of tensors")
     return {str(name): _torch_array(path, str(name), tensor) for name, tensor in obj.items()}
+
+
+def _torch_reason(e: BaseException) -> str:
+    """torch's reason in one line, without its advice to load with weights_only=False (which would
+    run whatever code the pickle holds)."""
+    import torch.serialization
+
+    text = str(e).replace(getattr(torch.serialization, "UNSAFE_MESSAGE", "\0"), "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _looks_like_safetensors(path: str | os.PathLike[str]) -> bool:
+    """An 8-byte little-endian header length within the file, then the header's JSON object."""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        head = f.read(9)
+        return (
+            len(head) == 9
+            and head[8:] == b"{"
+            and int.from_bytes(head[:8], "little") <= os.fstat(f.fileno()).st_size - 8
+        )
+    return False
+
+
+def _unpickling_refusal(path: str | os.PathLike[str], e: pickle.UnpicklingError) -> str:
+    """Why torch's weights-only unpickler stopped, in one line. torch raises its advice `from None`:
+    the unpickler's own reason is the exception's context."""
+    name = f"checkpoint {os.fspath(path)!r}"
+    reason = str(e.__context__ or e)
+    found = re.search(r"GLOBAL (\S+)", reason)
+    if found:
+        return (
+            f"{name}: its pickle would run code (a global {found.group(1)!r} outside the tensors and containers a "
+            "state dict holds); refused, nothing was run"
+        )
+    if _looks_like_safetensors(path):
+        return (
+            f"{name} holds safetensors, but a name ending in .pth or .pt is read as a torch.save file; "
+            "rename it to end in .safetensors"
+        )
+    return (
+        f"{name}: its pickle holds more than the tensors and containers a state dict holds "
+        f"({_torch_reason(e.__context__ or e)}); refused, nothing was run"
+    )
 
 
 def _torch_array(path: str | os.PathLike[str], name: str, tensor: Any) -> np.ndarray:
@@ -298,18 +427,29 @@ def _dtypes(sd: Mapping[str, Any]) -> tuple[str, ...]:
 def _checked(
     sd: Mapping[str, Any], cfg: GPTConfig, model: str, options: Mapping[str, Any], source: str
 ) -> Mapping[str, np.ndarray]:
+    return check_state_dict(model_shapes(model, cfg, options), sd, model, source)
+
+
+@overload
+def _with_n_heads(cfg: GPTConfig, n_heads: int | None, source: str) -> GPTConfig: ...
+@overload
+def _with_n_heads(cfg: None, n_heads: int | None, source: str) -> None: ...
+def _with_n_heads(cfg: GPTConfig | None, n_heads: int | None, source: str) -> GPTConfig | None:
+    if cfg is None or n_heads is None:
+        return cfg
     try:
-        return check_state_dict(model_shapes(model, cfg, options), sd, model)
-    except ValueError as e:
+        return cfg.replace(n_heads=n_heads)
+    except ValueError as e:  # an n_heads that does not divide emb_dim
         raise ValueError(f"{source}: {e}") from None
 
 
-@overload
-def _with_n_heads(cfg: GPTConfig, n_heads: int | None) -> GPTConfig: ...
-@overload
-def _with_n_heads(cfg: None, n_heads: int | None) -> None: ...
-def _with_n_heads(cfg: GPTConfig | None, n_heads: int | None) -> GPTConfig | None:
-    return cfg.replace(n_heads=n_heads) if cfg is not None and n_heads is not None else cfg
+def _given_n_heads(n_heads: Any, source: str) -> int | None:
+    """An n_heads passed to load: None (not given) or an int >= 1, else refused naming the file."""
+    if n_heads is None:
+        return None
+    if isinstance(n_heads, bool) or not isinstance(n_heads, numbers.Integral) or n_heads < 1:
+        raise ValueError(f"{source}: n_heads must be an int >= 1, got {n_heads!r}")
+    return int(n_heads)
 
 
 def load_checkpoint(
@@ -328,11 +468,12 @@ def load_checkpoint(
     head count, `hf_config` names (or is) the HF config to use. Raises ValueError naming the problem.
     """
     path = Path(path)
+    n_heads = _given_n_heads(n_heads, f"checkpoint {str(path)!r}")
     if path.suffix in (".pth", ".pt"):
         sd = read_torch_file(path)
         source = f"checkpoint {str(path)!r}"
         cfg = config or infer_config(sd, n_heads=n_heads, source=source)
-        cfg = _with_n_heads(cfg, n_heads)
+        cfg = _with_n_heads(cfg, n_heads, source)
         return Checkpoint(
             _checked(sd, cfg, GPT_MODEL, {}, source),
             cfg,
@@ -341,10 +482,14 @@ def load_checkpoint(
             config_source="given" if config else "inferred from the tensors",
             files=(str(path),),
         )
-    folder = path if path.is_dir() else path.parent
-    if path.is_dir():
-        index = path / HF_INDEX
-        path = index if index.is_file() and not (path / "model.safetensors").is_file() else path / "model.safetensors"
+    try:
+        is_folder = stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:  # missing or out of reach: check_input_file says which, naming it
+        is_folder = False
+    folder = path if is_folder else path.parent
+    if is_folder:
+        use_index = _exists_in(path, HF_INDEX) and not _exists_in(path, "model.safetensors")
+        path = path / (HF_INDEX if use_index else "model.safetensors")
     source = f"checkpoint {str(path)!r}"
     if path.name.endswith(".index.json"):
         tensors, files = _open_sharded(path)
@@ -366,7 +511,7 @@ def load_checkpoint(
         model = metadata.get("model", GPT_MODEL)
         options = parse_json(metadata.get("options", "{}"), f"{source}: its metadata field 'options'")
         options = check_options(model, options, source)
-        cfg = _with_n_heads(cfg, n_heads)
+        cfg = _with_n_heads(cfg, n_heads, source)
         return Checkpoint(
             _checked(tensors, cfg, model, options, source),
             cfg,
@@ -378,7 +523,7 @@ def load_checkpoint(
             files,
         )
     if is_hf_layout(tensors):
-        if hf_config is None and (folder / "config.json").is_file():
+        if hf_config is None and _exists_in(folder, "config.json"):
             hf_config = folder / "config.json"
         config_source = "none: a published GPT-2 shape" if hf_config is None else "given"
         hf_mapping: Mapping[str, Any] | None
@@ -386,12 +531,14 @@ def load_checkpoint(
             config_source = str(hf_config)
             if Path(hf_config) != folder / "config.json":  # the messages say config.json: name this one
                 source = f"{source} with HF config {config_source!r}"
+            check_input_file(hf_config, "HF config")
             hf_mapping = read_json(hf_config, "HF config")
         else:
             hf_mapping = hf_config
-        override = _with_n_heads(config, n_heads)
+        override = _with_n_heads(config, n_heads, source)
         if n_heads is not None and config is None:
             if hf_mapping is not None:
+                _fits_the_tensors(n_heads, tensors, source)  # else config.json would take the blame
                 hf_mapping = {**hf_mapping, "n_head": n_heads} if isinstance(hf_mapping, Mapping) else hf_mapping
             else:
                 override = _n_heads_only(tensors, n_heads, source)
@@ -410,7 +557,7 @@ def load_checkpoint(
         )
     if "tok_emb.weight" in tensors:  # canonical names, no metadata: infer the config
         cfg = config or infer_config(tensors, n_heads=n_heads, source=source)
-        cfg = _with_n_heads(cfg, n_heads)
+        cfg = _with_n_heads(cfg, n_heads, source)
         return Checkpoint(
             _checked(tensors, cfg, GPT_MODEL, {}, source),
             cfg,
@@ -431,7 +578,8 @@ def _n_heads_only(tensors: Mapping[str, Any], n_heads: int, source: str) -> GPTC
     if "wte.weight" not in names or "wpe.weight" not in names:
         raise ValueError(f"{source}: missing tensor 'wte.weight' or 'wpe.weight'")
     vocab, e = info(tensors, names["wte.weight"])[0]
-    return GPTConfig(
+    return _config(
+        source,
         vocab_size=vocab,
         context_length=info(tensors, names["wpe.weight"])[0][0],
         emb_dim=e,
@@ -440,6 +588,14 @@ def _n_heads_only(tensors: Mapping[str, Any], n_heads: int, source: str) -> GPTC
         drop_rate=0.1,
         qkv_bias=True,
     )
+
+
+def _fits_the_tensors(n_heads: int, tensors: Mapping[str, Any], source: str) -> None:
+    """An n_heads given for an HF file divides its width (wte's second axis), or is refused naming the file."""
+    key = "wte.weight" if "wte.weight" in tensors else "transformer.wte.weight"
+    shape = info(tensors, key)[0]
+    if len(shape) == 2 and shape[1] % n_heads:
+        raise ValueError(f"{source}: emb_dim ({shape[1]}) must be divisible by n_heads ({n_heads})")
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -486,11 +642,16 @@ def _check_folder(folder: Path, refusal: str) -> None:
 
 
 def check_destination(path: str | os.PathLike[str], what: str) -> Path:
-    """Where `path` will be written (a symlink followed), refused if that is a directory, or if its
-    folder is missing, not a folder, or not writable. The savers call this before any work, and
-    so does `gpt-parity` for every path it will write, before it runs."""
+    """Where `path` will be written (a symlink followed), refused if it names a folder (one that
+    exists, or any path ending in a separator), or if its folder is missing, not a folder, or not
+    writable. The savers call this before any work, and so does `gpt-parity` for every path it
+    will write, before it runs."""
+    given = os.fspath(path)
+    refusal = f"cannot write {what} {given!r}"
+    if given.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        # realpath drops the separator: "xx/" would be written as a file xx
+        raise ValueError(f"{refusal}: it ends in {given[-1]!r}, so it names a folder, not a file")
     target = Path(os.path.realpath(path))
-    refusal = f"cannot write {what} {os.fspath(path)!r}"
     if os.path.isdir(target):
         raise ValueError(f"{refusal}: it is a directory")
     _check_folder(target.parent, refusal)
@@ -572,6 +733,20 @@ def _check_save_dtype(dtype: str) -> str:
     return dtype
 
 
+def check_save(path: str | os.PathLike[str], dtype: str = "float32") -> Path:
+    """Refuse a checkpoint `save_checkpoint` could not write, or one `load_checkpoint` would not
+    read back: the destination (see `check_destination`), a name not ending in .safetensors, a
+    dtype other than float32 or bfloat16. Both twins' `save` call this before any work."""
+    target = check_destination(path, "checkpoint")
+    if not os.fspath(path).endswith(SAVE_SUFFIX):  # load would read a .pth or .pt as torch.save
+        raise ValueError(
+            f"cannot write checkpoint {os.fspath(path)!r}: a checkpoint is written as safetensors, "
+            f"so its name must end in {SAVE_SUFFIX}"
+        )
+    _check_save_dtype(dtype)
+    return target
+
+
 def save_checkpoint(
     path: str | os.PathLike[str],
     sd: Mapping[str, Any],
@@ -582,11 +757,10 @@ def save_checkpoint(
     dtype: str = "float32",
 ) -> None:
     """Write a canonical state dict as safetensors (float32 or bfloat16), with its config in the
-    metadata. The dict is checked against the model first; the file is written beside the
+    metadata, to a path ending in .safetensors. The dict is checked against the model first; the file is written beside the
     destination, read back and compared, and only then renamed over it (see `atomic_write`)."""
-    check_destination(path, "checkpoint")  # before any tensor is read or converted
+    check_save(path, dtype)  # before any tensor is read or converted
     options = check_options(model, options or {})
-    _check_save_dtype(dtype)
     sd = check_state_dict(model_shapes(model, cfg, options), sd, model)
     tensors = {k: _as_dtype(k, sd[k], dtype) for k in sd}
     metadata = {"format": FORMAT, "config": json.dumps(cfg.to_dict()), "model": model, "options": json.dumps(options)}
@@ -663,8 +837,10 @@ __all__ = [
     "StateDict",
     "atomic_write",
     "check_destination",
+    "check_input_file",
     "check_hf_destination",
     "check_options",
+    "check_save",
     "check_state_dict",
     "config_from_hf",
     "from_hf",

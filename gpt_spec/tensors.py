@@ -97,15 +97,20 @@ def _names(keys) -> str:
     return ", ".join(repr(k) for k in sorted(keys))
 
 
-def checked_array(name: str, value: Any) -> np.ndarray:
-    """`value` as a numpy array, refusing float64 values float32 cannot hold (they would be inf)."""
+def checked_array(name: str, value: Any, source: str | None = None) -> np.ndarray:
+    """`value` as a numpy array, refusing float64 values float32 cannot hold (they would be inf);
+    `source` (the file) starts the refusal when given."""
     array = as_numpy(value)
     if array.dtype == np.float64 and array.size:
-        finite = np.abs(array[np.isfinite(array)])
-        if finite.size and finite.max() > _FLOAT32_MAX:
+        finite = np.isfinite(array)
+        # Only what rounds past float32's largest is refused: a value a little beyond it rounds to it.
+        with np.errstate(over="ignore"):
+            overflows = finite & np.isinf(array.astype(np.float32))
+        if overflows.any():
+            where = f"{source}: " if source else ""
             raise ValueError(
-                f"state dict key {name!r} holds float64 value(s) up to {finite.max():.3g}, "
-                f"beyond float32's range ({_FLOAT32_MAX:.3g})"
+                f"{where}state dict key {name!r} holds float64 value(s) up to {np.abs(array[finite]).max():.9g} "
+                f"in magnitude, beyond float32's range (largest {_FLOAT32_MAX:.9g})"
             )
     return array
 
@@ -122,16 +127,8 @@ def _check_mask(name: str, sd: Mapping[str, Any], context_length: int) -> None:
         raise ValueError(f"state dict key {name!r} is not the causal mask triu(ones, 1)")
 
 
-def check_state_dict(
-    expected: Mapping[str, tuple[int, ...]], given: Mapping[str, Any], model_name: str
-) -> Mapping[str, np.ndarray]:
-    """Validate `given` against the model's `{name: shape}`; return its arrays as numpy (lazily for
-    a `LazyStateDict`), without the causal-mask buffers the book's model carries.
-
-    Raises ValueError naming every missing and unexpected key, or the first key whose shape or
-    dtype is wrong. A `trf_blocks.N.att.mask` of a block the model has is accepted (and dropped)
-    only if it is the causal mask of the model's context length. Nothing is converted in place.
-    """
+def _check_keys(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, Any], model_name: str) -> None:
+    """Every key of `given` expected and there, with its shape and a float dtype; else ValueError."""
     if not isinstance(given, Mapping):
         raise ValueError(f"state dict must be a mapping of name -> array, got {type(given).__name__}")
     masks = {
@@ -158,10 +155,29 @@ def check_state_dict(
             raise ValueError(f"state dict key {name!r} has dtype {dtype}, expected one of {', '.join(FLOAT_DTYPES)}")
         if got != tuple(shape):
             raise ValueError(f"state dict key {name!r} has shape {got}, expected {tuple(shape)}")
+
+
+def check_state_dict(
+    expected: Mapping[str, tuple[int, ...]], given: Mapping[str, Any], model_name: str, source: str | None = None
+) -> Mapping[str, np.ndarray]:
+    """Validate `given` against the model's `{name: shape}`; return its arrays as numpy (lazily for
+    a `LazyStateDict`), without the causal-mask buffers the book's model carries.
+
+    Raises ValueError naming every missing and unexpected key, or the first key whose shape or
+    dtype is wrong. A `trf_blocks.N.att.mask` of a block the model has is accepted (and dropped)
+    only if it is the causal mask of the model's context length. Nothing is converted in place.
+    `source` (the file `given` was read from) starts every refusal, a lazy read's too.
+    """
+    try:
+        _check_keys(expected, given, model_name)
+    except ValueError as e:
+        if source is None:
+            raise
+        raise ValueError(f"{source}: {e}") from None
     if isinstance(given, LazyStateDict):
 
         def reader(name: str) -> Callable[[], np.ndarray]:
-            return lambda: checked_array(name, given[name])
+            return lambda: checked_array(name, given[name], source)
 
         return LazyStateDict({name: (*given.info(name), reader(name)) for name in expected})
-    return {name: checked_array(name, given[name]) for name in expected}
+    return {name: checked_array(name, given[name], source) for name in expected}

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from gpt_spec import GPTConfig, StateDict, check_dtype, check_state_dict
-from gpt_spec.checkpoint import load_checkpoint, read_torch_file, save_checkpoint
+from gpt_spec.checkpoint import check_save, load_checkpoint, read_torch_file, save_checkpoint
 
 from .model import _GPT
 
@@ -65,14 +65,16 @@ def _dtype_name(model: torch.nn.Module) -> str:
 
 def save(model: _GPT, path: str | os.PathLike[str], *, dtype: str | None = None) -> None:
     """Write the model's canonical state dict and config to a safetensors file, in `dtype`
-    ("float32" or "bfloat16"; default the model's own)."""
+    ("float32" or "bfloat16"; default the model's own). The path must end in .safetensors."""
+    dtype = dtype or _dtype_name(model)
+    check_save(path, dtype)  # a refusal before the parameters are copied out
     save_checkpoint(
         path,
         state_dict(model),
         model.cfg,
         model=type(model).__name__,
         options=getattr(model, "options", {}),
-        dtype=dtype or _dtype_name(model),
+        dtype=dtype,
     )
 
 

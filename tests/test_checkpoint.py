@@ -1,6 +1,9 @@
 """gpt_spec.checkpoint: canonical files, the HF GPT-2 layout, config inference, and bad files."""
 
 import json
+import os
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import gpt_flax
 import gpt_torch
 from gpt_spec import GPTConfig, from_hf, load_checkpoint, save_checkpoint, to_hf
 from gpt_spec.checkpoint import gpt_shapes, infer_config
+from parity_tests import cli
 from parity_tests.configs import TINY, TINY_BIAS
 from parity_tests.hf_reference import gpt2_config_json, random_hf_gpt2
 
@@ -279,11 +283,76 @@ class Payload:
         return (print, ("pickled code ran",))
 
 
-def test_pickles_that_hold_code_are_refused(tmp_path, capsys):
-    torch.save({"tok_emb.weight": torch.ones(2), "x": Payload()}, tmp_path / "evil.pth")
-    with pytest.raises(ValueError, match="holds more than tensors; refusing to unpickle it"):
-        gpt_torch.read_torch_file(tmp_path / "evil.pth")
-    assert "pickled code ran" not in capsys.readouterr().out
+class Shell:
+    def __reduce__(self):
+        return (os.system, ("echo pickled code ran",))
+
+
+def _scripted(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script's own, while making the file
+        torch.jit.script(torch.nn.Linear(2, 2)).save(str(path))
+
+
+def _runs_code(name):
+    return (
+        f": its pickle would run code \\(a global '{re.escape(name)}' outside the tensors and containers a state "
+        "dict holds\\); refused, nothing was run"
+    )
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda p: torch.save({"tok_emb.weight": torch.ones(2), "x": Shell()}, p),
+            _runs_code(f"{os.system.__module__}.system"),
+        ),
+        (lambda p: torch.save({"tok_emb.weight": torch.ones(2), "x": Payload()}, p), _runs_code("print")),
+        (
+            lambda p: torch.save({"x": Shell()}, p, _use_new_zipfile_serialization=False),
+            _runs_code(f"{os.system.__module__}.system"),
+        ),
+        (_scripted, " is a TorchScript archive \\(a program, not a state dict\\); refused, nothing was run"),
+    ],
+    ids=["os.system", "print", "legacy-format", "torchscript"],
+)
+@pytest.mark.parametrize("how", ["spec", "torch", "flax", "cli"])
+def test_a_pickle_that_would_run_code_is_refused_in_one_line_without_torchs_advice(tmp_path, capfd, make, message, how):
+    """Nothing runs, and the refusal says why in one line: torch's own error (8 lines, after a
+    2-line warning for a TorchScript archive) advised re-running with weights_only=False."""
+    path = tmp_path / "evil.pth"
+    make(path)
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if how == "cli":
+            with pytest.raises(SystemExit) as e:
+                cli.main(["convert", str(path), str(tmp_path / "out.safetensors")])
+            assert e.value.code == 2
+            err = capfd.readouterr().err
+            assert err.count("\n") == 1 and re.search(f"checkpoint '{re.escape(str(path))}'{message}$", err), err
+        else:
+            load = {"spec": load_checkpoint, "torch": gpt_torch.load, "flax": gpt_flax.load}[how]
+            with pytest.raises(ValueError, match=f"^checkpoint '{re.escape(str(path))}'{message}$") as e:
+                load(path)
+            err = str(e.value)
+            assert "\n" not in err
+    assert "weights_only" not in err and "pickled code ran" not in capfd.readouterr().out
+
+
+def test_files_torch_cannot_read_are_refused_naming_them(tmp_path):
+    """A safetensors file named .pth (what save wrote when given that name) was "Unsupported operand
+    152" behind torch's advice to unpickle it unsafely."""
+    save_checkpoint(tmp_path / "m.safetensors", _canonical(TINY), TINY)
+    (tmp_path / "m.safetensors").rename(tmp_path / "m.pth")
+    for load in (load_checkpoint, gpt_torch.load, gpt_flax.load):
+        with pytest.raises(
+            ValueError,
+            match=f"^checkpoint '{re.escape(str(tmp_path / 'm.pth'))}' holds safetensors, but a name ending in "
+            "\\.pth or \\.pt is read as a torch\\.save file; rename it to end in \\.safetensors$",
+        ):
+            load(tmp_path / "m.pth")
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(ValueError, match="is not a readable torch.save file"):
         gpt_torch.read_torch_file(tmp_path / "junk.pth")

@@ -3,6 +3,7 @@ the checkpoint code, as a test that failed before its fix."""
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -89,6 +90,41 @@ def test_n_heads_can_be_given_for_a_file_without_config(tmp_path):
         load_checkpoint(tmp_path / "model.safetensors")
     assert gpt_flax.load(tmp_path / "model.safetensors", n_heads=3).cfg.n_heads == 3
     assert gpt_torch.load(tmp_path / "model.safetensors", n_heads=3).cfg.n_heads == 3
+
+
+def _n_heads_files(tmp_path):
+    """`{layout: the file to load}` of a TINY (emb_dim 24, 3 heads) model in every layout load reads."""
+    sd = _canonical(TINY)
+    save_checkpoint(tmp_path / "meta.safetensors", sd, TINY)
+    save_file(sd, tmp_path / "bare.safetensors")
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "book.pth")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf-bare").mkdir()
+    save_file(random_hf_gpt2(**HF_TINY), tmp_path / "hf-bare" / "model.safetensors")
+    return {
+        "canonical": tmp_path / "meta.safetensors",
+        "no-metadata": tmp_path / "bare.safetensors",
+        "pth": tmp_path / "book.pth",
+        "hf": _hf_snapshot(tmp_path / "hf"),
+        "hf-no-config": tmp_path / "hf-bare" / "model.safetensors",
+    }
+
+
+@pytest.mark.parametrize("layout", ["canonical", "no-metadata", "pth", "hf", "hf-no-config"])
+@pytest.mark.parametrize("twin", ["spec", *LOADERS])
+def test_an_n_heads_given_is_checked_naming_the_file(tmp_path, twin, layout):
+    """n_heads=0 was taken as not given ("pass it"), and an n_heads that does not divide emb_dim
+    was refused without naming the file (or blamed on config.json)."""
+    load = load_checkpoint if twin == "spec" else LOADERS[twin]
+    path = _n_heads_files(tmp_path)[layout]
+    named = f"^checkpoint '{re.escape(str(path))}': "
+    for bad in (0, -3, True, 3.0, "3"):
+        with pytest.raises(ValueError, match=named + f"n_heads must be an int >= 1, got {re.escape(repr(bad))}$"):
+            load(path, n_heads=bad)
+    with pytest.raises(ValueError, match=named + "emb_dim \\(24\\) must be divisible by n_heads \\(5\\)$"):
+        load(path, n_heads=5)
+    model = load(path, n_heads=np.int64(6))
+    assert (model.config if twin == "spec" else model.cfg).n_heads == 6
 
 
 # --- no key silently ignored or preferred ---------------------------------------------------------
@@ -219,10 +255,56 @@ def test_float64_beyond_float32_is_refused_not_made_inf(tmp_path):
     save_checkpoint_bare = tmp_path / "m.safetensors"
     save_file(sd, save_checkpoint_bare)
     for load in LOADERS.values():
-        with pytest.raises(ValueError, match="'trf_blocks.0.norm1.scale' holds float64 value\\(s\\) up to 1e\\+39"):
+        with pytest.raises(
+            ValueError, match="'trf_blocks.0.norm1.scale' holds float64 value\\(s\\) up to 1e\\+39 in magnitude"
+        ):
             load(save_checkpoint_bare, config=TINY_BIAS)
     with pytest.raises(ValueError, match="beyond float32's range"):
         gpt_flax.load_state_dict(gpt_flax.GPTModel(TINY_BIAS, rngs=nnx.Rngs(0)), sd)
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# float64 values at or past the midpoint between float32's largest and 2**128 round to inf.
+FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "pth"])
+@pytest.mark.parametrize("twin", ["spec", *LOADERS])
+def test_float64_that_rounds_to_float32s_largest_loads_and_only_overflow_is_refused(tmp_path, twin, kind):
+    """A value that rounds to float32's largest was refused as "3.4e+38 beyond 3.4e+38"; the
+    refusal of a value that would be inf did not name its file."""
+    sd = {k: v.astype(np.float64) for k, v in _canonical(TINY_BIAS).items()}
+    rounds_down = np.nextafter(FLOAT32_OVERFLOW, 0.0)
+    sd["trf_blocks.0.norm1.scale"][:2] = [rounds_down, -rounds_down]
+    path = tmp_path / f"m.{'safetensors' if kind == 'safetensors' else 'pth'}"
+
+    def write(sd):
+        if kind == "safetensors":
+            save_file(sd, path)
+        else:
+            torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
+
+    write(sd)
+    load = load_checkpoint if twin == "spec" else LOADERS[twin]
+    loaded = load(path, config=TINY_BIAS)
+    if twin == "spec":
+        got = loaded.state_dict["trf_blocks.0.norm1.scale"].astype(
+            np.float32
+        )  # the file's float64, as the twins take it
+    else:
+        got = (gpt_torch if twin == "torch" else gpt_flax).state_dict(loaded)["trf_blocks.0.norm1.scale"]
+    np.testing.assert_array_equal(got[:2], [FLOAT32_MAX, -FLOAT32_MAX])
+    sd["trf_blocks.0.norm1.scale"][3] = -FLOAT32_OVERFLOW
+    write(sd)
+    message = (
+        f"^checkpoint '{re.escape(str(path))}': state dict key 'trf_blocks.0.norm1.scale' holds float64 value\\(s\\) "
+        "up to 3.40282357e\\+38 in magnitude, beyond float32's range \\(largest 3.40282347e\\+38\\)$"
+    )
+    with pytest.raises(ValueError, match=message):
+        if twin == "spec":
+            dict(load(path, config=TINY_BIAS).state_dict)
+        else:
+            load(path, config=TINY_BIAS)
 
 
 @pytest.mark.parametrize("twin", ["torch", "flax"])
@@ -299,6 +381,42 @@ def test_save_checkpoint_validates_every_model_and_its_options(tmp_path):
             tmp_path / "d.safetensors", _canonical(TINY), TINY, options={"final_norm": "x"}, model="DummyGPTModel"
         )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["m.pth", "m.pt", "m.bin", "m", "m.safetensors.partial"])
+@pytest.mark.parametrize("twin", list(LOADERS))
+def test_save_takes_only_a_name_load_reads_as_safetensors(tmp_path, monkeypatch, twin, name):
+    """save(m, "m.pth") wrote safetensors that load("m.pth") then refused as no torch.save file.
+    The refusal comes before the parameters are copied out of the model."""
+    mod = gpt_torch if twin == "torch" else gpt_flax
+    model = gpt_torch.GPTModel(TINY) if twin == "torch" else gpt_flax.GPTModel(TINY, rngs=nnx.Rngs(0))
+    monkeypatch.setattr(mod.weights, "state_dict", lambda model: pytest.fail("the parameters were copied out"))
+    message = (
+        f"^cannot write checkpoint '{re.escape(str(tmp_path / name))}': a checkpoint is written as safetensors, "
+        "so its name must end in .safetensors$"
+    )
+    with pytest.raises(ValueError, match=message):
+        mod.save(model, tmp_path / name)
+    with pytest.raises(ValueError, match=message):
+        save_checkpoint(tmp_path / name, _canonical(TINY), TINY)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("twin", list(LOADERS))
+def test_save_refuses_a_path_that_names_a_folder(tmp_path, twin):
+    """save(m, "xx/") wrote a file xx."""
+    mod = gpt_torch if twin == "torch" else gpt_flax
+    model = gpt_torch.GPTModel(TINY) if twin == "torch" else gpt_flax.GPTModel(TINY, rngs=nnx.Rngs(0))
+    for given in (f"{tmp_path}/xx.safetensors/", f"{tmp_path}/xx/"):
+        with pytest.raises(
+            ValueError,
+            match=f"^cannot write checkpoint '{re.escape(given)}': it ends in '/', so it names a folder, not a file$",
+        ):
+            mod.save(model, given)
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(ValueError, match="^cannot write checkpoint '.*/dir.safetensors': it is a directory$"):
+        mod.save(model, tmp_path / "dir.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["dir.safetensors"]
 
 
 # --- saving respects the umask, links and neighbours, and cleans up after itself -----------------

@@ -565,3 +565,139 @@ def test_empty_and_damaged_checkpoints_are_refused_naming_them(tmp_path, capsys)
             load_checkpoint(tmp_path / name, n_heads=TINY.n_heads)
         err = _cli_refuses(["convert", tmp_path / name, tmp_path / "out.safetensors", "--n-heads", "3"], capsys)
         assert re.search(message.rstrip("$"), err)
+
+
+# --- 7. inputs that are not regular files this process may read ----------------------------------
+
+# Run in a fresh Python (a FIFO opened by a reader blocks it, with the GIL held, until a writer
+# comes): each [how, path] loads and prints one line, `how` the refusal's words as JSON.
+_LOAD_EACH = """
+import contextlib, io, json, sys
+import gpt_flax, gpt_torch
+from gpt_spec import load_checkpoint
+from parity_tests import cli
+
+for how, path in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            if how == "cli":
+                cli.main(["convert", path, "out.safetensors"])
+            elif how == "hf_config":
+                load_checkpoint(path[0], hf_config=path[1])
+            else:
+                {"spec": load_checkpoint, "torch": gpt_torch.load, "flax": gpt_flax.load}[how](path)
+        print(how, "loaded")
+    except SystemExit as e:
+        print(how, "exit", e.code, json.dumps(err.getvalue()))
+    except Exception as e:
+        print(how, type(e).__name__, json.dumps(str(e)))
+"""
+HOWS = ("spec", "torch", "flax", "cli")
+LOADS_TIMEOUT_S = 180  # three interpreters' imports on a shared machine; a hang is forever
+
+
+def _load_each(tmp_path, cases, *, obey_permissions=False) -> list[str]:
+    """Each `(how, path)` loaded in one fresh Python; its lines. A run that hangs fails the test."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _LOAD_EACH, json.dumps([[how, path] for how, path in cases])],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=LOADS_TIMEOUT_S,
+            preexec_fn=_obey_permissions if obey_permissions and os.geteuid() == 0 else None,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the loads hung (no answer in {LOADS_TIMEOUT_S} s)")
+    except subprocess.SubprocessError:
+        pytest.skip("running as root without the right to drop capabilities: root ignores permissions")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def _refused_alike(lines, cases, message) -> None:
+    """Every API load raised ValueError(message); every CLI run printed it as one line, exit 2."""
+    assert len(lines) == len(cases), lines
+    for line, (how, _) in zip(lines, cases, strict=True):
+        if how == "cli":
+            assert line.startswith("cli exit 2 "), line
+            err = json.loads(line.removeprefix("cli exit 2 "))
+            assert err.count("\n") == 1 and err.rstrip("\n").endswith(message), err
+        else:
+            assert line == f"{how} ValueError {json.dumps(message)}", line
+
+
+def test_a_fifo_is_refused_before_it_is_opened_wherever_a_loader_would_read_it(tmp_path):
+    """A FIFO as the checkpoint, or as any file of a snapshot, used to block the load forever, deaf
+    to Ctrl-C (safetensors waits in `open` for a writer with the GIL held)."""
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    os.mkfifo(tmp_path / "fifo.pth")
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "model-fifo").mkdir()
+    os.mkfifo(tmp_path / "model-fifo" / "model.safetensors")
+    _hf_snapshot(tmp_path / "config-fifo", config=b"{}")
+    (tmp_path / "config-fifo" / "config.json").unlink()
+    os.mkfifo(tmp_path / "config-fifo" / "config.json")
+    (tmp_path / "index-fifo").mkdir()
+    os.mkfifo(tmp_path / "index-fifo" / "model.safetensors.index.json")
+    (tmp_path / "shard-fifo").mkdir()
+    save_file({"transformer.wte.weight": np.ones((97, 24), np.float32)}, tmp_path / "shard-fifo" / "a.safetensors")
+    os.mkfifo(tmp_path / "shard-fifo" / "b.safetensors")
+    weight_map = {"transformer.wte.weight": "a.safetensors", "transformer.wpe.weight": "b.safetensors"}
+    (tmp_path / "shard-fifo" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    hf_file = str(_hf_snapshot(tmp_path / "hf") / "model.safetensors")
+    t = str(tmp_path)
+    groups = [
+        ([(how, f"{t}/fifo.safetensors") for how in HOWS], f"checkpoint '{t}/fifo.safetensors' is a FIFO"),
+        ([(how, f"{t}/fifo.pth") for how in HOWS], f"checkpoint '{t}/fifo.pth' is a FIFO"),
+        ([(how, f"{t}/model-fifo") for how in HOWS], f"checkpoint '{t}/model-fifo/model.safetensors' is a FIFO"),
+        ([("spec", f"{t}/config-fifo")], f"HF config '{t}/config-fifo/config.json' is a FIFO"),
+        ([("spec", f"{t}/index-fifo")], f"shard index '{t}/index-fifo/model.safetensors.index.json' is a FIFO"),
+        ([("spec", f"{t}/shard-fifo")], f"shard '{t}/shard-fifo/b.safetensors' is a FIFO"),
+        ([("hf_config", [hf_file, f"{t}/fifo.json"])], f"HF config '{t}/fifo.json' is a FIFO"),
+    ]
+    lines = _load_each(tmp_path, [case for cases, _ in groups for case in cases])
+    for cases, message in groups:
+        _refused_alike(lines[: len(cases)], cases, message + ", not a regular file")
+        lines = lines[len(cases) :]
+
+
+def test_a_character_device_is_refused_as_no_regular_file(tmp_path):
+    with pytest.raises(ValueError, match="^checkpoint '/dev/null' is a character device, not a regular file$"):
+        load_checkpoint("/dev/null")
+
+
+def test_a_folder_that_may_not_be_searched_and_an_unreadable_file_are_refused_saying_so(tmp_path):
+    """Run by a user without the permissions (a root test run drops, for that Python, the
+    capabilities that let root ignore them): a snapshot folder without search permission used to
+    raise PermissionError from `Path.is_file`, and an unreadable file was said not to exist."""
+    _hf_snapshot(tmp_path / "locked")
+    _hf_snapshot(tmp_path / "config-unreadable")
+    _canonical_file(tmp_path / "unreadable.safetensors")
+    torch.save({k: torch.from_numpy(v) for k, v in _sd().items()}, tmp_path / "unreadable.pth")
+    for path in ("unreadable.safetensors", "unreadable.pth", "config-unreadable/config.json"):
+        os.chmod(tmp_path / path, 0o000)
+    os.chmod(tmp_path / "locked", 0o600)
+    t = str(tmp_path)
+    groups = [
+        ([(how, f"{t}/locked") for how in HOWS], f"checkpoint folder '{t}/locked' is not searchable"),
+        (
+            [(how, f"{t}/locked/model.safetensors") for how in HOWS],
+            f"checkpoint '{t}/locked/model.safetensors' cannot be reached: folder '{t}/locked' is not searchable",
+        ),
+        (
+            [(how, f"{t}/unreadable.safetensors") for how in HOWS],
+            f"checkpoint '{t}/unreadable.safetensors' is not readable",
+        ),
+        ([(how, f"{t}/unreadable.pth") for how in HOWS], f"checkpoint '{t}/unreadable.pth' is not readable"),
+        ([("spec", f"{t}/config-unreadable")], f"HF config '{t}/config-unreadable/config.json' is not readable"),
+    ]
+    try:
+        lines = _load_each(tmp_path, [case for cases, _ in groups for case in cases], obey_permissions=True)
+    finally:
+        os.chmod(tmp_path / "locked", 0o755)
+    for cases, message in groups:
+        _refused_alike(lines[: len(cases)], cases, message + " (permission denied)")
+        lines = lines[len(cases) :]
