@@ -24,10 +24,12 @@ A program, not a test. Method:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
 import platform
+import signal
 import statistics
 import sys
 import textwrap
@@ -82,7 +84,15 @@ def rerun_with_hugepages() -> None:
     env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, HUGEPAGE_TUNABLE) if t))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    # The signal mask survives exec, the handlers do not: a Ctrl-C while the new program starts is
+    # held until it has its own (parity_tests.interrupt.guard_startup), not a KeyboardInterrupt.
+    blocking = hasattr(signal, "pthread_sigmask")
+    if blocking:
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    with contextlib.suppress(OSError):  # where exec fails the command runs on as it is (its header says so)
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    if blocking:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 # --- what the machine can do -------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """`gpt-parity`: check, benchmark and generate with the twins from the shell.
 
 Exit status: 0 when every comparison passes, 1 when one fails, 2 for bad arguments (one line on
-stderr, no traceback).
+stderr, no traceback), 130 for Ctrl-C, 141 when standard output's reader went away (the run
+finishes silently and writes its files). An output path that is an input, another output or
+standard output is refused before the run; `--json -` is standard output.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from gpt_spec import (
     GPT_MODEL,
     MODEL_CLASSES,
     MODEL_KINDS,
+    PRESETS,
     GPTConfig,
     check_adamw,
     resolve_config,
@@ -33,8 +36,18 @@ from gpt_spec.randomness import check_seed
 from gpt_spec.training import CHAPTER5
 
 from . import bench, chapter5, forward, mesh, training, twins, zoo
-from .interrupt import exit_on_interrupt
-from .output import check_output, format_table, versions, write_json
+from .interrupt import exit_on_interrupt, missing_folders
+from .output import (
+    EXIT_READER_GONE,
+    STDOUT,
+    check_output,
+    check_paths,
+    format_table,
+    guarded_streams,
+    json_text,
+    versions,
+    write_json,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,6 +112,12 @@ def _plant(text: str) -> tuple[str, str]:
     if twin not in zoo.TWINS:
         raise argparse.ArgumentTypeError(f"unknown twin {twin!r} in {text!r}; expected torch or flax")
     return name, twin
+
+
+JSON_HELP = (
+    "also write the results as JSON to PATH (null where a figure is NaN or infinite); - writes it to "
+    "standard output instead of the tables, which then go to standard error"
+)
 
 
 def _add_precision_arg(p: argparse.ArgumentParser) -> None:
@@ -172,7 +191,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, batch: bool = True, grid: boo
             metavar="N",
             help="simulate N CPU devices (for --mesh on a machine without N accelerators)",
         )
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--json", metavar="PATH", help=JSON_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
@@ -238,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--seed", type=_seed, default=0, help="seed for weights and token ids")
     _add_precision_arg(z)
     z.add_argument("--list", action="store_true", help="list the zoo and exit")
-    z.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    z.add_argument("--json", metavar="PATH", help=JSON_HELP)
     z.add_argument("--plot", metavar="PNG", help="save each mutant's margin at its first failure as a plot")
     z.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     b = sub.add_parser(
@@ -377,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--config", default="gpt2-xl", help="a preset or JSON config (default: gpt2-xl)")
     lm.add_argument("--dir", required=True, help="a folder with room for the checkpoint (6.2 GB for gpt2-xl)")
     lm.add_argument("--layout", default="canonical,hf", help="canonical, hf or both (default: canonical,hf)")
-    lm.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    lm.add_argument("--json", metavar="PATH", help=JSON_HELP)
     lm.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
@@ -624,7 +643,10 @@ def _write_outputs(args: argparse.Namespace, data: dict, plot: Callable[[str], N
     """--json, then --plot: each appears whole or not at all, and one failing (a disk filling up:
     the paths were checked before the run) does not keep the other from being written."""
     errors = []
-    if getattr(args, "json", None):
+    if getattr(args, "json", None) == STDOUT:
+        args.stdout.write(json_text(data))
+        args.stdout.flush()
+    elif getattr(args, "json", None):
         try:
             write_json(data, args.json)
         except ValueError as e:
@@ -886,34 +908,108 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
-    """The paths this command will write, each checked before any work (a run is never computed
-    only to be lost to an unwritable path)."""
-    outputs = []
+# What train writes in --out (the models: chapter5.run_chapter5's names), and the scratch files
+# load-memory writes in --dir and deletes (load_memory.run's names), per layout.
+TRAIN_FILES = ("train.json", "train.png", "torch.safetensors", "flax.safetensors")
+LOAD_MEMORY_SCRATCH = {"canonical": "model-canonical.safetensors", "hf": "hf-snapshot"}
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What a command will write, known before any work (see interrupt.exit_on_interrupt)."""
+
+    outputs: list[str]  # files written whole
+    folders: list[str]  # folders it will create
+    scratch: list[str]  # what it creates and deletes itself
+
+
+def _read_paths(flag: str, path: str) -> list[tuple[str, str]]:
+    """A checkpoint path and what reading it reads: a folder whole, a shard index's folder, and
+    the HF config.json beside a file, where there is one."""
+    if os.path.isdir(path):
+        return [(flag, path)]
+    folder = os.path.dirname(path) or "."
+    if path.endswith(".index.json"):
+        return [(flag, path), (f"the folder of {flag}", folder)]
+    beside = os.path.join(folder, "config.json")
+    return [(flag, path)] + ([(f"the config.json beside {flag}", beside)] if os.path.isfile(beside) else [])
+
+
+def _inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Every path the command reads, named as the user gave it."""
+    inputs = []
+    config = getattr(args, "config", None)
+    if config and config not in PRESETS:
+        inputs.append(("--config", config))
+    if getattr(args, "checkpoint", None):
+        inputs += _read_paths("--checkpoint", args.checkpoint)
+    if args.command == "convert":
+        inputs += _read_paths("the source", args.src)
+    if args.command == "train" and args.text:
+        inputs.append(("--text", args.text))
+    return inputs
+
+
+def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _Plan:
+    """The paths this command will write, each checked before any work: a run is never computed
+    only to be lost to an unwritable path, nor allowed to overwrite what it reads or prints."""
+    outputs: list[tuple[str, str]] = []
+    folders: list[str] = []
+    scratch: list[str] = []
     for flag in ("json", "plot"):
         path = getattr(args, flag, None)
-        if path:
-            try:
-                check_output(path, f"--{flag}", plot=flag == "plot")
-            except ValueError as e:
-                parser.error(str(e))
-            outputs.append(path)
-    if len(outputs) == 2 and os.path.realpath(outputs[0]) == os.path.realpath(outputs[1]):
-        parser.error(f"--json and --plot name the same file {outputs[0]!r}")
+        if path and not (flag == "json" and path == STDOUT):
+            outputs.append((f"--{flag}", path))
     if args.command == "convert":
-        outputs.append(args.dst)
-    return outputs
+        if args.to == "hf":
+            outputs += [("the destination", os.path.join(args.dst, n)) for n in ("model.safetensors", "config.json")]
+            folders = missing_folders(args.dst)
+        else:
+            outputs.append(("the destination", args.dst))
+    elif args.command == "train":
+        outputs += [("--out", os.path.join(args.out, name)) for name in TRAIN_FILES]
+        folders = missing_folders(args.out)
+    elif args.command == "load-memory":
+        for layout in args.layout.split(","):
+            name = LOAD_MEMORY_SCRATCH.get(layout.strip())
+            if name is None:
+                continue  # refused with the list of layouts by the command
+            path = os.path.join(args.dir, name)
+            if os.path.lexists(path):
+                parser.error(
+                    f"--dir {args.dir!r} already holds {name!r}, which load-memory writes and then deletes; "
+                    "move it or choose another folder"
+                )
+            scratch.append(path)
+            outputs.append(("--dir", path))
+    try:
+        check_paths(outputs, _inputs(args))
+        for flag, path in outputs:
+            if flag in ("--json", "--plot"):
+                check_output(path, flag, plot=flag == "--plot")
+    except ValueError as e:
+        parser.error(str(e))
+    written = [path for flag, path in outputs if flag != "--dir"]
+    return _Plan(written, folders, scratch)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status 0 (pass), 1 (parity failed), 2 (bad input: one line on stderr), 130 (Ctrl-C:
-    one line, nothing half-written, no verdict)."""
+    one line, nothing half-written, no verdict), 141 (standard output closed by its reader, as in
+    `| head`: the run went on, silently, and wrote its files).
+
+    `argv` None: the command line of this process, which exits when main returns."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if argv is None and args.command == "bench" and not args.no_hugepages:
+    plan = _plan(args, parser)
+    process = argv is None
+    if process and args.command == "bench" and not args.no_hugepages:
         bench.rerun_with_hugepages()  # returns only where it cannot (or already did)
-    with exit_on_interrupt(parser.prog, _outputs(args, parser)):
-        return _run(args, parser)
+    with exit_on_interrupt(parser.prog, plan.outputs, folders=plan.folders, scratch=plan.scratch, process=process):
+        with guarded_streams(json_to_stdout=getattr(args, "json", None) == STDOUT) as streams:
+            args.stdout = streams.stdout
+            status = _run(args, parser)
+        return EXIT_READER_GONE if streams.reader_gone else status
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -4,15 +4,18 @@ strict JSON for machines (with the versions that produced it; null where a figur
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
 import os
 import platform
+import stat
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 import rich.progress
@@ -214,6 +217,124 @@ def check_output(path: str, flag: str, *, plot: bool = False) -> None:
             raise ValueError(
                 f"{flag} {path!r}: the file name must end in one of {', '.join('.' + f for f in sorted(formats))}"
             )
+
+
+STDOUT = "-"  # --json - : the JSON on standard output, the tables on standard error
+EXIT_READER_GONE = 128 + 13  # 141, the shell's status for a process ended by SIGPIPE
+
+
+class _Stream:
+    """A text stream that outlives its reader: once a write finds the pipe closed (`| head -1`),
+    this and every later write is dropped, so the run goes on to write its files."""
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+        self.reader_gone = False
+
+    def write(self, text: str) -> int:
+        if not self.reader_gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._gone()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.reader_gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._gone()
+
+    def _gone(self) -> None:
+        self.reader_gone = True
+        # What is still buffered, and Python's own flush at exit, go to /dev/null instead: a dead
+        # pipe would make them fail again, as "Exception ignored" on stderr.
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@dataclasses.dataclass
+class Streams:
+    stdout: _Stream  # where --json - goes
+    stderr: _Stream
+
+    @property
+    def reader_gone(self) -> bool:
+        return self.stdout.reader_gone or self.stderr.reader_gone
+
+
+@contextlib.contextmanager
+def guarded_streams(*, json_to_stdout: bool = False) -> Iterator[Streams]:
+    """sys.stdout and sys.stderr for one command: writes to a closed pipe are dropped (the caller
+    ends with EXIT_READER_GONE once its files are written); with `json_to_stdout`, what would be
+    printed goes to standard error, standard output being the JSON's."""
+    saved = sys.stdout, sys.stderr
+    streams = Streams(_Stream(sys.stdout), _Stream(sys.stderr))
+    sys.stdout = streams.stderr if json_to_stdout else streams.stdout
+    sys.stderr = streams.stderr
+    try:
+        yield streams
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+_STREAMS = ((1, "standard output"), (2, "standard error"))
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)  # follows links, /proc's /dev/fd/N ones too
+    except (OSError, ValueError):
+        return None
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether `a` and `b` are one file: one inode where both exist (symlinks, hard links and
+    bind mounts included), else one path once links are resolved."""
+    sa, sb = _stat(a), _stat(b)
+    if sa is not None and sb is not None:
+        return os.path.samestat(sa, sb)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return any(_same_file(str(parent), folder) for parent in Path(os.path.realpath(path)).parents)
+
+
+def check_paths(outputs: Sequence[tuple[str, str]], inputs: Sequence[tuple[str, str]]) -> None:
+    """Refuse, before a run, an output that would destroy what the run reads or prints. Each is
+    (what names it, path): an output may not be this process's standard output or error, an
+    existing file that is not a regular one (a device: the run would put a new file in its place),
+    an input file or a file inside an input folder (a snapshot), or another output."""
+    for i, (flag, path) in enumerate(outputs):
+        st = _stat(path)
+        for fd, stream in _STREAMS:
+            try:
+                same = st is not None and os.path.samestat(st, os.fstat(fd))
+            except OSError:  # the stream is closed
+                same = False
+            if same:
+                hint = " (--json - writes the JSON there and the tables to standard error)" if fd == 1 else ""
+                raise ValueError(
+                    f"{flag} {path!r} is this process's {stream}: writing it would replace what the run prints{hint}"
+                )
+        if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+            raise ValueError(f"{flag} {path!r} is not a regular file (a device, pipe or socket)")
+        for in_flag, in_path in inputs:
+            if os.path.isdir(in_path):
+                if _inside(path, in_path):
+                    raise ValueError(f"{flag} {path!r} is inside {in_flag} {in_path!r}, a folder the run reads")
+            elif _same_file(path, in_path):
+                raise ValueError(f"{flag} {path!r} is the same file as {in_flag} {in_path!r}: it would be overwritten")
+        for other_flag, other in outputs[:i]:
+            if _same_file(path, other):
+                raise ValueError(f"{other_flag} {other!r} and {flag} {path!r} name the same file")
 
 
 def pyplot():
