@@ -23,8 +23,11 @@ from gpt_spec import (
     check_sampling,
     default_context_size,
 )
+from gpt_spec.data import check_text
+from gpt_spec.inputs import unpickable_logits
 from gpt_spec.randomness import pick_token
 
+from .dropout import ParityDropout
 from .model import _GPT, check_ids
 
 # Greedy steps per compiled call. The Python loop waits for each chunk before it dispatches the
@@ -50,6 +53,47 @@ def _dtype_name(idx: Any) -> str:
     """The prompt's own dtype (numpy's int64, before jnp makes it int32), as torch's twin sees it."""
     dtype = getattr(idx, "dtype", None)
     return np.dtype(dtype).name if dtype is not None else np.asarray(idx).dtype.name
+
+
+def _unpickable(logits: jax.Array) -> jax.Array:
+    """(batch,) bool: rows of (batch, vocab_size) logits with no token to pick (a NaN or +inf among
+    them, or nothing but -inf), as the torch twin's check_pickable finds them."""
+    return jnp.isnan(logits).any(-1) | jnp.isposinf(logits).any(-1) | (logits.max(-1) == -jnp.inf)
+
+
+def _note_unpickable(bad: jax.Array, step: jax.Array, logits: jax.Array) -> jax.Array:
+    """`bad`, (first unpickable step, its first row) or (-1, -1), with this step's logits noted:
+    the jitted loops go on and the host refuses after the chunk."""
+    rows = _unpickable(logits)
+    first = jnp.stack([jnp.asarray(step, jnp.int32), jnp.argmax(rows).astype(jnp.int32)])
+    return jnp.where((bad[0] < 0) & rows.any(), first, bad)
+
+
+def _raise_unpickable(bad: jax.Array) -> None:
+    step, row = (int(v) for v in np.asarray(bad))
+    if step >= 0:
+        raise unpickable_logits(step, row)
+
+
+def check_pickable(logits: jax.Array, step: int) -> jax.Array:
+    """Refuse (batch, vocab_size) logits that give some row no token to pick, as torch's twin does."""
+    rows = np.asarray(_unpickable_jit(logits))
+    if rows.any():
+        raise unpickable_logits(step, int(np.argmax(rows)))
+    return logits
+
+
+_unpickable_jit = jax.jit(_unpickable)
+NO_UNPICKABLE = (-1, -1)
+
+
+def _dropout_active(model: nnx.Module) -> bool:
+    """Whether some dropout of `model` drops (train mode, rate > 0): its masks then depend on the
+    shape of what it is fed, so generation must feed the book's shapes, not a fixed window."""
+    return any(
+        isinstance(m, nnx.Dropout | ParityDropout) and not m.deterministic and m.rate > 0
+        for _, m in nnx.iter_modules(model)
+    )
 
 
 def _check_prompt(model: nnx.Module, idx: Any) -> tuple[GPTConfig | ModelLimits, jax.Array, str]:
@@ -83,20 +127,22 @@ def _check_model_output(
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n_prompt", "window"), donate_argnames=("buf",))
-def _generate(graphdef, rng_state, params, buf, lo, hi, *, n_prompt: int, window: int):
-    """Steps lo..hi-1 of a generation into `buf` (batch, n_prompt + max_new_tokens)."""
+def _generate(graphdef, rng_state, params, buf, bad, lo, hi, *, n_prompt: int, window: int):
+    """Steps lo..hi-1 of a generation into `buf` (batch, n_prompt + max_new_tokens); `bad` notes
+    the first step whose logits give a row no token to pick."""
 
     def step(i, carry):
-        buf, rng_state = carry
+        buf, rng_state, bad = carry
         n = n_prompt + i  # tokens so far
         logits, rng_state = _window_logits(graphdef, rng_state, params, buf, n, window)
+        bad = _note_unpickable(bad, i, logits)
         probas = jax.nn.softmax(logits, axis=-1)
         # argmax is int32 and vocab_size <= 2**31 - 1; the prompt's dtype was checked to hold it.
         idx_next = jnp.argmax(probas, axis=-1).astype(buf.dtype)  # (batch,)
         buf = jax.lax.dynamic_update_slice_in_dim(buf, idx_next[:, None], n, axis=1)
-        return buf, rng_state
+        return buf, rng_state, bad
 
-    return jax.lax.fori_loop(lo, hi, step, (buf, rng_state))
+    return jax.lax.fori_loop(lo, hi, step, (buf, rng_state, bad))
 
 
 def _window_logits(graphdef, rng_state, params, buf, n, window: int):
@@ -159,15 +205,43 @@ def generate_text_simple(model: nnx.Module, idx: Any, max_new_tokens: int, conte
     check_output_fits(batch, n_prompt, max_new_tokens, dtype_name)
     if max_new_tokens == 0:
         return ids
+    if _dropout_active(model):
+        return _generate_as_the_book(model, ids, max_new_tokens, context_size, limits, dtype_name)
     window, graphdef, rng_state, params, buf = _prepare(model, ids, max_new_tokens, context_size, limits, dtype_name)
+    bad = jnp.asarray(NO_UNPICKABLE, jnp.int32)
     try:
         for lo in range(0, max_new_tokens, GENERATE_CHUNK):
             hi = min(lo + GENERATE_CHUNK, max_new_tokens)
-            buf, rng_state = _generate(graphdef, rng_state, params, buf, lo, hi, n_prompt=n_prompt, window=window)
+            buf, rng_state, bad = _generate(
+                graphdef, rng_state, params, buf, bad, lo, hi, n_prompt=n_prompt, window=window
+            )
             jax.block_until_ready(buf)  # a KeyboardInterrupt lands here, between chunks
+            _raise_unpickable(bad)
     finally:
         nnx.update(model, rng_state)  # dropout keys advance, as in the eager model (to the last chunk run)
     return buf
+
+
+def _book_logits(model: nnx.Module, ids: jax.Array, context_size: int, limits, dtype_name: str, step: int):
+    """The logits at the last of the last `context_size` of `ids`, the model fed exactly those (the
+    book's loop, one forward per step): where dropout is on, its masks are the torch twin's."""
+    window = ids[:, -context_size:]
+    logits = model(window)
+    check_logits(tuple(logits.shape), window.shape[0], window.shape[1], limits.vocab_size)
+    if limits.vocab_size is None:
+        check_id_dtype(dtype_name, logits.shape[-1])
+    return check_pickable(logits[:, -1, :], step)
+
+
+def _generate_as_the_book(
+    model: nnx.Module, ids: jax.Array, max_new_tokens: int, context_size: int, limits, dtype_name
+):
+    """generate_text_simple as the book's loop: a growing input, one eager forward per step."""
+    for step in range(max_new_tokens):
+        logits = _book_logits(model, ids, context_size, limits, dtype_name, step)
+        idx_next = jnp.argmax(jax.nn.softmax(logits, axis=-1), axis=-1).astype(ids.dtype)
+        ids = jnp.concatenate([ids, idx_next[:, None]], axis=1)
+    return ids
 
 
 def generate(
@@ -204,19 +278,28 @@ def generate(
     check_output_fits(batch, n_prompt, max_new_tokens, dtype_name)
     if max_new_tokens == 0:
         return ids
+    exact = _dropout_active(model)  # the book's shapes, for its dropout masks
     window, graphdef, rng_state, params, buf = _prepare(model, ids, max_new_tokens, context_size, limits, dtype_name)
     done = np.zeros(batch, dtype=bool)
     n = n_prompt
     try:
         for step in range(max_new_tokens):
-            logits, rng_state = _next_logits(graphdef, rng_state, params, buf, n, window=window)
+            if exact:
+                nnx.update(model, rng_state)
+                logits = _book_logits(model, buf[:, :n], context_size, limits, dtype_name, step)
+                rng_state = nnx.state(model, nnx.RngState)
+            else:
+                logits, rng_state = _next_logits(graphdef, rng_state, params, buf, n, window=window)
+                check_pickable(logits, step)
             if temperature > 0.0 and parity_seed is not None:
                 picked = pick_token(np.asarray(logits, dtype=np.float32), temperature, top_k, parity_seed, step)
             else:
                 logits = _filter_top_k(logits, top_k=top_k)
                 if temperature > 0.0:
                     assert rngs is not None  # checked above
-                    picked = np.asarray(jax.random.categorical(rngs.sample(), logits / temperature, axis=-1))
+                    # The largest logit taken off first: a tiny temperature would overflow the logits.
+                    scaled = (logits - logits.max(axis=-1, keepdims=True)) / temperature
+                    picked = np.asarray(jax.random.categorical(rngs.sample(), scaled, axis=-1))
                 else:
                     picked = np.asarray(jnp.argmax(logits, axis=-1))
             if eos_id is not None:
@@ -233,7 +316,7 @@ def generate(
 
 def text_to_token_ids(text: str, tokenizer: Any) -> jax.Array:
     """The book's text_to_token_ids: (1, n_tokens) int32 (jnp's integer), `<|endoftext|>` allowed."""
-    encoded = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+    encoded = tokenizer.encode(check_text("text", text), allowed_special={"<|endoftext|>"})
     return jnp.asarray(encoded, dtype=jnp.int32)[None, :]  # add the batch dimension
 
 
@@ -261,7 +344,7 @@ def _prefill(graphdef, params, cache, rest, prompt):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "tokens"))
-def _generate_cached(graphdef, params, cache, rest, logits, tokens, lo, hi):
+def _generate_cached(graphdef, params, cache, rest, logits, tokens, bad, lo, hi):
     """Decode steps lo..hi-1: step i picks token i from the logits carried in and feeds it through
     the cache. Then token hi is picked from the last logits: the next chunk's first pick, or, at
     hi = max_new_tokens - 1, the last token (which needs no logits). Params stay constants of the
@@ -275,15 +358,17 @@ def _generate_cached(graphdef, params, cache, rest, logits, tokens, lo, hi):
         return jnp.argmax(probas, axis=-1).astype(tokens.dtype)  # (batch,)
 
     def step(i, carry):
-        logits, tokens, cache, rest = carry
+        logits, tokens, cache, rest, bad = carry
+        bad = _note_unpickable(bad, i, logits)
         idx_next = pick(logits)
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, idx_next, i, axis=1)
         logits, cache, rest = _run_cached(graphdef, params, cache, rest, idx_next[:, None])
-        return logits, tokens, cache, rest
+        return logits, tokens, cache, rest, bad
 
-    logits, tokens, cache, rest = jax.lax.fori_loop(lo, hi, step, (logits, tokens, cache, rest))
+    logits, tokens, cache, rest, bad = jax.lax.fori_loop(lo, hi, step, (logits, tokens, cache, rest, bad))
+    bad = _note_unpickable(bad, hi, logits)
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, pick(logits), hi, axis=1)
-    return logits, tokens, cache, rest
+    return logits, tokens, cache, rest, bad
 
 
 def generate_text_simple_cached(
@@ -321,11 +406,15 @@ def generate_text_simple_cached(
     params, cache, rest = states
     logits, cache, rest = _prefill(graphdef, params, cache, rest, prompt)
     tokens = jnp.zeros((prompt.shape[0], max_new_tokens), ids.dtype)
+    bad = jnp.asarray(NO_UNPICKABLE, jnp.int32)
     try:
         for lo in range(0, max(max_new_tokens - 1, 1), GENERATE_CHUNK):
             hi = min(lo + GENERATE_CHUNK, max_new_tokens - 1)
-            logits, tokens, cache, rest = _generate_cached(graphdef, params, cache, rest, logits, tokens, lo, hi)
+            logits, tokens, cache, rest, bad = _generate_cached(
+                graphdef, params, cache, rest, logits, tokens, bad, lo, hi
+            )
             jax.block_until_ready(tokens)  # a KeyboardInterrupt lands here, between chunks
+            _raise_unpickable(bad)
     finally:
         nnx.update(model, cache, rest)
     return jnp.concatenate([ids, tokens], axis=1)

@@ -20,6 +20,8 @@ from gpt_spec import (
     LAYER_NORM,
     GPTConfig,
     ModelLimits,
+    check_cache_call,
+    check_cache_fits,
     check_cache_room,
     check_kv_cache,
     check_last_only,
@@ -79,16 +81,35 @@ def dot_general_f32(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     return out.astype(out_dtype)
 
 
-def round_to_bfloat16(x: jax.Array) -> jax.Array:
-    """float32 `x` rounded to the nearest bfloat16 (ties to even), kept in float32: the values of
-    x.astype(bfloat16).astype(float32), NaN and infinities included.
-
-    Written on the bits, one fused integer pass: XLA's CPU converts between float32 and bfloat16
-    are slow (the vocabulary head's (1024, 50257) logits took ~90 ms more through them, gpt2-small,
-    4 x 256) and a pair of them may be simplified away as excess precision."""
+def round_bits_to_bfloat16(x: jax.Array) -> jax.Array:
+    """round_to_bfloat16's values, without its derivative (integer ops have none): not for a
+    value a gradient must flow through."""
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
     rounded = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))) & jnp.uint32(0xFFFF0000)
     return jnp.where(jnp.isnan(x), x, jax.lax.bitcast_convert_type(rounded, jnp.float32))
+
+
+@jax.custom_vjp
+def round_to_bfloat16(x: jax.Array) -> jax.Array:
+    """float32 `x` rounded to the nearest bfloat16 (ties to even), kept in float32: the values of
+    x.astype(bfloat16).astype(float32), NaN and infinities included; and its derivative, the
+    cotangent rounded to bfloat16, as the backward of torch's bfloat16 `.float()` gives it.
+
+    Written on the bits, one fused integer pass: XLA's CPU converts between float32 and bfloat16
+    are slow and a pair of them may be simplified away as excess precision. Integer ops have no
+    derivative, so the derivative is stated here (without it every gradient behind the head is 0)."""
+    return round_bits_to_bfloat16(x)
+
+
+def _round_fwd(x: jax.Array) -> tuple[jax.Array, None]:
+    return round_bits_to_bfloat16(x), None
+
+
+def _round_bwd(_: None, g: jax.Array) -> tuple[jax.Array]:
+    return (round_bits_to_bfloat16(g),)
+
+
+round_to_bfloat16.defvjp(_round_fwd, _round_bwd)
 
 
 def dot_general_logits(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
@@ -221,8 +242,7 @@ class MultiHeadAttention(nnx.Module):
         self.cache_max_len = context_length  # positions a cache allocated at a cached call may reach
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> None:
-        slots = max_len if self.window_size is None else min(self.window_size, max_len)
-        shape = (batch_size * self.num_heads, slots, self.head_dim)
+        shape = (batch_size * self.num_heads, self.cache_slots(max_len), self.head_dim)
         self.cache_k = nnx.Cache(jnp.zeros(shape, dtype))
         self.cache_v = nnx.Cache(jnp.zeros(shape, dtype))
         self.ptr_current_pos = nnx.Cache(jnp.zeros((), jnp.int32))
@@ -232,6 +252,17 @@ class MultiHeadAttention(nnx.Module):
         self.cache_k, self.cache_v = nnx.data(None), nnx.data(None)
         self.ptr_current_pos = nnx.Cache(jnp.zeros((), jnp.int32))
         self.cache_max_len = self.context_length if max_len is None else max_len
+
+    def cache_slots(self, max_len: int) -> int:
+        """Slots of a cache for sequences of up to `max_len` positions: the window, if it is shorter."""
+        return max_len if self.window_size is None else min(self.window_size, max_len)
+
+    def check_cache_call(self, b: int, num_tokens: int) -> None:
+        """Refuse a cached call of batch `b` and `num_tokens` new tokens this cache cannot take."""
+        if self.cache_k is None:
+            check_cache_call(None, b, num_tokens, self.cache_slots(self.cache_max_len))
+        else:
+            check_cache_call(self.cache_k.shape[0] // self.num_heads, b, num_tokens, self.cache_k.shape[1])
 
     def __call__(self, x: jax.Array, use_cache: bool = False) -> jax.Array:
         b, num_tokens, d_in = x.shape
@@ -243,15 +274,11 @@ class MultiHeadAttention(nnx.Module):
         values_new = values_new.reshape(b, num_tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         # (b, num_heads, num_tokens, head_dim)
         if use_cache:
+            self.check_cache_call(b, num_tokens)
             if self.cache_k is None:
                 self.init_cache(b, self.cache_max_len, keys_new.dtype)
             assert self.cache_k is not None and self.cache_v is not None  # init_cache allocates both
-            cached_batch = self.cache_k.shape[0] // self.num_heads
-            if cached_batch != b:
-                raise ValueError(f"the KV cache holds batch size {cached_batch}, got {b}: reset it")
             slots = self.cache_k.shape[1]
-            if num_tokens > slots:
-                raise ValueError(f"{num_tokens} new tokens do not fit in the KV cache's {slots} slots")
             # (b * num_heads, num_tokens, head_dim): the cache's layout (see __init__)
             queries, keys_new, values_new = (
                 t.reshape(b * self.num_heads, num_tokens, self.head_dim) for t in (queries, keys_new, values_new)
@@ -435,8 +462,7 @@ class _GPT(nnx.Module):
         start: int | jax.Array = 0
         if use_cache:
             start = self.current_pos[...]
-            if not isinstance(start, jax.core.Tracer):  # in a trace, the caller checked the room
-                check_cache_room(int(start), seq_len, self.cfg, self.cache_max_len)
+            self._check_cached_call(start, batch_size, seq_len)  # a refused call changes nothing
             self.current_pos[...] = start + seq_len
         tok_embeds = self.tok_emb(in_idx)  # (batch_size, seq_len, emb_dim)
         pos_embeds = self.pos_emb(start + jnp.arange(seq_len))  # (seq_len, emb_dim)
@@ -456,6 +482,23 @@ class _GPT(nnx.Module):
             return {**activations, "final_norm": x, "out_head": logits}
         return logits
 
+    def _attention(self) -> list[MultiHeadAttention]:
+        return [block.att for block in self.trf_blocks if isinstance(block, TransformerBlock)]
+
+    def _check_cached_call(self, start: Any, batch_size: int, seq_len: int) -> None:
+        """Everything that could refuse a cached call, checked before any position or cache moves."""
+        if not isinstance(start, jax.core.Tracer):  # in a trace, the caller checked the room
+            check_cache_room(int(start), seq_len, self.cfg, self.cache_max_len)
+        attention = self._attention()
+        for att in attention:
+            att.check_cache_call(batch_size, seq_len)
+        if attention and attention[0].cache_k is None:  # allocated by this call
+            slots = attention[0].cache_slots(attention[0].cache_max_len)
+            check_cache_fits(batch_size, slots, self.cfg, self._itemsize())
+
+    def _itemsize(self) -> int:
+        return jnp.dtype(self.tok_emb.embedding.dtype).itemsize
+
     def reset_kv_cache(self, batch_size: int | None = None, max_len: int | None = None) -> None:
         """Empty every block's KV cache; the next cached call starts at position 0.
 
@@ -467,12 +510,14 @@ class _GPT(nnx.Module):
         for its batch.
         """
         batch_size, max_len = check_kv_cache(batch_size, max_len, self.cfg)
-        for block in self.trf_blocks:
-            if isinstance(block, TransformerBlock):
-                if batch_size is None:
-                    block.att.reset_cache(max_len)
-                else:
-                    block.att.init_cache(batch_size, max_len, self.tok_emb.embedding[...].dtype)
+        attention = self._attention()
+        if batch_size is not None and attention:
+            check_cache_fits(batch_size, attention[0].cache_slots(max_len), self.cfg, self._itemsize())
+        for att in attention:
+            if batch_size is None:
+                att.reset_cache(max_len)
+            else:
+                att.init_cache(batch_size, max_len, self.tok_emb.embedding.dtype)
         self.current_pos = nnx.Cache(jnp.zeros((), jnp.int32))
         self.cache_max_len = max_len
 

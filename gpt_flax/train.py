@@ -4,15 +4,18 @@ chapter 5's calc_loss_loader, evaluate_model, generate_and_print_sample and trai
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 from gpt_spec import StateDict, check_adamw, check_targets
+from gpt_spec.inputs import bad_device, foreign_optimizer, stale_optimizer
 from gpt_spec.training import Log, OnEvent, check_num_batches, check_schedule, eval_event
 
 from .generate import generate_text_simple, text_to_token_ids, token_ids_to_text
@@ -29,13 +32,30 @@ def _checked(model: _GPT, input_batch: Any, target_batch: Any) -> tuple[jax.Arra
     return input_batch, target_batch
 
 
-def calc_loss_batch(input_batch: Any, target_batch: Any, model: _GPT, device: jax.Device | None = None) -> jax.Array:
+def check_device(device: object) -> jax.Device | None:
+    """A `device` argument as JAX takes it: None, a jax.Device or a name ("cpu", "gpu:1": a platform
+    and an index), of a device this machine has (refused alike in the torch twin)."""
+    if device is None or isinstance(device, jax.Device):
+        return device
+    if not isinstance(device, str):
+        raise bad_device(device, known=False)
+    platform, _, index = device.partition(":")
+    try:
+        return jax.devices(platform)[int(index or 0)]
+    except (RuntimeError, ValueError, IndexError):
+        raise bad_device(device, known=True) from None
+
+
+def calc_loss_batch(
+    input_batch: Any, target_batch: Any, model: _GPT, device: jax.Device | str | None = None
+) -> jax.Array:
     """Mean next-token cross-entropy of `model` on (batch, seq_len) inputs and targets.
 
     The inputs are checked first, then the targets (as the torch twin does); ids of any integer
     dtype, as numpy or JAX arrays or nested lists (what the forward takes), are accepted. With
     `device` (a jax.Device), both are put on it first, as the book's calc_loss_batch moves them."""
     input_batch, target_batch = _checked(model, input_batch, target_batch)
+    device = check_device(device)
     if device is not None:
         input_batch, target_batch = jax.device_put((input_batch, target_batch), device)
     logits = model(input_batch)
@@ -69,7 +89,33 @@ def adamw(
     Arguments are checked by gpt_spec.check_adamw (optax checks none), so both twins refuse the
     same ones with the same ValueError."""
     lr, weight_decay, betas, eps = check_adamw(lr, weight_decay, betas, eps)
-    return nnx.Optimizer(model, _adamw_tx(lr, weight_decay, *betas, eps), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, _adamw_tx(lr, weight_decay, *betas, eps), wrt=nnx.Param)
+    _MADE_FOR[optimizer] = (weakref.ref(model), _dtype_name(model))
+    return optimizer
+
+
+# The model, and its parameters' dtype, each optimizer of adamw() was made for. nnx.Optimizer does
+# not keep its model (its state merely has the same structure, so another model of the same
+# config would train on it), and it is kept out of the optimizer itself, whose attributes are part
+# of the graph every jitted step is compiled for.
+_MADE_FOR: weakref.WeakKeyDictionary[nnx.Optimizer, tuple[weakref.ref, str]] = weakref.WeakKeyDictionary()
+
+
+def _dtype_name(model: nnx.Module) -> str:
+    return jnp.dtype(next(iter(nnx.to_flat_state(nnx.state(model, nnx.Param))))[1].dtype).name
+
+
+def check_optimizer(model: nnx.Module, optimizer: nnx.Optimizer) -> None:
+    """Refuse an optimizer adamw() made for another model (its state would train this one as if it
+    were that one's), or made before a cast, as the torch twin refuses them."""
+    made = _MADE_FOR.get(optimizer)
+    if made is None:
+        return  # not adamw()'s: nothing recorded to check against
+    owner, made_for = made
+    if owner() is not model:
+        raise foreign_optimizer()
+    if made_for != _dtype_name(model):
+        raise stale_optimizer(made_for, _dtype_name(model))
 
 
 @functools.lru_cache(maxsize=64)
@@ -90,6 +136,7 @@ def _train_step(model: _GPT, optimizer: nnx.Optimizer, input_batch: jax.Array, t
 
 def train_step(model: _GPT, optimizer: nnx.Optimizer, input_batch: Any, target_batch: Any) -> float:
     """One optimizer step on one batch (compiled once per shape); returns the loss before the step."""
+    check_optimizer(model, optimizer)
     input_batch, target_batch = _checked(model, input_batch, target_batch)
     return float(np.asarray(_train_step(model, optimizer, input_batch, target_batch)))
 
@@ -162,6 +209,7 @@ def train_model_simple(
     greedy sample of `start_context`. Returns (train losses, validation losses, tokens seen) at
     the evaluations; `on_event` is called with the torch twin's events."""
     num_epochs, eval_freq, eval_iter = check_schedule(num_epochs, eval_freq, eval_iter)
+    check_optimizer(model, optimizer)
     emit = on_event or (lambda event: None)
     train_losses: list[float] = []
     val_losses: list[float] = []

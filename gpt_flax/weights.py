@@ -178,11 +178,15 @@ _JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def cast(model: _M, dtype: str) -> _M:
     """Parameters (and so the compute) in `dtype`, "float32" or "bfloat16"; LayerNorm statistics,
-    softmax and logits stay float32. In place; returns the model."""
+    softmax and logits stay float32. A KV cache is cast too (its keys and values rounded), as
+    torch's twin casts its buffers: cached calls go on. In place; returns the model."""
     target = _JAX_DTYPES[check_dtype(dtype)]
     for var, _ in _params(model).values():
         if var.dtype != target:
             var.set_value(var[...].astype(target))  # `var[...] =` would keep the old dtype
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Cache)):
+        if jnp.issubdtype(var.dtype, jnp.floating) and var.dtype != target:
+            var.set_value(var[...].astype(target))  # the KV cache, as torch's module.to() casts its buffers
     for _, module in nnx.iter_modules(model):
         if isinstance(module, nnx.Embed):
             # nnx.Embed fixes its compute dtype at construction (the float32 of its table then);

@@ -13,6 +13,7 @@ from .inputs import (
     DTYPES,
     ModelLimits,
     check_adamw,
+    check_cache_call,
     check_cache_room,
     check_cached_generation,
     check_dtype,
@@ -27,7 +28,7 @@ from .inputs import (
     default_context_size,
     in_model_order,
 )
-from .limits import MAX_SIZE, check_model_fits, check_output_fits, model_bytes
+from .limits import MAX_SIZE, check_cache_fits, check_model_fits, check_output_fits, model_bytes
 from .models import (
     DUMMY,
     DUMMY_GPT_MODEL,
@@ -67,6 +68,8 @@ __all__ = [
     "ModelLimits",
     "StateDict",
     "check_adamw",
+    "check_cache_call",
+    "check_cache_fits",
     "check_cache_room",
     "check_cached_generation",
     "check_dtype",

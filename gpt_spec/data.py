@@ -30,12 +30,18 @@ def the_verdict() -> str:
 
 def split_text(text: str, train_ratio: float = 0.90) -> tuple[str, str]:
     """The book's split: the first `train_ratio` of the characters train, the rest validate."""
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    check_text("text", text)
     if isinstance(train_ratio, bool) or not isinstance(train_ratio, int | float) or not 0.0 < train_ratio < 1.0:
         raise ValueError(f"train_ratio must be a number in (0, 1), got {train_ratio!r}")
     split_idx = int(train_ratio * len(text))
     return text[:split_idx], text[split_idx:]
+
+
+def check_text(name: str, value: Any) -> str:
+    """Text the tokenizer encodes: a str (bytes must be decoded first: the encoding is the caller's)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a str, got {type(value).__name__}")
+    return value
 
 
 def check_integer(name: str, value: Any, minimum: int) -> int:
@@ -70,7 +76,7 @@ class GPTDatasetV1:
     (input_ids[i], target_ids[i]). The tokenizer encodes with `<|endoftext|>` allowed, as the book's."""
 
     def __init__(self, txt: str, tokenizer: Any, max_length: int, stride: int):
-        token_ids = tokenizer.encode(txt, allowed_special={"<|endoftext|>"})
+        token_ids = tokenizer.encode(check_text("txt", txt), allowed_special={"<|endoftext|>"})
         self.input_ids, self.target_ids = token_windows(token_ids, max_length, stride)
 
     def __len__(self) -> int:
@@ -150,6 +156,7 @@ __all__ = [
     "GPTDatasetV1",
     "check_integer",
     "check_loader_args",
+    "check_text",
     "split_text",
     "the_verdict",
     "token_windows",

@@ -147,6 +147,47 @@ def check_kv_cache(batch_size: object, max_len: object, cfg: GPTConfig) -> tuple
     return batch_size, max_len
 
 
+def check_cache_call(cached_batch: int | None, batch: int, num_tokens: int, slots: int) -> None:
+    """A cached call's batch must be the one its KV cache holds (None: not allocated yet, any batch)
+    and its new tokens must fit in the cache's slots."""
+    if cached_batch is not None and cached_batch != batch:
+        raise ValueError(f"the KV cache holds batch size {cached_batch}, got {batch}: reset it")
+    if num_tokens > slots:
+        raise ValueError(f"{num_tokens} new tokens do not fit in the KV cache's {slots} slots")
+
+
+def unpickable_logits(step: int, row: int) -> ValueError:
+    """The refusal of a generation step whose logits give no token to pick: a NaN or +inf among them
+    (softmax and sampling turn it into NaN, argmax into an arbitrary token) or nothing but -inf."""
+    return ValueError(
+        f"the logits of generation step {step} (batch row {row}) hold NaN or +inf, or nothing but -inf: "
+        "no token to pick (weights that hold NaN, or a forward that overflowed)"
+    )
+
+
+def bad_device(device: object, known: bool) -> ValueError:
+    """The refusal of a `device` argument: not a device or a device name (`known` False), or a name
+    of no device this framework has here."""
+    if known:
+        return ValueError(f"device {device!r} names no device this framework has here")
+    return ValueError(
+        f"device must be a device or a device name such as 'cpu', got {device!r} ({type(device).__name__})"
+    )
+
+
+def foreign_optimizer() -> ValueError:
+    """The refusal of an optimizer that does not hold the model's own parameters."""
+    return ValueError("the optimizer does not hold this model's parameters: make one with adamw(model)")
+
+
+def stale_optimizer(made_for: str, now: str) -> ValueError:
+    """The refusal of an optimizer made before the model was cast to another dtype."""
+    return ValueError(
+        f"the optimizer was made for this model's {made_for} parameters, which are {now} now: "
+        "make a new one with adamw(model) after cast"
+    )
+
+
 def check_last_only(last_only: bool, return_activations: bool) -> None:
     """The forward's `last_only` (logits at the last position only) cannot give every stage's
     activations, which are kept for every position."""

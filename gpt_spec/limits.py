@@ -119,3 +119,16 @@ def check_output_fits(batch: int, prompt_len: int, max_new_tokens: int, dtype_na
             f"for the output ids alone ({batch} x {length} {dtype_name}); {format_bytes(available)} "
             "of memory is available"
         )
+
+
+def check_cache_fits(batch: int, slots: int, cfg, itemsize: int) -> None:
+    """Refuse a KV cache (keys and values of every block, batch x slots x emb_dim of `itemsize`
+    bytes each) the memory available now cannot hold, before either framework allocates it."""
+    needed = 2 * cfg.n_layers * batch * slots * cfg.emb_dim * itemsize
+    available = available_memory()
+    if available is not None and needed > available:
+        raise ValueError(
+            f"a KV cache of batch {batch} x {slots} positions needs {format_bytes(needed)} (keys and values "
+            f"of {cfg.n_layers} blocks, {cfg.emb_dim} wide, {itemsize} bytes each); {format_bytes(available)} "
+            "of memory is available"
+        )

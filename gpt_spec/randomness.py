@@ -88,13 +88,19 @@ def gumbel_noise(seed: int, step: int, shape: tuple[int, ...]) -> np.ndarray:
 
 def pick_token(logits: Any, temperature: float, top_k: int | None, seed: int, step: int) -> np.ndarray:
     """Parity sampling's pick for each row of (batch, vocab) logits: top_k filtering as the book's
-    generate does (values below the k-th largest become -inf), then argmax(logits / temperature +
-    gumbel_noise(seed, step)), in float64 on the host. Returns (batch,) int64."""
+    generate does (values below the k-th largest become -inf), then argmax((logits - max) /
+    temperature + gumbel_noise(seed, step)), in float64 on the host. Returns (batch,) int64.
+
+    The row's largest logit is taken off first (softmax is the same for any shift): divided by a
+    tiny temperature, the logits themselves overflow to +inf, and argmax then picks the first of
+    them, where the shifted ones go to -inf but the largest, which stays 0: the greedy pick."""
     logits = np.asarray(logits, dtype=np.float64)
     if top_k is not None:
         kth = np.sort(logits, axis=-1)[:, -top_k][:, None]
         logits = np.where(logits < kth, -np.inf, logits)
-    return np.argmax(logits / temperature + gumbel_noise(seed, step, logits.shape), axis=-1).astype(np.int64)
+    with np.errstate(over="ignore"):
+        scaled = (logits - logits.max(axis=-1, keepdims=True)) / temperature
+    return np.argmax(scaled + gumbel_noise(seed, step, logits.shape), axis=-1).astype(np.int64)
 
 
 __all__ = [

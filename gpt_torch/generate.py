@@ -18,6 +18,8 @@ from gpt_spec import (
     check_sampling,
     default_context_size,
 )
+from gpt_spec.data import check_text
+from gpt_spec.inputs import unpickable_logits
 from gpt_spec.randomness import pick_token
 
 from .model import _GPT, as_index, check_ids
@@ -50,25 +52,34 @@ def _check_prompt(model: nn.Module, idx: torch.Tensor) -> GPTConfig | ModelLimit
     return limits
 
 
+def check_pickable(logits: torch.Tensor, step: int) -> torch.Tensor:
+    """Refuse (batch, vocab_size) logits that give some row no token to pick, as the Flax twin does."""
+    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | (logits.amax(-1) == -torch.inf)
+    if bool(bad.any()):
+        raise unpickable_logits(step, int(bad.nonzero()[0, 0]))
+    return logits
+
+
 def _last_logits(
-    model: nn.Module, idx_cond: torch.Tensor, dtype: torch.dtype, limits: GPTConfig | ModelLimits
+    model: nn.Module, idx_cond: torch.Tensor, dtype: torch.dtype, limits: GPTConfig | ModelLimits, step: int
 ) -> torch.Tensor:
     """The logits at the last position of each row, (batch, vocab_size), after checking the model's
-    output (and, where only the logits tell the vocabulary, that `dtype`, the prompt's, holds it)."""
+    output (and, where only the logits tell the vocabulary, that `dtype`, the prompt's, holds it)
+    and that each row has a token to pick."""
     batch, seq_len = idx_cond.shape
     with torch.no_grad():
         logits = model(as_index(idx_cond))
     check_logits(tuple(logits.shape), batch, seq_len, limits.vocab_size)
     if limits.vocab_size is None:  # a model that tells its vocabulary only by its logits
         check_id_dtype(str(dtype).removeprefix("torch."), logits.shape[-1])
-    return logits[:, -1, :]
+    return check_pickable(logits[:, -1, :], step)
 
 
 def _next_ids(
-    model: nn.Module, idx_cond: torch.Tensor, dtype: torch.dtype, limits: GPTConfig | ModelLimits
+    model: nn.Module, idx_cond: torch.Tensor, dtype: torch.dtype, limits: GPTConfig | ModelLimits, step: int
 ) -> torch.Tensor:
     """The greedy next id of each row, (batch, 1) in `dtype` (the prompt's)."""
-    logits = _last_logits(model, idx_cond, dtype, limits)
+    logits = _last_logits(model, idx_cond, dtype, limits, step)
     probas = torch.softmax(logits, dim=-1)
     return torch.argmax(probas, dim=-1, keepdim=True).to(dtype)  # (batch, 1), never wrapped
 
@@ -85,9 +96,9 @@ def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: in
     limits = _check_prompt(model, idx)
     max_new_tokens, context_size = check_generation(idx.shape[1], max_new_tokens, context_size, limits)
     check_output_fits(idx.shape[0], idx.shape[1], max_new_tokens, _dtype_name(idx))
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         idx_cond = idx[:, -context_size:]
-        idx_next = _next_ids(model, idx_cond, idx.dtype, limits)
+        idx_next = _next_ids(model, idx_cond, idx.dtype, limits, step)
         idx = torch.cat((idx, idx_next), dim=1)
     return idx
 
@@ -119,7 +130,7 @@ def generate(
     check_output_fits(idx.shape[0], idx.shape[1], max_new_tokens, _dtype_name(idx))
     done = torch.zeros((idx.shape[0], 1), dtype=torch.bool, device=idx.device)
     for step in range(max_new_tokens):
-        logits = _last_logits(model, idx[:, -context_size:], idx.dtype, limits)
+        logits = _last_logits(model, idx[:, -context_size:], idx.dtype, limits, step)
         if temperature > 0.0 and parity_seed is not None:
             picked = pick_token(logits.float().cpu().numpy(), temperature, top_k, parity_seed, step)
             idx_next = torch.from_numpy(picked).to(idx.device)[:, None]
@@ -129,7 +140,8 @@ def generate(
                 min_val = top_logits[:, -1:]  # (batch, 1): the book's [:, -1] broadcasts for batch 1 only
                 logits = torch.where(logits < min_val, torch.tensor(float("-inf"), device=logits.device), logits)
             if temperature > 0.0:
-                logits = logits / temperature
+                # The largest logit taken off first: a tiny temperature would overflow the logits.
+                logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
                 probs = torch.softmax(logits, dim=-1)
                 idx_next = torch.multinomial(probs, num_samples=1)
             else:
@@ -145,8 +157,8 @@ def generate(
 
 def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
     """The book's text_to_token_ids: (1, n_tokens) int64, `<|endoftext|>` allowed."""
-    encoded = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
-    return torch.tensor(encoded).unsqueeze(0)  # add the batch dimension
+    encoded = tokenizer.encode(check_text("text", text), allowed_special={"<|endoftext|>"})
+    return torch.tensor(encoded, dtype=torch.int64).unsqueeze(0)  # add the batch dimension (int64 when empty too)
 
 
 def token_ids_to_text(token_ids: torch.Tensor, tokenizer) -> str:
@@ -181,13 +193,19 @@ def generate_text_simple_cached(
     check_output_fits(idx.shape[0], idx.shape[1], max_new_tokens, _dtype_name(idx))
     if max_new_tokens == 0:
         return idx
-    # The twins' forward can run its head on the last position only; another model's may not.
-    last = {"last_only": True} if isinstance(model, _GPT) else {}
+    prompt = idx[:, -context_size:]
     with torch.no_grad():
-        reset_kv_cache()
-        logits = model(as_index(idx[:, -context_size:]), use_cache=True, **last)
+        if isinstance(model, _GPT):
+            # The cache sized for this generation's positions, as the Flax twin's (a cached call
+            # after it is refused alike in both); the head on the last position only.
+            reset_kv_cache(batch_size=prompt.shape[0], max_len=prompt.shape[1] + max_new_tokens - 1)
+            last = {"last_only": True}
+        else:  # the book's own model: its reset takes no sizes, its forward no last_only
+            reset_kv_cache()
+            last = {}
+        logits = model(as_index(prompt), use_cache=True, **last)
         for step in range(max_new_tokens):
-            probas = torch.softmax(logits[:, -1, :], dim=-1)
+            probas = torch.softmax(check_pickable(logits[:, -1, :], step), dim=-1)
             idx_next = torch.argmax(probas, dim=-1, keepdim=True)  # (batch, 1)
             idx = torch.cat((idx, idx_next.to(idx.dtype)), dim=1)
             if step < max_new_tokens - 1:  # the last token needs no logits

@@ -17,6 +17,8 @@ from gpt_spec import (
     LAYER_NORM,
     GPTConfig,
     ModelLimits,
+    check_cache_call,
+    check_cache_fits,
     check_cache_room,
     check_kv_cache,
     check_last_only,
@@ -61,6 +63,9 @@ def check_ids(in_idx: torch.Tensor, cfg: GPTConfig | ModelLimits, *, check_lengt
         return as_index(in_idx)
     if not isinstance(in_idx, torch.Tensor):
         raise ValueError(f"token ids must be a torch.Tensor, got {type(in_idx).__name__}")
+    if in_idx.is_nested or in_idx.layout != torch.strided or in_idx.is_meta:
+        kind = "nested" if in_idx.is_nested else "meta" if in_idx.is_meta else str(in_idx.layout).removeprefix("torch.")
+        raise ValueError(f"token ids must be a dense tensor holding its values, got a {kind} tensor")
     dtype = in_idx.dtype
     if dtype == torch.bool:
         kind = "b"
@@ -170,8 +175,7 @@ class MultiHeadAttention(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        slots = max_len if self.window_size is None else min(self.window_size, max_len)
-        shape = (batch_size, self.num_heads, slots, self.head_dim)
+        shape = (batch_size, self.num_heads, self.cache_slots(max_len), self.head_dim)
         self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
         self.ptr_current_pos = 0
@@ -181,6 +185,17 @@ class MultiHeadAttention(nn.Module):
         self.cache_k, self.cache_v = None, None
         self.ptr_current_pos = 0
         self.cache_max_len = self.mask.shape[0] if max_len is None else max_len
+
+    def cache_slots(self, max_len: int) -> int:
+        """Slots of a cache for sequences of up to `max_len` positions: the window, if it is shorter."""
+        return max_len if self.window_size is None else min(self.window_size, max_len)
+
+    def check_cache_call(self, b: int, num_tokens: int) -> None:
+        """Refuse a cached call of batch `b` and `num_tokens` new tokens this cache cannot take."""
+        if self.cache_k is None:
+            check_cache_call(None, b, num_tokens, self.cache_slots(self.cache_max_len))
+        else:
+            check_cache_call(self.cache_k.shape[0], b, num_tokens, self.cache_k.shape[2])
 
     def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
         b, num_tokens, d_in = x.shape
@@ -192,14 +207,11 @@ class MultiHeadAttention(nn.Module):
         values_new = values_new.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         # (b, num_heads, num_tokens, head_dim)
         if use_cache:
+            self.check_cache_call(b, num_tokens)
             if self.cache_k is None:
                 self.init_cache(b, self.cache_max_len, keys_new.dtype, keys_new.device)
             assert self.cache_k is not None and self.cache_v is not None  # init_cache allocates both
-            if self.cache_k.shape[0] != b:
-                raise ValueError(f"the KV cache holds batch size {self.cache_k.shape[0]}, got {b}: reset it")
             slots = self.cache_k.shape[2]
-            if num_tokens > slots:
-                raise ValueError(f"{num_tokens} new tokens do not fit in the KV cache's {slots} slots")
             overflow = self.ptr_current_pos + num_tokens - slots
             if slots < self.cache_max_len and overflow > 0:
                 # The window slides: the oldest `overflow` positions leave, slot j takes slot
@@ -216,12 +228,17 @@ class MultiHeadAttention(nn.Module):
             values = self.cache_v[:, :, : self.ptr_current_pos]
         else:
             keys, values, start = keys_new, values_new, 0
+        # The book divides the scores by sqrt(head_dim); here, as in the Flax twin, the queries are
+        # scaled before the product (exact where head_dim is a power of 4, as GPT-2's 64): the
+        # product of unscaled queries and keys overflows float32 first (both twins then NaN alike,
+        # or neither).
+        queries = queries * (1.0 / keys.shape[-1] ** 0.5)
         attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_tokens, num_keys)
         # Query i sits in slot start + i and sees the keys of slots up to there (a slid cache
         # holds the last keys only: the oldest it keeps is at slot 0).
         mask_bool = self.mask.bool()[start : start + num_tokens, : keys.shape[2]]
         attn_scores = attn_scores.masked_fill(mask_bool, -torch.inf)
-        attn_weights = torch.softmax(attn_scores.float() / keys.shape[-1] ** 0.5, dim=-1).to(values.dtype)
+        attn_weights = torch.softmax(attn_scores.float(), dim=-1).to(values.dtype)
         attn_weights = self.dropout(attn_weights)
         context_vec = (attn_weights @ values).transpose(1, 2)  # (b, num_tokens, num_heads, head_dim)
         context_vec = context_vec.contiguous().view(b, num_tokens, self.d_out)
@@ -332,7 +349,7 @@ class _GPT(nn.Module):
         batch_size, seq_len = in_idx.shape
         start = 0
         if use_cache:
-            check_cache_room(self.current_pos, seq_len, self.cfg, self.cache_max_len)
+            self._check_cached_call(batch_size, seq_len)  # a refused call changes nothing
             start, self.current_pos = self.current_pos, self.current_pos + seq_len
         tok_embeds = self.tok_emb(in_idx)  # (batch_size, seq_len, emb_dim)
         pos_ids = torch.arange(start, start + seq_len, device=in_idx.device)
@@ -353,6 +370,19 @@ class _GPT(nn.Module):
             return {**activations, "final_norm": x, "out_head": logits}
         return logits
 
+    def _attention(self) -> list[MultiHeadAttention]:
+        return [block.att for block in self.trf_blocks if isinstance(block, TransformerBlock)]
+
+    def _check_cached_call(self, batch_size: int, seq_len: int) -> None:
+        """Everything that could refuse a cached call, checked before any position or cache moves."""
+        check_cache_room(self.current_pos, seq_len, self.cfg, self.cache_max_len)
+        attention = self._attention()
+        for att in attention:
+            att.check_cache_call(batch_size, seq_len)
+        if attention and attention[0].cache_k is None:  # allocated by this call
+            slots = attention[0].cache_slots(attention[0].cache_max_len)
+            check_cache_fits(batch_size, slots, self.cfg, self.tok_emb.weight.element_size())
+
     def reset_kv_cache(self, batch_size: int | None = None, max_len: int | None = None) -> None:
         """Empty every block's KV cache; the next cached call starts at position 0.
 
@@ -364,12 +394,16 @@ class _GPT(nn.Module):
         for its batch.
         """
         batch_size, max_len = check_kv_cache(batch_size, max_len, self.cfg)
-        for block in self.trf_blocks:
-            if isinstance(block, TransformerBlock):
-                if batch_size is None:
-                    block.att.reset_cache(max_len)
-                else:
-                    block.att.init_cache(batch_size, max_len, self.tok_emb.weight.dtype, self.tok_emb.weight.device)
+        attention = self._attention()
+        if batch_size is not None and attention:
+            check_cache_fits(
+                batch_size, attention[0].cache_slots(max_len), self.cfg, self.tok_emb.weight.element_size()
+            )
+        for att in attention:
+            if batch_size is None:
+                att.reset_cache(max_len)
+            else:
+                att.init_cache(batch_size, max_len, self.tok_emb.weight.dtype, self.tok_emb.weight.device)
         self.current_pos = 0
         self.cache_max_len = max_len
 

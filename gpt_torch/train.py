@@ -3,6 +3,7 @@ chapter 5's calc_loss_loader, evaluate_model, generate_and_print_sample and trai
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -10,10 +11,26 @@ import torch
 import torch.nn.functional as F
 
 from gpt_spec import StateDict, check_adamw, check_targets
+from gpt_spec.inputs import bad_device, foreign_optimizer, stale_optimizer
 from gpt_spec.training import Log, OnEvent, check_num_batches, check_schedule, eval_event
 
 from .generate import generate_text_simple, text_to_token_ids, token_ids_to_text
 from .model import _GPT, check_ids
+
+
+def check_device(device: object) -> torch.device | None:
+    """A `device` argument as torch takes it: None, a torch.device or its name ("cpu", "cuda:0"),
+    of a device this machine has (refused alike in the Flax twin)."""
+    if device is None:
+        return None
+    if not isinstance(device, torch.device | str):
+        raise bad_device(device, known=False)
+    try:
+        parsed = torch.device(device)
+        torch.empty(0, device=parsed)  # a device torch knows the name of may still be absent
+    except (RuntimeError, AssertionError):
+        raise bad_device(device, known=True) from None
+    return parsed
 
 
 def calc_loss_batch(
@@ -30,6 +47,7 @@ def calc_loss_batch(
     input_batch = check_ids(input_batch, model.cfg)
     target_batch = check_ids(target_batch, model.cfg)
     check_targets(tuple(input_batch.shape), tuple(target_batch.shape))
+    device = check_device(device)
     if device is not None:
         input_batch, target_batch = input_batch.to(device), target_batch.to(device)
     logits = model(input_batch)
@@ -46,7 +64,7 @@ def loss_and_grads(model: _GPT, input_batch: torch.Tensor, target_batch: torch.T
     loss = calc_loss_batch(input_batch, target_batch, model)
     loss.backward()
     grads = {
-        name: (torch.zeros_like(p) if p.grad is None else p.grad).detach().cpu().numpy().copy()
+        name: (torch.zeros_like(p) if p.grad is None else p.grad).detach().cpu().float().numpy().copy()
         for name, p in model.named_parameters()
     }
     model.zero_grad(set_to_none=True)
@@ -65,13 +83,36 @@ def adamw(
     Arguments are checked by gpt_spec.check_adamw, before torch.optim's own checks, so both twins
     refuse the same ones with the same ValueError."""
     lr, weight_decay, betas, eps = check_adamw(lr, weight_decay, betas, eps)
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    _MADE_FOR[optimizer] = _dtype_name(model)
+    return optimizer
+
+
+# The parameters' dtype each optimizer of adamw() was made for: one made before a cast is refused
+# alike in both twins (torch would mix its float32 moments with bfloat16 gradients, or fail).
+_MADE_FOR: weakref.WeakKeyDictionary[torch.optim.Optimizer, str] = weakref.WeakKeyDictionary()
+
+
+def _dtype_name(model: torch.nn.Module) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def check_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer that does not hold exactly `model`'s parameters (its step would train
+    another model and leave this one's gradients to pile up), or one adamw() made before a cast."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if held != {id(p) for p in model.parameters()}:
+        raise foreign_optimizer()
+    made_for = _MADE_FOR.get(optimizer)
+    if made_for is not None and made_for != _dtype_name(model):
+        raise stale_optimizer(made_for, _dtype_name(model))
 
 
 def train_step(
     model: _GPT, optimizer: torch.optim.Optimizer, input_batch: torch.Tensor, target_batch: torch.Tensor
 ) -> float:
     """One optimizer step on one batch; returns the loss before the step."""
+    check_optimizer(model, optimizer)
     optimizer.zero_grad()
     loss = calc_loss_batch(input_batch, target_batch, model)
     loss.backward()
@@ -119,6 +160,7 @@ def generate_and_print_sample(
     one line (through `log`); returned too."""
     model.eval()
     context_size = model.pos_emb.weight.shape[0]
+    device = check_device(device)
     encoded = text_to_token_ids(start_context, tokenizer)
     if device is not None:
         encoded = encoded.to(device)
@@ -154,6 +196,8 @@ def train_model_simple(
     "step", "loss"}), each evaluation ({"event": "eval", "epoch", "step", "train_loss",
     "val_loss", "tokens_seen"}) and each sample ({"event": "sample", "epoch", "text"})."""
     num_epochs, eval_freq, eval_iter = check_schedule(num_epochs, eval_freq, eval_iter)
+    check_optimizer(model, optimizer)
+    device = check_device(device)
     emit = on_event or (lambda event: None)
     train_losses: list[float] = []
     val_losses: list[float] = []

@@ -108,5 +108,6 @@ _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def cast(model: _M, dtype: str) -> _M:
     """Parameters (and so the compute) in `dtype`, "float32" or "bfloat16"; LayerNorm statistics,
-    softmax and logits stay float32. In place; returns the model."""
+    softmax and logits stay float32. A KV cache is cast too (its keys and values rounded), as
+    module.to() casts buffers: cached calls go on. In place; returns the model."""
     return model.to(_TORCH_DTYPES[check_dtype(dtype)])

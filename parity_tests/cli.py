@@ -504,6 +504,8 @@ def _check(args: argparse.Namespace, setup: _Setup, parser: argparse.ArgumentPar
         mutant = zoo.get(name)
         if mutant.adapt(cfg) != cfg:
             parser.error(f"mutant {name} needs a config with {dict(mutant.needs)} to show")
+        if mutant.shows_in == zoo.BF16_TRAINING and not (args.dtype == "bfloat16" and args.train_steps):
+            parser.error(f"mutant {name} shows in bfloat16 training only: add --dtype bfloat16 --train-steps N")
         plant, planted = zoo.plant(name, twin), f", with {name} planted in the {twin} twin ({mutant.bug})"
     report = forward.run_parity(
         cfg,

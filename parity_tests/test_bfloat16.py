@@ -1,5 +1,8 @@
-"""The bfloat16 tier: both twins cast to bfloat16 (LayerNorm statistics, softmax and logits in
-float32), held to their own documented bound, BF16_FORWARD."""
+"""The bfloat16 tier: both twins cast to bfloat16 (LayerNorm statistics, GELU, softmax and logits
+in float32), held to their own documented bounds: BF16_FORWARD for the forward, the BF16_* training
+bounds for the loss, gradients and weights after AdamW steps."""
+
+import json
 
 import numpy as np
 import pytest
@@ -9,9 +12,12 @@ from flax import nnx
 import gpt_flax
 import gpt_torch
 
+from . import zoo
+from .cli import main
 from .configs import TINY, TINY_BIAS
 from .forward import compare_stages, run_parity
-from .tolerances import BF16_FORWARD, FP32_FORWARD
+from .tolerances import BF16_FORWARD, FP32_FORWARD, GRADS
+from .training import TRAINING_BOUNDS, run_training_parity
 from .twins import build_pair, float32_matmuls, run_flax, run_torch, token_batch
 
 
@@ -95,3 +101,62 @@ def test_gelu_in_bfloat16_is_the_float32_gelu_rounded_once_in_both_twins():
     assert f16.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(f16.astype(np.float32), f32.astype(ml_dtypes.bfloat16).astype(np.float32))
     np.testing.assert_array_equal(t16, t32.astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+# --- the bfloat16 training tier ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_BIAS.replace(n_layers=2)], ids=["tiny", "tiny-qkv-bias"])
+def test_both_twins_train_in_bfloat16_and_agree_within_the_bf16_training_bounds(cfg):
+    """The loss, every gradient and the weights after 10 AdamW steps, both twins in bfloat16. Every
+    Flax gradient used to be exactly 0 (the head's bit-level rounding had no derivative), and the
+    check trained in float32, so nothing saw it."""
+    report = run_training_parity(cfg, batch=2, seq=cfg.context_length - 1, steps=10, seed=1, dtype="bfloat16")
+    assert report.passed, report.format_table()
+    assert report.to_json()["dtype"] == "bfloat16" and report.bounds is TRAINING_BOUNDS["bfloat16"]
+    assert all(c.ref_max > 0 for c in report.grads if not c.name.endswith("W_key.bias"))
+    # bfloat16 is what the bounds are for: the same run is far outside float32's gradient bound.
+    assert max(c.max_abs / (GRADS.stol * c.ref_max) for c in report.grads) > 10
+    assert [w.step for w in report.weights] == [1, 10] and all(w.allowed_outliers > 0 for w in report.weights)
+
+
+def test_the_flax_twin_has_bfloat16_gradients_and_learns():
+    """A bfloat16 model trains in both twins: gradients as float32 arrays, the loss going down."""
+    tm, fm = _bf16_pair(TINY.replace(drop_rate=0.0), seed=2)
+    ids = token_batch(TINY, 2, TINY.context_length, seed=5)
+    x, y = ids[:, :-1], ids[:, 1:]
+    t_loss, t_grads = gpt_torch.loss_and_grads(tm, torch.from_numpy(x), torch.from_numpy(y))
+    f_loss, f_grads = gpt_flax.loss_and_grads(fm, x, y)
+    assert all(g.dtype == np.float32 for g in (*t_grads.values(), *f_grads.values()))
+    assert all(np.abs(f_grads[k]).max() > 0 for k in f_grads)
+    optimizer = gpt_flax.adamw(fm, lr=1e-2)
+    losses = [gpt_flax.train_step(fm, optimizer, x, y) for _ in range(5)]
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.mark.parametrize("twin", ["torch", "flax"])
+def test_a_rounding_without_derivative_is_caught_by_bfloat16_training_alone(twin):
+    """The zoo's rounding-without-derivative (the head's bfloat16 rounding through ops whose
+    derivative is 0) computes the right forward: the float32 and the bfloat16 forward checks and
+    float32 training pass it. bfloat16 training fails it, at the first gradient."""
+    plant = zoo.plant("rounding-without-derivative", twin)
+    assert run_parity(TINY, batch=2, seq=9, dtype="bfloat16", plant=plant).passed
+    assert run_training_parity(TINY, batch=2, seq=9, steps=1, plant=plant).passed
+    report = run_training_parity(TINY, batch=2, seq=9, steps=1, dtype="bfloat16", plant=plant)
+    assert not report.passed
+    failed = [c for c in report.grads if not c.passed]
+    assert failed and failed[0].name == "grad tok_emb.weight" and failed[0].margin > 10
+
+
+def test_check_trains_in_the_dtype_it_is_given(tmp_path):
+    """`gpt-parity check --dtype bfloat16 --train-steps N` trains in bfloat16 (it trained in
+    float32 whatever --dtype said); a training mutant needs that flag pair to show."""
+    out = tmp_path / "c.json"
+    argv = ["check", "--config", "examples/tiny-odd.json", "--seq", "6", "--dtype", "bfloat16", "--quiet"]
+    assert main([*argv, "--train-steps", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["training"]["dtype"] == "bfloat16" and data["training"]["passed"]
+    assert main([*argv, "--train-steps", "1", "--plant", "rounding-without-derivative@flax"]) == 1
+    with pytest.raises(SystemExit) as exit_:
+        main(["check", "--config", "examples/tiny-odd.json", "--plant", "rounding-without-derivative@flax"])
+    assert exit_.value.code == 2

@@ -193,7 +193,8 @@ def test_the_decoding_loop_updates_the_cache_in_place(batch):
     graphdef, params, cache, rest = nnx.split(fm, nnx.Param, nnx.Cache, ...)
     logits, cache, rest = _prefill(graphdef, params, cache, rest, prompt)
     tokens = jnp.zeros((batch, 7), jnp.int32)
-    hlo = _generate_cached.lower(graphdef, params, cache, rest, logits, tokens, 0, 6).compile().as_text()
+    bad = jnp.asarray((-1, -1), jnp.int32)  # no unpickable step yet
+    hlo = _generate_cached.lower(graphdef, params, cache, rest, logits, tokens, bad, 0, 6).compile().as_text()
     (body,) = _while_bodies(hlo)
     size = int(np.prod(fm.trf_blocks[0].att.cache_k.shape))
     written = []  # instructions of the loop body that produce a cache-sized array (views aside)

@@ -131,6 +131,52 @@ BF16_FORWARD = Bound(
     measured="gpt2-small: max |Δ| 0.141 (block 11, 4.5 bf16 ulps of max |x| 7.9), logits 0.028",
 )
 
+# The bfloat16 training tier: both twins trained from the same weights cast to bfloat16, with
+# bfloat16 parameters, gradients and AdamW moments (as `cast` leaves them: torch.optim.AdamW and
+# optax keep the moments in the parameters' dtype), LayerNorm, GELU, softmax and logits in
+# float32. Measured (AMD EPYC, AVX-512 with avx512_bf16; torch 2.13.0+cpu, JAX 0.10.2), lr 4e-4,
+# 10 steps, seeds 0 and 1: the tiny configs (with and without a qkv bias, B=2 x T=10) and
+# gpt2-small (B=2 x T=32):
+# - the loss on the first batch: |Δ| 1.4e-5..9.3e-4 (tiny, loss 4.7), 3.0e-4 and 6.0e-4
+#   (gpt2-small, loss 10.9); the training losses of steps 1-10: 1.9e-3 at most. The logits are
+#   rounded to bfloat16 (8 significant bits) and each may round the other way in the other twin.
+# - gradients: max |Δ| / max|g| per tensor 0.012..0.022 (tiny), 0.023 and 0.028 (gpt2-small):
+#   every product of the backward pass is rounded to bfloat16 and the roundings compound. The
+#   key bias's gradient, zero in exact arithmetic, is noise: |g| 2.5e-5, |Δ| 2.9e-5 (BF16_GRADS.atol).
+# - weights: a bfloat16 weight moves by whole ulps (an update of lr 4e-4 is below half an ulp of
+#   |w| > 0.1, so most steps leave it where it is), and the twins' AdamW arithmetic rounds in
+#   different places (torch per operation, XLA fusing several before one rounding): an element
+#   that crosses a rounding boundary in one twin and not the other is one ulp apart, and gradients
+#   near 0 (|g| ~ 5e-6) come out with opposite signs, their updates 2 lr apart. Elements past
+#   BF16_ADAMW_WEIGHTS per step taken: 0.23% at most (tiny), 0.50% after 1 step and 0.74% after 10
+#   (gpt2-small); (|Δ| - 2^-7 |w| step) / (lr step) at most 2.02 (step 1), 1.14 (step 10).
+# The D1 port bug (a rounding with derivative 0 in the Flax head: every gradient exactly 0) fails
+# the first gradient by 14x BF16_GRADS (the zoo's rounding-without-derivative).
+BF16_LOSS = Bound(
+    atol=5e-3,
+    rtol=0.0,
+    measured="|Δ loss| 9.3e-4 (tiny), 6.0e-4 (gpt2-small); steps 1-10: 1.9e-3 at most",
+)
+BF16_GRADS = Bound(
+    atol=1e-4,
+    rtol=0.0,
+    stol=2.0**-4,
+    measured="max |Δ|/max|g| per tensor 0.022 (tiny), 0.028 (gpt2-small)",
+)
+# Weights past one bfloat16 spacing of |w| (2^-7 |w| holds one ulp anywhere in the binade).
+BF16_ADAMW_WEIGHTS = Bound(
+    atol=1e-6,
+    rtol=2.0**-7,
+    measured="elements past it per step: 0.23% (tiny), 0.74% (gpt2-small) at most, 10 steps",
+)
+BF16_ADAMW_OUTLIERS_PER_STEP = 0.02  # of all elements may pass BF16_ADAMW_WEIGHTS, times the steps
+# No element may differ by more than BF16_ADAMW_FLIP_ENVELOPE * lr (an update's sign flipped, its
+# size off by the rounding of the moments) plus one bfloat16 spacing of |w| (a rounding the other
+# way) per step: measured 2.02 lr at step 1, 1.14 lr a step over 10.
+BF16_ADAMW_FLIP_ENVELOPE = 2.5
+BF16_ADAMW_ENVELOPE_RTOL = 2.0**-7
+
+
 # The systematic-error test (compare.bias_check) on the layer evidence's natural inputs: a mean
 # scale or offset bias fails where it is both BIAS_Z standard errors from zero and more than
 # BIAS_FLOOR_ULPS float32 ulps (relative). Unmutated twins do have real biases, measured very

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -11,7 +13,7 @@ import torch
 
 import gpt_flax
 import gpt_torch
-from gpt_spec import GPT, GPTConfig
+from gpt_spec import GPT, GPTConfig, check_dtype
 
 from .compare import Comparison, compare
 from .output import Progress, format_table, versions
@@ -20,10 +22,51 @@ from .tolerances import (
     ADAMW_NOISE_ONLY,
     ADAMW_OUTLIER_FRACTION,
     ADAMW_WEIGHTS,
+    BF16_ADAMW_ENVELOPE_RTOL,
+    BF16_ADAMW_FLIP_ENVELOPE,
+    BF16_ADAMW_OUTLIERS_PER_STEP,
+    BF16_ADAMW_WEIGHTS,
+    BF16_GRADS,
+    BF16_LOSS,
     GRADS,
     LOSS,
+    Bound,
 )
 from .twins import build_pair, float32_matmuls
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingBounds:
+    """What one dtype tier holds training to (tolerances.py has the figures behind each)."""
+
+    loss: Bound
+    grads: Bound
+    weights: Bound
+    outlier_fraction: float  # of all elements may pass `weights` after a step...
+    outliers_grow: bool  # ... times the steps taken (bfloat16), or flat (float32)
+    flip_envelope: float  # times lr, and envelope_rtol times |w|, per step: what no element may pass
+    envelope_rtol: float
+
+    def envelope(self, lr: float, step: int) -> Bound:
+        return Bound(
+            atol=self.flip_envelope * lr * step,
+            rtol=self.envelope_rtol * step,
+            measured="an update's sign flipped and, in bfloat16, a rounding the other way, per step",
+        )
+
+
+TRAINING_BOUNDS = {
+    "float32": TrainingBounds(LOSS, GRADS, ADAMW_WEIGHTS, ADAMW_OUTLIER_FRACTION, False, ADAMW_FLIP_ENVELOPE, 0.0),
+    "bfloat16": TrainingBounds(
+        BF16_LOSS,
+        BF16_GRADS,
+        BF16_ADAMW_WEIGHTS,
+        BF16_ADAMW_OUTLIERS_PER_STEP,
+        True,
+        BF16_ADAMW_FLIP_ENVELOPE,
+        BF16_ADAMW_ENVELOPE_RTOL,
+    ),
+}
 
 
 @dataclasses.dataclass
@@ -31,9 +74,11 @@ class WeightCheck:
     """The twins' weights after `step` AdamW steps, judged by the rule in tolerances.py."""
 
     step: int
-    tensors: list[Comparison]  # against ADAMW_WEIGHTS, per parameter
-    envelope: float  # ADAMW_FLIP_ENVELOPE * lr * step
+    tensors: list[Comparison]  # against the tier's weights bound (ADAMW_WEIGHTS in float32), per parameter
+    envelope: Bound  # what no element may pass (see TrainingBounds.envelope)
+    past_envelope: int  # elements past it
     allowed_outliers: int
+    bound: Bound = ADAMW_WEIGHTS
 
     @property
     def n_elements(self) -> int:
@@ -51,14 +96,16 @@ class WeightCheck:
     @property
     def passed(self) -> bool:
         finite = all(not c.problem for c in self.tensors)
-        return finite and self.n_outliers <= self.allowed_outliers and self.max_abs <= self.envelope
+        return finite and self.n_outliers <= self.allowed_outliers and self.past_envelope == 0
 
     def to_json(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "passed": self.passed,
             "max_abs": self.max_abs,
-            "envelope": self.envelope,
+            "bound": self.bound.describe(),
+            "envelope": self.envelope.describe(),
+            "past_envelope": self.past_envelope,
             "n_outliers": self.n_outliers,
             "allowed_outliers": self.allowed_outliers,
             "n_elements": self.n_elements,
@@ -79,16 +126,22 @@ class TrainingReport:
     lr: float
     weight_decay: float
     precision: str
+    dtype: str
     loss: Comparison
     grads: list[Comparison]
     step_losses: list[tuple[float, float]]  # (torch, flax) loss at each step, before its update
     weights: list[WeightCheck]
 
     @property
+    def bounds(self) -> TrainingBounds:
+        return TRAINING_BOUNDS[self.dtype]
+
+    @property
     def noise_grads_ok(self) -> bool:
         """Gradients zero in exact arithmetic agree and are at the rounding floor in both twins,
         which is why their AdamW updates are held to the envelope only."""
-        return all(c.passed and c.ref_max + c.max_abs <= GRADS.atol for c in self.grads if _noise_only(c.name))
+        floor = self.bounds.grads.atol
+        return all(c.passed and c.ref_max + c.max_abs <= floor for c in self.grads if _noise_only(c.name))
 
     @property
     def passed(self) -> bool:
@@ -103,13 +156,14 @@ class TrainingReport:
         signal = [c for c in self.grads if not _noise_only(c.name)]
         noise = [c for c in self.grads if _noise_only(c.name)]
         worst = max(signal, key=lambda c: c.max_rel)
+        bounds = self.bounds
         rows = [
-            ("loss", self.loss.max_abs, LOSS.describe(), "pass" if self.loss.passed else "FAIL"),
+            ("loss", self.loss.max_abs, bounds.loss.describe(), "pass" if self.loss.passed else "FAIL"),
             (
                 f"gradients, {len(signal)} tensors (largest max|Δ|/max|g|: {worst.max_rel:.2g}, "
                 f"{worst.name.removeprefix('grad ')})",
                 max(c.max_abs for c in signal),
-                GRADS.describe(),
+                bounds.grads.describe(),
                 "pass" if all(c.passed for c in signal) else "FAIL",
             ),
         ]
@@ -119,7 +173,7 @@ class TrainingReport:
                     f"gradients zero in exact arithmetic, {len(noise)} tensors (max |g| "
                     f"{max(c.ref_max for c in noise):.2g})",
                     max(c.max_abs for c in noise),
-                    f"|g| and |Δ| <= {GRADS.atol:g}",
+                    f"|g| and |Δ| <= {bounds.grads.atol:g}",
                     "pass" if self.noise_grads_ok else "FAIL",
                 )
             )
@@ -127,9 +181,9 @@ class TrainingReport:
             rows.append(
                 (
                     f"weights after {w.step} AdamW step(s): {w.n_outliers} of {w.n_elements} "
-                    f"elements past the bound (<= {w.allowed_outliers})",
+                    f"elements past the bound (<= {w.allowed_outliers}), {w.past_envelope} past the envelope",
                     w.max_abs,
-                    f"{ADAMW_WEIGHTS.describe()}, all <= {w.envelope:.2g}",
+                    f"{w.bound.describe()}; all <= {w.envelope.describe()}",
                     "pass" if w.passed else "FAIL",
                 )
             )
@@ -146,6 +200,7 @@ class TrainingReport:
             "lr": self.lr,
             "weight_decay": self.weight_decay,
             "matmul_precision": self.precision,
+            "dtype": self.dtype,
             "passed": self.passed,
             "noise_only_gradients_at_rounding_floor": self.noise_grads_ok,
             "loss": self.loss.to_json(),
@@ -157,11 +212,24 @@ class TrainingReport:
 
 
 def weights_check(
-    step: int, ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], lr: float, outlier_fraction: float
+    step: int,
+    ref: dict[str, np.ndarray],
+    cand: dict[str, np.ndarray],
+    lr: float,
+    outlier_fraction: float | None = None,
+    *,
+    dtype: str = "float32",
 ) -> WeightCheck:
-    tensors = [compare(name, ref[name], cand[name], ADAMW_WEIGHTS) for name in ref]
+    """The twins' weights after `step` AdamW steps at `lr`, under the `dtype` tier's rule;
+    `outlier_fraction` overrides the tier's (0: every element within the bound)."""
+    bounds = TRAINING_BOUNDS[dtype]
+    if outlier_fraction is None:
+        outlier_fraction = bounds.outlier_fraction * (step if bounds.outliers_grow else 1)
+    tensors = [compare(name, ref[name], cand[name], bounds.weights) for name in ref]
+    envelope = bounds.envelope(lr, step)
+    past = sum(compare(name, ref[name], cand[name], envelope).n_beyond for name in ref)
     n = sum(v.size for k, v in ref.items() if not _noise_only(k))
-    return WeightCheck(step, tensors, ADAMW_FLIP_ENVELOPE * lr * step, int(outlier_fraction * n))
+    return WeightCheck(step, tensors, envelope, past, int(outlier_fraction * n), bounds.weights)
 
 
 def run_training_parity(
@@ -174,17 +242,24 @@ def run_training_parity(
     seed: int = 0,
     lr: float = 4e-4,
     weight_decay: float = 0.1,
-    outlier_fraction: float = ADAMW_OUTLIER_FRACTION,
+    outlier_fraction: float | None = None,
     weights: Mapping[str, np.ndarray] | None = None,
     progress: bool = False,
+    dtype: str = "float32",
+    plant: Callable[[dict[str, Any]], AbstractContextManager] | None = None,
 ) -> TrainingReport:
     """Loss and every gradient on one batch, then `steps` AdamW steps on fresh batches in both twins.
 
-    Both twins train in train() mode at drop_rate 0 from the torch twin's init (or `weights`).
-    Inputs and next-token targets are windows of random ids, as the book's data loader makes them.
+    Both twins train in train() mode at drop_rate 0 from the torch twin's init (or `weights`),
+    in `dtype` ("bfloat16": both cast, parameters, gradients and AdamW moments in bfloat16), held
+    to that tier's bounds (TRAINING_BOUNDS). Inputs and next-token targets are windows of random
+    ids, as the book's data loader makes them. `plant(twins)` is entered with both twins built (a
+    zoo mutant in one, as forward.run_parity takes it); `outlier_fraction` overrides the tier's.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    check_dtype(dtype)
+    bounds = TRAINING_BOUNDS[dtype]
     cfg = cfg.replace(drop_rate=0.0)
     prog = Progress(2 + steps, enabled=progress)
     rng = np.random.default_rng(seed)
@@ -193,18 +268,21 @@ def run_training_parity(
         data = rng.integers(0, cfg.vocab_size, (batch, seq + 1), dtype=np.int64)
         return data[:, :-1], data[:, 1:]
 
-    with float32_matmuls() as precision:
+    with float32_matmuls() as precision, contextlib.ExitStack() as stack:
         with prog.step("building both twins"):
             tm, fm = build_pair(model, cfg, source="torch", seed=seed, mode="train")
             if weights is not None:
                 gpt_torch.load_state_dict(tm, weights)
                 gpt_flax.load_state_dict(fm, weights)
+            gpt_torch.cast(tm, dtype), gpt_flax.cast(fm, dtype)  # the same values: a rounding of the same weights
+            if plant is not None:
+                stack.enter_context(plant({"torch": tm, "flax": fm}))
         with prog.step("loss and gradients"):
             x, y = next_batch()
             t_loss, t_grads = gpt_torch.loss_and_grads(tm, torch.from_numpy(x), torch.from_numpy(y))
             f_loss, f_grads = gpt_flax.loss_and_grads(fm, x, y)
-        loss = compare("loss", np.float64(t_loss), np.float64(f_loss), LOSS)
-        grads = [compare(f"grad {name}", t_grads[name], f_grads[name], GRADS) for name in t_grads]
+        loss = compare("loss", np.float64(t_loss), np.float64(f_loss), bounds.loss)
+        grads = [compare(f"grad {name}", t_grads[name], f_grads[name], bounds.grads) for name in t_grads]
         t_opt, f_opt = (
             gpt_torch.adamw(tm, lr=lr, weight_decay=weight_decay),
             gpt_flax.adamw(fm, lr=lr, weight_decay=weight_decay),
@@ -222,6 +300,10 @@ def run_training_parity(
                 )
             if step in (1, steps):
                 weight_checks.append(
-                    weights_check(step, gpt_torch.state_dict(tm), gpt_flax.state_dict(fm), lr, outlier_fraction)
+                    weights_check(
+                        step, gpt_torch.state_dict(tm), gpt_flax.state_dict(fm), lr, outlier_fraction, dtype=dtype
+                    )
                 )
-    return TrainingReport(cfg, model, batch, seq, lr, weight_decay, precision, loss, grads, step_losses, weight_checks)
+    return TrainingReport(
+        cfg, model, batch, seq, lr, weight_decay, precision, dtype, loss, grads, step_losses, weight_checks
+    )

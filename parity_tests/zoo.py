@@ -27,6 +27,7 @@ from gpt_spec import GPT, GPTConfig, in_stage, stage_of
 from . import zoo_flax, zoo_torch
 from .forward import DIRECTIONS, run_parity
 from .output import Progress, format_table, pyplot, save_figure, versions
+from .training import TrainingReport, run_training_parity
 from .twins import build_flax, build_torch
 
 TWINS = ("torch", "flax")
@@ -49,6 +50,7 @@ class Mutant:
     swaps: tuple[Swap, ...] = ()
     converter: bool = False  # the twin's weight converters leave square projections untransposed
     needs: tuple[tuple[str, Any], ...] = ()  # config fields without which the bug cannot show
+    shows_in: str = "forward"  # or "bfloat16 training": the only evidence that can see it
 
     def adapt(self, cfg: GPTConfig) -> GPTConfig:
         """The config to plant it in: `cfg`, with what the bug needs to exist (a qkv bias to drop,
@@ -62,8 +64,9 @@ def _swap(layer: str, only: str | None = None, **knobs: Any) -> Swap:
 
 
 TF32, BF16 = 10, 7  # explicit mantissa bits
+BF16_TRAINING = "bfloat16 training"
 
-MUTANTS: tuple[Mutant, ...] = (
+FORWARD_MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "layernorm-eps-1e-6",
         "LayerNorm eps 1e-6 (nnx.LayerNorm's default), not the book's 1e-5",
@@ -208,6 +211,18 @@ MUTANTS: tuple[Mutant, ...] = (
         (_swap("Linear", bug_operand_bits=BF16), _swap("MultiHeadAttention", bug_operand_bits=BF16)),
     ),
 )
+# Bugs the forward cannot see: caught by the training evidence (training.py) of their tier.
+TRAINING_MUTANTS: tuple[Mutant, ...] = (
+    Mutant(
+        "rounding-without-derivative",
+        "the head's bfloat16 rounding written with ops whose derivative is 0 (bit arithmetic, round()): "
+        "the forward is right, every gradient behind the head is 0",
+        "gradients",
+        (_swap("Linear", "out_head", bug_round_without_derivative=True),),
+        shows_in=BF16_TRAINING,
+    ),
+)
+MUTANTS = (*FORWARD_MUTANTS, *TRAINING_MUTANTS)
 BY_NAME = {m.name: m for m in MUTANTS}
 
 
@@ -336,7 +351,16 @@ class ZooRow:
         return not self.passed
 
     @property
+    def first_stage(self) -> str:
+        """Where the first failure is: a forward stage, or a training mutant's gradient."""
+        if not self.first:
+            return ""
+        return self.first if self.where == "gradients" else stage_of(self.first)
+
+    @property
     def located(self) -> bool:
+        if self.where == "gradients":  # a training mutant: named by the first gradient it spoils
+            return self.first.startswith("grad ")
         return bool(self.first) and in_stage(self.first, self.where)
 
     @property
@@ -351,7 +375,7 @@ class ZooRow:
             "check_passed": self.passed,
             "caught": self.caught if self.mutant else None,
             "first_failure": self.first or None,
-            "first_stage": stage_of(self.first) if self.first else None,
+            "first_stage": self.first_stage or None,
             "evidence": self.evidence or None,
             "margin": self.margin,
             "direction": self.direction or None,
@@ -384,7 +408,7 @@ class ZooReport:
                         "-",
                         "-",
                         verdict,
-                        r.first and stage_of(r.first) or "-",
+                        r.first_stage or "-",
                         r.evidence or "-",
                         r.margin,
                         "ok" if r.ok else "FAIL",
@@ -397,7 +421,7 @@ class ZooReport:
                     r.twin,
                     r.where,
                     "caught" if r.caught else "ESCAPED",
-                    stage_of(r.first) if r.first else "-",
+                    r.first_stage or "-",
                     r.evidence or "-",
                     r.margin,
                     "ok" if r.ok else ("MISPLACED" if r.caught else "FAIL"),
@@ -510,7 +534,28 @@ def run_zoo(
         for twin in twins:
             with prog.step(f"{mutant.name} in {twin}"):
                 c = mutant.adapt(cfg)
-                rows.append(
-                    _row(mutant, twin, check(c, models=models(c), plant=functools.partial(planted, mutant, twin)))
-                )
+                plant = functools.partial(planted, mutant, twin)
+                if mutant.shows_in == BF16_TRAINING:
+                    trained = run_training_parity(
+                        c, batch=batch, seq=min(seq, 32), steps=1, seed=seed, dtype="bfloat16", plant=plant
+                    )
+                    rows.append(_training_row(mutant, twin, trained))
+                else:
+                    rows.append(_row(mutant, twin, check(c, models=models(c), plant=plant)))
     return ZooReport(cfg, batch, seq, control.precision, rows)
+
+
+def _training_row(mutant: Mutant, twin: str, report: TrainingReport) -> ZooRow:
+    """A training mutant's row: the first of the loss and the gradients (in model order) to fail."""
+    row = ZooRow(mutant.name, twin, mutant.where, report.passed, direction=f"torch->flax, {report.dtype}")
+    failed = [c for c in (report.loss, *report.grads) if not c.passed]
+    if failed:
+        row.first, row.evidence, row.margin, row.describe = (
+            failed[0].name,
+            "bound",
+            failed[0].margin,
+            failed[0].describe(),
+        )
+    elif not report.passed:
+        row.first, row.evidence, row.describe = "weights", "bound", "the weights after AdamW steps"
+    return row

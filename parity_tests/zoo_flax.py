@@ -56,9 +56,17 @@ class GELU(book.GELU):
 class Linear(nnx.Linear):
     bug_operand_bits: int | None = None  # matmul operands rounded to this many mantissa bits
     bug_output_bits: int | None = None  # and the product too
+    bug_round_without_derivative = False  # a bfloat16 product rounded on the bits, derivative 0
 
     # The book's one-argument call, as a port writes it: no out_sharding (the twins never pass one).
     def __call__(self, x: jax.Array) -> jax.Array:  # type: ignore[override]
+        if self.bug_round_without_derivative:
+            kernel = self.kernel[...]
+            dims = (((x.ndim - 1,), (0,)), ((), ()))
+            y = book.dot_general_f32(x, kernel, dims, preferred_element_type=jnp.float32)
+            if jnp.result_type(x, kernel) == jnp.bfloat16:
+                y = book.round_bits_to_bfloat16(y)  # the bits' integer ops: no derivative stated
+            return y if self.bias is None else y + self.bias[...]
         bits = self.bug_operand_bits
         y = round_mantissa(round_mantissa(x, bits) @ round_mantissa(self.kernel[...], bits), self.bug_output_bits)
         return y if self.bias is None else y + self.bias[...]

@@ -57,11 +57,23 @@ class GELU(book.GELU):
         return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + self.bug_constant * torch.pow(x, 3))))
 
 
+def round_without_derivative(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to 8 significant bits with torch.round, whose derivative is 0: bfloat16's values
+    (x's own, where x is bfloat16), and a gradient of 0 for everything behind it."""
+    x32 = x.float()
+    spacing = torch.exp2(torch.floor(torch.log2(torch.where(x32 == 0, 1.0, x32.abs()))) - 7)
+    return (torch.round(x32 / spacing) * spacing).to(x.dtype)
+
+
 class Linear(torch.nn.Linear):
     bug_operand_bits: int | None = None  # matmul operands rounded to this many mantissa bits
     bug_output_bits: int | None = None  # and the product too
+    bug_round_without_derivative = False  # a bfloat16 product rounded with torch.round, derivative 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bug_round_without_derivative:
+            y = F.linear(x, self.weight, self.bias)
+            return round_without_derivative(y) if y.dtype == torch.bfloat16 else y
         bits = self.bug_operand_bits
         y = F.linear(round_mantissa(x, bits), round_mantissa(self.weight, bits))
         y = round_mantissa(y, self.bug_output_bits)

@@ -17,6 +17,9 @@ same culprit named first) or the same result, never a silently wrong one.
 | generate_text_simple(16 prompts, 10**9 new tokens) | generating 1000000000 new tokens at batch 16 needs 128 GB for the output ids alone (16 x 1000000003 int64); 22 GB of memory is available |
 | a state dict with W_key and W_query both of a wrong shape | state dict key 'trf_blocks.0.att.W_query.weight' has shape ... (the first in model order, in both twins) |
 | train_step with a bad input and a bad target | the input's refusal (inputs are checked first, in both twins) |
+| calc_loss_batch(..., device="bogus"), device=3 | device 'bogus' names no device this framework has here; device must be a device or a device name such as 'cpu', got 3 (int) |
+| torch ids as a sparse, meta or nested tensor | token ids must be a dense tensor holding its values, got a sparse_coo tensor |
+| create_dataloader_v1(b"...") | txt must be a str, got bytes |
 """
 
 import importlib
@@ -688,3 +691,90 @@ def test_calc_loss_batch_takes_a_device_in_both_twins():
         lambda: gpt_flax.calc_loss_batch(bad, y, fm, device),
     )
     assert message == "token id 97 is out of range [0, 97) (vocab_size)"
+
+
+# 10. A device that is none, ids torch holds without values, text that is not text.
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("bogus", "device 'bogus' names no device this framework has here"),
+        ("cpu:7", "device 'cpu:7' names no device this framework has here"),
+        (3, "device must be a device or a device name such as 'cpu', got 3 (int)"),
+    ],
+)
+def test_a_device_that_is_none_is_refused_alike(device, message):
+    """torch raised its RuntimeError for a bad name, the Flax twin a ValueError of jax.device_put's;
+    both take a device name ("cpu") now, and refuse the same ones with the same words."""
+    tm, fm = build_pair("gpt", NOISELESS, source="torch")
+    batch = np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 6))
+    x, y = batch[:, :-1], batch[:, 1:]
+    got = _same_refusal(
+        lambda: gpt_torch.calc_loss_batch(torch.from_numpy(x), torch.from_numpy(y), tm, device),
+        lambda: gpt_flax.calc_loss_batch(x, y, fm, device),
+    )
+    assert got == message
+    with float32_matmuls():
+        t = gpt_torch.calc_loss_batch(torch.from_numpy(x), torch.from_numpy(y), tm, "cpu").item()
+        assert abs(float(gpt_flax.calc_loss_batch(x, y, fm, "cpu")) - t) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr", "meta", "nested"])
+def test_torch_ids_without_dense_values_are_refused_in_one_line(kind):
+    """Sparse, meta and nested id tensors reached nn.Embedding and failed 100 lines deep
+    (NotImplementedError, RuntimeError)."""
+    import warnings
+
+    tm = gpt_torch.GPTModel(NOISELESS)
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # sparse CSR and nested tensors are beta/prototype
+        made = {
+            "sparse_coo": lambda: ids.to_sparse(),
+            "sparse_csr": lambda: ids.to_sparse_csr(),
+            "meta": lambda: torch.empty((2, 3), dtype=torch.int64, device="meta"),
+            "nested": lambda: torch.nested.nested_tensor([ids[0], ids[1, :2]]),
+        }[kind]()
+    message = f"token ids must be a dense tensor holding its values, got a {kind} tensor"
+    with pytest.raises(ValueError, match=message):
+        tm(made)
+    with pytest.raises(ValueError, match=message):
+        gpt_torch.generate_text_simple(tm, made, 2, 11)
+
+
+@pytest.mark.parametrize("txt", [b"Every effort moves you", None, 42])
+def test_a_text_that_is_not_a_str_is_refused_alike(txt):
+    """create_dataloader_v1(b"...") and (None) raised tiktoken's TypeError in both twins."""
+    message = _same_refusal(
+        lambda: gpt_torch.create_dataloader_v1(txt, batch_size=1, max_length=4, stride=4),
+        lambda: gpt_flax.create_dataloader_v1(txt, batch_size=1, max_length=4, stride=4),
+    )
+    assert message == f"txt must be a str, got {type(txt).__name__}"
+
+
+def test_attention_scores_past_float32s_largest_give_the_same_logits_in_both_twins():
+    """Q and K weights scaled so that the largest unmasked score q.k is 6e38, past float32's largest
+    (3.4e38) but not once divided by sqrt(head_dim): torch formed Q.K^T before scaling it and
+    overflowed (1,552 NaN logits), the Flax twin scaled the queries first and stayed finite. Both
+    scale the queries first now."""
+    tm, fm = build_pair("gpt", NOISELESS, source="torch", seed=2)
+    ids = np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 8))
+    att, heads, head_dim = tm.trf_blocks[0].att, TINY.n_heads, TINY.emb_dim // TINY.n_heads
+    with torch.no_grad():
+        x = tm(torch.from_numpy(ids), return_activations=True)["trf_blocks.0.norm1"]
+        q, k = (w(x).view(2, 8, heads, head_dim).transpose(1, 2) for w in (att.W_query, att.W_key))
+        largest = (q @ k.transpose(2, 3)).masked_fill(att.mask.bool()[:8, :8], -torch.inf).max().item()
+    scale = np.float32(np.sqrt(6e38 / largest))
+    sd = gpt_torch.state_dict(tm)
+    for name in ("trf_blocks.0.att.W_query.weight", "trf_blocks.0.att.W_key.weight"):
+        sd[name] = sd[name] * scale
+    gpt_torch.load_state_dict(tm, sd)
+    gpt_flax.load_state_dict(fm, sd)
+    with float32_matmuls(), torch.no_grad():
+        t = tm(torch.from_numpy(ids)).numpy()
+        f = np.asarray(gpt_flax.jit_forward(fm)(ids))
+    assert np.isfinite(t).all() and np.isfinite(f).all()
+    from parity_tests.tolerances import FP32_FORWARD
+
+    np.testing.assert_allclose(f, t, rtol=0, atol=FP32_FORWARD.stol * np.abs(t).max())

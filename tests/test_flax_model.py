@@ -83,6 +83,22 @@ def test_round_to_bfloat16_is_the_conversion_pair():
     np.testing.assert_array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
 
 
+def test_round_to_bfloat16_has_the_derivative_of_the_conversion_pair():
+    """Its vector-Jacobian product is the conversion pair's: the cotangent rounded to bfloat16 (what
+    torch's bfloat16 `.float()` passes back). Written on the bits alone, its derivative was 0, and
+    every gradient behind the bfloat16 head with it."""
+    from gpt_flax.model import round_bits_to_bfloat16, round_to_bfloat16
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal(4096).astype(np.float32))
+    g = jnp.asarray(rng.standard_normal(4096).astype(np.float32))
+    _, vjp = jax.vjp(round_to_bfloat16, x)
+    _, pair_vjp = jax.vjp(lambda v: v.astype(jnp.bfloat16).astype(jnp.float32), x)
+    np.testing.assert_array_equal(np.asarray(vjp(g)[0]), np.asarray(pair_vjp(g)[0]))
+    assert np.asarray(jax.grad(lambda v: round_to_bfloat16(v).sum())(x)).min() == 1.0
+    assert not np.asarray(jax.grad(lambda v: round_bits_to_bfloat16(v).sum())(x)).any()  # the bits alone: 0
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_causal_attention_in_blocks_equals_the_whole_product(dtype, monkeypatch):
     """In inference, attention over >= MIN_BLOCKED_TOKENS tokens runs in query blocks that skip the
