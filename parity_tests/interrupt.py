@@ -82,7 +82,10 @@ def guard_startup(prog: str) -> None:
     def watch() -> None:
         while True:
             signal.sigwait({signal.SIGINT})
-            _on_interrupt()
+            try:
+                _on_interrupt()
+            except BaseException:  # this thread is the only way Ctrl-C ends the process: it must
+                _end(prog)
 
     threading.Thread(target=watch, name="gpt-parity-interrupt", daemon=True).start()
     _guarded = True
@@ -194,8 +197,10 @@ def exit_on_interrupt(
     cleanup = _Cleanup.start(outputs, folders, scratch)
 
     def die() -> None:
-        cleanup.remove_leftovers()
-        silence_progress()  # a live progress line is cleared, the cursor shown, and nothing drawn after
+        with contextlib.suppress(Exception):  # whatever is left behind, the process ends
+            cleanup.remove_leftovers()
+        with contextlib.suppress(Exception):
+            silence_progress()  # a live progress line is cleared, the cursor shown, and nothing drawn after
         _end(prog, cleanup.written())
 
     stop = _take_over(die, process) if _guarded else _watch(die, process)
