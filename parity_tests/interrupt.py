@@ -84,7 +84,7 @@ def guard_startup(prog: str) -> None:
             signal.sigwait({signal.SIGINT})
             try:
                 _on_interrupt()
-            except BaseException:  # this thread is the only way Ctrl-C ends the process: it must
+            except BaseException:  # the one way Ctrl-C ends this process: a failure must end it too
                 _end(prog)
 
     threading.Thread(target=watch, name="gpt-parity-interrupt", daemon=True).start()
