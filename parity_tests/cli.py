@@ -32,6 +32,8 @@ from gpt_spec import (
     check_adamw,
     resolve_config,
 )
+from gpt_spec.checkpoint import HF_INDEX
+from gpt_spec.config import read_json
 from gpt_spec.randomness import check_seed
 from gpt_spec.training import CHAPTER5
 
@@ -925,16 +927,30 @@ class _Plan:
     scratch: list[str]  # what it creates and deletes itself
 
 
+def _shards(index: str) -> list[str]:
+    """The files a shard index names beside it; none where it is no regular file or cannot be
+    read (the run refuses it then)."""
+    if not os.path.isfile(index):
+        return []
+    try:
+        names = read_json(index, "shard index")["weight_map"].values()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return []
+    folder = os.path.dirname(index)
+    return [os.path.join(folder, n) for n in sorted({n for n in names if isinstance(n, str)})]
+
+
 def _read_paths(flag: str, path: str) -> list[tuple[str, str]]:
-    """A checkpoint path and what reading it reads: a folder whole, a shard index's folder, and
-    the HF config.json beside a file, where there is one."""
+    """What reading a checkpoint may read, each named for a message: from a snapshot folder its
+    model.safetensors, shard index, shards and config.json; from a file, the file, its shards
+    (a shard index) and the config.json beside it."""
     if os.path.isdir(path):
-        return [(flag, path)]
-    folder = os.path.dirname(path) or "."
-    if path.endswith(".index.json"):
-        return [(flag, path), (f"the folder of {flag}", folder)]
-    beside = os.path.join(folder, "config.json")
-    return [(flag, path)] + ([(f"the config.json beside {flag}", beside)] if os.path.isfile(beside) else [])
+        index = os.path.join(path, HF_INDEX)
+        named = [(f"the {n} in {flag}", os.path.join(path, n)) for n in ("model.safetensors", HF_INDEX, "config.json")]
+        return named + [(f"a shard in {flag}", shard) for shard in _shards(index)]
+    beside = os.path.join(os.path.dirname(path) or ".", "config.json")
+    shards = _shards(path) if path.endswith(".index.json") else []
+    return [(flag, path), (f"the config.json beside {flag}", beside)] + [(f"a shard of {flag}", s) for s in shards]
 
 
 def _inputs(args: argparse.Namespace) -> list[tuple[str, str]]:

@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
 import rich.progress
@@ -303,15 +302,11 @@ def _same_file(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _inside(path: str, folder: str) -> bool:
-    return any(_same_file(str(parent), folder) for parent in Path(os.path.realpath(path)).parents)
-
-
 def check_paths(outputs: Sequence[tuple[str, str]], inputs: Sequence[tuple[str, str]]) -> None:
     """Refuse, before a run, an output that would destroy what the run reads or prints. Each is
     (what names it, path): an output may not be this process's standard output or error, an
     existing file that is not a regular one (a device: the run would put a new file in its place),
-    an input file or a file inside an input folder (a snapshot), or another output."""
+    an input, or another output."""
     for i, (flag, path) in enumerate(outputs):
         st = _stat(path)
         for fd, stream in _STREAMS:
@@ -327,10 +322,7 @@ def check_paths(outputs: Sequence[tuple[str, str]], inputs: Sequence[tuple[str, 
         if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
             raise ValueError(f"{flag} {path!r} is not a regular file (a device, pipe or socket)")
         for in_flag, in_path in inputs:
-            if os.path.isdir(in_path):
-                if _inside(path, in_path):
-                    raise ValueError(f"{flag} {path!r} is inside {in_flag} {in_path!r}, a folder the run reads")
-            elif _same_file(path, in_path):
+            if _same_file(path, in_path):
                 raise ValueError(f"{flag} {path!r} is the same file as {in_flag} {in_path!r}: it would be overwritten")
         for other_flag, other in outputs[:i]:
             if _same_file(path, other):

@@ -379,6 +379,14 @@ def clobber_case(tmp_path, tiny_cfg):
     (tmp_path / "c.json").write_text(json.dumps(tiny_cfg.to_dict()))
     (tmp_path / "t.txt").write_text("text " * 2000)
     (tmp_path / "out").mkdir()
+    (tmp_path / "sharded").mkdir()  # never read: the refusal comes first
+    shards = {
+        "tok_emb.weight": "model-00001-of-00002.safetensors",
+        "pos_emb.weight": "model-00002-of-00002.safetensors",
+    }
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
+    for shard in shards.values():
+        (tmp_path / "sharded" / shard).write_bytes(b"a shard")
     os.symlink(tmp_path / "v.safetensors", tmp_path / "link.json")
     os.link(tmp_path / "c.json", tmp_path / "hard.json")
     return tmp_path
@@ -397,8 +405,12 @@ def clobber_case(tmp_path, tiny_cfg):
         ),
         (["check", "--config", "hard.json", "--json", "c.json"], "--json 'c.json' is the same file as --config"),
         (
-            ["check", "--checkpoint", "snap", "--json", "snap/report.json"],
-            "--json 'snap/report.json' is inside --checkpoint 'snap', a folder the run reads",
+            ["check", "--checkpoint", "snap", "--json", "snap/config.json"],
+            "--json 'snap/config.json' is the same file as the config.json in --checkpoint 'snap/config.json'",
+        ),
+        (
+            ["check", "--checkpoint", "sharded", "--json", "sharded/model-00002-of-00002.safetensors"],
+            "is the same file as a shard in --checkpoint 'sharded/model-00002-of-00002.safetensors'",
         ),
         (
             ["generate", "hi", "--checkpoint", "snap/model.safetensors", "--json", "snap/config.json"],
@@ -415,7 +427,7 @@ def clobber_case(tmp_path, tiny_cfg):
         ),
         (
             ["convert", "snap", "snap", "--to", "hf"],
-            "the destination 'snap/model.safetensors' is inside the source 'snap', a folder the run reads",
+            "the destination 'snap/model.safetensors' is the same file as the model.safetensors in the source",
         ),
         (
             ["convert", "v.safetensors", "out", "--to", "hf", "--config", "out/config.json"],
@@ -435,7 +447,8 @@ def clobber_case(tmp_path, tiny_cfg):
         "check-json-is-checkpoint",
         "symlink",
         "hard-link",
-        "inside-snapshot",
+        "snapshot-config",
+        "snapshot-shard",
         "config-beside-checkpoint",
         "bench-plot-is-config",
         "mutants-json-is-config",
@@ -460,6 +473,13 @@ def test_an_output_that_would_overwrite_an_input_is_refused_before_any_work(
     err = _one_line_exit_2(capsys, argv)
     assert message in err, err
     assert {p: p.read_bytes() for p in clobber_case.rglob("*") if p.is_file()} == before
+
+
+def test_a_new_file_beside_a_snapshots_own_is_no_overwrite(clobber_case, capsys, monkeypatch):
+    monkeypatch.chdir(clobber_case)
+    _never_run(monkeypatch)
+    with pytest.raises(AssertionError, match="started its work"):  # not refused: the run would start
+        main(["check", "--checkpoint", "snap", "--json", "snap/report.json"])
 
 
 def test_json_to_standard_output_is_spelled_dash_and_other_names_for_it_are_refused(
