@@ -27,6 +27,7 @@ from typing import Any, overload
 import numpy as np
 
 from .config import GPTConfig, parse_json, read_json
+from .files import check_input_file
 from .hf import config_from_hf, from_hf, hf_config, is_hf_layout, published_n_heads, to_hf
 from .models import DUMMY_GPT_MODEL, DUMMY_NORM, FINAL_NORMS, GPT_MODEL, LAYER_NORM, MODELS
 from .tensors import (
@@ -168,51 +169,6 @@ class Checkpoint:
         """The dtype the twins keep these weights in by default: bfloat16 for a bfloat16 file, else
         float32 (float16 widens to it exactly)."""
         return "bfloat16" if self.dtypes == ("bfloat16",) else "float32"
-
-
-_FILE_KINDS = (
-    (stat.S_ISDIR, "a folder"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-)
-
-
-def _unsearchable(path: Path) -> Path:
-    """The folder whose missing search permission hides `path`: the nearest one that can be reached."""
-    for folder in path.parents:
-        with contextlib.suppress(OSError):
-            os.stat(folder)
-            return folder
-    return path.parent
-
-
-def check_input_file(path: str | os.PathLike[str], what: str) -> None:
-    """`path` is a regular file this process may read, or a ValueError naming it (`what` it is).
-    Every reader of a checkpoint calls this before opening a file: a FIFO would block the reader,
-    deaf to Ctrl-C, until a writer came."""
-    path = Path(path)
-    try:
-        mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        raise ValueError(f"{what} {str(path)!r} does not exist") from None
-    except PermissionError:
-        folder = _unsearchable(path)
-        raise ValueError(
-            f"{what} {str(path)!r} cannot be reached: folder {str(folder)!r} is not searchable (permission denied)"
-        ) from None
-    except OSError as e:  # a loop of symlinks, a name too long
-        raise ValueError(f"cannot read {what} {str(path)!r}: {e.strerror}") from e
-    if not stat.S_ISREG(mode):
-        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
-        raise ValueError(f"{what} {str(path)!r} is {kind}, not a regular file")
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
-    except PermissionError:
-        raise ValueError(f"{what} {str(path)!r} is not readable (permission denied)") from None
-    except OSError as e:
-        raise ValueError(f"cannot read {what} {str(path)!r}: {e.strerror}") from e
 
 
 def _exists_in(folder: Path, name: str) -> bool:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .files import check_input_file
 from .limits import MAX_SIZE, MAX_SIZE_TEXT
 
 # Sizes from the book's chapter 5 table of GPT-2 models; the other fields are GPT_CONFIG_124M's.
@@ -81,6 +82,7 @@ def parse_json(data: str | bytes, what: str) -> Any:
 def read_json(path: str | os.PathLike[str], what: str) -> Any:
     """The JSON file at `path` (`what` it is: "config file", "HF config", ...), or a ValueError
     naming it: unreadable, not UTF-8, not JSON, or nested too deeply."""
+    check_input_file(path, what)
     try:
         data = Path(path).read_bytes()
     except OSError as e:

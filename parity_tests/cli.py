@@ -34,6 +34,7 @@ from gpt_spec import (
 )
 from gpt_spec.checkpoint import HF_INDEX
 from gpt_spec.config import read_json
+from gpt_spec.files import check_input_file
 from gpt_spec.randomness import check_seed
 from gpt_spec.training import CHAPTER5
 
@@ -745,6 +746,7 @@ def _generate(args: argparse.Namespace, setup: _Setup, parser: argparse.Argument
 
 
 def _read_text(path: str) -> str:
+    check_input_file(path, "--text")
     try:
         data = Path(path).read_bytes()
     except OSError as e:

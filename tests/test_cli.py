@@ -446,3 +446,33 @@ def test_bench_refuses_decoding_one_token_which_leaves_no_step_to_time(tiny_json
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert "decode must be 0 (off) or at least 2, got 1: the first new token comes with the prefill" in err
+
+
+def test_a_fifo_as_a_config_or_a_text_is_refused_before_it_is_opened(tmp_path):
+    """`--config` and `--text` read a FIFO as a file: the run blocked for ever in the read, waiting
+    for a writer. Refused, as checkpoints are, before anything opens it."""
+    import os
+
+    os.mkfifo(tmp_path / "c.json")
+    os.mkfifo(tmp_path / "t.txt")
+    runs = [
+        ["check", "--config", "c.json", "--quiet"],
+        ["train", "--text", "t.txt", "--config", str(Path("examples/chapter5-tiny.json").resolve()), "--out", "o"],
+    ]
+    code = (
+        "import json, sys\nfrom parity_tests.cli import main\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    try:\n        main(argv)\n    except SystemExit as e:\n        print(e.code, flush=True)\n"
+    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(runs)], cwd=tmp_path, capture_output=True, text=True, timeout=180
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("a run hung on the FIFO")
+    assert proc.stdout.split() == ["2", "2"], proc.stderr
+    assert proc.stderr.splitlines() == [
+        "gpt-parity: error: config file 'c.json' is a FIFO, not a regular file",
+        "gpt-parity: error: --text 't.txt' is a FIFO, not a regular file",
+    ]
+    assert not (tmp_path / "o").exists()
