@@ -91,7 +91,7 @@ def test_json_files_and_resolve(tmp_path, tiny_cfg):
     path.write_text(json.dumps(tiny_cfg.to_dict()))
     assert resolve_config(str(path)) == tiny_cfg
     assert resolve_config("gpt2-medium") == GPTConfig.preset("gpt2-medium")
-    with pytest.raises(ValueError, match="cannot read config file .*missing.json"):
+    with pytest.raises(ValueError, match="config file .*missing.json' does not exist"):
         resolve_config(str(tmp_path / "missing.json"))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
