@@ -24,11 +24,10 @@ from gpt_spec import (
     default_context_size,
 )
 from gpt_spec.data import check_text
-from gpt_spec.inputs import unpickable_logits
+from gpt_spec.inputs import check_cache_dropout, unpickable_logits
 from gpt_spec.randomness import pick_token
 
-from .dropout import ParityDropout
-from .model import _GPT, check_ids
+from .model import _GPT, check_ids, dropout_rate_on
 
 # Greedy steps per compiled call. The Python loop waits for each chunk before it dispatches the
 # next, so Ctrl-C lands between chunks instead of after the whole generation; the chunk's bounds
@@ -85,15 +84,6 @@ def check_pickable(logits: jax.Array, step: int) -> jax.Array:
 
 _unpickable_jit = jax.jit(_unpickable)
 NO_UNPICKABLE = (-1, -1)
-
-
-def _dropout_active(model: nnx.Module) -> bool:
-    """Whether some dropout of `model` drops (train mode, rate > 0): its masks then depend on the
-    shape of what it is fed, so generation must feed the book's shapes, not a fixed window."""
-    return any(
-        isinstance(m, nnx.Dropout | ParityDropout) and not m.deterministic and m.rate > 0
-        for _, m in nnx.iter_modules(model)
-    )
 
 
 def _check_prompt(model: nnx.Module, idx: Any) -> tuple[GPTConfig | ModelLimits, jax.Array, str]:
@@ -205,7 +195,7 @@ def generate_text_simple(model: nnx.Module, idx: Any, max_new_tokens: int, conte
     check_output_fits(batch, n_prompt, max_new_tokens, dtype_name)
     if max_new_tokens == 0:
         return ids
-    if _dropout_active(model):
+    if dropout_rate_on(model) > 0:
         return _generate_as_the_book(model, ids, max_new_tokens, context_size, limits, dtype_name)
     window, graphdef, rng_state, params, buf = _prepare(model, ids, max_new_tokens, context_size, limits, dtype_name)
     bad = jnp.asarray(NO_UNPICKABLE, jnp.int32)
@@ -278,7 +268,7 @@ def generate(
     check_output_fits(batch, n_prompt, max_new_tokens, dtype_name)
     if max_new_tokens == 0:
         return ids
-    exact = _dropout_active(model)  # the book's shapes, for its dropout masks
+    exact = dropout_rate_on(model) > 0  # the book's shapes, for its dropout masks
     window, graphdef, rng_state, params, buf = _prepare(model, ids, max_new_tokens, context_size, limits, dtype_name)
     done = np.zeros(batch, dtype=bool)
     n = n_prompt
@@ -297,8 +287,10 @@ def generate(
                 logits = _filter_top_k(logits, top_k=top_k)
                 if temperature > 0.0:
                     assert rngs is not None  # checked above
-                    # The largest logit taken off first: a tiny temperature would overflow the logits.
-                    scaled = (logits - logits.max(axis=-1, keepdims=True)) / temperature
+                    # The largest logit taken off first (a tiny temperature would overflow the
+                    # logits), and kept at 0 where the temperature rounds to 0 in float32.
+                    shifted = logits - logits.max(axis=-1, keepdims=True)
+                    scaled = jnp.where(shifted == 0, shifted, shifted / temperature)
                     picked = np.asarray(jax.random.categorical(rngs.sample(), scaled, axis=-1))
                 else:
                     picked = np.asarray(jnp.argmax(logits, axis=-1))
@@ -401,6 +393,8 @@ def generate_text_simple_cached(
     if max_new_tokens == 0:
         return ids
     prompt = ids[:, -context_size:]
+    if isinstance(model, _GPT):
+        check_cache_dropout(dropout_rate_on(model))  # before the reset: a refusal changes nothing
     reset_kv_cache(batch_size=prompt.shape[0], max_len=prompt.shape[1] + max_new_tokens - 1)
     graphdef, *states = nnx.split(model, nnx.Param, nnx.Cache, ...)
     params, cache, rest = states

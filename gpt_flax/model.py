@@ -28,6 +28,9 @@ from gpt_spec import (
     check_model_fits,
     check_token_ids,
 )
+from gpt_spec.inputs import check_cache_dropout
+
+from .dropout import ParityDropout
 
 
 def check_ids(in_idx: Any, cfg: GPTConfig | ModelLimits, *, check_length: bool = True) -> jax.Array:
@@ -51,6 +54,14 @@ def check_ids(in_idx: Any, cfg: GPTConfig | ModelLimits, *, check_length: bool =
     # Every id is in [0, vocab_size) and vocab_size <= 2**31 - 1: int32 holds it exactly, and one
     # dtype means one compiled program per shape whatever integer dtype the ids came in.
     return ids if ids.dtype == jnp.int32 else ids.astype(jnp.int32)
+
+
+def dropout_rate_on(model: nnx.Module) -> float:
+    """The largest rate of the dropouts of `model` that drop now (train mode), 0.0 if none does."""
+    rates = [
+        m.rate for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Dropout | ParityDropout) and not m.deterministic
+    ]
+    return max(rates, default=0.0)
 
 
 # Causal attention over at least MIN_BLOCKED_TOKENS tokens, in inference, runs as ATTENTION_BLOCKS
@@ -487,6 +498,7 @@ class _GPT(nnx.Module):
 
     def _check_cached_call(self, start: Any, batch_size: int, seq_len: int) -> None:
         """Everything that could refuse a cached call, checked before any position or cache moves."""
+        check_cache_dropout(dropout_rate_on(self))
         if not isinstance(start, jax.core.Tracer):  # in a trace, the caller checked the room
             check_cache_room(int(start), seq_len, self.cfg, self.cache_max_len)
         attention = self._attention()

@@ -156,6 +156,18 @@ def check_cache_call(cached_batch: int | None, batch: int, num_tokens: int, slot
         raise ValueError(f"{num_tokens} new tokens do not fit in the KV cache's {slots} slots")
 
 
+def check_cache_dropout(rate: float) -> None:
+    """Refuse a cached call while a dropout drops (`rate` > 0: train mode). The twins' caches attend
+    over differently shaped key sets (torch the filled slots, Flax all of them, masked), so the same
+    element index falls on different weights and no dropout mask can be the other twin's; and a KV
+    cache serves inference."""
+    if rate > 0:
+        raise ValueError(
+            f"a cached call with dropout on (train mode, drop rate {rate:g}): the KV cache is for "
+            "inference; call model.eval() first"
+        )
+
+
 def unpickable_logits(step: int, row: int) -> ValueError:
     """The refusal of a generation step whose logits give no token to pick: a NaN or +inf among them
     (softmax and sampling turn it into NaN, argmax into an arbitrary token) or nothing but -inf."""

@@ -19,10 +19,10 @@ from gpt_spec import (
     default_context_size,
 )
 from gpt_spec.data import check_text
-from gpt_spec.inputs import unpickable_logits
+from gpt_spec.inputs import check_cache_dropout, unpickable_logits
 from gpt_spec.randomness import pick_token
 
-from .model import _GPT, as_index, check_ids
+from .model import _GPT, as_index, check_ids, dropout_rate_on
 
 
 def model_limits(model: nn.Module) -> GPTConfig | ModelLimits:
@@ -140,8 +140,10 @@ def generate(
                 min_val = top_logits[:, -1:]  # (batch, 1): the book's [:, -1] broadcasts for batch 1 only
                 logits = torch.where(logits < min_val, torch.tensor(float("-inf"), device=logits.device), logits)
             if temperature > 0.0:
-                # The largest logit taken off first: a tiny temperature would overflow the logits.
-                logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+                # The largest logit taken off first (a tiny temperature would overflow the logits),
+                # and kept at 0 where the temperature rounds to 0 in float32.
+                shifted = logits - logits.amax(dim=-1, keepdim=True)
+                logits = torch.where(shifted == 0, shifted, shifted / temperature)
                 probs = torch.softmax(logits, dim=-1)
                 idx_next = torch.multinomial(probs, num_samples=1)
             else:
@@ -196,6 +198,7 @@ def generate_text_simple_cached(
     prompt = idx[:, -context_size:]
     with torch.no_grad():
         if isinstance(model, _GPT):
+            check_cache_dropout(dropout_rate_on(model))  # before the reset: a refusal changes nothing
             # The cache sized for this generation's positions, as the Flax twin's (a cached call
             # after it is refused alike in both); the head on the last position only.
             reset_kv_cache(batch_size=prompt.shape[0], max_len=prompt.shape[1] + max_new_tokens - 1)

@@ -25,6 +25,9 @@ from gpt_spec import (
     check_model_fits,
     check_token_ids,
 )
+from gpt_spec.inputs import check_cache_dropout
+
+from .dropout import ParityDropout
 
 _UNSIGNED = (torch.uint8, torch.uint16, torch.uint32, torch.uint64)
 _INDEX_DTYPES = (torch.int32, torch.int64)  # what nn.Embedding takes
@@ -80,6 +83,12 @@ def check_ids(in_idx: torch.Tensor, cfg: GPTConfig | ModelLimits, *, check_lengt
         tuple(in_idx.shape), kind, str(dtype).removeprefix("torch."), lo, hi, cfg, check_length=check_length
     )
     return as_index(in_idx)
+
+
+def dropout_rate_on(model: nn.Module) -> float:
+    """The largest rate of the dropouts of `model` that drop now (train mode), 0.0 if none does."""
+    rates = [m.p for m in model.modules() if isinstance(m, nn.Dropout | ParityDropout) and m.training]
+    return max(rates, default=0.0)
 
 
 class LayerNorm(nn.Module):
@@ -375,6 +384,7 @@ class _GPT(nn.Module):
 
     def _check_cached_call(self, batch_size: int, seq_len: int) -> None:
         """Everything that could refuse a cached call, checked before any position or cache moves."""
+        check_cache_dropout(dropout_rate_on(self))
         check_cache_room(self.current_pos, seq_len, self.cfg, self.cache_max_len)
         attention = self._attention()
         for att in attention:

@@ -176,3 +176,29 @@ def test_an_optimizer_made_before_a_cast_is_refused(twin):
     with pytest.raises(ValueError, match=message):
         _step(twin, model, optimizer)
     assert np.isfinite(_step(twin, model, package.adamw(model)))
+
+
+def test_a_cached_call_with_dropout_on_is_refused_alike_and_changes_nothing():
+    """In train mode the attention's dropout masks depend on how many keys a cached call attends
+    over: torch's cache gives the filled slots, the Flax twin's all of them (masked), so the twins'
+    parity-dropout masks fell on different weights and their cached logits and generations parted
+    (found by tests/test_twin_machine.py). A KV cache serves inference: both refuse, first thing."""
+    tm, fm = build_pair("gpt", TINY, source="torch", mode="train")  # drop_rate 0.1
+    gpt_torch.use_parity_dropout(tm, seed=1)
+    gpt_flax.use_parity_dropout(fm, seed=1)
+    message = r"a cached call with dropout on \(train mode, drop rate 0.1\): the KV cache is for inference"
+    for twin, model, package in (("torch", tm, gpt_torch), ("flax", fm, gpt_flax)):
+        prompt = torch.from_numpy(IDS[:, :2]) if twin == "torch" else IDS[:, :2]
+        model.reset_kv_cache(batch_size=2, max_len=6)
+        with pytest.raises(ValueError, match=message):
+            _run(twin, model, IDS[:, :2], use_cache=True)
+        with pytest.raises(ValueError, match=message):
+            package.generate_text_simple_cached(model, prompt, 3)
+        assert _position(twin, model) == 0 and model.cache_max_len == 6  # the generation's reset never ran
+    assert int(tm.dropout_counter.value) == int(fm.dropout_counter[...]) == 0
+    tm.eval()
+    fm.eval()
+    np.testing.assert_array_equal(
+        gpt_torch.generate_text_simple_cached(tm, torch.from_numpy(IDS[:, :2]), 3).numpy(),
+        np.asarray(gpt_flax.generate_text_simple_cached(fm, IDS[:, :2], 3)),
+    )

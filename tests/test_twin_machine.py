@@ -45,6 +45,7 @@ settings.register_profile(
     "machine-hunt", max_examples=400, stateful_step_count=30, deadline=None, suppress_health_check=_HEALTH
 )
 PROFILE = "hunt" if os.environ.get("GPT_FUZZ_PROFILE") == "hunt" else "quick"
+STEPS = [0]  # calls checked, over every sequence (a hunt reports it: `pytest -s`)
 
 # One config without a window and one whose KV cache slides: every call below is cheap, and the
 # shapes come from small sets (each new one is a compilation in the Flax twin).
@@ -380,6 +381,7 @@ class TwinMachine(RuleBasedStateMachine):
     def alike(self):
         if not hasattr(self, "t"):
             return
+        STEPS[0] += 1
         t, f = self.t, self.f
         assert t.current_pos == int(f.current_pos[...]) and t.cache_max_len == f.cache_max_len
         assert t.dropout_counter.value == int(f.dropout_counter[...])
@@ -422,4 +424,10 @@ def _equal(a, b) -> bool:
 
 
 TwinMachine.TestCase.settings = settings.get_profile(f"machine-{PROFILE}")
-test_the_twins_stay_twins = TwinMachine.TestCase
+
+
+def test_the_twins_stay_twins():
+    STEPS[0] = 0
+    TwinMachine.TestCase().runTest()
+    if PROFILE == "hunt":
+        print(f"\nthe twin machine checked {STEPS[0]} calls")
