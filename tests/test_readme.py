@@ -87,3 +87,22 @@ def test_cli_examples_run(line, tmp_path, snapshot, monkeypatch, capsys):
         assert main(args) == expected, capsys.readouterr().out
     for json_name in [a for a in args if a.endswith(".json") and "/" not in a]:
         assert (tmp_path / json_name).stat().st_size > 0
+
+
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+
+@pytest.mark.parametrize("page", DOCS, ids=[p.name for p in DOCS])
+def test_every_python_block_of_the_docs_runs(page, capsys):
+    """The docs pages' Python blocks run, in order, in one namespace per page (their asserts hold)."""
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(page.relative_to(ROOT)), "exec"), namespace)
+    if page.name == "refusals.md":
+        assert blocks and capsys.readouterr().out.count("the KV cache holds batch size 2, got 1: reset it") == 2
+
+
+def test_the_readme_links_every_docs_page():
+    for page in DOCS:
+        assert f"docs/{page.name}" in README, page.name
