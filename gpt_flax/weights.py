@@ -14,6 +14,7 @@ from flax import nnx
 
 from gpt_spec import GPTConfig, StateDict, check_dtype, check_state_dict, in_model_order
 from gpt_spec.checkpoint import check_save, load_checkpoint, read_torch_file, save_checkpoint
+from gpt_spec.tensors import check_bfloat16_range
 
 from .model import _GPT
 
@@ -181,6 +182,12 @@ def cast(model: _M, dtype: str) -> _M:
     softmax and logits stay float32. A KV cache is cast too (its keys and values rounded), as
     torch's twin casts its buffers: cached calls go on. In place; returns the model."""
     target = _JAX_DTYPES[check_dtype(dtype)]
+    if target == jnp.bfloat16:  # checked before any parameter changes
+        for name, (var, _) in _params(model).items():
+            if var.dtype != target and var.size:
+                value = jnp.abs(var[...])
+                largest = float(jnp.max(jnp.where(jnp.isfinite(value), value, 0)))
+                check_bfloat16_range(f"parameter {name!r}", largest)
     for var, _ in _params(model).values():
         if var.dtype != target:
             var.set_value(var[...].astype(target))  # `var[...] =` would keep the old dtype

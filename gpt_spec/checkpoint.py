@@ -668,6 +668,11 @@ def _as_dtype(name: str, value: Any, dtype: str) -> np.ndarray:
         from .tensors import checked_array
 
         array = checked_array(name, array)
+    if dtype == "bfloat16" and array.dtype != target and array.size:
+        from .tensors import check_bfloat16_range
+
+        finite = np.abs(array[np.isfinite(array)])
+        check_bfloat16_range(f"state dict key {name!r}", float(finite.max()) if finite.size else 0.0)
     return np.ascontiguousarray(array.astype(target, copy=False))
 
 
@@ -718,7 +723,10 @@ def save_checkpoint(
     check_save(path, dtype)  # before any tensor is read or converted
     options = check_options(model, options or {})
     sd = check_state_dict(model_shapes(model, cfg, options), sd, model)
-    tensors = {k: _as_dtype(k, sd[k], dtype) for k in sd}
+    try:
+        tensors = {k: _as_dtype(k, sd[k], dtype) for k in sd}
+    except ValueError as e:
+        raise ValueError(f"cannot write checkpoint {os.fspath(path)!r}: {e}") from None
     metadata = {"format": FORMAT, "config": json.dumps(cfg.to_dict()), "model": model, "options": json.dumps(options)}
     atomic_write(path, lambda tmp: _write_verified(tmp, tensors, metadata))
 
@@ -758,7 +766,10 @@ def save_hf(folder: str | os.PathLike[str], sd: Mapping[str, Any], cfg: GPTConfi
     folder = Path(folder)
     created = check_hf_destination(folder)
     hf = to_hf(sd, cfg)
-    tensors = {k: _as_dtype(k, v, dtype) for k, v in hf.items()}
+    try:
+        tensors = {k: _as_dtype(k, v, dtype) for k, v in hf.items()}
+    except ValueError as e:
+        raise ValueError(f"cannot write HF snapshot {os.fspath(folder)!r}: {e}") from None
     config = hf_config(cfg, tied="lm_head.weight" not in hf) | {"dtype": dtype}
     try:
         for path in reversed(created):

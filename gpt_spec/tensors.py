@@ -115,6 +115,21 @@ def checked_array(name: str, value: Any, source: str | None = None) -> np.ndarra
     return array
 
 
+# Past halfway from bfloat16's largest (3.38953139e38) to 2**128, float32 rounds to inf in bfloat16.
+BFLOAT16_OVERFLOW = float((2 - 2.0**-8) * 2.0**127)
+_BFLOAT16_MAX = float((2 - 2.0**-7) * 2.0**127)
+
+
+def check_bfloat16_range(what: str, max_abs: float) -> None:
+    """Refuse values of `what` (the largest finite magnitude `max_abs`) that bfloat16 would make inf:
+    a cast or a bfloat16 save must not turn a finite weight into an infinity silently."""
+    if max_abs >= BFLOAT16_OVERFLOW:
+        raise ValueError(
+            f"{what} holds value(s) up to {max_abs:.9g} in magnitude, which round to inf in bfloat16 "
+            f"(largest {_BFLOAT16_MAX:.9g})"
+        )
+
+
 def _check_mask(name: str, sd: Mapping[str, Any], context_length: int) -> None:
     """The book's persistent causal-mask buffer: exactly triu(ones(n, n), 1) for this context."""
     shape, _ = info(sd, name)

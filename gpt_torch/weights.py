@@ -13,6 +13,7 @@ import torch
 
 from gpt_spec import GPTConfig, StateDict, check_dtype, check_state_dict
 from gpt_spec.checkpoint import check_save, load_checkpoint, read_torch_file, save_checkpoint
+from gpt_spec.tensors import check_bfloat16_range
 
 from .model import _GPT
 
@@ -110,4 +111,10 @@ def cast(model: _M, dtype: str) -> _M:
     """Parameters (and so the compute) in `dtype`, "float32" or "bfloat16"; LayerNorm statistics,
     softmax and logits stay float32. A KV cache is cast too (its keys and values rounded), as
     module.to() casts buffers: cached calls go on. In place; returns the model."""
-    return model.to(_TORCH_DTYPES[check_dtype(dtype)])
+    target = _TORCH_DTYPES[check_dtype(dtype)]
+    if target == torch.bfloat16:  # checked before any parameter changes
+        for name, p in model.named_parameters():
+            if p.dtype != target and p.numel():
+                finite = p.detach().abs()[torch.isfinite(p.detach())]
+                check_bfloat16_range(f"parameter {name!r}", float(finite.max()) if finite.numel() else 0.0)
+    return model.to(target)

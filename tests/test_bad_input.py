@@ -778,3 +778,31 @@ def test_attention_scores_past_float32s_largest_give_the_same_logits_in_both_twi
     from parity_tests.tolerances import FP32_FORWARD
 
     np.testing.assert_allclose(f, t, rtol=0, atol=FP32_FORWARD.stol * np.abs(t).max())
+
+
+def test_a_cast_or_a_bfloat16_save_that_would_make_a_weight_inf_is_refused_alike(tmp_path):
+    """A float32 weight past halfway from bfloat16's largest to 2**128 rounds to inf: cast and
+    save(dtype="bfloat16") wrote the infinity without a word, in both twins. Refused before anything
+    changes; a weight that rounds to bfloat16's largest casts."""
+    tm, fm = build_pair("gpt", NOISELESS, source="torch")
+    sd = gpt_torch.state_dict(tm)
+    sd["trf_blocks.1.ff.layers.0.weight"][0, 0] = np.float32(3.397e38)
+    gpt_torch.load_state_dict(tm, sd)
+    gpt_flax.load_state_dict(fm, sd)
+    largest = "up to 3.39699998e+38 in magnitude, which round to inf in bfloat16 (largest 3.38953139e+38)"
+    message = _same_refusal(lambda: gpt_torch.cast(tm, "bfloat16"), lambda: gpt_flax.cast(fm, "bfloat16"))
+    assert message == f"parameter 'trf_blocks.1.ff.layers.0.weight' holds value(s) {largest}"
+    assert {p.dtype for p in tm.parameters()} == {torch.float32}
+    assert all(np.array_equal(v, sd[k]) for k, v in gpt_flax.state_dict(fm).items())
+    path = str(tmp_path / "m.safetensors")
+    message = _same_refusal(
+        lambda: gpt_torch.save(tm, path, dtype="bfloat16"), lambda: gpt_flax.save(fm, path, dtype="bfloat16")
+    )
+    assert (
+        message
+        == f"cannot write checkpoint {path!r}: state dict key 'trf_blocks.1.ff.layers.0.weight' holds value(s) {largest}"
+    )
+    assert not (tmp_path / "m.safetensors").exists()
+    sd["trf_blocks.1.ff.layers.0.weight"][0, 0] = np.float32(3.3895e38)
+    gpt_torch.load_state_dict(tm, sd)
+    assert torch.isfinite(gpt_torch.cast(tm, "bfloat16").trf_blocks[1].ff.layers[0].weight).all()
