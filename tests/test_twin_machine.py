@@ -39,7 +39,7 @@ from parity_tests.twins import float32_matmuls
 
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 settings.register_profile(
-    "machine-quick", max_examples=6, stateful_step_count=12, deadline=None, suppress_health_check=_HEALTH
+    "machine-quick", max_examples=5, stateful_step_count=10, deadline=None, suppress_health_check=_HEALTH
 )
 settings.register_profile(
     "machine-hunt", max_examples=400, stateful_step_count=30, deadline=None, suppress_health_check=_HEALTH
