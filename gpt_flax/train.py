@@ -9,7 +9,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -20,7 +19,7 @@ from gpt_spec.training import Log, OnEvent, check_num_batches, check_schedule, e
 
 from .generate import generate_text_simple, text_to_token_ids, token_ids_to_text
 from .model import _GPT, check_ids
-from .weights import to_canonical
+from .weights import dtype_name, to_canonical
 
 
 def _checked(model: _GPT, input_batch: Any, target_batch: Any) -> tuple[jax.Array, jax.Array]:
@@ -90,7 +89,7 @@ def adamw(
     same ones with the same ValueError."""
     lr, weight_decay, betas, eps = check_adamw(lr, weight_decay, betas, eps)
     optimizer = nnx.Optimizer(model, _adamw_tx(lr, weight_decay, *betas, eps), wrt=nnx.Param)
-    _MADE_FOR[optimizer] = (weakref.ref(model), _dtype_name(model))
+    _MADE_FOR[optimizer] = (weakref.ref(model), dtype_name(model))
     return optimizer
 
 
@@ -99,10 +98,6 @@ def adamw(
 # config would train on it), and it is kept out of the optimizer itself, whose attributes are part
 # of the graph every jitted step is compiled for.
 _MADE_FOR: weakref.WeakKeyDictionary[nnx.Optimizer, tuple[weakref.ref, str]] = weakref.WeakKeyDictionary()
-
-
-def _dtype_name(model: nnx.Module) -> str:
-    return jnp.dtype(next(iter(nnx.to_flat_state(nnx.state(model, nnx.Param))))[1].dtype).name
 
 
 def check_optimizer(model: nnx.Module, optimizer: nnx.Optimizer) -> None:
@@ -114,8 +109,8 @@ def check_optimizer(model: nnx.Module, optimizer: nnx.Optimizer) -> None:
     owner, made_for = made
     if owner() is not model:
         raise foreign_optimizer()
-    if made_for != _dtype_name(model):
-        raise stale_optimizer(made_for, _dtype_name(model))
+    if made_for != dtype_name(model):
+        raise stale_optimizer(made_for, dtype_name(model))
 
 
 @functools.lru_cache(maxsize=64)

@@ -134,10 +134,15 @@ def _fill(model: nnx.Module, sd: Mapping[str, np.ndarray], dtype) -> None:
         var.set_value(jnp.asarray(array.T if transposed else array, dtype=dtype))
 
 
+def dtype_name(model: nnx.Module) -> str:
+    """The dtype of the model's parameters, by name ("float32", "bfloat16")."""
+    return jnp.dtype(next(iter(nnx.to_flat_state(nnx.state(model, nnx.Param))))[1].dtype).name
+
+
 def save(model: _GPT, path: str | os.PathLike[str], *, dtype: str | None = None) -> None:
     """Write the model's canonical state dict and config to a safetensors file, in `dtype`
     ("float32" or "bfloat16"; default the model's own). The path must end in .safetensors."""
-    dtype = dtype or jnp.dtype(next(iter(_params(model).values()))[0].dtype).name
+    dtype = dtype or dtype_name(model)
     check_save(path, dtype)  # a refusal before the parameters are copied out
     save_checkpoint(
         path,

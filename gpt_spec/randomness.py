@@ -92,8 +92,8 @@ def pick_token(logits: Any, temperature: float, top_k: int | None, seed: int, st
     temperature + gumbel_noise(seed, step)), in float64 on the host. Returns (batch,) int64.
 
     The row's largest logit is taken off first (softmax is the same for any shift): divided by a
-    tiny temperature, the logits themselves overflow to +inf, and argmax then picks the first of
-    them, where the shifted ones go to -inf but the largest, which stays 0: the greedy pick."""
+    tiny temperature, the logits themselves overflow to +inf and argmax picks the first of them;
+    shifted, the largest stays 0 and the others go to -inf, which is the greedy pick."""
     logits = np.asarray(logits, dtype=np.float64)
     if top_k is not None:
         kth = np.sort(logits, axis=-1)[:, -top_k][:, None]

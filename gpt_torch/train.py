@@ -16,6 +16,7 @@ from gpt_spec.training import Log, OnEvent, check_num_batches, check_schedule, e
 
 from .generate import generate_text_simple, text_to_token_ids, token_ids_to_text
 from .model import _GPT, check_ids
+from .weights import dtype_name
 
 
 def check_device(device: object) -> torch.device | None:
@@ -84,17 +85,13 @@ def adamw(
     refuse the same ones with the same ValueError."""
     lr, weight_decay, betas, eps = check_adamw(lr, weight_decay, betas, eps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
-    _MADE_FOR[optimizer] = _dtype_name(model)
+    _MADE_FOR[optimizer] = dtype_name(model)
     return optimizer
 
 
 # The parameters' dtype each optimizer of adamw() was made for: one made before a cast is refused
 # alike in both twins (torch would mix its float32 moments with bfloat16 gradients, or fail).
 _MADE_FOR: weakref.WeakKeyDictionary[torch.optim.Optimizer, str] = weakref.WeakKeyDictionary()
-
-
-def _dtype_name(model: torch.nn.Module) -> str:
-    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def check_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -104,8 +101,8 @@ def check_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     if held != {id(p) for p in model.parameters()}:
         raise foreign_optimizer()
     made_for = _MADE_FOR.get(optimizer)
-    if made_for is not None and made_for != _dtype_name(model):
-        raise stale_optimizer(made_for, _dtype_name(model))
+    if made_for is not None and made_for != dtype_name(model):
+        raise stale_optimizer(made_for, dtype_name(model))
 
 
 def train_step(

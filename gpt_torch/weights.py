@@ -60,14 +60,15 @@ def _fill(model: torch.nn.Module, sd: Mapping[str, np.ndarray]) -> None:
             target.copy_(_tensor(sd[name], target.dtype))
 
 
-def _dtype_name(model: torch.nn.Module) -> str:
+def dtype_name(model: torch.nn.Module) -> str:
+    """The dtype of the model's parameters, by name ("float32", "bfloat16")."""
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def save(model: _GPT, path: str | os.PathLike[str], *, dtype: str | None = None) -> None:
     """Write the model's canonical state dict and config to a safetensors file, in `dtype`
     ("float32" or "bfloat16"; default the model's own). The path must end in .safetensors."""
-    dtype = dtype or _dtype_name(model)
+    dtype = dtype or dtype_name(model)
     check_save(path, dtype)  # a refusal before the parameters are copied out
     save_checkpoint(
         path,

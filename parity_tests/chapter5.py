@@ -25,6 +25,7 @@ from .twins import build_pair, float32_matmuls
 
 DROPOUT_MODES = ("parity", "off")  # each twin's own dropout draws different masks: not one run
 TWINS = ("torch", "flax")
+MODEL_FILES = {"torch": "torch.safetensors", "flax": "flax.safetensors"}  # each twin's trained model, in out_dir
 # After training, both twins continue start_context greedily and by parity sampling (the book's
 # §5.3 example settings: top_k 25, temperature 1.4).
 SAMPLE_TOKENS = 25
@@ -313,10 +314,7 @@ def run_chapter5(
     )
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-        report.checkpoints = {
-            "torch": os.path.join(out_dir, "torch.safetensors"),
-            "flax": os.path.join(out_dir, "flax.safetensors"),
-        }
+        report.checkpoints = {twin: os.path.join(out_dir, name) for twin, name in MODEL_FILES.items()}
         gpt_torch.save(tm, report.checkpoints["torch"])
         gpt_flax.save(fm, report.checkpoints["flax"])
     return report

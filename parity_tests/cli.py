@@ -858,7 +858,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # The outputs before the verdict, as check writes them: a verdict means they are whole.
     write_json({**report.to_json(), "text": texts}, os.path.join(args.out, "train.json"))
     report.plot(os.path.join(args.out, "train.png"))
-    print(f"wrote {args.out}/: train.json, train.png, torch.safetensors, flax.safetensors")
+    print(f"wrote {args.out}/: {', '.join(TRAIN_FILES)}")
     print("PASS: the two runs are one run, within the bound" if report.passed else "FAIL")
     return 0 if report.passed else 1
 
@@ -914,10 +914,8 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-# What train writes in --out (the models: chapter5.run_chapter5's names), and the scratch files
-# load-memory writes in --dir and deletes (load_memory.run's names), per layout.
-TRAIN_FILES = ("train.json", "train.png", "torch.safetensors", "flax.safetensors")
-LOAD_MEMORY_SCRATCH = {"canonical": "model-canonical.safetensors", "hf": "hf-snapshot"}
+# What train writes in --out: its report, its plot and chapter5.run_chapter5's models.
+TRAIN_FILES = ("train.json", "train.png", *chapter5.MODEL_FILES.values())
 
 
 @dataclasses.dataclass
@@ -990,8 +988,10 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _Plan:
         outputs += [("--out", os.path.join(args.out, name)) for name in TRAIN_FILES]
         folders = missing_folders(args.out)
     elif args.command == "load-memory":
+        from . import load_memory
+
         for layout in args.layout.split(","):
-            name = LOAD_MEMORY_SCRATCH.get(layout.strip())
+            name = load_memory.SCRATCH.get(layout.strip())
             if name is None:
                 continue  # refused with the list of layouts by the command
             path = os.path.join(args.dir, name)

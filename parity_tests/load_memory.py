@@ -25,6 +25,7 @@ from gpt_spec.checkpoint import gpt_shapes
 from .output import Progress, format_table
 
 LAYOUTS = ("canonical", "hf")
+SCRATCH = {"canonical": "model-canonical.safetensors", "hf": "hf-snapshot"}  # written in the folder, then deleted
 TWINS = ("torch", "flax")
 # Peak resident memory a load may reach, as a multiple of the file's size (the target).
 PEAK_OVER_FILE = 1.5
@@ -91,7 +92,7 @@ def run(cfg: GPTConfig, folder: Path, layouts=LAYOUTS, twins=TWINS, *, quiet: bo
     progress = Progress(len(layouts) * (1 + len(twins)), enabled=not quiet)
     rows = []
     for layout in layouts:
-        target = folder / ("model-canonical.safetensors" if layout == "canonical" else "hf-snapshot")
+        target = folder / SCRATCH[layout]
         with progress.step(f"writing a random {layout} checkpoint"):
             file = write_random_checkpoint(cfg, target, layout)
         size = file.stat().st_size

@@ -531,6 +531,18 @@ def _quick_check(config: str, *extra: str) -> list[str]:
     return ["check", "--config", config, "--seq", "3", "--quiet", "--no-layer-evidence", *extra]
 
 
+def _piped_quick_check(cwd, config: str, json_out, **env: str) -> subprocess.Popen:
+    """The console script's quick check writing --json `json_out`, both streams piped."""
+    return subprocess.Popen(
+        [_console_script(), *_quick_check(config, "--json", str(json_out))],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+    )
+
+
 def _in_parallel(*calls: Callable[[], Any]) -> list[Any]:
     """Run each call on a thread of its own; their results, in order."""
     results: list[Any] = [None] * len(calls)
@@ -585,14 +597,7 @@ def test_ctrl_c_once_the_verdict_is_printed_changes_nothing_and_prints_no_traceb
     """Interrupts sent every millisecond from the verdict on, through the interpreter's shutdown:
     the run's status stands (or, before the command returned, the line says what was written)."""
     out = tmp_path / "check.json"
-    proc = subprocess.Popen(
-        [_console_script(), *_quick_check(tiny_json_path, "--json", str(out))],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = _piped_quick_check(tmp_path, tiny_json_path, out, PYTHONUNBUFFERED="1")
     assert proc.stdout is not None
     for line in proc.stdout:
         if line == "PASS\n":
@@ -725,13 +730,7 @@ def test_a_train_refused_while_running_removes_the_out_folder_it_made(tmp_path, 
 def test_a_closed_stdout_still_gets_the_json_written_and_ends_quietly_with_141(tmp_path, tiny_json_path):
     """`gpt-parity check --json out.json | head -1`: the reader goes away; the run goes on."""
     out = tmp_path / "check.json"
-    proc = subprocess.Popen(
-        [_console_script(), *_quick_check(tiny_json_path, "--json", str(out))],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _piped_quick_check(tmp_path, tiny_json_path, out)
     assert proc.stdout is not None
     proc.stdout.close()  # before anything is printed: every write finds the pipe closed
     _, err = proc.communicate(timeout=300)
