@@ -13,7 +13,7 @@ FLOORS ?= constraints-floors.txt
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint clean check-install test-floors train-chapter5
+.PHONY: install run tour test lint clean check-install test-floors train-chapter5
 
 install: $(STAMP)
 
@@ -26,12 +26,21 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
 	touch $@
 
+# The main job, a few minutes on 2 cores: both twins on gpt2-small, checked in every layer and over
+# 3 AdamW steps; the zoo of planted bugs on the tiny config; one benchmark cell. JSON and plots in out/.
 run: $(STAMP)
 	mkdir -p out
-	$(BIN)/gpt-parity check --layers --train-steps 10 --plot out/layers.png --json out/check.json
+	$(BIN)/gpt-parity check --layers --train-steps 3 --plot out/layers.png --json out/check.json
 	$(BIN)/gpt-parity mutants --config examples/tiny-odd.json --plot out/mutants.png --json out/mutants.json
-	$(BIN)/gpt-parity bench --dtype float32,bfloat16 --seq 256,1024 --decode 256 --plot out/bench.png --json out/bench.json
-	$(BIN)/gpt-parity train --config examples/chapter5-tiny.json --epochs 3 --lr 0.004 --out out/train
+	$(BIN)/gpt-parity bench --dtype float32 --seq 256 --plot out/bench.png --json out/bench.json
+
+# The full tour (about half an hour on 2 cores; CI runs it too): bfloat16 training, the benchmark's
+# float32 and bfloat16 grid up to 4x1024 with the decoding grid, and chapter 5 on a small GPT.
+tour: $(STAMP)
+	mkdir -p out/tour
+	$(BIN)/gpt-parity check --dtype bfloat16 --train-steps 10 --json out/tour/check-bfloat16.json
+	$(BIN)/gpt-parity bench --dtype float32,bfloat16 --seq 256,1024 --decode 256 --plot out/tour/bench.png --json out/tour/bench.json
+	$(BIN)/gpt-parity train --config examples/chapter5-tiny.json --epochs 3 --lr 0.004 --out out/tour/train
 
 # The book's chapter-5 run in both twins (GPT_CONFIG_124M at context 256, 10 epochs): about 15
 # minutes on 2 cores with dropout off, longer with parity dropout. Not part of `make run`.
@@ -55,9 +64,9 @@ check-install:
 # The unit tests and the core parity tests on the dependency floors (not the slow whole suite).
 test-floors:
 	$(MAKE) --no-print-directory install VENV=$(FLOORS_VENV) CONSTRAINTS=$(FLOORS)
-	$(FLOORS_VENV)/bin/python -m pytest tests -x -q -p no:cacheprovider
-	$(FLOORS_VENV)/bin/python -m pytest -x -q -p no:cacheprovider parity_tests/test_parity.py \
-		parity_tests/test_kv_cache.py parity_tests/test_training.py parity_tests/test_checkpoints.py
+	$(FLOORS_VENV)/bin/python -m pytest tests/gpt_spec tests/gpt_torch tests/gpt_flax tests/twins -x -q -p no:cacheprovider
+	$(FLOORS_VENV)/bin/python -m pytest -x -q -p no:cacheprovider tests/parity_tests/test_parity.py \
+		tests/parity_tests/test_kv_cache.py tests/parity_tests/test_training.py tests/parity_tests/test_checkpoints.py
 
 clean:
 	rm -rf $(VENV) $(FLOORS_VENV)

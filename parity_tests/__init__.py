@@ -1,2 +1,3 @@
-"""The parity suite: the comparator and bounds, one module per kind of evidence (the whole forward,
-each layer, training, the mesh), the planted-bug zoo, the benchmark and the gpt-parity CLI."""
+"""The evidence engine: the comparator and its named bounds, rounding envelopes, one module per kind
+of evidence (the whole forward, each layer, training, the mesh, chapter 5) and the planted-bug zoo
+with its torch and Flax halves. Its reports are plain data; `parity_cli` draws them."""

@@ -19,7 +19,8 @@ from gpt_spec import GPT, GPTConfig, get_tokenizer
 from gpt_spec.data import split_text
 from gpt_spec.training import CHAPTER5, Chapter5
 
-from .output import Progress, format_table, pyplot, save_figure, versions
+from .environment import versions
+from .progress import Progress, silent
 from .tolerances import train_loss_bound
 from .twins import build_pair, float32_matmuls
 
@@ -132,41 +133,6 @@ class Chapter5Report:
     def passed(self) -> bool:
         return not self.failures()
 
-    def format_table(self) -> str:
-        train, val = self.eval_deltas()
-        rows = [
-            [
-                a["epoch"],
-                a["step"],
-                a["tokens_seen"],
-                a["train_loss"],
-                b["train_loss"],
-                a["val_loss"],
-                b["val_loss"],
-                max(dt, dv),
-                train_loss_bound(a["step"]),
-            ]
-            for a, b, dt, dv in zip(self.torch.evals, self.flax.evals, train, val, strict=True)
-        ]
-        headers = [
-            "epoch",
-            "step",
-            "tokens",
-            "train torch",
-            "train flax",
-            "val torch",
-            "val flax",
-            "max |Δ|",
-            "bound",
-        ]
-        return format_table(headers, rows)
-
-    def format_samples(self) -> str:
-        rows = []
-        for epoch, (a, b) in enumerate(zip(self.torch.samples, self.flax.samples, strict=True), 1):
-            rows.append([epoch, "same" if a == b else "DIFFER", a if a == b else f"torch: {a} | flax: {b}"])
-        return format_table(["epoch", "twins", "greedy sample of start_context"], rows)
-
     def to_json(self) -> dict[str, Any]:
         deltas = self.step_deltas()
         return {
@@ -202,31 +168,6 @@ class Chapter5Report:
             checkpoints=data["checkpoints"],
         )
 
-    def plot(self, path: str) -> None:
-        """Both twins' loss curves overlaid, and |Δ loss| per step on a log scale with its bound."""
-        plt = pyplot()
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-        steps = [p["step"] for p in self.torch.evals]
-        for name, style in (("torch", "-"), ("flax", "--")):
-            run = self.runs[name]
-            ax1.plot(steps, [p["train_loss"] for p in run.evals], style, label=f"{name} train")
-            ax1.plot(steps, [p["val_loss"] for p in run.evals], style, label=f"{name} validation")
-        ax1.set_xlabel("step")
-        ax1.set_ylabel("loss")
-        ax1.set_title(f"chapter 5, dropout {self.dropout}: both twins' losses")
-        ax1.legend()
-        deltas = self.step_deltas()
-        x = np.arange(len(deltas))
-        ax2.semilogy(x, np.maximum(deltas, 1e-9), ".", label="|Δ training loss| per step")
-        ax2.semilogy(x, [train_loss_bound(s) for s in range(len(deltas))], "k-", label="bound")
-        train, val = self.eval_deltas()
-        ax2.semilogy(steps, np.maximum(np.maximum(train, val), 1e-9), "x", label="|Δ| at evaluations")
-        ax2.set_xlabel("step")
-        ax2.set_title("torch vs flax (1e-9 stands for 0)")
-        ax2.legend()
-        fig.tight_layout()
-        save_figure(fig, path)
-
 
 def run_chapter5(
     cfg: GPTConfig,
@@ -236,7 +177,7 @@ def run_chapter5(
     seed: int = CHAPTER5.seed,
     settings: Chapter5 = CHAPTER5,
     out_dir: str | None = None,
-    progress: bool = True,
+    progress: Progress = silent,
 ) -> Chapter5Report:
     """Train the torch twin with the book's train_model_simple, then the Flax twin with its own
     from the same weights on the very batches the torch twin's DataLoader drew (its recorded
@@ -266,7 +207,7 @@ def run_chapter5(
     flax_opt = gpt_flax.adamw(fm, lr=settings.lr, weight_decay=settings.weight_decay)
     runs = {name: TwinRun() for name in TWINS}
     n_steps = settings.num_epochs * len(torch_train)
-    bar = Progress(len(TWINS), enabled=progress)
+    bar = progress(len(TWINS))
     schedule = (settings.num_epochs, settings.eval_freq, settings.eval_iter, settings.start_context, tokenizer)
 
     def train(name: str) -> None:

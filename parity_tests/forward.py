@@ -23,8 +23,9 @@ import gpt_torch
 from gpt_spec import GPT, GPTConfig, check_dtype, stage_key, stage_of
 
 from .compare import Comparison, compare
+from .environment import versions
 from .layers import Finding, build_probes, reference_outputs, run_probes
-from .output import Progress, format_table, pyplot, save_figure, versions
+from .progress import Progress, silent
 from .tolerances import BF16_FORWARD, FP32_FORWARD, Bound
 from .twins import (
     MODELS,
@@ -222,146 +223,6 @@ class ParityReport:
                 )
         return out
 
-    def format_table(self) -> str:
-        rows = [
-            (
-                r.direction,
-                r.reference,
-                r.candidate,
-                r.logits.max_abs,
-                r.logits.max_rel,
-                max(c.max_abs for c in r.stages),
-                max(c.margin for c in r.stages),
-                max((f.margin for f in r.layers), default=float("nan")),
-                "pass" if r.passed else "FAIL",
-            )
-            for r in self.rows
-        ]
-        table = format_table(
-            [
-                "direction",
-                "reference",
-                "candidate",
-                "logits max |Δ|",
-                "max rel |Δ|",
-                "any stage max |Δ|",
-                "stages |Δ|/bound",
-                "layers |Δ|/allowed",
-                "result",
-            ],
-            rows,
-        )
-        lines = [
-            table,
-            f"stages: every stage of the whole forward, bound {self.rows[0].logits.bound.describe()}"
-            if self.rows
-            else "",
-        ]
-        lines += self.notes
-        lines += [f"skipped {label}: {reason}" for label, reason in self.skipped]
-        return "\n".join(line for line in lines if line)
-
-    def format_layers(self) -> str:
-        """Max |Δ| of every stage (rows) for every backend compared (columns), matched by name."""
-        headers = ["stage"] + [f"{r.direction} {r.candidate}" for r in self.rows] + ["result"]
-        rows = []
-        for name in sorted({c.name for r in self.rows for c in r.stages}, key=stage_key):
-            cells = [r.stage(name) for r in self.rows]
-            rows.append([name, *(c.max_abs for c in cells), "pass" if all(c.passed for c in cells) else "FAIL"])
-        return format_table(headers, rows)
-
-    def format_evidence(self) -> str:
-        """The layer evidence in one table: per layer, input and kind of evidence, the number of
-        checks over every row and the worst margin (|Δ| / allowed; above 1 fails) with where."""
-        groups: dict[tuple[str, str, str], list[tuple[ParityRow, Finding]]] = {}
-        for r in self.rows:
-            for f in r.layers:
-                _, what = f.name.split(" ", 1)
-                layer, inputs = what.split(", ", 1)
-                groups.setdefault((layer, inputs, f.evidence), []).append((r, f))
-        if not groups:
-            return ""
-        rows = []
-        for (layer, inputs, evidence), found in groups.items():
-            r, worst = max(found, key=lambda rf: rf[1].margin)
-            rows.append(
-                [
-                    layer,
-                    inputs,
-                    evidence,
-                    len(found),
-                    worst.margin,
-                    f"{worst.name.split(' ', 1)[0]} ({r.direction})",
-                    "pass" if all(f.passed for _, f in found) else "FAIL",
-                ]
-            )
-        return format_table(["layer", "input", "evidence", "checks", "worst |Δ|/allowed", "at", "result"], rows)
-
-    def plot(self, path: str) -> None:
-        """Max |Δ| per stage on a log scale, one line per backend, with each stage's bound; below
-        it, the layer evidence's worst |Δ| / allowed per stage."""
-        plt = pyplot()
-
-        names = sorted({c.name for r in self.rows for c in r.stages}, key=stage_key)
-        x = np.arange(len(names))
-        nonzero = [c.max_abs for r in self.rows for c in r.stages if c.max_abs > 0]
-        floor = min(nonzero, default=1e-7) / 10  # where exact agreement (|Δ| = 0) is drawn
-        layered = any(r.layers for r in self.rows)
-        fig, axes = plt.subplots(
-            2 if layered else 1,
-            1,
-            sharex=True,
-            squeeze=False,
-            figsize=(max(6.0, 0.3 * len(names) + 2), 7.0 if layered else 4.2),
-        )
-        ax = axes[0][0]
-        for r in self.rows:
-            values = np.array([r.stage(n).max_abs for n in names])
-            ax.plot(
-                x, np.where(values > 0, values, np.nan), marker="o", markersize=3, label=f"{r.direction} {r.candidate}"
-            )
-            zero = values == 0
-            if zero.any():
-                ax.scatter(x[zero], np.full(zero.sum(), floor), marker="v", color="black", zorder=3)
-        if any(c.max_abs == 0 for r in self.rows for c in r.stages):
-            ax.scatter([], [], marker="v", color="black", label="|Δ| = 0 (bit-identical)")
-        ax.plot(
-            x,
-            [self.rows[0].stage(n).largest_allowed for n in names],
-            color="grey",
-            linestyle="--",
-            label="bound at the largest |reference|",
-        )
-        ax.set_yscale("log")
-        ax.set_ylabel("max |Δ| between twins")
-        ax.set_title(f"{self.model} {self.mode} {self.dtype}, batch {self.batch} x {self.seq}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        if layered:
-            ax2 = axes[1][0]
-            index = {n: i for i, n in enumerate(names)}
-            for evidence, marker in (("envelope", "o"), ("bias", "s")):
-                pts = [
-                    (index[stage_of(f.name)], f.margin)
-                    for r in self.rows
-                    for f in r.layers
-                    if f.evidence == evidence and stage_of(f.name) in index
-                ]
-                if pts:
-                    px, py = zip(*pts, strict=True)
-                    ax2.scatter(
-                        px, np.maximum(py, 1e-9), marker=marker, s=12, alpha=0.6, label=f"layer evidence: {evidence}"
-                    )
-            ax2.axhline(1.0, color="red", linestyle="--", label="fails above 1")
-            ax2.set_yscale("log")
-            ax2.set_ylabel("|Δ| / allowed (0 drawn at 1e-9)")
-            ax2.grid(True, which="both", alpha=0.3)
-            ax2.legend(fontsize=8)
-        bottom = axes[-1][0]
-        bottom.set_xticks(x, names, rotation=90, fontsize=6)
-        fig.tight_layout()
-        save_figure(fig, path)
-
     def to_json(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),
@@ -412,7 +273,7 @@ def run_parity(
     bound: Bound | None = None,
     options: dict[str, Any] | None = None,
     weights: Mapping[str, np.ndarray] | None = None,
-    progress: bool = False,
+    progress: Progress = silent,
     dtype: str = "float32",
     layer_evidence: bool = True,
     matmul_precision: str = "float32",
@@ -444,7 +305,7 @@ def run_parity(
     backends, skipped = discover_backends()
     cpu = {"torch": Backend("torch", "cpu"), "flax": Backend("flax", jax.devices("cpu")[0])}
     per_direction = 1 + sum(b.framework == d.split("->")[1] for b in backends for d in directions[:1])
-    prog = Progress(1 + len(directions) * per_direction, enabled=progress)
+    prog = progress(1 + len(directions) * per_direction)
     rows: list[ParityRow] = []
     notes = (
         []

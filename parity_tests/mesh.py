@@ -15,7 +15,8 @@ from gpt_flax.weights import canonical_name
 from gpt_spec import GPT, GPTConfig
 
 from .compare import Comparison, compare
-from .output import Progress, format_table, versions
+from .environment import versions
+from .progress import Progress, silent
 from .tolerances import ADAMW_OUTLIER_FRACTION, FP32_FORWARD, GRADS
 from .training import WeightCheck, weights_check
 from .twins import build_flax, float32_matmuls, token_batch
@@ -50,41 +51,6 @@ class ShardingReport:
     @property
     def passed(self) -> bool:
         return bool(self.rows) and all(r.passed for r in self.rows)
-
-    def format_table(self) -> str:
-        rows = [
-            (
-                r.mesh,
-                r.logits.max_abs,
-                "same" if r.tokens_equal else "DIFFER",
-                max(g.max_abs for g in r.grads),
-                r.weights.max_abs,
-                f"{r.bytes_per_device / r.bytes_total:.3f}",
-                f"{r.bytes_split_per_device / r.bytes_split_total:.3f}",
-                "pass" if r.passed else "FAIL",
-            )
-            for r in self.rows
-        ]
-        lines = [
-            format_table(
-                [
-                    "mesh (data x model)",
-                    "logits max |Δ|",
-                    "greedy tokens",
-                    "grads max |Δ|",
-                    "weights after AdamW max |Δ|",
-                    "param bytes/device",
-                    "split params bytes/device",
-                    "result",
-                ],
-                rows,
-            )
-        ]
-        lines.append("bytes/device: the largest share of one device, as a fraction of the unsharded parameters")
-        for r in self.rows:
-            lines += [f"  {r.mesh}: {n}" for n in r.notes]
-            lines += [f"  {r.mesh}: {c.describe()}" for c in [r.logits, *r.grads] if not c.passed]
-        return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -134,7 +100,7 @@ def run_sharding_parity(
     seed: int = 0,
     lr: float = 4e-4,
     weights: Mapping[str, np.ndarray] | None = None,
-    progress: bool = False,
+    progress: Progress = silent,
 ) -> ShardingReport:
     """For each mesh: the Flax twin's logits, gradients and weights after one AdamW step, sharded,
     against the same model on one device (train mode at drop_rate 0, float32 matmuls)."""
@@ -142,7 +108,7 @@ def run_sharding_parity(
 
     cfg = cfg.replace(drop_rate=0.0)
     seq = min(seq, cfg.context_length - 1) if cfg.context_length > 1 else 1
-    prog = Progress(1 + len(meshes), enabled=progress)
+    prog = progress(1 + len(meshes))
     data = token_batch(cfg, batch, seq + 1, seed)
     x, y = data[:, :-1], data[:, 1:]
     rows = []

@@ -16,7 +16,8 @@ import gpt_torch
 from gpt_spec import GPT, GPTConfig, check_dtype
 
 from .compare import Comparison, compare
-from .output import Progress, format_table, versions
+from .environment import versions
+from .progress import Progress, silent
 from .tolerances import (
     ADAMW_FLIP_ENVELOPE,
     ADAMW_NOISE_ONLY,
@@ -87,7 +88,7 @@ class WeightCheck:
     @property
     def n_outliers(self) -> int:
         """Elements past ADAMW_WEIGHTS, not counting the noise-only parameters."""
-        return sum(c.n_beyond for c in self.tensors if not _noise_only(c.name))
+        return sum(c.n_beyond for c in self.tensors if not noise_only(c.name))
 
     @property
     def max_abs(self) -> float:
@@ -113,7 +114,7 @@ class WeightCheck:
         }
 
 
-def _noise_only(name: str) -> bool:
+def noise_only(name: str) -> bool:
     return name.endswith(ADAMW_NOISE_ONLY)
 
 
@@ -141,7 +142,7 @@ class TrainingReport:
         """Gradients zero in exact arithmetic agree and are at the rounding floor in both twins,
         which is why their AdamW updates are held to the envelope only."""
         floor = self.bounds.grads.atol
-        return all(c.passed and c.ref_max + c.max_abs <= floor for c in self.grads if _noise_only(c.name))
+        return all(c.passed and c.ref_max + c.max_abs <= floor for c in self.grads if noise_only(c.name))
 
     @property
     def passed(self) -> bool:
@@ -151,45 +152,6 @@ class TrainingReport:
             and self.noise_grads_ok
             and all(w.passed for w in self.weights)
         )
-
-    def format_table(self) -> str:
-        signal = [c for c in self.grads if not _noise_only(c.name)]
-        noise = [c for c in self.grads if _noise_only(c.name)]
-        worst = max(signal, key=lambda c: c.max_rel)
-        bounds = self.bounds
-        rows = [
-            ("loss", self.loss.max_abs, bounds.loss.describe(), "pass" if self.loss.passed else "FAIL"),
-            (
-                f"gradients, {len(signal)} tensors (largest max|Δ|/max|g|: {worst.max_rel:.2g}, "
-                f"{worst.name.removeprefix('grad ')})",
-                max(c.max_abs for c in signal),
-                bounds.grads.describe(),
-                "pass" if all(c.passed for c in signal) else "FAIL",
-            ),
-        ]
-        if noise:
-            rows.append(
-                (
-                    f"gradients zero in exact arithmetic, {len(noise)} tensors (max |g| "
-                    f"{max(c.ref_max for c in noise):.2g})",
-                    max(c.max_abs for c in noise),
-                    f"|g| and |Δ| <= {bounds.grads.atol:g}",
-                    "pass" if self.noise_grads_ok else "FAIL",
-                )
-            )
-        for w in self.weights:
-            rows.append(
-                (
-                    f"weights after {w.step} AdamW step(s): {w.n_outliers} of {w.n_elements} "
-                    f"elements past the bound (<= {w.allowed_outliers}), {w.past_envelope} past the envelope",
-                    w.max_abs,
-                    f"{w.bound.describe()}; all <= {w.envelope.describe()}",
-                    "pass" if w.passed else "FAIL",
-                )
-            )
-        lines = [format_table(["what", "max |Δ|", "bound", "result"], rows)]
-        lines += [f"  {g.describe()}" for g in self.grads if not g.passed]
-        return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -230,7 +192,7 @@ def weights_check(
     # A count, not a second full comparison (gpt2-small: 163M elements); a non-finite element
     # already fails the comparisons above.
     past = sum(int((np.abs(cand[name] - ref[name]) > envelope.limit(np.abs(ref[name]))).sum()) for name in ref)
-    n = sum(v.size for k, v in ref.items() if not _noise_only(k))
+    n = sum(v.size for k, v in ref.items() if not noise_only(k))
     return WeightCheck(step, tensors, envelope, past, int(outlier_fraction * n), bounds.weights)
 
 
@@ -246,7 +208,7 @@ def run_training_parity(
     weight_decay: float = 0.1,
     outlier_fraction: float | None = None,
     weights: Mapping[str, np.ndarray] | None = None,
-    progress: bool = False,
+    progress: Progress = silent,
     dtype: str = "float32",
     plant: Callable[[dict[str, Any]], AbstractContextManager] | None = None,
 ) -> TrainingReport:
@@ -263,7 +225,7 @@ def run_training_parity(
     check_dtype(dtype)
     bounds = TRAINING_BOUNDS[dtype]
     cfg = cfg.replace(drop_rate=0.0)
-    prog = Progress(2 + steps, enabled=progress)
+    prog = progress(2 + steps)
     rng = np.random.default_rng(seed)
 
     def next_batch():
@@ -293,7 +255,7 @@ def run_training_parity(
         step_losses: list[tuple[float, float]] = []
         weight_checks: list[WeightCheck] = []
         for step in range(1, steps + 1):
-            with prog.step(f"AdamW step {step}"):
+            with prog.step(f"AdamW step {step}", phase=f"{steps} AdamW steps"):
                 x, y = next_batch()
                 step_losses.append(
                     (

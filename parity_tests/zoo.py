@@ -25,8 +25,9 @@ import gpt_torch
 from gpt_spec import GPT, GPTConfig, in_stage, stage_of
 
 from . import zoo_flax, zoo_torch
+from .environment import versions
 from .forward import DIRECTIONS, run_parity
-from .output import Progress, format_table, pyplot, save_figure, versions
+from .progress import Progress, silent
 from .training import TrainingReport, run_training_parity
 from .twins import build_flax, build_torch
 
@@ -397,55 +398,6 @@ class ZooReport:
     def passed(self) -> bool:
         return all(r.ok for r in self.rows)
 
-    def format_table(self) -> str:
-        body = []
-        for r in self.rows:
-            if not r.mutant:
-                verdict = "control: pass" if r.passed else "CONTROL FAILS"
-                body.append(
-                    [
-                        "(nothing planted)",
-                        "-",
-                        "-",
-                        verdict,
-                        r.first_stage or "-",
-                        r.evidence or "-",
-                        r.margin,
-                        "ok" if r.ok else "FAIL",
-                    ]
-                )
-                continue
-            body.append(
-                [
-                    r.mutant,
-                    r.twin,
-                    r.where,
-                    "caught" if r.caught else "ESCAPED",
-                    r.first_stage or "-",
-                    r.evidence or "-",
-                    r.margin,
-                    "ok" if r.ok else ("MISPLACED" if r.caught else "FAIL"),
-                ]
-            )
-        table = format_table(
-            ["mutant", "twin", "planted at", "check", "first stage named", "evidence", "|Δ|/allowed", "result"], body
-        )
-        bad = [r for r in self.rows if not r.ok]
-        lines = [table]
-        lines += [f"  {r.mutant or 'control'} in {r.twin}: {r.describe or 'no failure'}" for r in bad]
-        caught = sum(r.caught and r.located for r in self.rows if r.mutant)
-        control = self.rows[0]
-        lines.append(
-            f"{caught} of {sum(1 for r in self.rows if r.mutant)} planted bugs caught at the stage "
-            f"they were planted; control {'passes' if control.passed else 'FAILS'}"
-            + (
-                f" (its closest call: {control.margin:.3g} of what its {control.evidence} allows)"
-                if control.passed and control.evidence
-                else ""
-            )
-        )
-        return "\n".join(lines)
-
     def to_json(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),
@@ -457,33 +409,6 @@ class ZooReport:
             "rows": [r.to_json() for r in self.rows],
             "versions": versions(),
         }
-
-    def plot(self, path: str) -> None:
-        """|Δ| / allowed at the first failure, per mutant and twin, on a log scale."""
-        plt = pyplot()
-
-        mutants = [r for r in self.rows if r.mutant]
-        names = list(dict.fromkeys(r.mutant for r in mutants))
-        fig, ax = plt.subplots(figsize=(8.0, 0.28 * len(names) + 1.6))
-        y = np.arange(len(names))
-        for k, twin in enumerate(TWINS):
-            margins = {r.mutant: r.margin for r in mutants if r.twin == twin}
-            values = [margins.get(n, np.nan) for n in names]
-            finite = [v if np.isfinite(v) and v > 0 else 1e12 for v in values]  # non-finite: off the scale
-            ax.barh(y + (k - 0.5) * 0.4, finite, height=0.4, label=f"planted in {twin}")
-        ax.axvline(1.0, color="red", linestyle="--", label="caught above 1")
-        ax.set_xscale("log")
-        ax.set_yticks(y, names, fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlabel("|Δ| / allowed at the first failing stage (NaN, inf: drawn at 1e12)")
-        ax.set_title(
-            f"planted bugs, {self.config.emb_dim}-wide {self.config.n_layers}-layer GPT, "
-            f"batch {self.batch} x {self.seq}"
-        )
-        ax.grid(True, axis="x", which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-        fig.tight_layout()
-        save_figure(fig, path)
 
 
 def _row(mutant: Mutant | None, twin: str, report) -> ZooRow:
@@ -510,7 +435,7 @@ def run_zoo(
     seed: int = 0,
     directions: Sequence[str] = DIRECTIONS,
     matmul_precision: str = "float32",
-    progress: bool = False,
+    progress: Progress = silent,
 ) -> ZooReport:
     """`gpt-parity check` with its default arguments (whole forward and layer evidence, both
     directions, batch 2 x 128) with nothing planted, then with each mutant planted in each twin.
@@ -523,7 +448,7 @@ def run_zoo(
             built[c] = {"torch": build_torch(GPT, c, seed=seed), "flax": build_flax(GPT, c, seed=seed)}
         return built[c]
 
-    prog = Progress(1 + len(mutants) * len(twins), enabled=progress)
+    prog = progress(1 + len(mutants) * len(twins))
     check = functools.partial(
         run_parity, batch=batch, seq=seq, seed=seed, directions=directions, matmul_precision=matmul_precision
     )
@@ -532,7 +457,7 @@ def run_zoo(
     rows = [_row(None, "-", control)]
     for mutant in mutants:
         for twin in twins:
-            with prog.step(f"{mutant.name} in {twin}"):
+            with prog.step(f"{mutant.name} in {twin}", phase=f"{len(mutants)} mutants × {len(twins)} twins"):
                 c = mutant.adapt(cfg)
                 plant = functools.partial(planted, mutant, twin)
                 if mutant.shows_in == BF16_TRAINING:

@@ -1,0 +1,1 @@
+"""One module per subcommand: `add_parser` adds its arguments, `run` runs it."""

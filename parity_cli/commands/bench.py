@@ -1,0 +1,116 @@
+"""`gpt-parity bench`: the forward and decoding against this machine's own references."""
+
+from __future__ import annotations
+
+import argparse
+
+from parity_bench import bench
+
+from .. import reports
+from ..common import (
+    Setup,
+    add_model_args,
+    dtype_list,
+    emit,
+    non_negative,
+    positive,
+    positive_list,
+)
+from ..render import (
+    progress,
+)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    b = sub.add_parser(
+        "bench",
+        help="time the jitted Flax forward against torch eager and torch.compile, "
+        "as fractions of this machine's GEMM throughput",
+    )
+    add_model_args(b, grid=True)
+    b.add_argument(
+        "--dtype",
+        type=dtype_list,
+        default=["float32"],
+        metavar="D[,D...]",
+        help="float32 and/or bfloat16 (default: float32)",
+    )
+    b.add_argument(
+        "--repeats",
+        type=positive,
+        default=3,
+        help="timed calls per backend (default: 3)",
+    )
+    b.add_argument("--warmup", type=non_negative, default=1, help="untimed calls after the first")
+    b.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
+    b.add_argument(
+        "--decode",
+        type=non_negative,
+        default=0,
+        metavar="N",
+        help="also time greedy decoding of N tokens at batch 1, with and without the KV "
+        "cache, against the memory-bandwidth limit (default: 0, off)",
+    )
+    b.add_argument(
+        "--decode-uncached",
+        type=positive,
+        default=32,
+        metavar="N",
+        help="tokens timed without the cache, at most --decode (default: 32)",
+    )
+    b.add_argument(
+        "--decode-batch",
+        type=positive_list,
+        default=list(bench.DECODE_BATCHES),
+        metavar="B[,B...]",
+        help="batch sizes of the cached-decoding grid (default: %(default)s)",
+    )
+    b.add_argument(
+        "--decode-prompt",
+        type=positive_list,
+        default=list(bench.DECODE_PROMPTS),
+        metavar="P[,P...]",
+        help="prompt lengths of the cached-decoding grid, each at most context_length - N + 1; "
+        "longer ones are left out with a note (default: %(default)s)",
+    )
+    b.add_argument(
+        "--no-hugepages",
+        action="store_true",
+        help="leave glibc's malloc as it is (by default bench re-runs itself with "
+        f"GLIBC_TUNABLES={bench.HUGEPAGE_TUNABLE}: see the README)",
+    )
+    b.add_argument(
+        "--gemm-size",
+        type=positive,
+        default=bench.GEMM_N,
+        metavar="N",
+        help=f"the N^3 matmul that measures GEMM throughput (default: {bench.GEMM_N})",
+    )
+    b.add_argument("--plot", metavar="PNG", help="save tokens/s against sequence length as a plot")
+    return b
+
+
+def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser) -> int:
+    backends = tuple(b for b in bench.BACKENDS if not (args.no_compile and b == "torch-compile"))
+    report = bench.run_bench(
+        setup.cfg,
+        model=setup.model,
+        batches=args.batch,
+        seqs=args.seq or [min(256, setup.cfg.context_length)],
+        dtypes=tuple(args.dtype),
+        repeats=args.repeats,
+        warmup=args.warmup,
+        backends=backends,
+        seed=args.seed,
+        options=setup.options,
+        weights=setup.weights,
+        meshes=setup.meshes,
+        decode=args.decode,
+        decode_uncached=args.decode_uncached,
+        decode_batches=args.decode_batch,
+        decode_prompts=args.decode_prompt,
+        gemm_n=args.gemm_size,
+        progress=progress(args.quiet),
+    )
+    emit(args, report, reports.bench_table, reports.plot_bench)
+    return 0

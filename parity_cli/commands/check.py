@@ -1,0 +1,169 @@
+"""`gpt-parity check`: copy weights both ways, compare every stage and layer, and train."""
+
+from __future__ import annotations
+
+import argparse
+
+from gpt_spec import (
+    DTYPES,
+    GPT,
+)
+from parity_tests import forward, mesh, training, twins, zoo
+
+from .. import reports
+from ..common import (
+    Setup,
+    add_model_args,
+    add_precision_arg,
+    non_negative,
+    plant_arg,
+    write_outputs,
+)
+from ..render import (
+    progress,
+)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    check = sub.add_parser(
+        "check",
+        help="copy weights both ways; compare every stage on every backend and "
+        "every layer against float32's rounding envelope",
+    )
+    add_model_args(check)
+    check.add_argument(
+        "--mode",
+        default="eval",
+        choices=twins.MODES,
+        help="eval (dropout off) or train (needs --drop-rate 0)",
+    )
+    check.add_argument(
+        "--dtype",
+        default="float32",
+        choices=list(DTYPES),
+        help="parameters and compute of both twins (default: float32); bfloat16 has its own bound",
+    )
+    check.add_argument("--layers", action="store_true", help="print max |Δ| of every stage")
+    check.add_argument("--plot", metavar="PNG", help="save max |Δ| per stage as a log-scale plot")
+    check.add_argument(
+        "--train-steps",
+        type=non_negative,
+        default=0,
+        metavar="N",
+        help="also compare loss, every gradient and N AdamW steps (default: 0)",
+    )
+    check.add_argument(
+        "--no-layer-evidence",
+        action="store_true",
+        help="compare the whole forward only, not each layer on its own inputs and traps",
+    )
+    add_precision_arg(check)
+    check.add_argument(
+        "--plant",
+        type=plant_arg,
+        metavar="MUTANT[@TWIN]",
+        help="plant a bug of the zoo (`gpt-parity mutants --list`) in one twin "
+        "(default: flax) for this check, to see what the suite says about it",
+    )
+    return check
+
+
+def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser) -> int:
+    cfg = setup.cfg
+    if args.mode == "train" and cfg.drop_rate != 0:
+        parser.error("--mode train compares the twins at drop_rate 0; add --drop-rate 0")
+    seq = args.seq or min(128, cfg.context_length)
+    plant, planted = None, ""
+    if args.plant:
+        name, twin = args.plant
+        if setup.model != GPT:
+            parser.error("--plant needs --model gpt")
+        mutant = zoo.get(name)
+        if mutant.adapt(cfg) != cfg:
+            parser.error(f"mutant {name} needs a config with {dict(mutant.needs)} to show")
+        if mutant.shows_in == zoo.BF16_TRAINING and not (args.dtype == "bfloat16" and args.train_steps):
+            parser.error(f"mutant {name} shows in bfloat16 training only: add --dtype bfloat16 --train-steps N")
+        plant, planted = (
+            zoo.plant(name, twin),
+            f", with {name} planted in the {twin} twin ({mutant.bug})",
+        )
+    report = forward.run_parity(
+        cfg,
+        model=setup.model,
+        batch=args.batch,
+        seq=seq,
+        seed=args.seed,
+        mode=args.mode,
+        options=setup.options,
+        weights=setup.weights,
+        progress=progress(args.quiet),
+        dtype=args.dtype,
+        layer_evidence=not args.no_layer_evidence,
+        matmul_precision=args.matmul_precision,
+        plant=plant,
+    )
+    print(
+        f"{setup.model} model, {setup.label}, {args.mode} mode, {args.dtype}, batch {args.batch} x "
+        f"{seq} tokens, matmuls {report.precision}{planted}"
+    )
+    print(reports.parity_table(report))
+    evidence = reports.parity_evidence(report)
+    if evidence:
+        print()
+        print(
+            "layer evidence: each layer of each block fed the reference's own input to it, and inputs "
+            "built to expose its traps;\nlimits derived from float32 rounding (envelope) and a test for "
+            "systematic error (bias); |Δ|/allowed > 1 fails"
+        )
+        print(evidence)
+    if args.layers:
+        print()
+        print(reports.parity_layers(report))
+    result = {"forward": report.to_json()}
+    passed = report.passed
+    if args.train_steps:
+        trained = training.run_training_parity(
+            cfg,
+            model=setup.model,
+            batch=args.batch,
+            seq=min(seq, 32),
+            steps=args.train_steps,
+            seed=args.seed,
+            weights=setup.weights,
+            progress=progress(args.quiet),
+            dtype=args.dtype,
+            plant=plant,
+        )
+        print()
+        print(
+            f"training, train mode at drop_rate 0, {args.dtype}, batch {args.batch} x {trained.seq} tokens, "
+            f"AdamW lr {trained.lr:g}, weight decay {trained.weight_decay:g}"
+        )
+        print(reports.training_table(trained))
+        result["training"] = trained.to_json()
+        passed = passed and trained.passed
+    if setup.meshes:
+        sharded = mesh.run_sharding_parity(
+            cfg,
+            setup.meshes,
+            batch=args.batch,
+            seq=min(seq, 32),
+            seed=args.seed,
+            weights=setup.weights,
+            progress=progress(args.quiet),
+        )
+        print()
+        print(
+            f"Flax twin sharded vs one device, train mode at drop_rate 0, batch {sharded.batch} x "
+            f"{sharded.seq} tokens, one AdamW step"
+        )
+        print(reports.sharding_table(sharded))
+        result["sharding"] = sharded.to_json()
+        passed = passed and sharded.passed
+    failures = report.failures()
+    if failures:
+        print()
+        print("\n".join(failures))
+    write_outputs(args, result, lambda path: reports.plot_parity(report, path))
+    print("PASS" if passed else "FAIL")
+    return 0 if passed else 1

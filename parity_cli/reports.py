@@ -1,0 +1,637 @@
+"""Each report of the engine and the benchmarks as the terminal shows it (tables) and as a picture
+(plots): the reports themselves are plain data."""
+
+from __future__ import annotations
+
+import statistics
+import textwrap
+
+import jax
+import numpy as np
+
+from gpt_spec.stages import stage_key, stage_of
+from parity_bench.bench import BACKENDS, READ_BYTES, BenchReport, DecodeTiming, Timing, describe_config
+from parity_tests.chapter5 import TWINS, Chapter5Report
+from parity_tests.forward import ParityReport, ParityRow
+from parity_tests.layers import Finding
+from parity_tests.mesh import ShardingReport
+from parity_tests.tolerances import train_loss_bound
+from parity_tests.training import TrainingReport, noise_only
+from parity_tests.zoo import ZooReport
+
+from .render import format_table, pyplot, save_figure
+
+
+# from parity_tests/forward.py
+def parity_table(report: ParityReport) -> str:
+    rows = [
+        (
+            r.direction,
+            r.reference,
+            r.candidate,
+            r.logits.max_abs,
+            r.logits.max_rel,
+            max(c.max_abs for c in r.stages),
+            max(c.margin for c in r.stages),
+            max((f.margin for f in r.layers), default=float("nan")),
+            "pass" if r.passed else "FAIL",
+        )
+        for r in report.rows
+    ]
+    table = format_table(
+        [
+            "direction",
+            "reference",
+            "candidate",
+            "logits max |Δ|",
+            "max rel |Δ|",
+            "any stage max |Δ|",
+            "stages |Δ|/bound",
+            "layers |Δ|/allowed",
+            "result",
+        ],
+        rows,
+    )
+    lines = [
+        table,
+        f"stages: every stage of the whole forward, bound {report.rows[0].logits.bound.describe()}"
+        if report.rows
+        else "",
+    ]
+    lines += report.notes
+    lines += [f"skipped {label}: {reason}" for label, reason in report.skipped]
+    return "\n".join(line for line in lines if line)
+
+
+# from parity_tests/forward.py
+def parity_layers(report: ParityReport) -> str:
+    """Max |Δ| of every stage (rows) for every backend compared (columns), matched by name."""
+    headers = ["stage"] + [f"{r.direction} {r.candidate}" for r in report.rows] + ["result"]
+    rows = []
+    for name in sorted({c.name for r in report.rows for c in r.stages}, key=stage_key):
+        cells = [r.stage(name) for r in report.rows]
+        rows.append([name, *(c.max_abs for c in cells), "pass" if all(c.passed for c in cells) else "FAIL"])
+    return format_table(headers, rows)
+
+
+# from parity_tests/forward.py
+def parity_evidence(report: ParityReport) -> str:
+    """The layer evidence in one table: per layer, input and kind of evidence, the number of
+    checks over every row and the worst margin (|Δ| / allowed; above 1 fails) with where."""
+    groups: dict[tuple[str, str, str], list[tuple[ParityRow, Finding]]] = {}
+    for r in report.rows:
+        for f in r.layers:
+            _, what = f.name.split(" ", 1)
+            layer, inputs = what.split(", ", 1)
+            groups.setdefault((layer, inputs, f.evidence), []).append((r, f))
+    if not groups:
+        return ""
+    rows = []
+    for (layer, inputs, evidence), found in groups.items():
+        r, worst = max(found, key=lambda rf: rf[1].margin)
+        rows.append(
+            [
+                layer,
+                inputs,
+                evidence,
+                len(found),
+                worst.margin,
+                f"{worst.name.split(' ', 1)[0]} ({r.direction})",
+                "pass" if all(f.passed for _, f in found) else "FAIL",
+            ]
+        )
+    return format_table(["layer", "input", "evidence", "checks", "worst |Δ|/allowed", "at", "result"], rows)
+
+
+# from parity_tests/forward.py
+def plot_parity(report: ParityReport, path: str) -> None:
+    """Max |Δ| per stage on a log scale, one line per backend, with each stage's bound; below
+    it, the layer evidence's worst |Δ| / allowed per stage."""
+    plt = pyplot()
+
+    names = sorted({c.name for r in report.rows for c in r.stages}, key=stage_key)
+    x = np.arange(len(names))
+    nonzero = [c.max_abs for r in report.rows for c in r.stages if c.max_abs > 0]
+    floor = min(nonzero, default=1e-7) / 10  # where exact agreement (|Δ| = 0) is drawn
+    layered = any(r.layers for r in report.rows)
+    fig, axes = plt.subplots(
+        2 if layered else 1,
+        1,
+        sharex=True,
+        squeeze=False,
+        figsize=(max(6.0, 0.3 * len(names) + 2), 7.0 if layered else 4.2),
+    )
+    ax = axes[0][0]
+    for r in report.rows:
+        values = np.array([r.stage(n).max_abs for n in names])
+        ax.plot(x, np.where(values > 0, values, np.nan), marker="o", markersize=3, label=f"{r.direction} {r.candidate}")
+        zero = values == 0
+        if zero.any():
+            ax.scatter(x[zero], np.full(zero.sum(), floor), marker="v", color="black", zorder=3)
+    if any(c.max_abs == 0 for r in report.rows for c in r.stages):
+        ax.scatter([], [], marker="v", color="black", label="|Δ| = 0 (bit-identical)")
+    ax.plot(
+        x,
+        [report.rows[0].stage(n).largest_allowed for n in names],
+        color="grey",
+        linestyle="--",
+        label="bound at the largest |reference|",
+    )
+    ax.set_yscale("log")
+    ax.set_ylabel("max |Δ| between twins")
+    ax.set_title(f"{report.model} {report.mode} {report.dtype}, batch {report.batch} x {report.seq}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    if layered:
+        ax2 = axes[1][0]
+        index = {n: i for i, n in enumerate(names)}
+        for evidence, marker in (("envelope", "o"), ("bias", "s")):
+            pts = [
+                (index[stage_of(f.name)], f.margin)
+                for r in report.rows
+                for f in r.layers
+                if f.evidence == evidence and stage_of(f.name) in index
+            ]
+            if pts:
+                px, py = zip(*pts, strict=True)
+                ax2.scatter(
+                    px, np.maximum(py, 1e-9), marker=marker, s=12, alpha=0.6, label=f"layer evidence: {evidence}"
+                )
+        ax2.axhline(1.0, color="red", linestyle="--", label="fails above 1")
+        ax2.set_yscale("log")
+        ax2.set_ylabel("|Δ| / allowed (0 drawn at 1e-9)")
+        ax2.grid(True, which="both", alpha=0.3)
+        ax2.legend(fontsize=8)
+    bottom = axes[-1][0]
+    bottom.set_xticks(x, names, rotation=90, fontsize=6)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# from parity_tests/zoo.py
+def zoo_table(report: ZooReport) -> str:
+    body = []
+    for r in report.rows:
+        if not r.mutant:
+            verdict = "control: pass" if r.passed else "CONTROL FAILS"
+            body.append(
+                [
+                    "(nothing planted)",
+                    "-",
+                    "-",
+                    verdict,
+                    r.first_stage or "-",
+                    r.evidence or "-",
+                    r.margin,
+                    "ok" if r.ok else "FAIL",
+                ]
+            )
+            continue
+        body.append(
+            [
+                r.mutant,
+                r.twin,
+                r.where,
+                "caught" if r.caught else "ESCAPED",
+                r.first_stage or "-",
+                r.evidence or "-",
+                r.margin,
+                "ok" if r.ok else ("MISPLACED" if r.caught else "FAIL"),
+            ]
+        )
+    table = format_table(
+        ["mutant", "twin", "planted at", "check", "first stage named", "evidence", "|Δ|/allowed", "result"], body
+    )
+    bad = [r for r in report.rows if not r.ok]
+    lines = [table]
+    lines += [f"  {r.mutant or 'control'} in {r.twin}: {r.describe or 'no failure'}" for r in bad]
+    caught = sum(r.caught and r.located for r in report.rows if r.mutant)
+    control = report.rows[0]
+    lines.append(
+        f"{caught} of {sum(1 for r in report.rows if r.mutant)} planted bugs caught at the stage "
+        f"they were planted; control {'passes' if control.passed else 'FAILS'}"
+        + (
+            f" (its closest call: {control.margin:.3g} of what its {control.evidence} allows)"
+            if control.passed and control.evidence
+            else ""
+        )
+    )
+    return "\n".join(lines)
+
+
+# from parity_tests/zoo.py
+def plot_zoo(report: ZooReport, path: str) -> None:
+    """|Δ| / allowed at the first failure, per mutant and twin, on a log scale."""
+    plt = pyplot()
+
+    mutants = [r for r in report.rows if r.mutant]
+    names = list(dict.fromkeys(r.mutant for r in mutants))
+    fig, ax = plt.subplots(figsize=(8.0, 0.28 * len(names) + 1.6))
+    y = np.arange(len(names))
+    for k, twin in enumerate(TWINS):
+        margins = {r.mutant: r.margin for r in mutants if r.twin == twin}
+        values = [margins.get(n, np.nan) for n in names]
+        finite = [v if np.isfinite(v) and v > 0 else 1e12 for v in values]  # non-finite: off the scale
+        ax.barh(y + (k - 0.5) * 0.4, finite, height=0.4, label=f"planted in {twin}")
+    ax.axvline(1.0, color="red", linestyle="--", label="caught above 1")
+    ax.set_xscale("log")
+    ax.set_yticks(y, names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("|Δ| / allowed at the first failing stage (NaN, inf: drawn at 1e12)")
+    ax.set_title(
+        f"planted bugs, {report.config.emb_dim}-wide {report.config.n_layers}-layer GPT, "
+        f"batch {report.batch} x {report.seq}"
+    )
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# from parity_tests/chapter5.py
+def chapter5_table(report: Chapter5Report) -> str:
+    train, val = report.eval_deltas()
+    rows = [
+        [
+            a["epoch"],
+            a["step"],
+            a["tokens_seen"],
+            a["train_loss"],
+            b["train_loss"],
+            a["val_loss"],
+            b["val_loss"],
+            max(dt, dv),
+            train_loss_bound(a["step"]),
+        ]
+        for a, b, dt, dv in zip(report.torch.evals, report.flax.evals, train, val, strict=True)
+    ]
+    headers = [
+        "epoch",
+        "step",
+        "tokens",
+        "train torch",
+        "train flax",
+        "val torch",
+        "val flax",
+        "max |Δ|",
+        "bound",
+    ]
+    return format_table(headers, rows)
+
+
+# from parity_tests/chapter5.py
+def chapter5_samples(report: Chapter5Report) -> str:
+    rows = []
+    for epoch, (a, b) in enumerate(zip(report.torch.samples, report.flax.samples, strict=True), 1):
+        rows.append([epoch, "same" if a == b else "DIFFER", a if a == b else f"torch: {a} | flax: {b}"])
+    return format_table(["epoch", "twins", "greedy sample of start_context"], rows)
+
+
+# from parity_tests/chapter5.py
+def plot_chapter5(report: Chapter5Report, path: str) -> None:
+    """Both twins' loss curves overlaid, and |Δ loss| per step on a log scale with its bound."""
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    steps = [p["step"] for p in report.torch.evals]
+    for name, style in (("torch", "-"), ("flax", "--")):
+        run = report.runs[name]
+        ax1.plot(steps, [p["train_loss"] for p in run.evals], style, label=f"{name} train")
+        ax1.plot(steps, [p["val_loss"] for p in run.evals], style, label=f"{name} validation")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss")
+    ax1.set_title(f"chapter 5, dropout {report.dropout}: both twins' losses")
+    ax1.legend()
+    deltas = report.step_deltas()
+    x = np.arange(len(deltas))
+    ax2.semilogy(x, np.maximum(deltas, 1e-9), ".", label="|Δ training loss| per step")
+    ax2.semilogy(x, [train_loss_bound(s) for s in range(len(deltas))], "k-", label="bound")
+    train, val = report.eval_deltas()
+    ax2.semilogy(steps, np.maximum(np.maximum(train, val), 1e-9), "x", label="|Δ| at evaluations")
+    ax2.set_xlabel("step")
+    ax2.set_title("torch vs flax (1e-9 stands for 0)")
+    ax2.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# from parity_tests/training.py
+def training_table(report: TrainingReport) -> str:
+    signal = [c for c in report.grads if not noise_only(c.name)]
+    noise = [c for c in report.grads if noise_only(c.name)]
+    worst = max(signal, key=lambda c: c.max_rel)
+    bounds = report.bounds
+    rows = [
+        ("loss", report.loss.max_abs, bounds.loss.describe(), "pass" if report.loss.passed else "FAIL"),
+        (
+            f"gradients, {len(signal)} tensors (largest max|Δ|/max|g|: {worst.max_rel:.2g}, "
+            f"{worst.name.removeprefix('grad ')})",
+            max(c.max_abs for c in signal),
+            bounds.grads.describe(),
+            "pass" if all(c.passed for c in signal) else "FAIL",
+        ),
+    ]
+    if noise:
+        rows.append(
+            (
+                f"gradients zero in exact arithmetic, {len(noise)} tensors (max |g| "
+                f"{max(c.ref_max for c in noise):.2g})",
+                max(c.max_abs for c in noise),
+                f"|g| and |Δ| <= {bounds.grads.atol:g}",
+                "pass" if report.noise_grads_ok else "FAIL",
+            )
+        )
+    for w in report.weights:
+        rows.append(
+            (
+                f"weights after {w.step} AdamW step(s): {w.n_outliers} of {w.n_elements} "
+                f"elements past the bound (<= {w.allowed_outliers}), {w.past_envelope} past the envelope",
+                w.max_abs,
+                f"{w.bound.describe()}; all <= {w.envelope.describe()}",
+                "pass" if w.passed else "FAIL",
+            )
+        )
+    lines = [format_table(["what", "max |Δ|", "bound", "result"], rows)]
+    lines += [f"  {g.describe()}" for g in report.grads if not g.passed]
+    return "\n".join(lines)
+
+
+# from parity_tests/mesh.py
+def sharding_table(report: ShardingReport) -> str:
+    rows = [
+        (
+            r.mesh,
+            r.logits.max_abs,
+            "same" if r.tokens_equal else "DIFFER",
+            max(g.max_abs for g in r.grads),
+            r.weights.max_abs,
+            f"{r.bytes_per_device / r.bytes_total:.3f}",
+            f"{r.bytes_split_per_device / r.bytes_split_total:.3f}",
+            "pass" if r.passed else "FAIL",
+        )
+        for r in report.rows
+    ]
+    lines = [
+        format_table(
+            [
+                "mesh (data x model)",
+                "logits max |Δ|",
+                "greedy tokens",
+                "grads max |Δ|",
+                "weights after AdamW max |Δ|",
+                "param bytes/device",
+                "split params bytes/device",
+                "result",
+            ],
+            rows,
+        )
+    ]
+    lines.append("bytes/device: the largest share of one device, as a fraction of the unsharded parameters")
+    for r in report.rows:
+        lines += [f"  {r.mesh}: {n}" for n in r.notes]
+        lines += [f"  {r.mesh}: {c.describe()}" for c in [r.logits, *r.grads] if not c.passed]
+    return "\n".join(lines)
+
+
+# from parity_bench/bench.py
+def bench_table(report: BenchReport) -> str:
+    lines = [
+        f"{report.model} {describe_config(report.config)}, {report.device}, matmuls "
+        f"{report.precision.split(' ')[0]}, median of {report.repeats} after {report.warmup} warm-up",
+        f"CPU: {report.cpu}; malloc: {report.hugepages}",
+    ]
+    gemm_rows: list[tuple[str, str, float, float | str, float | str]] = []  # a bandwidth has no min, max
+    for dtype, samples in report.gemm.items():
+        for lib, values in samples.items():
+            gemm_rows.append(
+                (
+                    dtype,
+                    f"{report.gemm_n}^3 matmul, {lib}",
+                    statistics.median(values) / 1e9,
+                    min(values) / 1e9,
+                    max(values) / 1e9,
+                )
+            )
+    if report.read_bw:
+        for lib, value in report.read_bw.items():
+            gemm_rows.append(("float32", f"sum over {READ_BYTES >> 20} MiB, {lib} (GB/s)", value / 1e9, "", ""))
+    lines += [
+        "",
+        "this machine, measured in this run (GFLOP/s unless marked; the reference is the best sample):",
+        format_table(["dtype", "reference", "median", "min", "max"], gemm_rows),
+    ]
+    rows = []
+    for t in report.timings:
+        eager, compiled = report.speedup(t), report.speedup(t, "torch-compile")
+        rows.append(
+            (
+                t.dtype,
+                f"{t.batch}x{t.seq}",
+                t.backend,
+                t.first_call_s,
+                t.median_s * 1e3,
+                f"{min(t.times_s) * 1e3:.0f}-{max(t.times_s) * 1e3:.0f}",
+                t.tokens_per_s,
+                t.flops_per_s / 1e9,
+                f"{report.fraction_of_gemm(t):.3f}",
+                "-" if eager is None else f"{eager:.2f}x",
+                "-" if compiled is None else f"{compiled:.2f}x",
+            )
+        )
+    lines += [
+        "",
+        "forward:",
+        format_table(
+            [
+                "dtype",
+                "batch x seq",
+                "backend",
+                "first call s",
+                "median ms",
+                "min-max ms",
+                "tokens/s",
+                "GFLOP/s",
+                "of GEMM",
+                "vs eager",
+                "vs compile",
+            ],
+            rows,
+        ),
+    ]
+    flax = next((t for t in report.timings if t.backend == "flax-jit"), None)
+    share = f" = {report.id_check_s / flax.median_s:.2%} of the flax-jit forward" if flax else ""
+    lines.append(f"host-side token-id check before dispatch: {report.id_check_s * 1e6:.1f} µs{share}")
+    if report.decode:
+        lines += [
+            "",
+            "greedy decoding; cached: the steps after the prefill and first pick; limit = the lower of read "
+            "bandwidth x batch / bytes read per step (weights once, each row's cache) and GEMM throughput / "
+            "FLOPs per token:",
+            format_table(
+                [
+                    "twin",
+                    "dtype",
+                    "KV cache",
+                    "batch",
+                    "prompt",
+                    "new tokens",
+                    "first call s",
+                    "prefill s",
+                    "tokens/s",
+                    "limit tokens/s",
+                    "binds",
+                    "of limit",
+                ],
+                [
+                    (
+                        d.twin,
+                        d.dtype,
+                        "yes" if d.cache else "no",
+                        d.batch,
+                        d.prompt,
+                        d.new_tokens,
+                        d.first_call_s,
+                        "-" if d.prefill_s is None else f"{d.prefill_s:.3f}",
+                        "-" if d.tokens_per_s is None else d.tokens_per_s,
+                        d.limit_tokens_per_s,
+                        d.binds,
+                        "-" if d.fraction_of_limit is None else f"{d.fraction_of_limit:.3f}",
+                    )
+                    for d in report.decode
+                ],
+            ),
+        ]
+    if report.memory:
+        lines += [
+            "",
+            format_table(
+                [
+                    "mesh",
+                    "param bytes on one device, unsharded",
+                    "sharded: most on a device",
+                    "fraction",
+                    "split params: unsharded",
+                    "split params: most on a device",
+                    "fraction",
+                ],
+                [
+                    (
+                        m["mesh"],
+                        m["unsharded_bytes"],
+                        m["sharded_bytes_per_device"],
+                        f"{m['sharded_bytes_per_device'] / m['unsharded_bytes']:.3f}",
+                        m["split_unsharded_bytes"],
+                        m["split_bytes_per_device"],
+                        f"{m['split_bytes_per_device'] / m['split_unsharded_bytes']:.3f}",
+                    )
+                    for m in report.memory
+                ],
+            ),
+        ]
+        if jax.devices()[0].platform == "cpu":
+            lines.append(
+                "(simulated devices share this machine's cores: sharded timings measure the program, not a speed-up)"
+            )
+    lines += report.notes
+    return "\n".join(lines)
+
+
+# from parity_bench/bench.py
+def plot_bench(report: BenchReport, path: str) -> None:
+    """The forward as a fraction of GEMM throughput (and tokens/s): bars per backend and dtype
+    for a single cell, lines against sequence length for a grid; with decoding, the cached
+    decoder's tokens/s and fraction of its limit against batch size, a line per twin, dtype
+    and prompt length."""
+    plt = pyplot()
+
+    rows = 2 if report.decode else 1  # the forward above, decoding below
+    fig, grid = plt.subplots(rows, 2, figsize=(12, 4.6 * rows), squeeze=False)
+    axes = grid.flatten()
+    ax, frac = axes[0], axes[1]
+    cells = {(t.batch, t.seq) for t in report.timings}
+    if len(cells) == 1:
+        ((batch, seq),) = cells
+        names = [f"{t.backend}\n{t.dtype}" for t in report.timings]
+        colors = [f"C{BACKENDS.index(t.backend.split('@')[0]) if t.backend in BACKENDS else 3}" for t in report.timings]
+        ax.bar(names, [t.tokens_per_s for t in report.timings], color=colors)
+        frac.bar(names, [report.fraction_of_gemm(t) for t in report.timings], color=colors)
+        for a in (ax, frac):
+            a.tick_params(axis="x", labelsize=7)
+            a.set_title(f"forward, batch {batch} x {seq} tokens", fontsize=9)
+            a.grid(True, axis="y", alpha=0.3)
+    else:
+        lines: dict[tuple[str, str, int], list[Timing]] = {}
+        for t in report.timings:
+            lines.setdefault((t.backend, t.dtype, t.batch), []).append(t)
+        for (backend, dtype, batch), ts in lines.items():
+            ts = sorted(ts, key=lambda t: t.seq)
+            label = f"{backend} {dtype} batch {batch}"
+            ax.plot([t.seq for t in ts], [t.tokens_per_s for t in ts], marker="o", label=label)
+            frac.plot([t.seq for t in ts], [report.fraction_of_gemm(t) for t in ts], marker="o", label=label)
+        for a in (ax, frac):
+            a.set_xscale("log", base=2)
+            a.set_xlabel("sequence length (tokens)")
+            a.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    ax.set_ylabel("tokens/s (forward)")
+    frac.set_ylabel("achieved FLOP/s / best GEMM FLOP/s")
+    frac.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    if report.decode:
+        tps, lim = axes[2], axes[3]
+        series: dict[tuple[str, str, int], list[DecodeTiming]] = {}
+        for d in report.decode:
+            if d.cache and d.tokens_per_s is not None:
+                series.setdefault((d.twin, d.dtype, d.prompt), []).append(d)
+        # colour: the prompt length; line: the dtype; marker: the twin
+        prompts = sorted({prompt for _, _, prompt in series})
+        for (twin, dtype, prompt), ds in series.items():
+            ds = sorted(ds, key=lambda d: d.batch)
+            style = {
+                "color": f"C{prompts.index(prompt) % 10}",
+                "linestyle": "-" if dtype == "float32" else "--",
+                "marker": "o" if twin == "flax" else "x",
+                "label": f"{twin} {dtype}, prompt {prompt}",
+            }
+            tps.plot([d.batch for d in ds], [d.tokens_per_s for d in ds], **style)
+            lim.plot([d.batch for d in ds], [d.fraction_of_limit for d in ds], **style)
+        for a in (tps, lim):
+            a.set_xscale("log", base=2)
+            a.set_xlabel("batch size (decoding with the KV cache)")
+            a.grid(True, which="both", alpha=0.3)
+        tps.set_yscale("log")
+        tps.set_ylabel("tokens/s (all rows)")
+        lim.set_ylabel("of the bandwidth or compute limit")
+        lim.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        tps.legend(fontsize=6)
+    fig.suptitle(textwrap.fill(f"{report.model} {describe_config(report.config)}, {report.cpu}", 150), fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# from parity_bench/load_memory.py
+def load_memory_table(report: dict) -> str:
+    rows = [
+        [
+            r["layout"],
+            r["twin"],
+            r["file_bytes"] / 2**30,
+            r["before"] / 2**30,
+            r["peak"] / 2**30,
+            r["peak_over_file"],
+            r["load_over_file"],
+            r["seconds"],
+        ]
+        for r in report["rows"]
+    ]
+    return format_table(
+        [
+            "layout",
+            "twin",
+            "file GiB",
+            "RSS before GiB",
+            "peak RSS GiB",
+            "peak / file",
+            "(peak - before) / file",
+            "load s",
+        ],
+        rows,
+    )
