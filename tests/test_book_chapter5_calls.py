@@ -34,7 +34,7 @@ def _twin(name):
     device, the model built after torch.manual_seed(123), and the optimizer."""
     twin = importlib.import_module(name)
     if name == "gpt_torch":
-        device = torch.device("cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
         def build():
             torch.manual_seed(123)
@@ -44,7 +44,7 @@ def _twin(name):
             return torch.optim.AdamW(model.parameters(), lr=0.0004, weight_decay=0.1)
 
     else:
-        device = jax.devices("cpu")[0]
+        device = jax.devices()[0]  # where the model's parameters are made
 
         def build():
             return twin.GPTModel(GPT_CONFIG_TINY, rngs=nnx.Rngs(123))
