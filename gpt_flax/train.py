@@ -45,6 +45,15 @@ def check_device(device: object) -> jax.Device | None:
         raise bad_device(device, known=True) from None
 
 
+def _on(device: object, input_batch: jax.Array, target_batch: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A checked batch put on `device` (checked by check_device; None leaves it where it is), as
+    the book's functions move each batch to their `device`."""
+    device = check_device(device)
+    if device is None:
+        return input_batch, target_batch
+    return jax.device_put((input_batch, target_batch), device)
+
+
 def calc_loss_batch(
     input_batch: Any, target_batch: Any, model: _GPT, device: jax.Device | str | None = None
 ) -> jax.Array:
@@ -53,10 +62,7 @@ def calc_loss_batch(
     The inputs are checked first, then the targets (as the torch twin does); ids of any integer
     dtype, as numpy or JAX arrays or nested lists (what the forward takes), are accepted. With
     `device` (a jax.Device), both are put on it first, as the book's calc_loss_batch moves them."""
-    input_batch, target_batch = _checked(model, input_batch, target_batch)
-    device = check_device(device)
-    if device is not None:
-        input_batch, target_batch = jax.device_put((input_batch, target_batch), device)
+    input_batch, target_batch = _on(device, *_checked(model, input_batch, target_batch))
     logits = model(input_batch)
     return optax.softmax_cross_entropy_with_integer_labels(
         logits.reshape(-1, logits.shape[-1]), target_batch.reshape(-1)
@@ -144,10 +150,12 @@ def _loss_batch(model: _GPT, input_batch: jax.Array, target_batch: jax.Array) ->
     return calc_loss_batch(input_batch, target_batch, model)
 
 
-def calc_loss_loader(data_loader: Iterable, model: _GPT, num_batches: int | None = None) -> float:
+def calc_loss_loader(
+    data_loader: Iterable, model: _GPT, device: jax.Device | str | None = None, num_batches: int | None = None
+) -> float:
     """The book's calc_loss_loader: the mean of calc_loss_batch (compiled once per shape) over the
     first `num_batches` batches (all by default; never more than the loader has); NaN for an
-    empty loader."""
+    empty loader. With `device`, each batch is put on it first, as calc_loss_batch puts it."""
     num_batches = check_num_batches(num_batches)
     if len(data_loader) == 0:  # type: ignore[arg-type]
         return float("nan")
@@ -156,26 +164,33 @@ def calc_loss_loader(data_loader: Iterable, model: _GPT, num_batches: int | None
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i >= num_batches:
             break
-        total_loss += float(_loss_batch(model, *_checked(model, input_batch, target_batch)))
+        total_loss += float(_loss_batch(model, *_on(device, *_checked(model, input_batch, target_batch))))
     return total_loss / num_batches
 
 
-def evaluate_model(model: _GPT, train_loader: Iterable, val_loader: Iterable, eval_iter: int) -> tuple[float, float]:
+def evaluate_model(
+    model: _GPT, train_loader: Iterable, val_loader: Iterable, device: jax.Device | str | None, eval_iter: int
+) -> tuple[float, float]:
     """The book's evaluate_model: both losses over `eval_iter` batches, in eval mode (no gradient
     is taken); the model is left in training mode."""
     model.eval()
-    train_loss = calc_loss_loader(train_loader, model, num_batches=eval_iter)
-    val_loss = calc_loss_loader(val_loader, model, num_batches=eval_iter)
+    train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
+    val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
     model.train()
     return train_loss, val_loss
 
 
-def generate_and_print_sample(model: _GPT, tokenizer: Any, start_context: str, *, log: Log = print) -> str:
+def generate_and_print_sample(
+    model: _GPT, tokenizer: Any, device: jax.Device | str | None, start_context: str, *, log: Log = print
+) -> str:
     """The book's generate_and_print_sample: 50 greedy tokens after `start_context`, printed on
     one line (through `log`); returned too."""
     model.eval()
     context_size = model.pos_emb.embedding.shape[0]
+    device = check_device(device)
     encoded = text_to_token_ids(start_context, tokenizer)
+    if device is not None:
+        encoded = jax.device_put(encoded, device)
     token_ids = generate_text_simple(model=model, idx=encoded, max_new_tokens=50, context_size=context_size)
     decoded_text = token_ids_to_text(token_ids, tokenizer).replace("\n", " ")
     log(decoded_text)
@@ -188,6 +203,7 @@ def train_model_simple(
     train_loader: Iterable,
     val_loader: Iterable,
     optimizer: nnx.Optimizer,
+    device: jax.Device | str | None,
     num_epochs: int,
     eval_freq: int,
     eval_iter: int,
@@ -197,14 +213,15 @@ def train_model_simple(
     log: Log = print,
     on_event: OnEvent | None = None,
 ) -> tuple[list[float], list[float], list[int]]:
-    """The book's train_model_simple (the torch twin's, without `device`: the jitted step puts the
-    batches on JAX's default device): `num_epochs` passes over `train_loader`, one train_step
-    (one compiled program, buffers donated) per batch; every `eval_freq` steps both losses over
-    `eval_iter` batches (printed as the book prints them, through `log`); after each epoch a
-    greedy sample of `start_context`. Returns (train losses, validation losses, tokens seen) at
-    the evaluations; `on_event` is called with the torch twin's events."""
+    """The book's train_model_simple, with the torch twin's signature: `num_epochs` passes over
+    `train_loader`, one compiled train step (buffers donated) per batch, put on `device` first;
+    every `eval_freq` steps both losses over `eval_iter` batches (printed as the book prints them,
+    through `log`); after each epoch a greedy sample of `start_context`. Returns (train losses,
+    validation losses, tokens seen) at the evaluations; `on_event` is called with the torch twin's
+    events."""
     num_epochs, eval_freq, eval_iter = check_schedule(num_epochs, eval_freq, eval_iter)
     check_optimizer(model, optimizer)
+    device = check_device(device)
     emit = on_event or (lambda event: None)
     train_losses: list[float] = []
     val_losses: list[float] = []
@@ -213,17 +230,18 @@ def train_model_simple(
     for epoch in range(num_epochs):
         model.train()
         for input_batch, target_batch in train_loader:
-            loss = train_step(model, optimizer, input_batch, target_batch)
+            inputs, targets = _on(device, *_checked(model, input_batch, target_batch))
+            loss = float(np.asarray(_train_step(model, optimizer, inputs, targets)))
             tokens_seen += int(np.size(input_batch))
             global_step += 1
             emit({"event": "step", "epoch": epoch + 1, "step": global_step, "loss": loss})
             if global_step % eval_freq == 0:
-                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, eval_iter)
+                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
                 train_losses.append(train_loss)
                 val_losses.append(val_loss)
                 track_tokens_seen.append(tokens_seen)
                 log(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
                 emit(eval_event(epoch + 1, global_step, train_loss, val_loss, tokens_seen))
-        text = generate_and_print_sample(model, tokenizer, start_context, log=log)
+        text = generate_and_print_sample(model, tokenizer, device, start_context, log=log)
         emit({"event": "sample", "epoch": epoch + 1, "text": text})
     return train_losses, val_losses, track_tokens_seen

@@ -14,6 +14,7 @@ from flax import nnx
 
 from gpt_spec import GPTConfig, StateDict, check_dtype, check_state_dict, in_model_order
 from gpt_spec.checkpoint import check_save, load_checkpoint, read_torch_file, save_checkpoint
+from gpt_spec.skeleton import canonical_state_dict
 from gpt_spec.tensors import check_bfloat16_range
 
 from .model import _GPT
@@ -86,10 +87,13 @@ def load_state_dict(model: nnx.Module, sd: Mapping[str, object]) -> None:
     changes; a bad dict raises ValueError and leaves the model untouched. Values (float16,
     bfloat16, float32 or float64) are cast to each parameter's dtype. The book's own
     `state_dict()`, with its `att.mask` buffers, loads as it is: a buffer that is not the causal
-    mask is refused.
+    mask is refused. The other seed's skeleton's state dict (gpt_spec.skeleton) loads
+    into DummyGPTModel(final_norm="layernorm").
     """
     params = _params(model)
-    arrays = check_state_dict(_expected(params), sd, type(model).__name__)
+    expected = _expected(params)
+    sd = canonical_state_dict(expected, sd, type(model).__name__)
+    arrays = check_state_dict(expected, sd, type(model).__name__)
     # Convert everything before assigning anything: nnx.state hands out the live Variables.
     updates = [(var, _value(arrays[name], var, transposed)) for name, (var, transposed) in params.items()]
     for var, value in updates:

@@ -142,8 +142,17 @@ def _check_mask(name: str, sd: Mapping[str, Any], context_length: int) -> None:
         raise ValueError(f"state dict key {name!r} is not the causal mask triu(ones, 1)")
 
 
-def _check_keys(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, Any], model_name: str) -> None:
-    """Every key of `given` expected and there, with its shape and a float dtype; else ValueError."""
+def check_keys(
+    expected: Mapping[str, tuple[int, ...]],
+    given: Mapping[str, Any],
+    model_name: str,
+    *,
+    what: str = "state dict",
+    context_length: int | None = None,
+) -> None:
+    """Every key of `given` expected and there, with its shape and a float dtype; else ValueError
+    (`what` names the dict in it). A causal-mask buffer is checked against `context_length`,
+    default that of the expected `pos_emb.weight`."""
     if not isinstance(given, Mapping):
         raise ValueError(f"state dict must be a mapping of name -> array, got {type(given).__name__}")
     masks = {
@@ -161,9 +170,9 @@ def _check_keys(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, Any
             parts.append(f"missing key(s) {_names(missing)}")
         if unexpected:
             parts.append(f"unexpected key(s) {_names(map(str, unexpected))}")
-        raise ValueError(f"state dict does not match {model_name}: {'; '.join(parts)}")
+        raise ValueError(f"{what} does not match {model_name}: {'; '.join(parts)}")
     for name in sorted(masks):
-        _check_mask(name, given, expected["pos_emb.weight"][0])
+        _check_mask(name, given, expected["pos_emb.weight"][0] if context_length is None else context_length)
     for name, shape in expected.items():
         got, dtype = info(given, name)
         if dtype not in FLOAT_DTYPES:
@@ -184,7 +193,7 @@ def check_state_dict(
     `source` (the file `given` was read from) starts every refusal, a lazy read's too.
     """
     try:
-        _check_keys(expected, given, model_name)
+        check_keys(expected, given, model_name)
     except ValueError as e:
         if source is None:
             raise

@@ -26,6 +26,7 @@ from gpt_spec import (
     check_token_ids,
 )
 from gpt_spec.inputs import check_cache_dropout
+from gpt_spec.skeleton import canonical_state_dict, is_skeleton_layout
 
 from .dropout import ParityDropout
 
@@ -320,10 +321,25 @@ def _final_norm(kind: str) -> type[nn.Module]:
     return LayerNorm if kind == LAYER_NORM else DummyLayerNorm
 
 
+def _skeleton_layout(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """A load_state_dict pre-hook: the skeleton layout's keys (gpt_spec.skeleton) renamed, in the
+    copy torch loads from, to this model's, through the same check and table as load_state_dict;
+    a skeleton dict that does not fit is refused with its ValueError, whatever `strict` says."""
+    own = {key[len(prefix) :]: key for key in state_dict if key.startswith(prefix)}
+    if not is_skeleton_layout(own):
+        return
+    expected = {name: tuple(value.shape) for name, value in module.state_dict().items()}
+    mapped = canonical_state_dict(expected, {name: state_dict[key] for name, key in own.items()}, type(module).__name__)
+    for key in own.values():
+        del state_dict[key]
+    state_dict.update({prefix + name: value for name, value in mapped.items()})
+
+
 class _GPT(nn.Module):
     """What DummyGPTModel and GPTModel share: the book's modules, in the book's order, and forward."""
 
     def _build(self, cfg: GPTConfig, block: type[nn.Module], final_norm: type[nn.Module]) -> None:
+        self.register_load_state_dict_pre_hook(_skeleton_layout)
         self.cfg = cfg
         # Creation order is the book's: it fixes which numbers torch.manual_seed(123) gives each.
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)

@@ -13,6 +13,7 @@ import torch
 
 from gpt_spec import GPTConfig, StateDict, check_dtype, check_state_dict
 from gpt_spec.checkpoint import check_save, load_checkpoint, read_torch_file, save_checkpoint
+from gpt_spec.skeleton import canonical_state_dict
 from gpt_spec.tensors import check_bfloat16_range
 
 from .model import _GPT
@@ -43,10 +44,13 @@ def load_state_dict(model: torch.nn.Module, sd: Mapping[str, object]) -> None:
     size mismatch, every key, shape and dtype is checked first, and every value converted; a bad
     dict raises ValueError and leaves the model untouched. Values (float16, bfloat16, float32 or
     float64) are cast to each parameter's dtype. The book's own `state_dict()`, with its
-    `att.mask` buffers, loads as it is: a buffer that is not the causal mask is refused.
+    `att.mask` buffers, loads as it is: a buffer that is not the causal mask is refused. The other
+    seed's skeleton's state dict (gpt_spec.skeleton) loads into DummyGPTModel(final_norm="layernorm").
     """
     targets = model.state_dict()
-    arrays = check_state_dict({k: tuple(v.shape) for k, v in targets.items()}, sd, type(model).__name__)
+    expected = {k: tuple(v.shape) for k, v in targets.items()}
+    sd = canonical_state_dict(expected, sd, type(model).__name__)
+    arrays = check_state_dict(expected, sd, type(model).__name__)
     tensors = {k: _tensor(arrays[k], targets[k].dtype) for k in targets}
     with torch.no_grad():
         for name, target in targets.items():

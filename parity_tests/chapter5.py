@@ -180,7 +180,7 @@ def run_chapter5(
     progress: Progress = silent,
 ) -> Chapter5Report:
     """Train the torch twin with the book's train_model_simple, then the Flax twin with its own
-    from the same weights on the very batches the torch twin's DataLoader drew (its recorded
+    (the same signature) from the same weights on the very batches the torch twin's DataLoader drew (its recorded
     orders); compare the two runs. With `out_dir`, both trained models are saved there."""
     if dropout not in DROPOUT_MODES:
         raise ValueError(f"dropout must be one of {', '.join(DROPOUT_MODES)}, got {dropout!r}")
@@ -232,7 +232,7 @@ def run_chapter5(
                 )
             else:
                 gpt_flax.train_model_simple(
-                    fm, flax_train, flax_val, flax_opt, *schedule, log=_quiet, on_event=on_event
+                    fm, flax_train, flax_val, flax_opt, None, *schedule, log=_quiet, on_event=on_event
                 )
             run.seconds = time.perf_counter() - t0
 

@@ -83,7 +83,7 @@ def test_the_loop_matches_the_books_printed_lines(capsys):
     with float32_matmuls():
         t = gpt_torch.train_model_simple(tm, t_train, t_val, gpt_torch.adamw(tm), "cpu", 1, 7, 2, "Every", tok)
         t_out = capsys.readouterr().out.splitlines()
-        f = gpt_flax.train_model_simple(fm, f_train, f_val, gpt_flax.adamw(fm), 1, 7, 2, "Every", tok)
+        f = gpt_flax.train_model_simple(fm, f_train, f_val, gpt_flax.adamw(fm), "cpu", 1, 7, 2, "Every", tok)
         f_out = capsys.readouterr().out.splitlines()
     assert t[2] == f[2] == [64, 512, 960]  # tokens seen at steps 0, 7 and 14
     np.testing.assert_allclose(t[0], f[0], atol=1e-5)
@@ -96,13 +96,13 @@ def test_the_loop_matches_the_books_printed_lines(capsys):
 def test_the_loop_refuses_bad_counts_alike(name):
     tm, fm = build_pair("gpt", SMALL, source="torch")
     loader = gpt_torch.create_dataloader_v1(TEXT, 2, 32, 32)
-    for twin, model, extra in ((gpt_torch, tm, ("cpu",)), (gpt_flax, fm, ())):
+    for twin, model in ((gpt_torch, tm), (gpt_flax, fm)):
         with pytest.raises(ValueError, match="must be an integer >= 1, got 0"):
             if name == "calc_loss_loader":
-                twin.calc_loss_loader(loader, model, *extra, num_batches=0)
+                twin.calc_loss_loader(loader, model, "cpu", num_batches=0)
             else:
                 opt = twin.adamw(model)
-                twin.train_model_simple(model, loader, loader, opt, *extra, 1, 0, 1, "Every", get_tokenizer())
+                twin.train_model_simple(model, loader, loader, opt, "cpu", 1, 0, 1, "Every", get_tokenizer())
     assert np.isnan(gpt_torch.calc_loss_loader([], tm)) and np.isnan(gpt_flax.calc_loss_loader([], fm))
 
 
@@ -136,12 +136,9 @@ def _step_0(model, optimizer, train_loader, val_loader, twin, *, untouched_gener
     With `untouched_generator`, the step's dropout draws leave torch's global generator as it was."""
     model.train()
     input_batch, target_batch = next(iter(train_loader))
-    if twin is gpt_torch:
-        with torch.random.fork_rng() if untouched_generator else contextlib.nullcontext():
-            twin.train_step(model, optimizer, input_batch, target_batch)
-        return twin.evaluate_model(model, train_loader, val_loader, "cpu", 5)
-    twin.train_step(model, optimizer, input_batch, target_batch)
-    return twin.evaluate_model(model, train_loader, val_loader, 5)
+    with torch.random.fork_rng() if twin is gpt_torch and untouched_generator else contextlib.nullcontext():
+        twin.train_step(model, optimizer, input_batch, target_batch)
+    return twin.evaluate_model(model, train_loader, val_loader, "cpu", 5)
 
 
 @pytest.mark.slow

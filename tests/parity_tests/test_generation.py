@@ -163,7 +163,7 @@ def test_an_empty_start_context_is_refused_alike():
     with pytest.raises(ValueError) as t_err:
         gpt_torch.generate_and_print_sample(tm, tokenizer, None, "", log=lambda s: None)
     with pytest.raises(ValueError) as f_err:
-        gpt_flax.generate_and_print_sample(fm, tokenizer, "", log=lambda s: None)
+        gpt_flax.generate_and_print_sample(fm, tokenizer, None, "", log=lambda s: None)
     assert str(t_err.value) == str(f_err.value) == "token ids must be non-empty, got shape (1, 0)"
     assert gpt_torch.text_to_token_ids("", tokenizer).dtype == torch.int64
 
