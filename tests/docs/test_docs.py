@@ -47,7 +47,8 @@ def test_the_make_commands_are_the_ones_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci and "make run" in ci
     makefile = (ROOT / "Makefile").read_text()
-    assert "gpt-parity check --layers --train-steps 10" in makefile and "-c $(CONSTRAINTS)" in makefile
+    assert "gpt-parity check --layers --plot" in makefile and "-c $(CONSTRAINTS)" in makefile
+    assert "gpt-parity check --train-steps 10" in makefile and "make tour" in ci
     assert "gpt-parity mutants --config examples/tiny-odd.json" in makefile
 
 
