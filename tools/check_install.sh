@@ -4,7 +4,10 @@
 # local wheel directory, no extra index), a throwaway pip cache and throwaway venvs, and checks
 #  1. with TORCH_INDEX, the install succeeds and torch is the pin of CONSTRAINTS, the CPU build: no
 #     nvidia-* or triton package, torch.version.cuda is None;
-#  2. without it (TORCH_INDEX=), the install fails on torch: check 1 does not pass by accident.
+#  2. without it (TORCH_INDEX=), the install fails on torch: check 1 does not pass by accident;
+#  3. each extra alone, from the built wheel (not editable) in a venv of its own: the core imports
+#     gpt_spec, [torch] gpt_torch, [flax] gpt_flax, and none loads a framework it does not need;
+#  4. the wheel with [parity] runs `gpt-parity check` on the tiny config; its tests are not in it.
 # TORCH_WHEELS=/dir stands in for PyTorch's index where it cannot be reached: a local PEP 503 index of
 # the torch wheels in /dir is built and passed as TORCH_INDEX=file://...
 # Needs the network (everything else is downloaded from PyPI), so it is not part of `make test`.
@@ -91,3 +94,39 @@ if problems:
 print(f"ok: with TORCH_INDEX, installed in {seconds} s: {len(names)} packages, torch {torch.__version__}"
       " (torch.version.cuda None), no nvidia-*/triton package")
 EOF
+
+# 3 and 4: the wheel, as a user installs it.
+start=$SECONDS
+"$work/venv/bin/python" -m pip wheel --quiet --no-deps -w "$work/dist" . >"$work/wheel.log" 2>&1 \
+    || { cat "$work/wheel.log" >&2; echo "FAIL: the wheel does not build" >&2; exit 1; }
+wheel=$(ls "$work"/dist/gpt_twins-*.whl)
+if unzip -l "$wheel" | grep -q "tests/\|/test_"; then
+    echo "FAIL: the wheel holds tests" >&2
+    exit 1
+fi
+extra_alone() {  # extra_alone EXTRA PACKAGE FRAMEWORKS-IT-MUST-NOT-LOAD
+    local venv="$work/venv-$1" spec="$wheel${1:+[$1]}"
+    "$PYTHON" -m venv "$venv"
+    local index=()
+    [ "$1" = torch ] || [ "$1" = parity ] && index=(--extra-index-url "$TORCH_INDEX")
+    if ! "$venv/bin/python" -m pip install --quiet -c "$CONSTRAINTS" "${index[@]}" "$spec" >"$work/$1.log" 2>&1; then
+        cat "$work/$1.log" >&2
+        echo "FAIL: pip install '$spec' failed" >&2
+        exit 1
+    fi
+    "$venv/bin/python" -c "
+import importlib, sys
+importlib.import_module('$2')
+loaded = [m for m in '$3'.split() if m in sys.modules]
+assert not loaded, f'$2 loaded {loaded}'
+" || { echo "FAIL: $2 alone from '$spec'" >&2; exit 1; }
+}
+extra_alone "" gpt_spec "torch jax flax"
+extra_alone torch gpt_torch "jax flax"
+extra_alone flax gpt_flax "torch"
+echo "ok: the core, [torch] and [flax] each install alone from the wheel and import their package"
+extra_alone parity parity_tests ""
+"$work/venv-parity/bin/gpt-parity" check --config examples/tiny-odd.json --quiet >"$work/check.log" 2>&1 \
+    || { cat "$work/check.log" >&2; echo "FAIL: gpt-parity check from the wheel" >&2; exit 1; }
+tail -1 "$work/check.log" | grep -qx PASS || { cat "$work/check.log" >&2; echo "FAIL: no PASS" >&2; exit 1; }
+echo "ok: the wheel with [parity] runs gpt-parity check on the tiny config: PASS ($((SECONDS - start)) s)"

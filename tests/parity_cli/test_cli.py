@@ -331,11 +331,10 @@ def test_bench_grid_dtypes_decoding_and_plot(tiny_json, tmp_path, capsys):
     assert "limit = the lower of read bandwidth" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flag", [[], ["--no-hugepages"]], ids=["hugepages", "no-hugepages"])
-def test_bench_reruns_itself_with_huge_pages(tiny_json, tmp_path, flag):
-    """The bench command re-runs itself with glibc's malloc asking for transparent huge pages
-    (glibc reads GLIBC_TUNABLES only at start-up) and says so in its header and JSON; --no-hugepages
-    leaves malloc alone."""
+@pytest.mark.parametrize("tunables", ["glibc.malloc.check=0", "glibc.malloc.check=0:glibc.malloc.hugetlb=1"])
+def test_bench_says_what_malloc_does_with_large_blocks(tiny_json, tmp_path, tunables):
+    """The malloc setting changes the figures (glibc reads GLIBC_TUNABLES at start-up; the Makefile
+    sets it for bench): the header and the JSON say which one this run had."""
     import os
     import platform
 
@@ -343,18 +342,17 @@ def test_bench_reruns_itself_with_huge_pages(tiny_json, tmp_path, flag):
         pytest.skip("the tunable is glibc's")
     out = tmp_path / "bench.json"
     argv = ["bench", "--config", tiny_json, "--batch", "1", "--seq", "4", "--repeats", "1", "--warmup", "0"]
-    argv += ["--no-compile", "--gemm-size", "64", "--quiet", "--json", str(out), *flag]
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    env["GLIBC_TUNABLES"] = "glibc.malloc.check=0"
+    argv += ["--no-compile", "--gemm-size", "64", "--quiet", "--json", str(out)]
+    env = dict(os.environ, GLIBC_TUNABLES=tunables)
     proc = subprocess.run(
         [sys.executable, "-m", "parity_cli.main", *argv], capture_output=True, text=True, env=env, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
     malloc = json.loads(out.read_text())["malloc"]
-    if flag:
-        assert malloc.startswith("glibc defaults") and "malloc: glibc defaults" in proc.stdout
-    else:
+    if "hugetlb" in tunables:
         assert malloc.startswith("glibc.malloc.hugetlb=1") and "malloc: glibc.malloc.hugetlb=1" in proc.stdout
+    else:
+        assert malloc.startswith("glibc defaults") and "malloc: glibc defaults" in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -476,3 +474,13 @@ def test_a_fifo_as_a_config_or_a_text_is_refused_before_it_is_opened(tmp_path):
         "gpt-parity: error: --text 't.txt' is a FIFO, not a regular file",
     ]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("missing", ["rich", "jax", "torch"])
+def test_without_the_parity_extra_the_command_says_what_to_install(missing):
+    code = f"import sys; sys.modules[{missing!r}] = None; from parity_cli.entry import main; sys.exit(main())"
+    proc = subprocess.run([sys.executable, "-c", code, "check"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr == (
+        f"gpt-parity: needs both twins and the suite (no module {missing!r}): pip install 'gpt-twins[parity]'\n"
+    )
