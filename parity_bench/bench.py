@@ -24,14 +24,11 @@ A program, not a test. Method:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import os
 import platform
-import signal
 import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -56,9 +53,9 @@ READ_BYTES = 512 * 2**20
 DECODE_PROMPT = 8  # the uncached loop's prompt
 DECODE_BATCHES = (1, 4, 16)
 DECODE_PROMPTS = (8, 512, 768)  # 768 + 256 new tokens: decoding at 1,024 positions
-# glibc's malloc asks for transparent huge pages: XLA allocates every output afresh, and a forward's
-# 206 MB of gpt2-small logits (4 x 256) otherwise costs ~50,000 page faults a call (measured: a
-# jitted x + 1 over them 65 -> 13 ms; the bf16 forward 0.50 -> 0.62 TFLOP/s; see the README).
+# With it in GLIBC_TUNABLES (read by glibc at start-up; the Makefile sets it for bench), malloc asks
+# for transparent huge pages: XLA allocates every output afresh, and large outputs otherwise cost a
+# page fault per 4 KiB (docs/benchmarks.md has the figures).
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
@@ -71,27 +68,6 @@ def hugepages() -> str:
     except (OSError, IndexError):
         mode = "unknown"
     return f"{HUGEPAGE_TUNABLE if tunable else 'glibc defaults'}, transparent huge pages {mode}"
-
-
-def rerun_with_hugepages() -> None:
-    """Re-run this very command (sys.orig_argv) with HUGEPAGE_TUNABLE in GLIBC_TUNABLES, which
-    glibc reads only at start-up. Returns where that is already so, or where the C library is not
-    glibc (the tunable would mean nothing)."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if HUGEPAGE_TUNABLE in tunables or platform.libc_ver()[0] != "glibc":
-        return
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, HUGEPAGE_TUNABLE) if t))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # The signal mask survives exec, the handlers do not: a Ctrl-C while the new program starts is
-    # held until it has its own (parity_cli.interrupt.guard_startup), not a KeyboardInterrupt.
-    blocking = hasattr(signal, "pthread_sigmask")
-    if blocking:
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    with contextlib.suppress(OSError):  # where exec fails the command runs on as it is (its header says so)
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-    if blocking:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 # --- what the machine can do -------------------------------------------------------------------

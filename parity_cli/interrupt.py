@@ -70,8 +70,7 @@ def guard_startup(prog: str) -> None:
     """Guard this whole process, from before its heavy imports: SIGINT blocked in the main thread,
     so in every thread started after (the BLAS, XLA and torch pools those imports start included),
     and one watcher thread that takes it. Until a command's own guard (exit_on_interrupt), Ctrl-C
-    ends the process with the one line: nothing has been written yet. A SIGINT held blocked across
-    bench's re-exec of the process (bench.rerun_with_hugepages) is taken at once."""
+    ends the process with the one line: nothing has been written yet."""
     global _action, _guarded
     _action = lambda: _end(prog)  # noqa: E731 - swapped by exit_on_interrupt
     signal.signal(signal.SIGINT, lambda signum, frame: _on_interrupt())  # where signals cannot be blocked

@@ -12,8 +12,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from parity_bench import bench
-
 from .commands import bench as bench_command
 from .commands import check, convert, generate, load_memory, mutants, train
 from .common import Parser, setup_model
@@ -55,8 +53,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = plan_outputs(args, parser)
     process = argv is None
-    if process and args.command == "bench" and not args.no_hugepages:
-        bench.rerun_with_hugepages()  # returns only where it cannot (or already did)
     with exit_on_interrupt(
         parser.prog,
         plan.outputs,

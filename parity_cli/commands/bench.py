@@ -74,12 +74,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "longer ones are left out with a note (default: %(default)s)",
     )
     b.add_argument(
-        "--no-hugepages",
-        action="store_true",
-        help="leave glibc's malloc as it is (by default bench re-runs itself with "
-        f"GLIBC_TUNABLES={bench.HUGEPAGE_TUNABLE}: see the README)",
-    )
-    b.add_argument(
         "--gemm-size",
         type=positive,
         default=bench.GEMM_N,

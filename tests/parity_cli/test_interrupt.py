@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -513,7 +512,7 @@ def test_json_dash_writes_only_strict_json_on_stdout_and_the_tables_on_stderr(ti
     assert err.splitlines()[-1] == "PASS" and "torch->flax" in err
 
 
-# --- Ctrl-C at the edges: start-up, the re-exec, writing, after the verdict; a closed stdout --------
+# --- Ctrl-C at the edges: start-up, writing, after the verdict; a closed stdout --------
 
 INTERRUPTED = "gpt-parity: interrupted; nothing more was written (exit 130)\n"
 
@@ -571,24 +570,6 @@ def test_ctrl_c_while_the_command_starts_is_the_one_line_too(tmp_path, tiny_json
     results = _in_parallel(*(lambda d=d: _interrupt_after(argv, tmp_path, d) for d in (0.2, 0.7, 1.5)))
     for delay, (rc, err) in zip((0.2, 0.7, 1.5), results, strict=True):
         assert (rc, err) == (130, INTERRUPTED), f"Ctrl-C at {delay} s: exit {rc}\n{err[-2000:]}"
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="bench re-executes itself only on glibc")
-def test_ctrl_c_while_bench_re_executes_itself_is_the_one_line(tmp_path, tiny_json_path):
-    argv = ["bench", "--config", tiny_json_path, "--batch", "1", "--seq", "4", "--repeats", "1", "--quiet"]
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    proc = subprocess.Popen(
-        [_console_script(), *argv], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
-    )
-    environ = f"/proc/{proc.pid}/environ"
-    while proc.poll() is None:  # the pid is kept across exec: the new program's environment tells
-        with contextlib.suppress(OSError), open(environ, "rb") as f:
-            if b"glibc.malloc.hugetlb=1" in f.read():
-                break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGINT)  # the new program is starting: Python, then its imports
-    _, err = proc.communicate(timeout=300)
-    assert (proc.returncode, err) == (130, INTERRUPTED), err[-2000:]
 
 
 def test_ctrl_c_once_the_verdict_is_printed_changes_nothing_and_prints_no_traceback(tmp_path, tiny_json_path):
