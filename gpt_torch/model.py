@@ -134,6 +134,11 @@ class FeedForward(nn.Module):
         return self.layers(x)
 
 
+def causal_mask(context_length: int) -> torch.Tensor:
+    """1 above the diagonal: the future positions a query may not attend to."""
+    return torch.triu(torch.ones(context_length, context_length), diagonal=1)
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention with separate query, key and value projections."""
 
@@ -165,9 +170,7 @@ class MultiHeadAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         # Not persistent: the mask is derived from context_length, so it stays out of the
         # canonical state dict (the book's own model.pth carries it; loaders drop it).
-        self.register_buffer(
-            "mask", torch.triu(torch.ones(context_length, context_length), diagonal=1), persistent=False
-        )
+        self.register_buffer("mask", causal_mask(context_length), persistent=False)
         # The KV cache of the book's chapter-4 variant, preallocated by init_cache as the Flax
         # twin's is: keys and values of the positions fed so far, with a pointer to the next free
         # slot, as the book's ptr_current_pos. With `window_size` (the book's optimized variant)

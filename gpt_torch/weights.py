@@ -57,13 +57,6 @@ def load_state_dict(model: torch.nn.Module, sd: Mapping[str, object]) -> None:
             target.copy_(tensors[name])
 
 
-def _fill(model: torch.nn.Module, sd: Mapping[str, np.ndarray]) -> None:
-    """Copy a checked (possibly lazy) state dict into a model just built, one tensor at a time."""
-    with torch.no_grad():
-        for name, target in model.state_dict().items():
-            target.copy_(_tensor(sd[name], target.dtype))
-
-
 def dtype_name(model: torch.nn.Module) -> str:
     """The dtype of the model's parameters, by name ("float32", "bfloat16")."""
     return str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -102,10 +95,16 @@ def load(
     from . import model as models
 
     ckpt = load_checkpoint(path, config=config, n_heads=n_heads)
-    target = check_dtype(dtype or ckpt.compute_dtype)
-    model = getattr(models, ckpt.model)(ckpt.config, **ckpt.options)
-    cast(model, target)
-    _fill(model, ckpt.state_dict)
+    target = _TORCH_DTYPES[check_dtype(dtype or ckpt.compute_dtype)]
+    # Built on the meta device, no memory and no random init; the file's tensors become the
+    # parameters themselves (assign), so the weights are in memory once.
+    with torch.device("meta"):
+        model = getattr(models, ckpt.model)(ckpt.config, **ckpt.options)
+    names = list(model.state_dict())
+    model.load_state_dict({name: _tensor(ckpt.state_dict[name], target) for name in names}, assign=True)
+    for module in model.modules():
+        if isinstance(module, models.MultiHeadAttention):
+            module.mask = models.causal_mask(module.mask.shape[0])
     return model
 
 

@@ -238,7 +238,7 @@ def check_output(path: str, flag: str, *, plot: bool = False) -> None:
         try:
             plt = pyplot()
         except ImportError:
-            raise ValueError(f"{flag} needs matplotlib: pip install 'gpt-twins[plot]'") from None
+            raise ValueError(f"{flag} needs matplotlib: pip install 'gpt-twins[parity]'") from None
         formats = plt.figure().canvas.get_supported_filetypes()
         plt.close("all")
         suffix = os.path.splitext(path)[1].lstrip(".").lower()

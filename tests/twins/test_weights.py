@@ -108,3 +108,22 @@ def test_values_are_cast_to_the_parameter_dtype(twin, tiny_cfg):
     for name, value in state_dict(model).items():
         assert value.dtype == np.float32
         np.testing.assert_array_equal(value, source[name].astype(np.float32))
+
+
+def test_torch_loads_a_checkpoint_without_building_random_weights_first(tmp_path, tiny_cfg, monkeypatch):
+    """gpt_torch.load builds the model on the meta device and assigns the file's tensors: no
+    parameter is drawn at random (nn.init would be called), none is left on the meta device, and
+    the causal masks are real."""
+    model = gpt_torch.GPTModel(tiny_cfg)
+    gpt_torch.save(model, tmp_path / "m.safetensors")
+    drawn = []
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", lambda t, *a, **k: drawn.append(t.device.type) or t)
+    loaded = gpt_torch.load(tmp_path / "m.safetensors")
+    assert "cpu" not in drawn
+    assert not [n for n, t in [*loaded.named_parameters(), *loaded.named_buffers()] if t.is_meta]
+    for name, value in gpt_torch.state_dict(loaded).items():
+        assert np.array_equal(value, gpt_torch.state_dict(model)[name]), name
+    masks = [m.mask for m in loaded.modules() if isinstance(m, gpt_torch.MultiHeadAttention)]
+    assert masks and all(torch.equal(m, torch.triu(torch.ones_like(m), diagonal=1)) for m in masks)
+    ids = torch.randint(0, tiny_cfg.vocab_size, (2, tiny_cfg.context_length))
+    assert torch.equal(loaded.eval()(ids), model.eval()(ids))
