@@ -26,3 +26,13 @@ def tiny_cfg() -> GPTConfig:
 @pytest.fixture
 def book_cfg() -> dict:
     return dict(GPT_CONFIG_124M)
+
+
+_NOT_CORE = ("slow", "subprocess", "zoo", "gpu", "tpu")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`core` is every test that none of the other markers names."""
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in _NOT_CORE):
+            item.add_marker(pytest.mark.core)

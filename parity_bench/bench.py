@@ -30,7 +30,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -347,7 +347,7 @@ def _build_twins(
     cfg: GPTConfig,
     seed: int,
     dtypes: tuple[str, ...],
-    options: dict[str, Any],
+    options: Mapping[str, Any],
     weights: Mapping[str, np.ndarray] | None,
 ) -> dict[str, _Twins]:
     """Both twins per dtype, all on the same weights (`weights`, or torch's init), in eval mode."""
@@ -469,29 +469,53 @@ def _check_grid(batches: list[int], seqs: list[int], dtypes: tuple[str, ...], cf
         check_dtype(d)
 
 
+@dataclasses.dataclass(frozen=True)
+class BenchOptions:
+    """The benchmark's grid (batch sizes x sequence lengths x dtypes, per backend), its timing
+    (calls timed, warm-up calls, the GEMM reference's size) and the decoding grid (`decode` new
+    tokens, 0 for none, over batch sizes x prompt lengths)."""
+
+    model: str = GPT
+    batches: Sequence[int] = (4,)
+    seqs: Sequence[int] = (256,)
+    dtypes: Sequence[str] = ("float32",)
+    repeats: int = 5
+    warmup: int = 1
+    backends: Sequence[str] = BACKENDS
+    seed: int = 0
+    model_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    decode: int = 0
+    decode_uncached: int = 32
+    decode_batches: Sequence[int] = DECODE_BATCHES
+    decode_prompts: Sequence[int] = DECODE_PROMPTS
+    decode_repeats: int = 1
+    gemm_n: int = GEMM_N
+
+
 def run_bench(
     cfg: GPTConfig,
+    opts: BenchOptions = BenchOptions(),  # noqa: B008 - frozen, so one shared default is safe
     *,
-    model: str = GPT,
-    batches: list[int] | tuple[int, ...] = (4,),
-    seqs: list[int] | tuple[int, ...] = (256,),
-    dtypes: tuple[str, ...] = ("float32",),
-    repeats: int = 5,
-    warmup: int = 1,
-    backends: tuple[str, ...] = BACKENDS,
-    seed: int = 0,
-    options: dict[str, Any] | None = None,
     weights: Mapping[str, np.ndarray] | None = None,
-    meshes: list[str] | None = None,
-    decode: int = 0,
-    decode_uncached: int = 32,
-    decode_batches: list[int] | tuple[int, ...] = DECODE_BATCHES,
-    decode_prompts: list[int] | tuple[int, ...] = DECODE_PROMPTS,
-    decode_repeats: int = 1,
-    gemm_n: int = GEMM_N,
+    meshes: Sequence[str] | None = None,
     progress: Progress = silent,
 ) -> BenchReport:
     """Time each backend's forward over the grid (and decoding if `decode`); see the module docstring."""
+    model, batches, seqs, dtypes = opts.model, opts.batches, opts.seqs, tuple(opts.dtypes)
+    repeats, warmup, backends, seed, options = (
+        opts.repeats,
+        opts.warmup,
+        tuple(opts.backends),
+        opts.seed,
+        opts.model_options,
+    )
+    decode, decode_uncached, decode_repeats, gemm_n = (
+        opts.decode,
+        opts.decode_uncached,
+        opts.decode_repeats,
+        opts.gemm_n,
+    )
+    decode_batches, decode_prompts = opts.decode_batches, opts.decode_prompts
     for name, value, least in [
         ("repeats", repeats, 1),
         ("warmup", warmup, 0),

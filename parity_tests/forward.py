@@ -261,46 +261,64 @@ _TRUE_STATE_DICT: dict[str, Callable[[Any], dict[str, np.ndarray]]] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class ParityOptions:
+    """What one parity check compares, and how: the model and its options, the batch of token ids
+    (`seq` None: 128 or the context), the directions, the dtype tier and its bound (None: the
+    tier's own), whether each layer is checked on its own, and the matmul precision."""
+
+    model: str = GPT
+    batch: int = 2
+    seq: int | None = None
+    seed: int = 0
+    mode: str = "eval"
+    directions: Sequence[str] = DIRECTIONS
+    dtype: str = "float32"
+    bound: Bound | None = None
+    layer_evidence: bool = True
+    matmul_precision: str = "float32"
+    model_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
 def run_parity(
     cfg: GPTConfig,
+    opts: ParityOptions = ParityOptions(),  # noqa: B008 - frozen, so one shared default is safe
     *,
-    model: str = GPT,
-    batch: int = 2,
-    seq: int | None = None,
-    seed: int = 0,
-    mode: str = "eval",
-    directions: Sequence[str] = DIRECTIONS,
-    bound: Bound | None = None,
-    options: dict[str, Any] | None = None,
     weights: Mapping[str, np.ndarray] | None = None,
-    progress: Progress = silent,
-    dtype: str = "float32",
-    layer_evidence: bool = True,
-    matmul_precision: str = "float32",
     plant: Callable[[dict[str, Any]], AbstractContextManager] | None = None,
     models: dict[str, Any] | None = None,
+    progress: Progress = silent,
 ) -> ParityReport:
     """Build each direction's source twin, copy its weights into the other, compare every stage,
-    then (float32, `layer_evidence`) every building block on its own (layers.py).
+    then (float32, `opts.layer_evidence`) every building block on its own (layers.py).
 
     The reference is the source twin on CPU; the candidates are the target twin on every device
     of its framework. Train mode is compared only at drop_rate 0 (the twins draw dropout masks
     from different generators). With `weights` (a checkpoint's state dict) both twins hold those
-    instead of an init. With `dtype` "bfloat16" both twins run cast to bfloat16 (the weights
+    instead of an init. With `opts.dtype` "bfloat16" both twins run cast to bfloat16 (the weights
     rounded identically), the bound defaults to that tier's and the layer evidence (float32
-    envelopes) is left out. `matmul_precision` "default" leaves each framework's default (TF32
+    envelopes) is left out. `opts.matmul_precision` "default" leaves each framework's default (TF32
     on GPUs, bfloat16 passes on TPUs) instead of pinning float32. `plant(twins)` is entered with
     both twins built (a context manager: zoo.py plants a bug in one); `models` passes both
     twins ready built ({"torch": ..., "flax": ...}, of `cfg`), which are left at their own weights.
     """
+    model, batch, seed, mode, directions, dtype = (
+        opts.model,
+        opts.batch,
+        opts.seed,
+        opts.mode,
+        opts.directions,
+        opts.dtype,
+    )
+    options = opts.model_options
     _check_args(model, mode, cfg)
     check_dtype(dtype)
-    bound = DTYPE_BOUNDS[dtype] if bound is None else bound
+    bound = DTYPE_BOUNDS[dtype] if opts.bound is None else opts.bound
     for d in directions:
         if d not in DIRECTIONS:
             raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {d!r}")
-    layer_evidence = layer_evidence and dtype == "float32"
-    seq = min(cfg.context_length, 128) if seq is None else seq
+    layer_evidence = opts.layer_evidence and dtype == "float32"
+    seq = min(cfg.context_length, 128) if opts.seq is None else opts.seq
     ids = token_batch(cfg, batch, seq, seed)
     backends, skipped = discover_backends()
     cpu = {"torch": Backend("torch", "cpu"), "flax": Backend("flax", jax.devices("cpu")[0])}
@@ -314,7 +332,7 @@ def run_parity(
             "layer evidence left out: its envelopes are float32's" if dtype != "float32" else "layer evidence left out"
         ]
     )
-    with matmuls(matmul_precision) as precision, contextlib.ExitStack() as stack:
+    with matmuls(opts.matmul_precision) as precision, contextlib.ExitStack() as stack:
         with prog.step("building both twins, each with its own init"):
             twin: dict[str, Any] = (
                 models

@@ -26,7 +26,7 @@ from gpt_spec import GPT, GPTConfig, in_stage, stage_of
 
 from . import zoo_flax, zoo_torch
 from .environment import versions
-from .forward import DIRECTIONS, run_parity
+from .forward import DIRECTIONS, ParityOptions, run_parity
 from .progress import Progress, silent
 from .training import TrainingReport, run_training_parity
 from .twins import build_flax, build_torch
@@ -449,9 +449,8 @@ def run_zoo(
         return built[c]
 
     prog = progress(1 + len(mutants) * len(twins))
-    check = functools.partial(
-        run_parity, batch=batch, seq=seq, seed=seed, directions=directions, matmul_precision=matmul_precision
-    )
+    opts = ParityOptions(batch=batch, seq=seq, seed=seed, directions=directions, matmul_precision=matmul_precision)
+    check = functools.partial(run_parity, opts=opts)
     with prog.step("control: nothing planted"):
         control = check(cfg, models=models(cfg))
     rows = [_row(None, "-", control)]

@@ -100,7 +100,7 @@ start=$SECONDS
 "$work/venv/bin/python" -m pip wheel --quiet --no-deps -w "$work/dist" . >"$work/wheel.log" 2>&1 \
     || { cat "$work/wheel.log" >&2; echo "FAIL: the wheel does not build" >&2; exit 1; }
 wheel=$(ls "$work"/dist/gpt_twins-*.whl)
-if unzip -l "$wheel" | grep -q "tests/\|/test_"; then
+if unzip -Z1 "$wheel" | grep -Eq '^tests/|(^|/)test_[^/]*\.py$'; then
     echo "FAIL: the wheel holds tests" >&2
     exit 1
 fi

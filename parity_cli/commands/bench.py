@@ -86,8 +86,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser) -> int:
     backends = tuple(b for b in bench.BACKENDS if not (args.no_compile and b == "torch-compile"))
-    report = bench.run_bench(
-        setup.cfg,
+    opts = bench.BenchOptions(
         model=setup.model,
         batches=args.batch,
         seqs=args.seq or [min(256, setup.cfg.context_length)],
@@ -96,15 +95,13 @@ def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser)
         warmup=args.warmup,
         backends=backends,
         seed=args.seed,
-        options=setup.options,
-        weights=setup.weights,
-        meshes=setup.meshes,
+        model_options=setup.options,
         decode=args.decode,
         decode_uncached=args.decode_uncached,
         decode_batches=args.decode_batch,
         decode_prompts=args.decode_prompt,
         gemm_n=args.gemm_size,
-        progress=progress(args.quiet),
     )
+    report = bench.run_bench(setup.cfg, opts, weights=setup.weights, meshes=setup.meshes, progress=progress(args.quiet))
     emit(args, report, reports.bench_table, reports.plot_bench)
     return 0

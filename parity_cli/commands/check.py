@@ -89,17 +89,19 @@ def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser)
         )
     report = forward.run_parity(
         cfg,
-        model=setup.model,
-        batch=args.batch,
-        seq=seq,
-        seed=args.seed,
-        mode=args.mode,
-        options=setup.options,
+        forward.ParityOptions(
+            model=setup.model,
+            batch=args.batch,
+            seq=seq,
+            seed=args.seed,
+            mode=args.mode,
+            model_options=setup.options,
+            dtype=args.dtype,
+            layer_evidence=not args.no_layer_evidence,
+            matmul_precision=args.matmul_precision,
+        ),
         weights=setup.weights,
         progress=progress(args.quiet),
-        dtype=args.dtype,
-        layer_evidence=not args.no_layer_evidence,
-        matmul_precision=args.matmul_precision,
         plant=plant,
     )
     print(

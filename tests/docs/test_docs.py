@@ -68,6 +68,7 @@ def snapshot(tmp_path_factory):
     return str(folder)
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("line", GPT_PARITY_LINES)
 def test_cli_examples_run(line, tmp_path, snapshot, monkeypatch, capsys):

@@ -445,6 +445,7 @@ def test_a_symlinked_destination_is_written_where_it_points(tmp_path):
     )
 
 
+@pytest.mark.subprocess
 def test_neighbours_survive_and_a_killed_saves_temp_is_cleaned(tmp_path):
     neighbour = tmp_path / "m.safetensors.partial"
     neighbour.write_bytes(b"someone else's")
@@ -460,6 +461,7 @@ def test_neighbours_survive_and_a_killed_saves_temp_is_cleaned(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.safetensors", "m.safetensors.partial", live.name])
 
 
+@pytest.mark.subprocess
 def test_a_sigkilled_save_leaves_only_a_temp_the_next_save_removes(tmp_path):
     code = (
         "import signal, os, safetensors.numpy as s\n"

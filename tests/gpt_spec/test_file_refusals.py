@@ -141,6 +141,7 @@ def _obey_permissions() -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
+@pytest.mark.subprocess
 def test_a_read_only_folder_is_refused_before_any_tensor_is_read(tmp_path):
     """The saves run in a fresh Python that may not write `ro/` (mode 0o555); a root test run
     drops, for that Python, the capabilities that let root ignore permissions."""
@@ -195,6 +196,7 @@ for save in (lambda: save_checkpoint("m.safetensors", sd, cfg), lambda: save_hf(
 """
 
 
+@pytest.mark.subprocess
 def test_a_write_past_the_file_size_limit_is_refused_naming_the_file_and_leaves_nothing(tmp_path):
     (tmp_path / "m.safetensors").write_bytes(b"old")
     (tmp_path / "snap").mkdir()
@@ -629,6 +631,7 @@ def _refused_alike(lines, cases, message) -> None:
             assert line == f"{how} ValueError {json.dumps(message)}", line
 
 
+@pytest.mark.subprocess
 def test_a_fifo_is_refused_before_it_is_opened_wherever_a_loader_would_read_it(tmp_path):
     """A FIFO as the checkpoint, or as any file of a snapshot, used to block the load forever, deaf
     to Ctrl-C (safetensors waits in `open` for a writer with the GIL held)."""
@@ -669,6 +672,7 @@ def test_a_character_device_is_refused_as_no_regular_file(tmp_path):
         load_checkpoint("/dev/null")
 
 
+@pytest.mark.subprocess
 def test_a_folder_that_may_not_be_searched_and_an_unreadable_file_are_refused_saying_so(tmp_path):
     """Run by a user without the permissions (a root test run drops, for that Python, the
     capabilities that let root ignore them): a snapshot folder without search permission used to

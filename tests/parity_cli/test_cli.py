@@ -197,6 +197,7 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     assert err.count("\n") == 1 and message in err and err.startswith("gpt-parity")
 
 
+@pytest.mark.subprocess
 def test_console_script_prints_no_traceback():
     proc = subprocess.run(
         [sys.executable, "-m", "parity_cli.main", "check", "--config", "nope"],
@@ -331,6 +332,7 @@ def test_bench_grid_dtypes_decoding_and_plot(tiny_json, tmp_path, capsys):
     assert "limit = the lower of read bandwidth" in capsys.readouterr().out
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("tunables", ["glibc.malloc.check=0", "glibc.malloc.check=0:glibc.malloc.hugetlb=1"])
 def test_bench_says_what_malloc_does_with_large_blocks(tiny_json, tmp_path, tunables):
     """The malloc setting changes the figures (glibc reads GLIBC_TUNABLES at start-up; the Makefile
@@ -446,6 +448,7 @@ def test_bench_refuses_decoding_one_token_which_leaves_no_step_to_time(tiny_json
     assert "decode must be 0 (off) or at least 2, got 1: the first new token comes with the prefill" in err
 
 
+@pytest.mark.subprocess
 def test_a_fifo_as_a_config_or_a_text_is_refused_before_it_is_opened(tmp_path):
     """`--config` and `--text` read a FIFO as a file: the run blocked for ever in the read, waiting
     for a writer. Refused, as checkpoints are, before anything opens it."""
@@ -476,6 +479,7 @@ def test_a_fifo_as_a_config_or_a_text_is_refused_before_it_is_opened(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("missing", ["rich", "jax", "torch"])
 def test_without_the_parity_extra_the_command_says_what_to_install(missing):
     code = f"import sys; sys.modules[{missing!r}] = None; from parity_cli.entry import main; sys.exit(main())"

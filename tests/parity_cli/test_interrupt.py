@@ -66,6 +66,7 @@ def _interrupted_run(argv: list[str], cwd, step: str) -> tuple[int, str, str]:
     return proc.returncode, proc.stdout, proc.stderr
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_anywhere_in_check_says_so_in_one_line_exits_130_and_writes_nothing(tmp_path):
     config = tmp_path / "tiny.json"
     config.write_text(
@@ -564,6 +565,7 @@ def _interrupt_after(argv: list[str], cwd, delay_s: float) -> tuple[int, str]:
     return proc.returncode, err
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_while_the_command_starts_is_the_one_line_too(tmp_path, tiny_json_path):
     """The handler is in place before jax and torch are imported (seconds), not after."""
     argv = _quick_check(tiny_json_path)
@@ -572,6 +574,7 @@ def test_ctrl_c_while_the_command_starts_is_the_one_line_too(tmp_path, tiny_json
         assert (rc, err) == (130, INTERRUPTED), f"Ctrl-C at {delay} s: exit {rc}\n{err[-2000:]}"
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_once_the_verdict_is_printed_changes_nothing_and_prints_no_traceback(tmp_path, tiny_json_path):
     """Interrupts sent every millisecond from the verdict on, through the interpreter's shutdown:
     the run's status stands (or, before the command returned, the line says what was written)."""
@@ -622,6 +625,7 @@ def _interrupted_in(argv: list[str], patch: str, cwd) -> tuple[int, str, str]:
     return proc.returncode, proc.stdout, proc.stderr
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_just_after_an_output_is_written_says_it_was(tmp_path, tiny_json_path):
     out = tmp_path / "check.json"
     patch = """
@@ -647,6 +651,7 @@ _MID_WRITE = """
 """
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_leaves_nothing_a_command_created_but_whole_outputs(tmp_path, tiny_cfg):
     """train saving its models (into the --out it created), convert --to hf writing into folders
     it created, load-memory between its scratch checkpoint and the loads: each leaves the folders
@@ -706,6 +711,7 @@ def test_a_train_refused_while_running_removes_the_out_folder_it_made(tmp_path, 
     assert sorted(os.listdir(tmp_path)) == ["kept", "text.txt"]
 
 
+@pytest.mark.subprocess
 def test_a_closed_stdout_still_gets_the_json_written_and_ends_quietly_with_141(tmp_path, tiny_json_path):
     """`gpt-parity check --json out.json | head -1`: the reader goes away; the run goes on."""
     out = tmp_path / "check.json"

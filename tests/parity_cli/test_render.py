@@ -151,6 +151,7 @@ def _on_a_terminal(slow_s: float, *, interrupt: bool = False, **env: str) -> tup
     return proc.wait(timeout=60), received.decode()
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
 def test_progress_on_a_terminal_is_a_live_line_that_leaves_the_done_lines_and_the_cursor():
     rc, screen = _on_a_terminal(0.5)
@@ -162,6 +163,7 @@ def test_progress_on_a_terminal_is_a_live_line_that_leaves_the_done_lines_and_th
     assert "[2/2] slow · loss 1.234" in screen  # the status, on the live line
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
 def test_ctrl_c_under_a_live_line_clears_it_shows_the_cursor_and_says_so_on_its_own_line():
     rc, screen = _on_a_terminal(30, interrupt=True)
@@ -171,6 +173,7 @@ def test_ctrl_c_under_a_live_line_clears_it_shows_the_cursor_and_says_so_on_its_
     assert "the end" not in screen and "slow: done" not in screen
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
 @pytest.mark.parametrize("env", [{"NO_COLOR": "1"}, {"TERM": "dumb"}])
 def test_no_color_and_dumb_terminals_are_respected(env):

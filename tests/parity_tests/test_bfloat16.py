@@ -15,7 +15,7 @@ from parity_cli import reports
 from parity_cli.main import main
 from parity_tests import zoo
 from parity_tests.configs import TINY, TINY_BIAS
-from parity_tests.forward import compare_stages, run_parity
+from parity_tests.forward import ParityOptions, compare_stages, run_parity
 from parity_tests.tolerances import BF16_FORWARD, FP32_FORWARD, GRADS
 from parity_tests.training import TRAINING_BOUNDS, run_training_parity
 from parity_tests.twins import build_pair, float32_matmuls, run_flax, run_torch, token_batch
@@ -44,7 +44,7 @@ def test_the_cast_rounds_both_twins_to_the_same_weights_and_dtypes():
 def test_a_tiny_config_agrees_within_the_bf16_bound_both_directions():
     """gpt2-small's bfloat16 parity is run by the README's `gpt-parity check --dtype bfloat16`."""
     cfg = TINY_BIAS
-    report = run_parity(cfg, batch=3, seq=cfg.context_length, seed=4, dtype="bfloat16")
+    report = run_parity(cfg, ParityOptions(batch=3, seq=cfg.context_length, seed=4, dtype="bfloat16"))
     assert report.dtype == "bfloat16" and report.to_json()["dtype"] == "bfloat16"
     assert {r.logits.bound for r in report.rows} == {BF16_FORWARD}
     assert report.passed, reports.parity_table(report)
@@ -71,7 +71,7 @@ def test_both_twins_refuse_an_unknown_dtype_alike():
         gpt_flax.cast(fm, "float16")
     assert str(t_err.value) == str(f_err.value) == "dtype must be one of float32, bfloat16, got 'float16'"
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, got 'int8'"):
-        run_parity(TINY, dtype="int8")
+        run_parity(TINY, ParityOptions(dtype="int8"))
 
 
 def test_a_bf16_model_casts_back_to_float32_and_matches_again():
@@ -140,7 +140,7 @@ def test_a_rounding_without_derivative_is_caught_by_bfloat16_training_alone(twin
     derivative is 0) computes the right forward: the float32 and the bfloat16 forward checks and
     float32 training pass it. bfloat16 training fails it, at the first gradient."""
     plant = zoo.plant("rounding-without-derivative", twin)
-    assert run_parity(TINY, batch=2, seq=9, dtype="bfloat16", plant=plant).passed
+    assert run_parity(TINY, ParityOptions(batch=2, seq=9, dtype="bfloat16"), plant=plant).passed
     assert run_training_parity(TINY, batch=2, seq=9, steps=1, plant=plant).passed
     report = run_training_parity(TINY, batch=2, seq=9, steps=1, dtype="bfloat16", plant=plant)
     assert not report.passed

@@ -1,7 +1,7 @@
 """The parity suite: weights copied both ways by the production converters, every forward stage compared.
 
 Runs on every JAX platform present (cpu always; gpu and tpu when jax.devices() has them) and on
-CUDA torch when present; an absent backend is skipped with the reason. Matmuls pinned to float32.
+CUDA torch when present; cases for an absent backend are not generated. Matmuls pinned to float32.
 """
 
 import jax
@@ -14,9 +14,10 @@ import gpt_torch
 from gpt_spec import GPTConfig, stage_names
 from parity_cli import reports
 from parity_tests.configs import GPT_CONFIG_124M, TINY, TINY_BIAS
-from parity_tests.forward import compare_stages, run_parity
+from parity_tests.forward import ParityOptions, compare_stages, run_parity
 from parity_tests.tolerances import FP32_FORWARD
 from parity_tests.twins import build_pair, build_torch, float32_matmuls, run_flax, run_torch, token_batch
+from tests import helpers
 
 CONFIGS = {"tiny": TINY, "tiny-bias": TINY_BIAS}
 
@@ -50,7 +51,7 @@ def _check(cfg, tm, fm, batch, seq, *, platform="cpu", torch_dev="cpu", jit=True
 SHAPES = [(1, 1), (3, 7), (2, None)]  # None: the full context
 
 
-@pytest.mark.parametrize("platform", ["cpu", "gpu", "tpu"])
+@pytest.mark.parametrize("platform", helpers.platforms())
 @pytest.mark.parametrize("source", ["torch", "flax"])
 @pytest.mark.parametrize("batch, seq", SHAPES)
 @pytest.mark.parametrize("cfg_name", CONFIGS)
@@ -64,7 +65,7 @@ def test_tiny_configs_eval(model, cfg_name, batch, seq, source, platform):
     _check(cfg, tm, fm, batch, seq, platform=platform)
 
 
-@pytest.mark.parametrize("torch_dev", ["cpu", "cuda"])
+@pytest.mark.parametrize("torch_dev", helpers.torch_devices())
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
 @pytest.mark.parametrize("model", ["gpt", "dummy"])
 def test_train_mode_at_drop_rate_zero(model, jit, torch_dev):
@@ -93,7 +94,7 @@ def test_a_perturbed_weight_is_located_at_its_block():
 
 
 def test_report_on_a_tiny_config():
-    report = run_parity(TINY, batch=3, seq=7, seed=1)
+    report = run_parity(TINY, ParityOptions(batch=3, seq=7, seed=1))
     labels = {(r.direction, r.candidate) for r in report.rows}
     assert ("torch->flax", "flax/cpu:0") in labels and ("flax->torch", "torch/cpu") in labels
     assert report.passed, reports.parity_table(report)
@@ -126,7 +127,7 @@ def test_the_report_names_the_first_failing_stage(monkeypatch):
         return out
 
     monkeypatch.setattr(forward, "run_backend", perturbed)
-    report = run_parity(TINY, batch=2, seq=5, directions=["torch->flax"])
+    report = run_parity(TINY, ParityOptions(batch=2, seq=5, directions=["torch->flax"]))
     assert not report.passed
     assert report.rows[0].first_failure.name == "trf_blocks.1"
     assert "first failure at trf_blocks.1, bound evidence: trf_blocks.1: FAILED" in report.failures()[0]
@@ -139,7 +140,7 @@ def test_every_evidence_passes_whatever_the_scale_of_the_weights(cfg_name, scale
     every weight is 100x smaller or larger (activations, scores and logits with them)."""
     cfg = CONFIGS[cfg_name]
     sd = {k: v * np.float32(scale) for k, v in gpt_torch.state_dict(build_torch("gpt", cfg, seed=2)).items()}
-    report = run_parity(cfg, batch=3, seq=cfg.context_length, seed=2, weights=sd)
+    report = run_parity(cfg, ParityOptions(batch=3, seq=cfg.context_length, seed=2), weights=sd)
     assert report.passed, report.failures()
 
 
@@ -164,7 +165,7 @@ def test_the_jitted_forward_is_finite_wherever_torch_is():
 
 def test_train_mode_with_dropout_is_refused():
     with pytest.raises(ValueError, match="train-mode parity needs drop_rate 0, got 0.1"):
-        run_parity(TINY, mode="train")
+        run_parity(TINY, ParityOptions(mode="train"))
 
 
 @pytest.mark.slow
@@ -181,7 +182,7 @@ def test_gpt2_small_full_context():
 def test_gpt2_small_passes_every_evidence_with_weights_x100():
     cfg = GPTConfig.from_dict(GPT_CONFIG_124M)
     sd = {k: v * np.float32(100) for k, v in gpt_torch.state_dict(build_torch("gpt", cfg, seed=0)).items()}
-    report = run_parity(cfg, batch=1, seq=64, weights=sd, directions=["torch->flax"])
+    report = run_parity(cfg, ParityOptions(batch=1, seq=64, directions=["torch->flax"]), weights=sd)
     assert report.passed, report.failures()
 
 

@@ -18,6 +18,7 @@ from gpt_flax.sharding import make_mesh, parse_mesh
 CASES = Path(__file__).with_name("sharded_cases.py")
 
 
+@pytest.mark.subprocess
 def test_sharded_cases_on_eight_simulated_cpu_devices():
     if len(jax.devices()) >= 8:
         pytest.skip("this session has 8 devices; run parity_tests/sharded_cases.py directly")

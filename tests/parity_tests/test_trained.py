@@ -18,7 +18,7 @@ import gpt_flax
 import gpt_torch
 from gpt_spec import get_tokenizer
 from gpt_spec.data import split_text, the_verdict
-from parity_tests.forward import run_parity
+from parity_tests.forward import ParityOptions, run_parity
 from parity_tests.twins import build_pair, float32_matmuls
 from tests.helpers import DATA  # noqa: E402
 
@@ -53,7 +53,9 @@ def test_the_fixture_is_trained_not_random(trained):
 
 def test_forward_and_every_layers_evidence_pass_on_the_trained_weights(trained):
     tm, _ = trained
-    report = run_parity(tm.cfg, batch=2, seq=tm.cfg.context_length, weights=gpt_torch.state_dict(tm), seed=5)
+    report = run_parity(
+        tm.cfg, ParityOptions(batch=2, seq=tm.cfg.context_length, seed=5), weights=gpt_torch.state_dict(tm)
+    )
     assert report.passed, report.failures()
     assert report.rows[0].stages[-1].max_abs > 0
 

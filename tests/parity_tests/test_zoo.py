@@ -16,12 +16,14 @@ from parity_cli import reports
 from parity_cli.main import main
 from parity_tests import zoo
 from parity_tests.configs import TINY
-from parity_tests.forward import DIRECTIONS, run_parity
+from parity_tests.forward import DIRECTIONS, ParityOptions, run_parity
 from parity_tests.twins import build_torch, submodule
 
 # Odd sizes everywhere, a qkv bias to drop, dropout to leave on, a context long enough for the
 # sequence to be cut short of it.
 CFG = TINY
+
+pytestmark = pytest.mark.zoo
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ NULL = zoo.Mutant(
 @pytest.mark.parametrize("twin", zoo.TWINS)
 def test_the_zoos_layers_at_their_defaults_pass_the_check(twin):
     report = run_parity(
-        CFG.replace(qkv_bias=True), batch=2, seq=7, plant=lambda models: zoo.planted(NULL, twin, models)
+        CFG.replace(qkv_bias=True), ParityOptions(batch=2, seq=7), plant=lambda models: zoo.planted(NULL, twin, models)
     )
     assert report.passed, report.failures()
 
@@ -109,7 +111,9 @@ def test_the_report_names_the_planted_stage_in_either_direction(direction, twin)
     """Flax's jitted stages come back sorted by name (trf_blocks.10 before trf_blocks.2); every
     table, JSON and verdict must still read them by name, in the model's order."""
     cfg = GPTConfig(vocab_size=53, context_length=9, emb_dim=12, n_heads=3, n_layers=11, drop_rate=0.0, qkv_bias=False)
-    report = run_parity(cfg, batch=2, seq=9, directions=[direction], plant=_OneModule(twin, "trf_blocks.10.norm2"))
+    report = run_parity(
+        cfg, ParityOptions(batch=2, seq=9, directions=[direction]), plant=_OneModule(twin, "trf_blocks.10.norm2")
+    )
     row = report.rows[0]
     assert [c.name for c in row.stages] == stage_names(11)
     assert row.logits.name == "out_head"
