@@ -58,8 +58,7 @@ DECODE_PROMPT = 8  # the uncached loop's prompt
 DECODE_BATCHES = (1, 4, 16)
 DECODE_PROMPTS = (8, 512, 768)  # 768 + 256 new tokens: decoding at 1,024 positions
 # glibc's malloc asks for transparent huge pages: XLA allocates every output afresh, and a forward's
-# 206 MB of gpt2-small logits (4 x 256) otherwise costs ~50,000 page faults a call (measured: a
-# jitted x + 1 over them 65 -> 13 ms; the bf16 forward 0.50 -> 0.62 TFLOP/s; see the README).
+# logits otherwise cost a page fault per 4 KiB page, every call (docs/design-notes.md).
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
@@ -117,8 +116,7 @@ def gemm_flops(dtype: str, n: int = GEMM_N, repeats: int = 3) -> dict[str, list[
 
     XLA as the Flax twin multiplies (gpt_flax.model.dot_general_f32: accumulated and returned in
     float32, then rounded; its CPU backend runs bfloat16 fast only so). torch as nn.Linear does, by
-    a transposed weight (a @ b.T): its bfloat16 kernels are fast in that layout only (18 GFLOP/s
-    vs 0.9 for a @ b on an AVX2 CPU)."""
+    a transposed weight (a @ b.T): its bfloat16 kernels are fast in that layout only."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)

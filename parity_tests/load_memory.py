@@ -27,7 +27,7 @@ from .output import Progress, format_table
 LAYOUTS = ("canonical", "hf")
 SCRATCH = {"canonical": "model-canonical.safetensors", "hf": "hf-snapshot"}  # written in the folder, then deleted
 TWINS = ("torch", "flax")
-# Peak resident memory a load may reach, as a multiple of the file's size (the issue's target).
+# Peak resident memory a load may reach, as a multiple of the file's size.
 PEAK_OVER_FILE = 1.5
 
 _CHILD = r"""
