@@ -47,7 +47,7 @@ tour: $(STAMP)
 	$(BIN)/gpt-parity train --config examples/chapter5-tiny.json --epochs 3 --lr 0.004 --out out/tour/train
 
 # The book's chapter-5 run in both twins (GPT_CONFIG_124M at context 256, 10 epochs): about 15
-# minutes on 2 cores with dropout off, longer with parity dropout. Not part of `make run`.
+# minutes on 2 cores with dropout off, longer with parity dropout. Not part of `make run` or `make tour`.
 train-chapter5: $(STAMP)
 	$(BIN)/gpt-parity train --out out/chapter5
 

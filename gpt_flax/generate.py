@@ -342,8 +342,7 @@ def _generate_cached(graphdef, params, cache, rest, logits, tokens, bad, lo, hi)
     hi = max_new_tokens - 1, the last token (which needs no logits). Params stay constants of the
     program; the cache (and dropout keys) are carried from step to step. The cache is donated: a
     chunk updates it where it lies instead of copying it first (it is the prefill's output or the
-    chunk before's, which nothing else holds). gpt2-small float32, batch 16 from a 768-token prompt
-    (1.2 GB of cache): 83 -> 75 ms a step."""
+    chunk before's, which nothing else holds)."""
 
     def pick(logits):
         probas = jax.nn.softmax(logits, axis=-1)

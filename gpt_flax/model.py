@@ -81,9 +81,8 @@ def dot_general_f32(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     """jax.lax.dot_general accumulating in float32 and rounded once to the inputs' dtype (or the
     preferred one): what torch's bfloat16 matmuls compute, and in float32 the plain product.
 
-    Asking XLA for the float32 result is what makes its CPU backend use a bfloat16 GEMM kernel:
-    measured here (AVX-512 with avx512_bf16, jaxlib 0.10.2, 2048^3), bfloat16 in and out runs at
-    ~290 GFLOP/s (slower than its float32, ~410), bfloat16 in and float32 out at ~850.
+    Asking XLA for the float32 result is what makes its CPU backend use a bfloat16 GEMM kernel
+    (docs/design-notes.md has the figures).
     """
     out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
     out = jax.lax.dot_general(
@@ -183,8 +182,8 @@ class GELU(nnx.Module):
     """The book's GELU: the tanh approximation, written out (jax.nn.gelu's default is the same form),
     evaluated in float32 whatever the input dtype and rounded once, as torch's twin.
 
-    In bfloat16, op by op, XLA's CPU backend converts around every one of the formula's operations:
-    a (1024, 3072) GELU took 3.8-7.5 ms against 1.4 evaluated in float32 (1.0 for float32 input)."""
+    In bfloat16, op by op, XLA's CPU backend converts around every one of the formula's operations,
+    which is several times slower (docs/design-notes.md)."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -244,8 +243,8 @@ class MultiHeadAttention(nnx.Module):
         # batch axis, so a 4-axis cache reaches the attention's dots through a reshape; in the
         # decoding loop its CPU backend then fused that reshape with the cache's in-place update and
         # copied the whole cache about five times a step. Folded, the dots read the cache where it
-        # lies (parity_tests/test_kv_cache.py checks the compiled loop). Measured, gpt2-small float32,
-        # batch 1, a token with 263 / 1,007 slots: 18.3 / 27.2 ms before, 14.5 / 17.5 folded.
+        # lies (tests/parity_tests/test_kv_cache.py checks the compiled loop; docs/design-notes.md
+        # has the figures).
         self.cache_k: nnx.Cache | None = nnx.data(None)  # data, not static: it becomes an nnx.Cache
         self.cache_v: nnx.Cache | None = nnx.data(None)
         self.ptr_current_pos = nnx.Cache(jnp.zeros((), jnp.int32))
@@ -350,12 +349,9 @@ class MultiHeadAttention(nnx.Module):
         """Causal attention without its fully masked blocks: the queries in ATTENTION_BLOCKS pieces,
         each against the keys up to its own last position (keys past it would get weight exactly 0).
 
-        Only where dropout is off (a dropout mask's draws depend on the weights' shape). Measured,
-        gpt2-small (12 heads x 64), batch 4: the attention core alone 107 -> 65 ms at 1,024 tokens
-        (float32; bfloat16 95 -> 65), 14 -> 6 ms at 256; the whole forward at 1,024 tokens
-        bfloat16 407 -> 527 GFLOP/s, float32 273 -> 279; at 256 tokens the whole forward gained
-        nothing (hence MIN_BLOCKED_TOKENS). The FLOP count of gpt_spec.flops still counts the
-        whole product."""
+        Only where dropout is off (a dropout mask's draws depend on the weights' shape). Below
+        MIN_BLOCKED_TOKENS the whole forward gains nothing (docs/design-notes.md has the figures).
+        The FLOP count of gpt_spec.flops still counts the whole product."""
         num_tokens = queries.shape[2]
         size = -(-num_tokens // ATTENTION_BLOCKS)
         pieces = []

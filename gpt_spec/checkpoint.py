@@ -207,7 +207,7 @@ def _read_tensor(path: Path, key: str) -> np.ndarray:
 
     # The file is mapped for each read and unmapped after it, and a large tensor is read in
     # blocks of rows: the file's pages never sit resident beside the model being filled, and a
-    # load's peak is the model plus about one tensor (README: gpt-parity load-memory).
+    # load's peak is the model plus about one tensor (docs/checkpoints.md: gpt-parity load-memory).
     try:
         with safe_open(str(path), framework="numpy") as f:
             shape = tuple(f.get_slice(key).get_shape())

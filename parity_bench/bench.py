@@ -55,7 +55,7 @@ DECODE_BATCHES = (1, 4, 16)
 DECODE_PROMPTS = (8, 512, 768)  # 768 + 256 new tokens: decoding at 1,024 positions
 # With it in GLIBC_TUNABLES (read by glibc at start-up; the Makefile sets it for bench), malloc asks
 # for transparent huge pages: XLA allocates every output afresh, and large outputs otherwise cost a
-# page fault per 4 KiB (docs/benchmarks.md has the figures).
+# page fault per 4 KiB (docs/design-notes.md has the figures).
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
@@ -92,8 +92,7 @@ def gemm_flops(dtype: str, n: int = GEMM_N, repeats: int = 3) -> dict[str, list[
 
     XLA as the Flax twin multiplies (gpt_flax.model.dot_general_f32: accumulated and returned in
     float32, then rounded; its CPU backend runs bfloat16 fast only so). torch as nn.Linear does, by
-    a transposed weight (a @ b.T): its bfloat16 kernels are fast in that layout only (18 GFLOP/s
-    vs 0.9 for a @ b on an AVX2 CPU)."""
+    a transposed weight (a @ b.T): its bfloat16 kernels are fast in that layout only."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)

@@ -26,7 +26,7 @@ from parity_tests.progress import Progress, silent
 LAYOUTS = ("canonical", "hf")
 SCRATCH = {"canonical": "model-canonical.safetensors", "hf": "hf-snapshot"}  # written in the folder, then deleted
 TWINS = ("torch", "flax")
-# Peak resident memory a load may reach, as a multiple of the file's size (the issue's target).
+# Peak resident memory a load may reach, as a multiple of the file's size.
 PEAK_OVER_FILE = 1.5
 
 _CHILD = r"""

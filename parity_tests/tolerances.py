@@ -66,7 +66,7 @@ JIT_VS_EAGER = Bound(
     measured="max |Δ| 4.8e-7 (dummy + LayerNorm) and 6.0e-7 (GPTModel) on the tiny configs",
 )
 
-# The book's printed logits are rounded to 4 decimals; the issue allows the last digit +-1.
+# The book's printed logits are rounded to 4 decimals; a match may differ by 1 in the last digit.
 BOOK_PRINTED = Bound(
     atol=1e-4 + 0.5e-4,
     rtol=0.0,
@@ -209,7 +209,7 @@ BIAS_MIN_ROWS = 16
 # The bound starts 8x above the first steps' rounding level, grows 1.2x a step (a decade in 13
 # steps, so the 124M run's jump stays inside it: its closest call is 0.43 of the bound, at step
 # 32) and stops at 1e-2, 2.3x the plateau measured. What breaks parity is far larger: on the small
-# run of parity_tests/test_chapter5.py, which plants both, the Flax twin with another dropout seed
+# run of tests/parity_tests/test_chapter5.py, which plants both, the Flax twin with another dropout seed
 # is 0.050 off at step 0 (0.077 at most), with its own batch order 0.059 (0.16 at most). A longer or less stable run than these may need
 # more: measure it (`gpt-parity train` writes every step's |Δ| to train.json).
 TRAIN_LOSS_START = 1e-4

@@ -1,6 +1,6 @@
 """The zoo's layers for the torch twin: each written as a porter might have written it, with the
 mutant's bug behind a knob (a `bug_*` class attribute). With every knob at its default, each
-computes what gpt_torch.model computes (tests/test_zoo.py holds them to that).
+computes what gpt_torch.model computes (tests/parity_tests/test_zoo.py holds them to that).
 
 zoo.py makes a subclass of the layer's own class with the knobs set and swaps it in as the
 `__class__` of the model's modules for the duration of a check.

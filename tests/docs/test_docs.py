@@ -1,7 +1,9 @@
-"""Every command and code block the README shows is run: Python blocks here, `gpt-parity` lines
-here in a subprocess, the two `make` commands by .ci/run."""
+"""Every command and code block the README and the docs pages show is run: Python blocks here, in
+one namespace per page; `gpt-parity` lines here, in this process or a subprocess; `make` lines are
+checked against the Makefile, and .ci/run runs `make test` and `make run`. Links must resolve."""
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -11,48 +13,133 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [README, *DOCS]
 
 
-def _blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+def _name(page: Path) -> str:
+    return page.relative_to(ROOT).as_posix()
 
 
-def _shell_lines() -> list[str]:
-    lines = [line.split("#")[0].strip() for block in _blocks("sh") for line in block.splitlines()]
+def _text(page: Path) -> str:
+    return page.read_text(encoding="utf-8")
+
+
+def _blocks(page: Path, lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", _text(page), flags=re.S)
+
+
+def _shell_lines(page: Path) -> list[str]:
+    lines = [line.split("#")[0].strip() for block in _blocks(page, "sh") for line in block.splitlines()]
     return [line for line in lines if line]
 
 
-@pytest.mark.slow  # the examples build gpt2-small in both twins
-def test_python_examples_run(capsys, tmp_path, monkeypatch) -> None:
-    monkeypatch.chdir(tmp_path)  # the examples write small.safetensors
-    blocks = _blocks("python")
-    assert len(blocks) >= 3
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)
-    out = capsys.readouterr().out
+# What each page's Python blocks must print or leave behind, beyond running with their own asserts.
+def _readme(namespace: dict, out: str, cwd: Path) -> None:
+    assert "Hello, I am Featureiman Byeswickattribute argue" in out
+
+
+def _usage(namespace: dict, out: str, cwd: Path) -> None:
     assert "Hello, I am Featureiman Byeswickattribute argue" in out
     assert "state dict does not match GPTModel: missing key(s) 'final_norm.scale'" in out
-    t_loss, f_loss = namespace["t_loss"], namespace["f_loss"]
-    assert abs(t_loss - f_loss) < 1e-5
+    assert abs(namespace["t_loss"] - namespace["f_loss"]) < 1e-5
+    assert (cwd / "small.safetensors").is_file() and type(namespace["fm2"]).__name__ == "GPTModel"
+
+
+def _checkpoints(namespace: dict, out: str, cwd: Path) -> None:
+    assert (cwd / "model_and_optimizer.pth").is_file() and type(namespace["model"]).__name__ == "GPTModel"
+
+
+def _sharding(namespace: dict, out: str, cwd: Path) -> None:
     assert namespace["plan"].mesh.shape == {"data": 1, "model": 1} and namespace["loss"] > 0
-    assert (tmp_path / "small.safetensors").is_file() and type(namespace["fm2"]).__name__ == "GPTModel"
 
 
-def test_the_make_commands_are_the_ones_ci_runs():
-    make_lines = [line for line in _shell_lines() if line.startswith("make")]
-    assert all(line.startswith(("make", "gpt-parity", "SNAPSHOT=")) for line in _shell_lines())
-    assert make_lines == ["make run", "make test"]
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert "make test" in ci and "make run" in ci
+def _refusals(namespace: dict, out: str, cwd: Path) -> None:
+    assert out.count("the KV cache holds batch size 2, got 1: reset it") == 2
+
+
+def _training(namespace: dict, out: str, cwd: Path) -> None:
+    assert len(namespace["train_loader"].sampler.orders) == 2  # two passes, both replayed
+
+
+EXPECTED = {
+    "README.md": _readme,
+    "docs/usage.md": _usage,
+    "docs/checkpoints.md": _checkpoints,
+    "docs/sharding.md": _sharding,
+    "docs/refusals.md": _refusals,
+    "docs/training.md": _training,
+}
+
+
+def _python_page(page: Path):
+    """A page whose blocks build a 124M-sized model is marked slow."""
+    slow = any('preset("gpt2-' in block for block in _blocks(page, "python"))
+    return pytest.param(page, id=_name(page), marks=[pytest.mark.slow] if slow else [])
+
+
+PYTHON_PAGES = [page for page in PAGES if _blocks(page, "python")]
+
+
+def test_every_expectation_has_python_blocks_to_hold_and_the_readme_one():
+    assert set(EXPECTED) <= {_name(page) for page in PYTHON_PAGES}
+    assert len(_blocks(README, "python")) == 1  # the tour of both twins
+
+
+@pytest.mark.parametrize("page", [_python_page(page) for page in PYTHON_PAGES])
+def test_every_python_block_runs(page, capsys, tmp_path, monkeypatch) -> None:
+    """A page's Python blocks run, in order, in one namespace, in a fresh folder (they write files)."""
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in _blocks(page, "python"):
+        exec(compile(block, _name(page), "exec"), namespace)
+    out = capsys.readouterr().out
+    if _name(page) in EXPECTED:
+        EXPECTED[_name(page)](namespace, out, tmp_path)
+
+
+def _recipe(makefile: str, target: str) -> str:
+    match = re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n)+)", makefile, flags=re.M)
+    assert match, f"no recipe for {target}"
+    return match.group(1)
+
+
+def test_the_make_commands_are_the_makefiles_and_ci_runs_the_two():
     makefile = (ROOT / "Makefile").read_text()
-    assert "gpt-parity check --layers --plot" in makefile and "-c $(CONSTRAINTS)" in makefile
-    assert "gpt-parity check --train-steps 10" in makefile and "make tour" in ci
-    assert "gpt-parity mutants --config examples/tiny-odd.json" in makefile
+    targets = set(re.findall(r"^([\w-]+):", makefile, flags=re.M))
+    for page in PAGES:
+        for line in _shell_lines(page):
+            assert line.startswith(("make ", "gpt-parity ", "SNAPSHOT=")), f"{_name(page)}: {line}"
+        for target in re.findall(r"`make ([\w-]+)`", _text(page)) + [
+            line.split()[1] for line in _shell_lines(page) if line.startswith("make ")
+        ]:
+            assert target in targets, f"{_name(page)}: make {target}"
+    assert [line for line in _shell_lines(README) if line.startswith("make")] == ["make run", "make test"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci and "make run" in ci and "make tour" in ci and "-c $(CONSTRAINTS)" in makefile
+    run, tour = _recipe(makefile, "run"), _recipe(makefile, "tour")
+    assert "gpt-parity check --layers --plot" in run
+    assert "gpt-parity mutants --config examples/tiny-odd.json" in run
+    assert "gpt-parity bench --dtype float32 --seq 256 " in run
+    # gpt2-small's training parity, float32 and bfloat16: in the tour, which CI runs
+    assert "gpt-parity check --train-steps 10 " in tour and "gpt-parity check --dtype bfloat16 --train-steps 10" in tour
 
 
-GPT_PARITY_LINES = [line for line in _shell_lines() if line.startswith("gpt-parity")]
+def _is_slow(line: str, args: list[str]) -> bool:
+    """124M-sized (neither a config of examples/ nor the stand-in snapshot), or, whatever the size,
+    a training or timing run or a fresh process with simulated devices: each takes a minute."""
+    small = any(a.startswith("examples/") for a in args) or '"$SNAPSHOT"' in line or "--list" in args
+    return not small or args[0] in ("train", "bench") or "--cpu-devices" in args
+
+
+def _cli_params():
+    for page in PAGES:
+        for line in _shell_lines(page):
+            if line.startswith("gpt-parity "):
+                marks = [pytest.mark.slow] if _is_slow(line, shlex.split(line)[1:]) else []
+                yield pytest.param(line, id=f"{_name(page)}: {line}", marks=marks)
 
 
 @pytest.fixture(scope="module")
@@ -68,43 +155,52 @@ def snapshot(tmp_path_factory):
     return str(folder)
 
 
-@pytest.mark.subprocess
-@pytest.mark.slow
-@pytest.mark.parametrize("line", GPT_PARITY_LINES)
+@pytest.mark.parametrize("line", list(_cli_params()))
 def test_cli_examples_run(line, tmp_path, snapshot, monkeypatch, capsys):
     """Each `gpt-parity` line, in this process (as the console script calls main), or in its own
     process where it sets the device count, which JAX fixes when it starts."""
     line = line.replace('"$SNAPSHOT"', snapshot).replace("examples/", str(ROOT / "examples") + "/")
     args = shlex.split(line)[1:]
     monkeypatch.chdir(tmp_path)
+    expected = 1 if "--plant" in args else 0  # a planted bug must fail the check
     if "--cpu-devices" in args:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         proc = subprocess.run(
-            [sys.executable, "-m", "parity_cli.main", *args], capture_output=True, text=True, timeout=600
+            [sys.executable, "-m", "parity_cli.main", *args], capture_output=True, text=True, timeout=600, env=env
         )
-        assert proc.returncode == 0, proc.stderr + proc.stdout
+        assert proc.returncode == expected, proc.stderr + proc.stdout
     else:
         from parity_cli.main import main
 
-        expected = 1 if "--plant" in args else 0  # a planted bug must fail the check
         assert main(args) == expected, capsys.readouterr().out
-    for json_name in [a for a in args if a.endswith(".json") and "/" not in a]:
-        assert (tmp_path / json_name).stat().st_size > 0
+    for flag in ("--json", "--plot"):
+        if flag in args:
+            assert (tmp_path / args[args.index(flag) + 1]).stat().st_size > 0
 
 
-DOCS = sorted((ROOT / "docs").glob("*.md"))
+def _anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings."""
+    headings = re.findall(r"^#+ (.*)$", _text(page), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
-@pytest.mark.parametrize("page", DOCS, ids=[p.name for p in DOCS])
-def test_every_python_block_of_the_docs_runs(page, capsys):
-    """The docs pages' Python blocks run, in order, in one namespace per page (their asserts hold)."""
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, str(page.relative_to(ROOT)), "exec"), namespace)
-    if page.name == "refusals.md":
-        assert blocks and capsys.readouterr().out.count("the KV cache holds batch size 2, got 1: reset it") == 2
-
-
-def test_the_readme_links_every_docs_page():
+def test_every_docs_page_is_linked_from_the_readme():
     for page in DOCS:
-        assert f"docs/{page.name}" in README, page.name
+        assert f"](docs/{page.name})" in _text(README), page.name
+
+
+def test_every_relative_link_resolves():
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", _text(page)):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.is_file(), f"{_name(page)}: {target}"
+            if anchor:
+                assert anchor in _anchors(linked), f"{_name(page)}: {target}"
+
+
+def test_the_readme_is_a_front_door():
+    lines = _text(README).splitlines()
+    assert len(lines) <= 200 and max(len(line) for line in lines) <= 120

@@ -194,8 +194,8 @@ def test_canonical_files_without_metadata_infer_their_config(tmp_path):
 
 @pytest.mark.parametrize("given", ["folder", "file"])
 def test_hf_config_json_is_read_beside_the_file_or_in_the_folder(tmp_path, given):
-    """The scenario of the issue: given the file, not the folder, config.json was never read and
-    n_heads was guessed as emb_dim / 64."""
+    """Given the file, not the folder, config.json used to be left unread and n_heads guessed as
+    emb_dim / 64."""
     save_file(random_hf_gpt2(**HF_TINY), tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(HF_TINY_CONFIG))
     ckpt = load_checkpoint(tmp_path if given == "folder" else tmp_path / "model.safetensors")

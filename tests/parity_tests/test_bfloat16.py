@@ -42,7 +42,7 @@ def test_the_cast_rounds_both_twins_to_the_same_weights_and_dtypes():
 
 
 def test_a_tiny_config_agrees_within_the_bf16_bound_both_directions():
-    """gpt2-small's bfloat16 parity is run by the README's `gpt-parity check --dtype bfloat16`."""
+    """gpt2-small's bfloat16 parity is run by docs/method.md's `gpt-parity check --dtype bfloat16`."""
     cfg = TINY_BIAS
     report = run_parity(cfg, ParityOptions(batch=3, seq=cfg.context_length, seed=4, dtype="bfloat16"))
     assert report.dtype == "bfloat16" and report.to_json()["dtype"] == "bfloat16"
@@ -87,7 +87,7 @@ def test_a_bf16_model_casts_back_to_float32_and_matches_again():
 def test_gelu_in_bfloat16_is_the_float32_gelu_rounded_once_in_both_twins():
     """Both twins evaluate GELU in float32 for bfloat16 input and round once (as LayerNorm's
     statistics): bit for bit each twin's own float32 GELU of the same values, rounded. Op by op in
-    bfloat16 (tried), 29% of these values came out different in the Flax twin, 31% in torch's."""
+    bfloat16, many of these values come out different (docs/design-notes.md)."""
     import jax.numpy as jnp
     import ml_dtypes
 

@@ -127,7 +127,7 @@ def test_the_books_untrained_losses_on_the_verdict():
 
 
 # The book's printed digits (5 decimals) and float32 summation order on another device: measured
-# here |Δ| <= 5e-6 (see the README); the last printed digit is what a CPU can match.
+# here |Δ| <= 5e-6 (docs/training.md); the last printed digit is what a CPU can match.
 BOOK_UNTRAINED_ATOL = 1e-5
 
 
@@ -151,7 +151,7 @@ def test_the_books_step_0_losses():
     with torch's own dropout and the generator left as MPS leaves it, prints 9.820 / 9.933: the
     book's training loss, and a validation loss 0.009 off, which other masks give (over 8 parity-
     dropout seeds: 9.819 +- 0.004 / 9.926 +- 0.005). Without that, torch's CPU dropout advances the
-    generator and the evaluation averages other batches: 9.781 / 9.933 (the README). Both twins with
+    generator and the evaluation averages other batches: 9.781 / 9.933 (docs/training.md). Both twins with
     parity dropout (which draws nothing from torch's generator) agree, at 9.821 / 9.926."""
     cfg = chapter5.chapter5_config(GPTConfig.from_dict(GPT_CONFIG_124M))
     train, val = split_text(the_verdict())

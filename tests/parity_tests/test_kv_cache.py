@@ -180,8 +180,8 @@ def test_the_decoding_loop_updates_the_cache_in_place(batch):
     """The compiled decoding loop writes each new key and value into the cache without copying
     the cache: no copy, and no more cache-shaped updates than one per cache (keys and values of
     each block). With the book's (batch, num_heads, slots, head_dim) layout, XLA's CPU backend
-    reshaped the updated cache for the attention's dots and copied it about five times a step
-    (gpt2-small, batch 1, 263 slots: 18.3 ms a token against 15.4 with 71 slots)."""
+    reshaped the updated cache for the attention's dots and copied it several times a step, so a
+    step grew with the cache (docs/design-notes.md)."""
     from flax import nnx
 
     from gpt_flax.generate import _prefill

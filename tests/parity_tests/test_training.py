@@ -1,8 +1,8 @@
 """Training parity: the book's loss, every gradient, and AdamW steps (torch.optim vs optax).
 
 Tiny configs here; the 124M case (loss, 161 gradients, 10 AdamW steps on gpt2-small) is the main
-job's `gpt-parity check --layers --train-steps 10`, which CI runs through `make run` and which exits
-1 if any of it fails (tests/test_readme.py checks that the Makefile runs it).
+job's `gpt-parity check --train-steps 10`, which CI runs through `make run` and which exits 1 if
+any of it fails (the docs tests check that the Makefile runs it).
 """
 
 import numpy as np

@@ -26,8 +26,8 @@ from parity_tests.compare import assert_close  # noqa: E402
 from parity_tests.tolerances import FP32_FORWARD  # noqa: E402
 from parity_tests.twins import float32_matmuls, run_flax, run_torch  # noqa: E402
 
-# (vocab, positions, width, heads, layers, tied): the issue's scenario (4 heads of width 16),
-# an untied head, and odd sizes where a swapped axis cannot hide.
+# (vocab, positions, width, heads, layers, tied): 4 heads of width 16 (where emb_dim / 64 would
+# guess 1 head), an untied head, and odd sizes where a swapped axis cannot hide.
 CONFIGS = {
     "issue-211v-4x16": (211, 32, 64, 4, 2, True),
     "untied": (101, 24, 48, 2, 2, False),
