@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, settings
 from gpt_spec import GPTConfig
 from parity_tests.configs import GPT_CONFIG_124M, TINY
 
-# The one place the properties' example count is set (tests/test_fuzz.py keeps its own profiles):
+# The one place the properties' example count is set (tests/twins/test_fuzz.py keeps its own profiles):
 # "default" is small, keeping the suite within its time budget; `HYPOTHESIS_PROFILE=thorough` is a
 # long hunt. No deadline: the first example of a shape includes XLA compilation.
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]

@@ -186,7 +186,7 @@ BAD_ADAMW = [
     (dict(eps=1e-45), "eps must be a finite number >= 1.17549e-38 (float32's smallest normal), got 1e-45"),
     (dict(eps=INF), "eps must be a finite number >= 1.17549e-38 (float32's smallest normal), got inf"),
     (dict(weight_decay=10**400), "weight_decay must be a finite number >= 0, got " + str(10**400)),
-    # Found by tests/test_fuzz.py: torch raised RuntimeError in the step, optax made every weight inf.
+    # Found by tests/twins/test_fuzz.py: torch raised RuntimeError in the step, optax made every weight inf.
     (
         dict(lr=1e39, betas=(0.0, 0.999)),
         "lr / (1 - betas[0]), Adam's first step size, must be at most "
@@ -281,7 +281,7 @@ def test_a_model_memory_cannot_hold_is_refused_alike(monkeypatch):
         ({"emb_dim": 3_000_000, "n_heads": 1}, ["GPTModel"]),  # DummyGPTModel: 2.5 GB, it would be built
         ({"vocab_size": 2**31 - 1, "emb_dim": 768, "n_heads": 1}, ["GPTModel", "DummyGPTModel"]),
         ({"context_length": 2**31 - 1}, ["GPTModel", "DummyGPTModel"]),
-        # Found by tests/test_fuzz.py: a DummyGPTModel's parameters do not grow with its blocks.
+        # Found by tests/twins/test_fuzz.py: a DummyGPTModel's parameters do not grow with its blocks.
         ({"n_layers": 2**31 - 1}, ["GPTModel", "DummyGPTModel"]),
     ],
     ids=["emb_dim-3e6", "vocab-2**31-1", "context-2**31-1", "layers-2**31-1"],

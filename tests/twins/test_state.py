@@ -182,7 +182,7 @@ def test_a_cached_call_with_dropout_on_is_refused_alike_and_changes_nothing():
     """In train mode the attention's dropout masks depend on how many keys a cached call attends
     over: torch's cache gives the filled slots, the Flax twin's all of them (masked), so the twins'
     parity-dropout masks fell on different weights and their cached logits and generations parted
-    (found by tests/test_twin_machine.py). A KV cache serves inference: both refuse, first thing."""
+    (found by tests/twins/test_twin_machine.py). A KV cache serves inference: both refuse, first thing."""
     tm, fm = build_pair("gpt", TINY, source="torch", mode="train")  # drop_rate 0.1
     gpt_torch.use_parity_dropout(tm, seed=1)
     gpt_flax.use_parity_dropout(fm, seed=1)
