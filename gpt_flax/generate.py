@@ -23,8 +23,8 @@ from gpt_spec import (
     check_sampling,
     default_context_size,
 )
+from gpt_spec.checks import check_cache_dropout, unpickable_logits
 from gpt_spec.data import check_text
-from gpt_spec.inputs import check_cache_dropout, unpickable_logits
 from gpt_spec.randomness import pick_token
 
 from .model import _GPT, check_ids, dropout_rate_on

@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 
 from gpt_spec import StateDict, check_adamw, check_targets
-from gpt_spec.inputs import bad_device, foreign_optimizer, stale_optimizer
+from gpt_spec.checks import bad_device, foreign_optimizer, stale_optimizer
 from gpt_spec.training import Log, OnEvent, check_num_batches, check_schedule, eval_event
 
 from .generate import generate_text_simple, text_to_token_ids, token_ids_to_text

@@ -7,9 +7,7 @@ from .checkpoint import (
     save_checkpoint,
     save_hf,
 )
-from .config import PRESETS, GPTConfig, resolve_config
-from .hf import from_hf, to_hf
-from .inputs import (
+from .checks import (
     DTYPES,
     ModelLimits,
     check_adamw,
@@ -28,6 +26,8 @@ from .inputs import (
     default_context_size,
     in_model_order,
 )
+from .config import PRESETS, GPTConfig, resolve_config
+from .formats.hf import from_hf, to_hf
 from .limits import MAX_SIZE, check_cache_fits, check_model_fits, check_output_fits, model_bytes
 from .models import (
     DUMMY,

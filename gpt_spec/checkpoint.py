@@ -3,7 +3,7 @@
 A canonical checkpoint is the canonical state dict in safetensors with the config (and which of
 the book's models it belongs to) in the file's metadata, so a file describes itself.
 `load_checkpoint` also reads GPT-2 as HF transformers saves it (one `model.safetensors` or a
-sharded snapshot, with its `config.json`; see `gpt_spec.hf`) and the book's `torch.save` files.
+sharded snapshot, with its `config.json`; see `gpt_spec.formats.hf`) and the book's `torch.save` files.
 Every shape, dtype and config field is checked against the file's headers before any tensor is
 read or any model built; tensors are then read one at a time (`LazyStateDict`).
 """
@@ -28,7 +28,7 @@ import numpy as np
 
 from .config import GPTConfig, parse_json, read_json
 from .files import check_input_file
-from .hf import config_from_hf, from_hf, hf_config, is_hf_layout, published_n_heads, to_hf
+from .formats.hf import config_from_hf, from_hf, hf_config, is_hf_layout, published_n_heads, to_hf
 from .models import DUMMY_GPT_MODEL, DUMMY_NORM, FINAL_NORMS, GPT_MODEL, LAYER_NORM, MODELS
 from .tensors import (
     FLOAT_DTYPES,

@@ -3,7 +3,7 @@
 That skeleton names its final norm `norm` and its head `head`, keeps its positions in a bare
 `nn.Parameter` `pos_emb` of shape (1, context_length, emb_dim), and normalises with torch's
 `nn.LayerNorm` (`weight`, `bias`; eps 1e-5 and the biased variance: the book's LayerNorm, whose
-`scale` and `shift` they are). `SKELETON` maps it onto the canonical layout, as `gpt_spec.hf` maps
+`scale` and `shift` they are). `SKELETON` maps it onto the canonical layout, as `gpt_spec.formats.hf` maps
 HF's; both twins' `load_state_dict` (and the torch twin's `model.load_state_dict`) go through
 `canonical_state_dict`, so they recognise it, and refuse a broken one, alike.
 """

@@ -25,7 +25,7 @@ from gpt_spec import (
     check_model_fits,
     check_token_ids,
 )
-from gpt_spec.inputs import check_cache_dropout
+from gpt_spec.checks import check_cache_dropout
 from gpt_spec.skeleton import canonical_state_dict, is_skeleton_layout
 
 from .dropout import ParityDropout

@@ -59,7 +59,7 @@ def write_random_checkpoint(cfg: GPTConfig, path: Path, layout: str, *, seed: in
     snapshot (model.safetensors in HF's layout, made directly so the writer holds one copy)."""
     from safetensors.numpy import save_file
 
-    from gpt_spec.hf import hf_config, hf_shapes
+    from gpt_spec.formats.hf import hf_config, hf_shapes
 
     rng = np.random.default_rng(seed)
 

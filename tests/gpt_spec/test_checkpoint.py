@@ -74,7 +74,7 @@ def test_n_heads_is_never_guessed_beyond_the_published_shapes():
     ):
         from_hf(hf)
     assert from_hf(hf, config=GPTConfig(50, 8, 128, 4, 1, 0.1, True))[1].n_heads == 4
-    from gpt_spec.hf import published_n_heads
+    from gpt_spec.formats.hf import published_n_heads
 
     assert [published_n_heads(e, n, "x") for e, n in [(768, 12), (1024, 24), (1280, 36), (1600, 48)]] == [
         12,

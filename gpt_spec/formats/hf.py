@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import PRESETS, GPTConfig
-from .models import GPT_MODEL
-from .tensors import FLOAT_DTYPES, LazyStateDict, StateDict, info, layer_count
+from ..config import PRESETS, GPTConfig
+from ..models import GPT_MODEL
+from ..tensors import FLOAT_DTYPES, LazyStateDict, StateDict, info, layer_count
 
 # Per block: HF name -> canonical name. Conv1D keeps its weight (in, out), the transpose of
 # nn.Linear's (out, in); c_attn fuses query, key and value along its output axis.
@@ -474,7 +474,7 @@ def from_hf(
     add("final_norm.scale", "ln_f.weight", plain("ln_f.weight"), (e,))
     add("final_norm.shift", "ln_f.bias", plain("ln_f.bias"), (e,))
     add("out_head.weight", head, plain(head), (cfg.vocab_size, e))
-    from .checkpoint import gpt_shapes
+    from ..checkpoint import gpt_shapes
 
     lazy = LazyStateDict({name: entries[name] for name in gpt_shapes(cfg)})
     if isinstance(hf, LazyStateDict):
@@ -489,8 +489,8 @@ def to_hf(sd: Mapping[str, np.ndarray], cfg: GPTConfig, *, tied: bool | None = N
     A model without q/k/v biases (the book's GPT_CONFIG_124M) gets zero biases: adding +0.0
     changes no value. `tied` None: tied when the head equals the token embedding.
     """
-    from .checkpoint import gpt_shapes
-    from .tensors import check_state_dict
+    from ..checkpoint import gpt_shapes
+    from ..tensors import check_state_dict
 
     sd = check_state_dict(gpt_shapes(cfg), sd, GPT_MODEL)
     sd = {k: np.asarray(sd[k]) for k in sd}

@@ -1,0 +1,1 @@
+"""The files the twins read and write, one module per format."""
