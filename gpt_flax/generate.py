@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gpt_spec import (
-    GPTConfig,
+from gpt_spec import GPTConfig
+from gpt_spec.checks import (
     ModelLimits,
+    check_cache_dropout,
     check_cached_generation,
     check_generation,
     check_id_dtype,
@@ -22,8 +23,8 @@ from gpt_spec import (
     check_output_fits,
     check_sampling,
     default_context_size,
+    unpickable_logits,
 )
-from gpt_spec.checks import check_cache_dropout, unpickable_logits
 from gpt_spec.data import check_text
 from gpt_spec.randomness import pick_token
 

@@ -12,15 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gpt_spec import (
-    DUMMY_GPT_MODEL,
-    DUMMY_NORM,
-    FINAL_NORMS,
-    GPT_MODEL,
-    LAYER_NORM,
-    GPTConfig,
+from gpt_spec import FinalNorm, GPTConfig, ModelClass
+from gpt_spec.checks import (
     ModelLimits,
     check_cache_call,
+    check_cache_dropout,
     check_cache_fits,
     check_cache_room,
     check_kv_cache,
@@ -28,7 +24,6 @@ from gpt_spec import (
     check_model_fits,
     check_token_ids,
 )
-from gpt_spec.checks import check_cache_dropout
 
 from .dropout import ParityDropout
 
@@ -423,9 +418,9 @@ class DummyLayerNorm(nnx.Module):
 
 
 def _final_norm(kind: str) -> type[LayerNorm | DummyLayerNorm]:
-    if kind not in FINAL_NORMS:
-        raise ValueError(f"final_norm must be one of {', '.join(FINAL_NORMS)}, got {kind!r}")
-    return LayerNorm if kind == LAYER_NORM else DummyLayerNorm
+    if kind not in tuple(FinalNorm):
+        raise ValueError(f"final_norm must be one of {', '.join(FinalNorm)}, got {kind!r}")
+    return LayerNorm if kind == FinalNorm.LAYER_NORM else DummyLayerNorm
 
 
 class _GPT(nnx.Module):
@@ -536,10 +531,10 @@ class DummyGPTModel(_GPT):
     `final_norm="layernorm"` puts a real LayerNorm where the book has its placeholder.
     """
 
-    def __init__(self, cfg: GPTConfig | Mapping[str, Any], final_norm: str = DUMMY_NORM, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any], final_norm: str = FinalNorm.DUMMY, *, rngs: nnx.Rngs):
         self.final_norm_kind = final_norm
         cfg, norm = GPTConfig.coerce(cfg), _final_norm(final_norm)
-        check_model_fits(DUMMY_GPT_MODEL, cfg, final_norm=final_norm)
+        check_model_fits(ModelClass.DUMMY_GPT_MODEL, cfg, final_norm=final_norm)
         self._build(cfg, DummyTransformerBlock, norm, rngs)
 
     @property
@@ -553,7 +548,7 @@ class GPTModel(_GPT):
 
     def __init__(self, cfg: GPTConfig | Mapping[str, Any], *, rngs: nnx.Rngs):
         cfg = GPTConfig.coerce(cfg)
-        check_model_fits(GPT_MODEL, cfg)
+        check_model_fits(ModelClass.GPT_MODEL, cfg)
         self._build(cfg, TransformerBlock, LayerNorm, rngs)
 
 

@@ -13,8 +13,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gpt_spec import StateDict, check_adamw, check_targets
-from gpt_spec.checks import bad_device, foreign_optimizer, stale_optimizer
+from gpt_spec import StateDict
+from gpt_spec.checks import bad_device, check_adamw, check_targets, foreign_optimizer, stale_optimizer
 from gpt_spec.training import Log, OnEvent, check_num_batches, check_schedule, eval_event
 
 from .generate import generate_text_simple, text_to_token_ids, token_ids_to_text
@@ -91,7 +91,7 @@ def adamw(
     """optax.adamw over every parameter, the same update as torch.optim.AdamW with these settings:
     p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p).
 
-    Arguments are checked by gpt_spec.check_adamw (optax checks none), so both twins refuse the
+    Arguments are checked by gpt_spec.checks.check_adamw (optax checks none), so both twins refuse the
     same ones with the same ValueError."""
     lr, weight_decay, betas, eps = check_adamw(lr, weight_decay, betas, eps)
     optimizer = nnx.Optimizer(model, _adamw_tx(lr, weight_decay, *betas, eps), wrt=nnx.Param)

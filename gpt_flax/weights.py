@@ -12,8 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gpt_spec import GPTConfig, StateDict, check_dtype, check_state_dict, in_model_order
-from gpt_spec.checkpoint import check_save, load_checkpoint, read_torch_file, save_checkpoint
+from gpt_spec import GPTConfig, StateDict, load_checkpoint, save_checkpoint
+from gpt_spec.checks import check_dtype, check_state_dict
+from gpt_spec.formats.canonical import check_save
+from gpt_spec.formats.torch_save import read_torch_file
+from gpt_spec.layout import in_model_order
 from gpt_spec.skeleton import canonical_state_dict
 from gpt_spec.tensors import check_bfloat16_range
 

@@ -1,103 +1,46 @@
-"""What a GPT is, framework-free: the config schema, the GPT-2 tokenizer, the canonical state dict."""
+"""What a GPT is, framework-free: the config schema, the GPT-2 tokenizer, the canonical state dict.
 
-from .checkpoint import (
-    Checkpoint,
-    load_checkpoint,
-    read_torch_file,
-    save_checkpoint,
-    save_hf,
-)
-from .checks import (
-    DTYPES,
-    ModelLimits,
-    check_adamw,
-    check_cache_call,
-    check_cache_room,
-    check_cached_generation,
-    check_dtype,
-    check_generation,
-    check_id_dtype,
-    check_kv_cache,
-    check_last_only,
-    check_logits,
-    check_sampling,
-    check_targets,
-    check_token_ids,
-    default_context_size,
-    in_model_order,
-)
-from .config import PRESETS, GPTConfig, resolve_config
-from .formats.hf import from_hf, to_hf
-from .limits import MAX_SIZE, check_cache_fits, check_model_fits, check_output_fits, model_bytes
-from .models import (
-    DUMMY,
-    DUMMY_GPT_MODEL,
-    DUMMY_NORM,
-    FINAL_NORMS,
-    GPT,
-    GPT_MODEL,
-    LAYER_NORM,
-    MODEL_CLASSES,
-    MODEL_KINDS,
-    MODELS,
-    check_model,
-)
-from .stages import SUB_LAYERS, in_stage, stage_key, stage_names, stage_of
-from .tensors import FLOAT_DTYPES, LazyStateDict, StateDict, check_state_dict
+What a user needs, importable from here:
+
+- `GPTConfig`: the book's config, typed and checked (`GPTConfig.preset("gpt2-small")`,
+  `GPTConfig.from_dict(GPT_CONFIG_124M)`); `PRESETS`: the published GPT-2 sizes by name.
+- `get_tokenizer`: GPT-2's BPE, built offline from hash-checked files.
+- `ModelClass`, `ModelKind`: the models both twins build, by class name ("GPTModel") and by
+  short name ("gpt"); `FinalNorm`: DummyGPTModel's final norm. Each member equals its string.
+- `StateDict`: the canonical state dict, `{name: numpy array}` in the torch twin's names.
+- `Checkpoint`, `load_checkpoint`: any checkpoint the twins read (canonical, HF GPT-2, `.pth`),
+  checked before a tensor is read; `save_checkpoint`: the canonical file; `save_hf`: an HF
+  GPT-2 snapshot folder.
+- `from_hf`, `to_hf`: a state dict in HF GPT-2's layout to the canonical one and back.
+
+The rest lives in its own module: the twins' shared checks in `gpt_spec.checks`, names and
+shapes in `gpt_spec.layout`, the file formats in `gpt_spec.formats`, state dicts in
+`gpt_spec.tensors` (the other seed's skeleton layout in `gpt_spec.skeleton`), sizes and memory
+in `gpt_spec.limits`, stage names in `gpt_spec.stages`, chapter 5's data and training in
+`gpt_spec.data` and `gpt_spec.training`, parity randomness in `gpt_spec.randomness`, FLOP counts
+in `gpt_spec.flops`.
+"""
+
+from .checkpoint import Checkpoint, load_checkpoint
+from .config import PRESETS, GPTConfig
+from .formats.canonical import save_checkpoint
+from .formats.hf import from_hf, save_hf, to_hf
+from .models import FinalNorm, ModelClass, ModelKind
+from .tensors import StateDict
 from .tokenizer import get_tokenizer
 
 __all__ = [
-    "DTYPES",
-    "DUMMY",
-    "DUMMY_GPT_MODEL",
-    "DUMMY_NORM",
-    "FINAL_NORMS",
-    "FLOAT_DTYPES",
-    "LazyStateDict",
-    "MODELS",
-    "MODEL_CLASSES",
-    "MODEL_KINDS",
-    "Checkpoint",
     "PRESETS",
-    "SUB_LAYERS",
-    "GPT",
-    "GPT_MODEL",
+    "Checkpoint",
+    "FinalNorm",
     "GPTConfig",
-    "LAYER_NORM",
-    "MAX_SIZE",
-    "ModelLimits",
+    "ModelClass",
+    "ModelKind",
     "StateDict",
-    "check_adamw",
-    "check_cache_call",
-    "check_cache_fits",
-    "check_cache_room",
-    "check_cached_generation",
-    "check_dtype",
-    "check_generation",
-    "check_id_dtype",
-    "check_kv_cache",
-    "check_last_only",
-    "check_logits",
-    "check_model",
-    "check_model_fits",
-    "check_output_fits",
-    "check_sampling",
-    "check_state_dict",
-    "check_targets",
-    "check_token_ids",
-    "default_context_size",
     "from_hf",
     "get_tokenizer",
-    "in_model_order",
-    "in_stage",
     "load_checkpoint",
-    "model_bytes",
-    "read_torch_file",
-    "resolve_config",
     "save_checkpoint",
     "save_hf",
-    "stage_key",
-    "stage_names",
-    "stage_of",
     "to_hf",
 ]

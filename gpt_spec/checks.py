@@ -1,7 +1,10 @@
-"""Checks on inputs shared by both twins, so both refuse the same input with the same words.
+"""The twins' checks, one import away: both twins call these, so both refuse the same input with the
+same words.
 
 torch raises IndexError on an out-of-range id while JAX clamps it and returns plausible logits;
-each twin reduces its input to (shape, dtype, min, max) and calls `check_token_ids`.
+each twin reduces its input to (shape, dtype, min, max) and calls `check_token_ids`. The checks of
+what fits in memory (`gpt_spec.limits`) and of a state dict (`gpt_spec.tensors`) live beside what
+they measure and are imported here, so a twin takes every check from this module.
 """
 
 from __future__ import annotations
@@ -9,14 +12,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Iterable
 from typing import TypeVar
 
 import numpy as np
 
-from .checkpoint import gpt_shapes
 from .config import GPTConfig
+from .limits import check_cache_fits, check_model_fits, check_output_fits
 from .randomness import check_seed
+from .tensors import check_state_dict
 
 _T = TypeVar("_T")
 
@@ -364,9 +367,31 @@ def check_adamw(
     return lr, weight_decay, (pair[0], pair[1]), eps
 
 
-def in_model_order(names: Iterable[str], cfg: GPTConfig) -> list[str]:
-    """Canonical parameter names in the torch twin's (the book's) model order, which is the order
-    both twins check a state dict in, so both name the same culprit first. Names the canonical
-    layout does not know come last, sorted."""
-    order = {name: i for i, name in enumerate(gpt_shapes(cfg))}
-    return sorted(names, key=lambda name: (order.get(name, len(order)), name))
+__all__ = [
+    "ADAM_MIN_EPS",
+    "DTYPES",
+    "ModelLimits",
+    "bad_device",
+    "check_adamw",
+    "check_cache_call",
+    "check_cache_dropout",
+    "check_cache_fits",
+    "check_cache_room",
+    "check_cached_generation",
+    "check_dtype",
+    "check_generation",
+    "check_id_dtype",
+    "check_kv_cache",
+    "check_last_only",
+    "check_logits",
+    "check_model_fits",
+    "check_output_fits",
+    "check_sampling",
+    "check_state_dict",
+    "check_targets",
+    "check_token_ids",
+    "default_context_size",
+    "foreign_optimizer",
+    "stale_optimizer",
+    "unpickable_logits",
+]

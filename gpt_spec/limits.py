@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from .models import DUMMY_GPT_MODEL, DUMMY_NORM, GPT_MODEL, LAYER_NORM, check_model
+from .models import FinalNorm, ModelClass, check_model
 
 # Token ids and positions are int32 in JAX (64-bit types are off by default): no size, id or
 # position may exceed this. GPTConfig refuses any integer field beyond it.
@@ -61,13 +61,13 @@ def format_count(n: int) -> str:
     return f"{float(mantissa):g}e{int(exponent)}"
 
 
-def n_parameters(model: str, cfg, *, final_norm: str = DUMMY_NORM) -> int:
-    """Parameters of `model` (GPT_MODEL or DUMMY_GPT_MODEL) built with `cfg`, in closed form (the
-    sizes may be far too large to list): the sum over gpt_spec.checkpoint.model_shapes."""
+def n_parameters(model: str, cfg, *, final_norm: str = FinalNorm.DUMMY) -> int:
+    """Parameters of `model` (GPTModel or DummyGPTModel) built with `cfg`, in closed form (the
+    sizes may be far too large to list): the sum over gpt_spec.layout.model_shapes."""
     e, v, c = cfg.emb_dim, cfg.vocab_size, cfg.context_length
     embeddings_and_head = v * e + c * e + v * e
-    if check_model(model) == DUMMY_GPT_MODEL:
-        return embeddings_and_head + (2 * e if final_norm == LAYER_NORM else 0)
+    if check_model(model) == ModelClass.DUMMY_GPT_MODEL:
+        return embeddings_and_head + (2 * e if final_norm == FinalNorm.LAYER_NORM else 0)
     # Per block: W_query, W_key, W_value (+ biases), out_proj, ff (e -> 4e -> e), norm1, norm2.
     block = 4 * e * e + e + (3 * e if cfg.qkv_bias else 0) + 8 * e * e + 5 * e + 4 * e
     return embeddings_and_head + cfg.n_layers * block + 2 * e
@@ -77,25 +77,25 @@ def n_parameters(model: str, cfg, *, final_norm: str = DUMMY_NORM) -> int:
 # measured at about 35 kB (torch) and 45 kB (Flax) for a TransformerBlock and 1-2 kB for a
 # DummyTransformerBlock, rounded up. A DummyGPTModel's parameters do not grow with n_layers, so
 # without this a config of 2**31 - 1 dummy blocks passed the check and then never finished building.
-BLOCK_BYTES = {GPT_MODEL: 64_000, DUMMY_GPT_MODEL: 4_000}
+BLOCK_BYTES: dict[str, int] = {ModelClass.GPT_MODEL: 64_000, ModelClass.DUMMY_GPT_MODEL: 4_000}
 
 
-def model_bytes(model: str, cfg, *, final_norm: str = DUMMY_NORM) -> tuple[int, int]:
+def model_bytes(model: str, cfg, *, final_norm: str = FinalNorm.DUMMY) -> tuple[int, int]:
     """(parameters, bytes) a model needs once built, the same estimate for both twins: float32
     parameters, for GPTModel the torch twin's causal-mask buffers (one float32 (context_length,
     context_length) per block; the Flax twin builds its mask per call, but both twins count it,
     so both refuse alike), and each block's objects (BLOCK_BYTES)."""
     params = n_parameters(model, cfg, final_norm=final_norm)
-    masks = cfg.n_layers * cfg.context_length**2 if model == GPT_MODEL else 0
+    masks = cfg.n_layers * cfg.context_length**2 if model == ModelClass.GPT_MODEL else 0
     return params, (params + masks) * FLOAT32_BYTES + cfg.n_layers * BLOCK_BYTES[model]
 
 
-def check_model_fits(model: str, cfg, *, final_norm: str = DUMMY_NORM) -> None:
+def check_model_fits(model: str, cfg, *, final_norm: str = FinalNorm.DUMMY) -> None:
     """Refuse to build a model the memory available now cannot hold (skipped when unknown)."""
     params, needed = model_bytes(model, cfg, final_norm=final_norm)
     available = available_memory()
     if available is not None and needed > available:
-        masks = ", causal masks" if model == GPT_MODEL else ""
+        masks = ", causal masks" if model == ModelClass.GPT_MODEL else ""
         raise ValueError(
             f"{model} with {format_count(params)} parameters needs {format_bytes(needed)} (float32 "
             f"parameters{masks} and {format_bytes(BLOCK_BYTES[model])} per block) to build; "

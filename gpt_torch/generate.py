@@ -7,9 +7,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from gpt_spec import (
-    GPTConfig,
+from gpt_spec import GPTConfig
+from gpt_spec.checks import (
     ModelLimits,
+    check_cache_dropout,
     check_cached_generation,
     check_generation,
     check_id_dtype,
@@ -17,8 +18,8 @@ from gpt_spec import (
     check_output_fits,
     check_sampling,
     default_context_size,
+    unpickable_logits,
 )
-from gpt_spec.checks import check_cache_dropout, unpickable_logits
 from gpt_spec.data import check_text
 from gpt_spec.randomness import pick_token
 

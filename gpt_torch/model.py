@@ -9,15 +9,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from gpt_spec import (
-    DUMMY_GPT_MODEL,
-    DUMMY_NORM,
-    FINAL_NORMS,
-    GPT_MODEL,
-    LAYER_NORM,
-    GPTConfig,
+from gpt_spec import FinalNorm, GPTConfig, ModelClass
+from gpt_spec.checks import (
     ModelLimits,
     check_cache_call,
+    check_cache_dropout,
     check_cache_fits,
     check_cache_room,
     check_kv_cache,
@@ -25,7 +21,6 @@ from gpt_spec import (
     check_model_fits,
     check_token_ids,
 )
-from gpt_spec.checks import check_cache_dropout
 from gpt_spec.skeleton import canonical_state_dict, is_skeleton_layout
 
 from .dropout import ParityDropout
@@ -319,9 +314,9 @@ class DummyLayerNorm(nn.Module):
 
 
 def _final_norm(kind: str) -> type[nn.Module]:
-    if kind not in FINAL_NORMS:
-        raise ValueError(f"final_norm must be one of {', '.join(FINAL_NORMS)}, got {kind!r}")
-    return LayerNorm if kind == LAYER_NORM else DummyLayerNorm
+    if kind not in tuple(FinalNorm):
+        raise ValueError(f"final_norm must be one of {', '.join(FinalNorm)}, got {kind!r}")
+    return LayerNorm if kind == FinalNorm.LAYER_NORM else DummyLayerNorm
 
 
 def _skeleton_layout(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
@@ -444,11 +439,11 @@ class DummyGPTModel(_GPT):
     variant of the other seed); it owns no random init, so it leaves the book's RNG order alone.
     """
 
-    def __init__(self, cfg: GPTConfig | Mapping[str, Any], final_norm: str = DUMMY_NORM):
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any], final_norm: str = FinalNorm.DUMMY):
         super().__init__()
         self.final_norm_kind = final_norm
         cfg, norm = GPTConfig.coerce(cfg), _final_norm(final_norm)
-        check_model_fits(DUMMY_GPT_MODEL, cfg, final_norm=final_norm)
+        check_model_fits(ModelClass.DUMMY_GPT_MODEL, cfg, final_norm=final_norm)
         self._build(cfg, DummyTransformerBlock, norm)
 
     @property
@@ -463,5 +458,5 @@ class GPTModel(_GPT):
     def __init__(self, cfg: GPTConfig | Mapping[str, Any]):
         super().__init__()
         cfg = GPTConfig.coerce(cfg)
-        check_model_fits(GPT_MODEL, cfg)
+        check_model_fits(ModelClass.GPT_MODEL, cfg)
         self._build(cfg, TransformerBlock, LayerNorm)

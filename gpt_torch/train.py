@@ -10,8 +10,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gpt_spec import StateDict, check_adamw, check_targets
-from gpt_spec.checks import bad_device, foreign_optimizer, stale_optimizer
+from gpt_spec import StateDict
+from gpt_spec.checks import bad_device, check_adamw, check_targets, foreign_optimizer, stale_optimizer
 from gpt_spec.training import Log, OnEvent, check_num_batches, check_schedule, eval_event
 
 from .generate import generate_text_simple, text_to_token_ids, token_ids_to_text
@@ -81,7 +81,7 @@ def adamw(
 ) -> torch.optim.AdamW:
     """AdamW over every parameter, the book's chapter-5 settings by default (the Flax twin's adamw).
 
-    Arguments are checked by gpt_spec.check_adamw, before torch.optim's own checks, so both twins
+    Arguments are checked by gpt_spec.checks.check_adamw, before torch.optim's own checks, so both twins
     refuse the same ones with the same ValueError."""
     lr, weight_decay, betas, eps = check_adamw(lr, weight_decay, betas, eps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)

@@ -40,7 +40,8 @@ import torch
 
 import gpt_flax
 import gpt_torch
-from gpt_spec import DTYPES, GPT, MODEL_CLASSES, GPTConfig, check_dtype
+from gpt_spec import GPTConfig, ModelKind
+from gpt_spec.checks import DTYPES, check_dtype
 from gpt_spec.flops import forward_flops, kv_cache_bytes_read, weight_bytes_per_token
 from parity_tests.environment import versions
 from parity_tests.mesh import split_bytes
@@ -315,7 +316,7 @@ def _shard(fm, text: str, memory: list[dict[str, Any]]):
     from gpt_flax import sharding
 
     mesh = sharding.make_mesh(text)
-    twin = build_flax(GPT, fm.cfg, seed=0)
+    twin = build_flax(ModelKind.GPT, fm.cfg, seed=0)
     gpt_flax.load_state_dict(twin, gpt_flax.state_dict(fm))
     twin.eval()
     plan = sharding.shard_model(twin, mesh)
@@ -390,7 +391,7 @@ def _decode_limits(
     reads the weights once and each row's cache, and does 2 FLOPs per weight and cached value."""
     size = jnp.dtype(dtype).itemsize
     mean_positions = prompt + (new_tokens - 1) / 2
-    weights = weight_bytes_per_token(cfg, size, MODEL_CLASSES[model])
+    weights = weight_bytes_per_token(cfg, size, ModelKind(model).model_class)
     cache = kv_cache_bytes_read(cfg, int(mean_positions), size)
     bandwidth = read_bw * batch / (weights + batch * cache)
     flops_per_token = 2 * (weights + cache) // size
@@ -474,7 +475,7 @@ class BenchOptions:
     (calls timed, warm-up calls, the GEMM reference's size) and the decoding grid (`decode` new
     tokens, 0 for none, over batch sizes x prompt lengths)."""
 
-    model: str = GPT
+    model: str = ModelKind.GPT
     batches: Sequence[int] = (4,)
     seqs: Sequence[int] = (256,)
     dtypes: Sequence[str] = ("float32",)
@@ -531,7 +532,7 @@ def run_bench(
     batches, seqs, dtypes = list(batches), list(seqs), tuple(dict.fromkeys(dtypes))
     _check_grid(batches, seqs, dtypes, cfg)
     meshes = list(meshes or [])
-    if meshes and ("flax-jit" not in backends or model != GPT):
+    if meshes and ("flax-jit" not in backends or model != ModelKind.GPT):
         raise ValueError("meshes need the flax-jit backend and the gpt model")
     notes: list[str] = []
     decode_batches, decode_prompts = list(dict.fromkeys(decode_batches)), list(dict.fromkeys(decode_prompts))
@@ -541,7 +542,7 @@ def run_bench(
             "so a 1-token generation leaves no decoding step to time"
         )
     if decode:
-        if model != GPT:
+        if model != ModelKind.GPT:
             raise ValueError("decoding needs the gpt model (the dummy model has no KV cache)")
         if DECODE_PROMPT + decode - 1 > cfg.context_length:
             raise ValueError(
@@ -596,7 +597,7 @@ def run_bench(
                     for _ in range(warmup):
                         sync(forward(ids))
                     times = [_time(lambda: forward(ids), sync) for _ in range(repeats)]
-                flops = forward_flops(cfg, batch, seq, MODEL_CLASSES[model])
+                flops = forward_flops(cfg, batch, seq, ModelKind(model).model_class)
                 timings.append(Timing(name, dtype, batch, seq, first, times, flops))
         sample_gemm("after the forwards")
         read_bw: dict[str, float] = {}

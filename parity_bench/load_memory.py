@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt_spec import GPTConfig, save_checkpoint
-from gpt_spec.checkpoint import gpt_shapes
+from gpt_spec.layout import gpt_shapes
 from parity_tests.progress import Progress, silent
 
 LAYOUTS = ("canonical", "hf")
@@ -59,7 +59,8 @@ def write_random_checkpoint(cfg: GPTConfig, path: Path, layout: str, *, seed: in
     snapshot (model.safetensors in HF's layout, made directly so the writer holds one copy)."""
     from safetensors.numpy import save_file
 
-    from gpt_spec.formats.hf import hf_config, hf_shapes
+    from gpt_spec.formats.hf import hf_shapes
+    from gpt_spec.formats.hf_config import hf_config
 
     rng = np.random.default_rng(seed)
 

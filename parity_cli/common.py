@@ -10,17 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from gpt_spec import (
-    DTYPES,
-    DUMMY,
-    DUMMY_NORM,
-    FINAL_NORMS,
-    GPT,
-    MODEL_CLASSES,
-    MODEL_KINDS,
-    GPTConfig,
-    resolve_config,
-)
+from gpt_spec import FinalNorm, GPTConfig, ModelClass, ModelKind
+from gpt_spec.checks import DTYPES
+from gpt_spec.config import resolve_config
 from parity_tests import twins, zoo
 
 from .render import (
@@ -135,12 +127,12 @@ def add_model_args(p: argparse.ArgumentParser, *, batch: bool = True, grid: bool
     p.add_argument(
         "--model",
         default=None,
-        choices=list(MODEL_CLASSES),
+        choices=list(ModelKind),
         help="the full GPTModel of §4.6 or the §4.1 DummyGPTModel (default: gpt, or what --checkpoint holds)",
     )
     p.add_argument(
         "--final-norm",
-        choices=list(FINAL_NORMS),
+        choices=list(FinalNorm),
         help="the dummy model's final norm: the book's placeholder (default) or a LayerNorm",
     )
     p.add_argument("--drop-rate", type=float, default=None, help="override the config's drop_rate")
@@ -206,15 +198,15 @@ def setup_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Se
             setup = Setup(
                 ckpt.config,
                 f"{args.checkpoint} ({ckpt.layout})",
-                MODEL_KINDS[ckpt.model],
+                ModelClass(ckpt.model).kind,
                 dict(ckpt.options),
                 ckpt.state_dict,
             )
             _agree_with_checkpoint(args, ckpt, parser)
         else:
             name = args.config or "gpt2-small"
-            model = args.model or GPT
-            if args.final_norm is not None and model != DUMMY:
+            model = args.model or ModelKind.GPT
+            if args.final_norm is not None and model != ModelKind.DUMMY:
                 parser.error("--final-norm applies to --model dummy only")
             options = {"final_norm": args.final_norm} if args.final_norm else {}
             setup = Setup(resolve_config(name), name, model, options)
@@ -222,14 +214,14 @@ def setup_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Se
             setup.cfg = setup.cfg.replace(drop_rate=args.drop_rate)
     except ValueError as e:
         parser.error(str(e))
-    if getattr(args, "train_steps", 0) and setup.model != GPT:
+    if getattr(args, "train_steps", 0) and setup.model != ModelKind.GPT:
         parser.error("--train-steps needs --model gpt (the dummy model has blocks without weights)")
     seqs = getattr(args, "seq", None)
     for seq in seqs if isinstance(seqs, list) else [seqs]:
         if seq is not None and seq > setup.cfg.context_length:
             parser.error(f"--seq {seq} exceeds context_length {setup.cfg.context_length}")
     if getattr(args, "mesh", None):
-        if setup.model != GPT:
+        if setup.model != ModelKind.GPT:
             parser.error("--mesh needs --model gpt")
         if args.cpu_devices:
             import jax
@@ -258,15 +250,15 @@ def setup_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Se
 def _agree_with_checkpoint(args: argparse.Namespace, ckpt, parser: argparse.ArgumentParser) -> None:
     """--model and --final-norm describe the model a file holds: saying otherwise is refused, never
     silently overruled by the file (or the file by them)."""
-    kind = MODEL_KINDS[ckpt.model]
+    kind = ModelClass(ckpt.model).kind
     if args.model is not None and args.model != kind:
         parser.error(f"--model {args.model} contradicts --checkpoint {args.checkpoint}, which holds a {ckpt.model}")
     if args.final_norm is not None:
-        if kind != DUMMY:
+        if kind != ModelKind.DUMMY:
             parser.error(
                 f"--final-norm applies to --model dummy only; --checkpoint {args.checkpoint} holds a {ckpt.model}"
             )
-        held = ckpt.options.get("final_norm", DUMMY_NORM)
+        held = ckpt.options.get("final_norm", FinalNorm.DUMMY)
         if args.final_norm != held:
             parser.error(
                 f"--final-norm {args.final_norm} contradicts --checkpoint {args.checkpoint}, "

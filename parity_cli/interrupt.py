@@ -10,7 +10,7 @@ So nothing unwinds. SIGINT is blocked in the main thread and so in every thread 
 once, even in the middle of a compilation. The entry point (`guard_startup`) does this first thing,
 before the heavy imports start those pools: until the command runs, Ctrl-C ends the process with
 the one line. While it runs (`exit_on_interrupt`), the watcher deletes this process's temporary
-output files (see `gpt_spec.atomic_write`: finished outputs appear by rename, so an interrupted one
+output files (see `gpt_spec.formats.atomic`: finished outputs appear by rename, so an interrupted one
 leaves nothing), the scratch files and the folders the command created, names the outputs it had
 finished, and ends the process with `os._exit(130)`. Once the command has returned, its outputs and
 verdict stand: a Ctrl-C does nothing, through interpreter shutdown too, where it would only print a

@@ -9,8 +9,8 @@ import os
 from gpt_spec import (
     PRESETS,
 )
-from gpt_spec.checkpoint import HF_INDEX
 from gpt_spec.config import read_json
+from gpt_spec.formats.safetensors_io import HF_INDEX
 from parity_tests import chapter5
 
 from .interrupt import missing_folders

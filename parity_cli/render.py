@@ -231,7 +231,7 @@ def check_output(path: str, flag: str, *, plot: bool = False) -> None:
     """Refuse, before a run, an output path the run could not write, so no result is computed only
     to be lost: a folder, a missing or read-only folder (gpt_spec's check_destination, which the
     savers use too), and for a plot a format matplotlib lacks."""
-    from gpt_spec.checkpoint import check_destination
+    from gpt_spec.formats.atomic import check_destination
 
     check_destination(path, flag)
     if plot:
@@ -371,7 +371,7 @@ def pyplot():
 
 def save_figure(fig, path: str) -> None:
     """Save and close `fig`; the file appears whole or not at all (written aside, then renamed)."""
-    from gpt_spec.checkpoint import atomic_write
+    from gpt_spec.formats.atomic import atomic_write
 
     fmt = os.path.splitext(path)[1].lstrip(".").lower()
     try:
@@ -399,7 +399,7 @@ def json_text(data: dict[str, Any]) -> str:
 
 def write_json(data: dict[str, Any], path: str) -> None:
     """json_text(data) in a file that appears whole or not at all (written aside, then renamed)."""
-    from gpt_spec.checkpoint import atomic_write
+    from gpt_spec.formats.atomic import atomic_write
 
     text = json_text(data)  # serialised first: a failure leaves no file
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), what="JSON")

@@ -15,7 +15,7 @@ import torch
 
 import gpt_flax
 import gpt_torch
-from gpt_spec import GPT, GPTConfig, get_tokenizer
+from gpt_spec import GPTConfig, ModelKind, get_tokenizer
 from gpt_spec.data import split_text
 from gpt_spec.training import CHAPTER5, Chapter5
 
@@ -199,7 +199,7 @@ def run_chapter5(
         train_text, batch, size, size, shuffle=True, drop_last=True, orders=orders
     )
     flax_val = gpt_flax.create_dataloader_v1(val_text, batch, size, size, shuffle=False, drop_last=False)
-    tm, fm = build_pair(GPT, cfg, source="torch", seed=seed)  # torch.manual_seed(seed), then the model
+    tm, fm = build_pair(ModelKind.GPT, cfg, source="torch", seed=seed)  # torch.manual_seed(seed), then the model
     if dropout == "parity":
         gpt_torch.use_parity_dropout(tm, seed)
         gpt_flax.use_parity_dropout(fm, seed)

@@ -20,7 +20,9 @@ import numpy as np
 
 import gpt_flax
 import gpt_torch
-from gpt_spec import GPT, GPTConfig, check_dtype, stage_key, stage_of
+from gpt_spec import GPTConfig, ModelKind
+from gpt_spec.checks import check_dtype
+from gpt_spec.stages import stage_key, stage_of
 
 from .compare import Comparison, compare
 from .environment import versions
@@ -267,7 +269,7 @@ class ParityOptions:
     (`seq` None: 128 or the context), the directions, the dtype tier and its bound (None: the
     tier's own), whether each layer is checked on its own, and the matmul precision."""
 
-    model: str = GPT
+    model: str = ModelKind.GPT
     batch: int = 2
     seq: int | None = None
     seed: int = 0

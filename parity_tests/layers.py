@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from gpt_spec import GPT, GPTConfig
+from gpt_spec import GPTConfig, ModelKind
 
 from . import envelopes
 from .compare import BiasCheck, Comparison, bias_check, compare
@@ -158,7 +158,7 @@ def build_probes(
     rng = np.random.default_rng(seed)
     probes: list[Probe] = []
     x = stream["drop_emb"]
-    for i in range(cfg.n_layers if kind == GPT else 0):
+    for i in range(cfg.n_layers if kind == ModelKind.GPT else 0):
         p = f"trf_blocks.{i}"
         probes += _layernorm_probes(f"{p}.norm1", x, sd, rng)
         probes.append(_attention_probe(f"{p}.att", "natural input", stream[f"{p}.norm1"], sd, cfg, 0))

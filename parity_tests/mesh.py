@@ -12,7 +12,7 @@ from flax import nnx
 
 import gpt_flax
 from gpt_flax.weights import canonical_name
-from gpt_spec import GPT, GPTConfig
+from gpt_spec import GPTConfig, ModelKind
 
 from .compare import Comparison, compare
 from .environment import versions
@@ -114,7 +114,7 @@ def run_sharding_parity(
     rows = []
     with float32_matmuls() as precision:
         with prog.step("one device: logits, gradients, one AdamW step"):
-            fm = build_flax(GPT, cfg, seed=seed)
+            fm = build_flax(ModelKind.GPT, cfg, seed=seed)
             if weights is not None:
                 gpt_flax.load_state_dict(fm, weights)
             start = gpt_flax.state_dict(fm)
@@ -124,7 +124,7 @@ def run_sharding_parity(
         for text in meshes:
             with prog.step(f"mesh {text}: shard, logits, gradients, one AdamW step"):
                 mesh = sharding.make_mesh(text)
-                fm = build_flax(GPT, cfg, seed=seed)
+                fm = build_flax(ModelKind.GPT, cfg, seed=seed)
                 gpt_flax.load_state_dict(fm, start)
                 fm.train()
                 opt = gpt_flax.adamw(fm, lr=lr)

@@ -13,7 +13,8 @@ import torch
 
 import gpt_flax
 import gpt_torch
-from gpt_spec import GPT, GPTConfig, check_dtype
+from gpt_spec import GPTConfig, ModelKind
+from gpt_spec.checks import check_dtype
 
 from .compare import Comparison, compare
 from .environment import versions
@@ -199,7 +200,7 @@ def weights_check(
 def run_training_parity(
     cfg: GPTConfig,
     *,
-    model: str = GPT,
+    model: str = ModelKind.GPT,
     batch: int = 2,
     seq: int = 16,
     steps: int = 10,

@@ -21,12 +21,13 @@ from flax import nnx
 import gpt_flax
 import gpt_torch
 from gpt_flax.model import _GPT as FlaxGPT
-from gpt_spec import MODEL_CLASSES as MODELS
-from gpt_spec import GPTConfig
+from gpt_spec import GPTConfig, ModelKind
 from gpt_spec.checkpoint import Checkpoint, load_checkpoint
 from gpt_torch.model import _GPT as TorchGPT
 
 MODES = ("eval", "train")
+# short name -> the class each twin's module defines
+MODELS: dict[str, str] = {kind: kind.model_class for kind in ModelKind}
 
 
 def _model_class(module: Any, kind: str):

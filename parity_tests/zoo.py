@@ -22,7 +22,8 @@ from flax import nnx
 
 import gpt_flax
 import gpt_torch
-from gpt_spec import GPT, GPTConfig, in_stage, stage_of
+from gpt_spec import GPTConfig, ModelKind
+from gpt_spec.stages import in_stage, stage_of
 
 from . import zoo_flax, zoo_torch
 from .environment import versions
@@ -445,7 +446,10 @@ def run_zoo(
 
     def models(c: GPTConfig) -> dict[str, Any]:
         if c not in built:
-            built[c] = {"torch": build_torch(GPT, c, seed=seed), "flax": build_flax(GPT, c, seed=seed)}
+            built[c] = {
+                "torch": build_torch(ModelKind.GPT, c, seed=seed),
+                "flax": build_flax(ModelKind.GPT, c, seed=seed),
+            }
         return built[c]
 
     prog = progress(1 + len(mutants) * len(twins))

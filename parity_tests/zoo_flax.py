@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gpt_flax import model as book
-from gpt_spec import check_last_only
+from gpt_spec.checks import check_last_only
 
 
 def round_mantissa(x: jax.Array, bits: int | None) -> jax.Array:

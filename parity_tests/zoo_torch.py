@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from gpt_spec import check_last_only
+from gpt_spec.checks import check_last_only
 from gpt_torch import model as book
 
 

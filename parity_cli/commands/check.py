@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from gpt_spec import (
-    DTYPES,
-    GPT,
-)
+from gpt_spec import ModelKind
+from gpt_spec.checks import DTYPES
 from parity_tests import forward, mesh, training, twins, zoo
 
 from .. import reports
@@ -76,7 +74,7 @@ def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser)
     plant, planted = None, ""
     if args.plant:
         name, twin = args.plant
-        if setup.model != GPT:
+        if setup.model != ModelKind.GPT:
             parser.error("--plant needs --model gpt")
         mutant = zoo.get(name)
         if mutant.adapt(cfg) != cfg:

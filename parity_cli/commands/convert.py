@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from gpt_spec import (
-    GPT_MODEL,
-    resolve_config,
-)
+from gpt_spec import ModelClass
+from gpt_spec.config import resolve_config
 from parity_tests import twins
 
 from ..common import positive
@@ -69,7 +67,8 @@ def _config_origin(source: str) -> str:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gpt_spec import save_checkpoint, save_hf
-    from gpt_spec.checkpoint import check_destination, check_hf_destination
+    from gpt_spec.formats.atomic import check_destination
+    from gpt_spec.formats.hf import check_hf_destination
 
     if args.to == "canonical" and not args.dst.endswith(".safetensors"):
         parser.error(f"the destination must be a .safetensors file, got {args.dst!r}")
@@ -97,7 +96,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
         dtype = args.dtype or ckpt.compute_dtype
         if args.to == "hf":
-            if ckpt.model != GPT_MODEL:
+            if ckpt.model != ModelClass.GPT_MODEL:
                 raise ValueError(f"--to hf writes a GPT-2; {args.src} holds a {ckpt.model}")
             save_hf(args.dst, ckpt.state_dict, ckpt.config, dtype=dtype)
         else:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt_spec import (
-    resolve_config,
-)
+from gpt_spec.config import resolve_config
 from parity_tests.environment import versions
 
 from .. import reports

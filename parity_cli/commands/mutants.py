@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gpt_spec import (
-    resolve_config,
-)
+from gpt_spec.config import resolve_config
 from parity_tests import zoo
 
 from .. import reports

@@ -7,11 +7,9 @@ import dataclasses
 import os
 from pathlib import Path
 
-from gpt_spec import (
-    GPTConfig,
-    check_adamw,
-    resolve_config,
-)
+from gpt_spec import GPTConfig
+from gpt_spec.checks import check_adamw
+from gpt_spec.config import resolve_config
 from gpt_spec.files import check_input_file
 from gpt_spec.randomness import check_seed
 from gpt_spec.training import CHAPTER5

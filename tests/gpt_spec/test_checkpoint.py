@@ -1,4 +1,4 @@
-"""gpt_spec.checkpoint: canonical files, the HF GPT-2 layout, config inference, and bad files."""
+"""gpt_spec.checkpoint and gpt_spec.formats: canonical files, the HF GPT-2 layout, config inference, and bad files."""
 
 import json
 import os
@@ -15,7 +15,7 @@ import gpt_flax
 import gpt_torch
 import parity_cli.main as cli
 from gpt_spec import GPTConfig, from_hf, load_checkpoint, save_checkpoint, to_hf
-from gpt_spec.checkpoint import gpt_shapes, infer_config
+from gpt_spec.layout import gpt_shapes, infer_config
 from parity_tests.configs import TINY, TINY_BIAS
 from parity_tests.hf_reference import gpt2_config_json, random_hf_gpt2
 
@@ -74,7 +74,7 @@ def test_n_heads_is_never_guessed_beyond_the_published_shapes():
     ):
         from_hf(hf)
     assert from_hf(hf, config=GPTConfig(50, 8, 128, 4, 1, 0.1, True))[1].n_heads == 4
-    from gpt_spec.formats.hf import published_n_heads
+    from gpt_spec.layout import published_n_heads
 
     assert [published_n_heads(e, n, "x") for e, n in [(768, 12), (1024, 24), (1280, 36), (1600, 48)]] == [
         12,

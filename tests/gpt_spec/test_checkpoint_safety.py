@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 import gpt_flax
 import gpt_torch
 from gpt_spec import GPTConfig, load_checkpoint, save_checkpoint
-from gpt_spec.checkpoint import FORMAT
+from gpt_spec.formats.canonical import FORMAT
 from parity_tests.configs import TINY, TINY_BIAS
 from parity_tests.hf_reference import gpt2_config_json, random_hf_gpt2
 

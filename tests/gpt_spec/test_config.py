@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from gpt_spec import PRESETS, GPTConfig, resolve_config
-from gpt_spec.config import read_json
+from gpt_spec import PRESETS, GPTConfig
+from gpt_spec.config import read_json, resolve_config
 from parity_tests.configs import GPT_CONFIG_124M
 
 
@@ -182,8 +182,7 @@ def test_a_checkpoint_keeps_kv_window_size_and_one_without_reads_as_before(tmp_p
 def test_hf_export_drops_kv_window_size(tmp_path, tiny_cfg):
     """It changes only cached decoding, not what the weights compute: GPT2Config has no key for it."""
     import gpt_torch
-    from gpt_spec import load_checkpoint
-    from gpt_spec.checkpoint import save_hf
+    from gpt_spec import load_checkpoint, save_hf
 
     cfg = tiny_cfg.replace(qkv_bias=True, kv_window_size=4)
     save_hf(tmp_path / "hf", gpt_torch.state_dict(gpt_torch.GPTModel(cfg)), cfg)

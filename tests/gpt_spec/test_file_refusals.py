@@ -20,8 +20,10 @@ from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 import parity_cli.main as cli
-from gpt_spec import GPTConfig, LazyStateDict, load_checkpoint, save_checkpoint, save_hf
-from gpt_spec.checkpoint import FORMAT, gpt_shapes
+from gpt_spec import GPTConfig, load_checkpoint, save_checkpoint, save_hf
+from gpt_spec.formats.canonical import FORMAT
+from gpt_spec.layout import gpt_shapes
+from gpt_spec.tensors import LazyStateDict
 from parity_tests.configs import TINY
 from parity_tests.hf_reference import gpt2_config_json, random_hf_gpt2
 from tests.helpers import ROOT
@@ -113,8 +115,9 @@ def test_a_missing_or_wrong_destination_is_refused_before_any_tensor_is_read(tmp
 
 # Run by a user who cannot write ro/: each save prints one line.
 _SAVES_INTO_READ_ONLY = """
-from gpt_spec import GPTConfig, LazyStateDict, save_checkpoint, save_hf
-from gpt_spec.checkpoint import gpt_shapes
+from gpt_spec import GPTConfig, save_checkpoint, save_hf
+from gpt_spec.layout import gpt_shapes
+from gpt_spec.tensors import LazyStateDict
 
 cfg = GPTConfig(**{cfg})
 def read():
@@ -181,7 +184,7 @@ _SAVES_PAST_A_FILE_SIZE_LIMIT = """
 import resource
 import numpy as np
 from gpt_spec import GPTConfig, save_checkpoint, save_hf
-from gpt_spec.checkpoint import gpt_shapes
+from gpt_spec.layout import gpt_shapes
 
 cfg = GPTConfig(**{cfg})
 sd = {{k: np.ones(s, np.float32) for k, s in gpt_shapes(cfg).items()}}

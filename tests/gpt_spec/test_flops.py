@@ -55,8 +55,8 @@ def test_decoding_reads_every_weight_but_the_embedding_tables(book_cfg):
 )
 def test_models_are_named_by_their_class_and_nothing_else_is_taken(count):
     """The CLI's short names ("gpt") are not class names: refused, never counted as the dummy model."""
-    from gpt_spec import DUMMY_GPT_MODEL, GPT_MODEL
+    from gpt_spec import ModelClass
 
-    assert count(GPT_MODEL) > count(DUMMY_GPT_MODEL) > 0
+    assert count(ModelClass.GPT_MODEL) > count(ModelClass.DUMMY_GPT_MODEL) > 0
     with pytest.raises(ValueError, match="^model must be one of GPTModel, DummyGPTModel, got 'gpt'$"):
         count("gpt")

@@ -1,4 +1,4 @@
-"""Both twins refuse the same bad token ids with the same ValueError (gpt_spec.check_token_ids).
+"""Both twins refuse the same bad token ids with the same ValueError (gpt_spec.checks.check_token_ids).
 
 | input                          | message                                                   |
 |--------------------------------|-----------------------------------------------------------|
@@ -73,7 +73,7 @@ def test_torch_twin_wants_a_tensor(tiny_cfg):
 
 
 def test_cached_generation_with_a_window_checks_the_prompt_and_the_positions_at_their_edges():
-    from gpt_spec import check_cache_room, check_cached_generation
+    from gpt_spec.checks import check_cache_room, check_cached_generation
     from parity_tests.configs import TINY
 
     cfg = TINY.replace(kv_window_size=4)  # context_length 11

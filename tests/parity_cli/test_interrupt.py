@@ -643,11 +643,11 @@ def test_ctrl_c_just_after_an_output_is_written_says_it_was(tmp_path, tiny_json_
 
 
 _MID_WRITE = """
-    from gpt_spec import checkpoint
+    from gpt_spec.formats import safetensors_io
     def half_then_interrupt(tmp, tensors, metadata):
         tmp.write_bytes(b"half a checkpoint")
         interrupt()
-    checkpoint._write_verified = half_then_interrupt
+    safetensors_io.write_verified = half_then_interrupt
 """
 
 
@@ -667,12 +667,12 @@ def test_ctrl_c_leaves_nothing_a_command_created_but_whole_outputs(tmp_path, tin
         (tmp_path / folder).mkdir()
     train_saves = textwrap.dedent("""
         import os
-        from gpt_spec import checkpoint
+        from gpt_spec.formats import atomic, safetensors_io
         from parity_tests import chapter5
         def saves_a_model(cfg, text, *, out_dir, **kwargs):  # as run_chapter5 ends: the models saved
             os.makedirs(out_dir, exist_ok=True)
             path = os.path.join(out_dir, "torch.safetensors")
-            checkpoint.atomic_write(path, lambda tmp: checkpoint._write_verified(tmp, {}, None))
+            atomic.atomic_write(path, lambda tmp: safetensors_io.write_verified(tmp, {}, None))
         chapter5.run_chapter5 = saves_a_model
     """) + textwrap.dedent(_MID_WRITE)
     measures = """

@@ -12,7 +12,7 @@ from flax import nnx
 
 import gpt_flax
 from gpt_flax import sharding
-from gpt_spec import GPT, GPTConfig
+from gpt_spec import GPTConfig, ModelKind
 from parity_cli.main import main
 from parity_tests.compare import compare
 from parity_tests.tolerances import FP32_FORWARD
@@ -66,7 +66,7 @@ def test_four_meshes_equal_one_device_and_split_the_parameters(tmp_path, capsys)
 
 def test_every_parameter_gets_the_rule_it_should():
     mesh = sharding.make_mesh("2x4")
-    model = build_flax(GPT, CFG, seed=0)
+    model = build_flax(ModelKind.GPT, CFG, seed=0)
     optimizer = gpt_flax.adamw(model)
     plan = sharding.shard_model(model, mesh, optimizer)
     # Canonical names, specs over the canonical layout (Linear weights (out, in)).
@@ -102,7 +102,7 @@ def test_every_parameter_gets_the_rule_it_should():
 
 def test_dimensions_the_mesh_does_not_divide_are_replicated_and_reported():
     cfg = CFG.replace(emb_dim=12, n_heads=3)  # 12 does not divide by 8; the MLP's 48 does
-    model = build_flax(GPT, cfg, seed=1)
+    model = build_flax(ModelKind.GPT, cfg, seed=1)
     model.eval()
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 7))  # 3 does not divide by 8
     with float32_matmuls():

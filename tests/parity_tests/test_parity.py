@@ -11,7 +11,8 @@ import torch
 
 import gpt_flax
 import gpt_torch
-from gpt_spec import GPTConfig, stage_names
+from gpt_spec import GPTConfig
+from gpt_spec.stages import stage_names
 from parity_cli import reports
 from parity_tests.configs import GPT_CONFIG_124M, TINY, TINY_BIAS
 from parity_tests.forward import ParityOptions, compare_stages, run_parity

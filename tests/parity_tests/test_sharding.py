@@ -66,7 +66,7 @@ def test_every_partition_rule_names_canonical_parameters():
 
     from gpt_flax import sharding
     from gpt_spec import GPTConfig
-    from gpt_spec.checkpoint import gpt_shapes
+    from gpt_spec.layout import gpt_shapes
 
     cfg = GPTConfig(vocab_size=97, context_length=11, emb_dim=24, n_heads=3, n_layers=2, drop_rate=0.0, qkv_bias=True)
     names = list(gpt_shapes(cfg))

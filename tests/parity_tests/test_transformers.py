@@ -20,7 +20,7 @@ transformers.utils.logging.set_verbosity_error()
 import gpt_flax  # noqa: E402
 import gpt_torch  # noqa: E402
 from gpt_spec import GPTConfig, load_checkpoint, save_hf  # noqa: E402
-from gpt_spec.formats.hf import HF_DEFAULTS, HF_IGNORED  # noqa: E402
+from gpt_spec.formats.hf_config import HF_DEFAULTS, HF_IGNORED  # noqa: E402
 from parity_cli.main import main  # noqa: E402
 from parity_tests.compare import assert_close  # noqa: E402
 from parity_tests.tolerances import FP32_FORWARD  # noqa: E402

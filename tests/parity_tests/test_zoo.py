@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import gpt_torch
-from gpt_spec import GPTConfig, in_stage, stage_names, stage_of
+from gpt_spec import GPTConfig
+from gpt_spec.stages import in_stage, stage_names, stage_of
 from parity_cli import reports
 from parity_cli.main import main
 from parity_tests import zoo

@@ -34,7 +34,7 @@ from flax import nnx
 import gpt_flax
 import gpt_torch
 from gpt_spec import GPTConfig
-from gpt_spec.checkpoint import model_shapes
+from gpt_spec.layout import model_shapes
 from parity_tests.configs import TINY, TINY_BIAS
 from parity_tests.twins import build_pair, float32_matmuls
 
