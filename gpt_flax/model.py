@@ -1,4 +1,7 @@
-"""The Flax NNX twin of gpt_torch.model: same classes, same names, same order."""
+"""The Flax NNX twin of gpt_torch.model: same classes, same names, same order.
+
+Long on purpose: the book writes chapter 4 as one listing, and the torch twin is one file too;
+keeping each twin's model in one file, in the book's order, lets the two be read side by side."""
 
 from __future__ import annotations
 

@@ -20,21 +20,22 @@ A program, not a test. Method:
   of its `decode - 1` decoding steps. Limits: a step reads every weight once and each row's cache
   (tokens/s <= read bandwidth x batch / bytes per step) and does 2 FLOPs per weight and cached
   value per row (tokens/s <= GEMM throughput / FLOPs per token); the lower one binds.
+
+Long on purpose: run_bench is one sequence (build, sample the GEMM, time each cell, decode, sample
+again) whose steps share the twins and the progress; the references are in roofline.py and the
+decoding figures in decoding.py.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -42,87 +43,28 @@ import gpt_flax
 import gpt_torch
 from gpt_spec import GPTConfig, ModelKind
 from gpt_spec.checks import DTYPES, check_dtype
-from gpt_spec.flops import forward_flops, kv_cache_bytes_read, weight_bytes_per_token
+from gpt_spec.flops import forward_flops
 from parity_tests.environment import versions
 from parity_tests.mesh import split_bytes
 from parity_tests.progress import Progress, Steps, silent
 from parity_tests.twins import build_flax, build_torch, float32_matmuls, token_batch
 
+from .decoding import DECODE_BATCHES, DECODE_PROMPT, DECODE_PROMPTS, DecodeTiming, decode_limits
+from .roofline import (
+    GEMM_N,
+    READ_BYTES,
+    best_gemm,
+    cpu_description,
+    gemm_flops,
+    hugepages,
+    read_bandwidth,
+    time_call,
+)
+
 BACKENDS = ("flax-jit", "torch-eager", "torch-compile")
-GEMM_N = 2048
-READ_BYTES = 512 * 2**20
-DECODE_PROMPT = 8  # the uncached loop's prompt
-DECODE_BATCHES = (1, 4, 16)
-DECODE_PROMPTS = (8, 512, 768)  # 768 + 256 new tokens: decoding at 1,024 positions
-# With it in GLIBC_TUNABLES (read by glibc at start-up; the Makefile sets it for bench), malloc asks
-# for transparent huge pages: XLA allocates every output afresh, and large outputs otherwise cost a
-# page fault per 4 KiB (docs/design-notes.md has the figures).
-HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def hugepages() -> str:
-    """What the malloc of this process does with large blocks: the tunable and the kernel's mode."""
-    tunable = HUGEPAGE_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            mode = f.read().split("[")[1].split("]")[0]
-    except (OSError, IndexError):
-        mode = "unknown"
-    return f"{HUGEPAGE_TUNABLE if tunable else 'glibc defaults'}, transparent huge pages {mode}"
 
 
 # --- what the machine can do -------------------------------------------------------------------
-
-
-def _times(fn: Callable[[], Any], repeats: int) -> list[float]:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    return statistics.median(_times(fn, repeats))
-
-
-def gemm_flops(dtype: str, n: int = GEMM_N, repeats: int = 3) -> dict[str, list[float]]:
-    """FLOP/s of each of `repeats` n x n x n matmuls in XLA and in torch, inputs in `dtype`.
-
-    XLA as the Flax twin multiplies (gpt_flax.model.dot_general_f32: accumulated and returned in
-    float32, then rounded; its CPU backend runs bfloat16 fast only so). torch as nn.Linear does, by
-    a transposed weight (a @ b.T): its bfloat16 kernels are fast in that layout only."""
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    ja, jb = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
-    matmul = jax.jit(lambda x, y: gpt_flax.model.matmul_f32(x, y))
-    ta, tb = torch.from_numpy(a).to(getattr(torch, dtype)), torch.from_numpy(b).to(getattr(torch, dtype))
-    flops = 2 * n**3
-    with float32_matmuls():
-        return {
-            "xla": [flops / t for t in _times(lambda: matmul(ja, jb).block_until_ready(), repeats)],
-            "torch": [flops / t for t in _times(lambda: torch.nn.functional.linear(ta, tb), repeats)],
-        }
-
-
-def best_gemm(samples: Mapping[str, list[float]]) -> float:
-    """The roofline reference: the best GEMM sample of either library (interference only slows a
-    GEMM, so the fastest sample is the closest to what the machine can do)."""
-    return max(max(values) for values in samples.values())
-
-
-def read_bandwidth(nbytes: int = READ_BYTES, repeats: int = 5) -> dict[str, float]:
-    """Bytes/s of summing a float32 array of `nbytes` (read once, nothing written back)."""
-    x = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32)
-    jx, tx = jnp.asarray(x), torch.from_numpy(x)
-    total = jax.jit(jnp.sum)
-    return {
-        "xla": nbytes / _median_time(lambda: total(jx).block_until_ready(), repeats),
-        "torch": nbytes / _median_time(lambda: tx.sum(), repeats),
-    }
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -153,41 +95,6 @@ class Timing:
     @property
     def flops_per_s(self) -> float:
         return self.flops / self.median_s
-
-
-@dataclasses.dataclass
-class DecodeTiming:
-    twin: str  # torch or flax
-    dtype: str
-    cache: bool
-    batch: int
-    prompt: int
-    new_tokens: int  # per row
-    first_call_s: float  # flax: compilation plus one run; torch: one run
-    # Of the decoding steps timed (cached: all but the prefill and first pick); None where the
-    # clock gave the cached generation no more time than the prefill's alone (too few steps).
-    time_s: float | None
-    steps: int  # decoding steps in time_s
-    prefill_s: float | None  # cached: a 1-token generation (prefill and first pick)
-    limit_bandwidth: float  # tokens/s if a step only read the weights and caches once
-    limit_compute: float  # tokens/s if a step ran at GEMM throughput
-
-    @property
-    def tokens_per_s(self) -> float | None:
-        return None if self.time_s is None else self.batch * self.steps / self.time_s
-
-    @property
-    def limit_tokens_per_s(self) -> float:
-        return min(self.limit_bandwidth, self.limit_compute)
-
-    @property
-    def binds(self) -> str:
-        return "bandwidth" if self.limit_bandwidth <= self.limit_compute else "compute"
-
-    @property
-    def fraction_of_limit(self) -> float | None:
-        rate = self.tokens_per_s
-        return None if rate is None else rate / self.limit_tokens_per_s
 
 
 @dataclasses.dataclass
@@ -305,12 +212,6 @@ def describe_config(cfg: GPTConfig) -> str:
 # --- the runs ------------------------------------------------------------------------------------
 
 
-def _time(fn: Callable[[], Any], sync: Callable[[Any], Any]) -> float:
-    t0 = time.perf_counter()
-    sync(fn())
-    return time.perf_counter() - t0
-
-
 def _shard(fm, text: str, memory: list[dict[str, Any]]):
     """A sharded copy of `fm` on mesh `text`, its forward, and its parameter memory per device."""
     from gpt_flax import sharding
@@ -384,20 +285,6 @@ def _forwards(twins: _Twins, backends: tuple[str, ...]):
     return out
 
 
-def _decode_limits(
-    cfg: GPTConfig, model: str, dtype: str, batch: int, prompt: int, new_tokens: int, read_bw: float, gemm: float
-) -> tuple[float, float]:
-    """(bandwidth, compute) limits in tokens/s of decoding steps from `prompt` positions on: a step
-    reads the weights once and each row's cache, and does 2 FLOPs per weight and cached value."""
-    size = jnp.dtype(dtype).itemsize
-    mean_positions = prompt + (new_tokens - 1) / 2
-    weights = weight_bytes_per_token(cfg, size, ModelKind(model).model_class)
-    cache = kv_cache_bytes_read(cfg, int(mean_positions), size)
-    bandwidth = read_bw * batch / (weights + batch * cache)
-    flops_per_token = 2 * (weights + cache) // size
-    return bandwidth, gemm / flops_per_token
-
-
 def _time_decode(
     twins: _Twins,
     cfg: GPTConfig,
@@ -430,11 +317,11 @@ def _time_decode(
                     phase="cached decoding grid",
                 ):
                     with torch.inference_mode():
-                        first = _time(lambda: run(decode), lambda x: x)
+                        first = time_call(lambda: run(decode), lambda x: x)
                         run(1)  # compiles the 1-token generation's own shapes
-                        prefill = statistics.median([_time(lambda: run(1), lambda x: x) for _ in range(repeats)])
-                        whole = statistics.median([_time(lambda: run(decode), lambda x: x) for _ in range(repeats)])
-                limits = _decode_limits(cfg, model, dtype, batch, n_prompt, decode, read_bw, gemm)
+                        prefill = statistics.median([time_call(lambda: run(1), lambda x: x) for _ in range(repeats)])
+                        whole = statistics.median([time_call(lambda: run(decode), lambda x: x) for _ in range(repeats)])
+                limits = decode_limits(cfg, model, dtype, batch, n_prompt, decode, read_bw, gemm)
                 steps = decode - 1
                 # Two medians' difference: with few steps, noise can make it zero or negative.
                 steps_s = whole - prefill if whole > prefill else None
@@ -450,9 +337,9 @@ def _time_decode(
     for twin, run_uncached in uncached.items():
         with prog.step(f"decode {dtype} {twin} without KV cache: {n} tokens, first call + {repeats} timed"):
             with torch.inference_mode():
-                first = _time(run_uncached, lambda x: x)
-                time_s = statistics.median([_time(run_uncached, lambda x: x) for _ in range(repeats)])
-        limits = _decode_limits(cfg, model, dtype, 1, DECODE_PROMPT, n, read_bw, gemm)
+                first = time_call(run_uncached, lambda x: x)
+                time_s = statistics.median([time_call(run_uncached, lambda x: x) for _ in range(repeats)])
+        limits = decode_limits(cfg, model, dtype, 1, DECODE_PROMPT, n, read_bw, gemm)
         out.append(DecodeTiming(twin, dtype, False, 1, DECODE_PROMPT, n, first, time_s, n, None, *limits))
     return out
 
@@ -593,10 +480,10 @@ def run_bench(
                 with prog.step(
                     f"{dtype} {batch}x{seq} {name}: first call, {warmup} warm-up, {repeats} timed", phase="forward grid"
                 ):
-                    first = _time(lambda: forward(ids), sync)
+                    first = time_call(lambda: forward(ids), sync)
                     for _ in range(warmup):
                         sync(forward(ids))
-                    times = [_time(lambda: forward(ids), sync) for _ in range(repeats)]
+                    times = [time_call(lambda: forward(ids), sync) for _ in range(repeats)]
                 flops = forward_flops(cfg, batch, seq, ModelKind(model).model_class)
                 timings.append(Timing(name, dtype, batch, seq, first, times, flops))
         sample_gemm("after the forwards")
@@ -647,20 +534,6 @@ def run_bench(
         hugepages(),
         notes,
     )
-
-
-def cpu_description() -> str:
-    """The CPU's model name and its AVX-512 / AMX extensions (or AVX2), as /proc/cpuinfo tells."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    wide = sorted(f for f in set(flags) if f.startswith(("avx512", "amx")))
-    ext = ", ".join(wide) if wide else ("avx2, no AVX-512" if "avx2" in flags else "no AVX2")
-    return f"{name or platform.machine()}, {os.cpu_count()} cores, {ext}"
 
 
 def _time_id_check(ids: np.ndarray, cfg: GPTConfig, calls: int = 200) -> float:

@@ -6,7 +6,7 @@ import argparse
 
 from parity_bench import bench
 
-from .. import reports
+from .. import bench_reports
 from ..common import (
     Setup,
     add_model_args,
@@ -103,5 +103,5 @@ def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser)
         gemm_n=args.gemm_size,
     )
     report = bench.run_bench(setup.cfg, opts, weights=setup.weights, meshes=setup.meshes, progress=progress(args.quiet))
-    emit(args, report, reports.bench_table, reports.plot_bench)
+    emit(args, report, bench_reports.bench_table, bench_reports.plot_bench)
     return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 from gpt_spec.config import resolve_config
 from parity_tests.environment import versions
 
-from .. import reports
+from .. import bench_reports
 from ..common import JSON_HELP, write_outputs
 from ..render import (
     progress,
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not folder.is_dir():
         parser.error(f"--dir {args.dir!r} is not a folder")
     report = load_memory.run(resolve_config(args.config), folder, layouts, progress=progress(args.quiet))
-    print(reports.load_memory_table(report))
+    print(bench_reports.load_memory_table(report))
     write_outputs(args, report | {"versions": versions()})
     worst = max(r["peak_over_file"] for r in report["rows"])
     print(f"worst peak RSS / file size: {worst:.2f} (limit {load_memory.PEAK_OVER_FILE})")

@@ -425,7 +425,7 @@ def test_bench_never_reports_a_negative_or_zero_decoding_rate(tiny_json, tmp_pat
         sync(fn())
         return 1.0 / (2 + next(ticks))
 
-    monkeypatch.setattr(bench, "_time", shrinking)
+    monkeypatch.setattr(bench, "time_call", shrinking)
     monkeypatch.setattr(bench, "read_bandwidth", lambda: {"xla": 1e10, "torch": 1e10})  # not what is tested
     out = tmp_path / "bench.json"
     argv = ["bench", "--config", tiny_json, "--batch", "1", "--seq", "4", "--repeats", "1", "--no-compile"]
