@@ -8,16 +8,26 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_temp(target: Path) -> tuple[Path, int]:
+    """A new empty file beside `target`, and its mode: created with 0666, so the mode is what the
+    kernel's umask makes of it, as for a plain open() (reading the umask itself needs os.umask,
+    which sets it for the whole process, XLA's and torch's threads included)."""
+    while True:
+        tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            return tmp, stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -92,13 +102,10 @@ def atomic_write_all(outputs: Sequence[tuple[str | os.PathLike[str], Callable[[P
         for (path, write, what), target in zip(outputs, targets, strict=True):
             with naming(path, what):
                 _remove_stale_temps(target)
-                fd, name = tempfile.mkstemp(
-                    dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=".partial"
-                )
-                os.close(fd)
-                temps.append(Path(name))
-                write(temps[-1])
-                os.chmod(temps[-1], 0o666 & ~_umask())
+                tmp, mode = _create_temp(target)
+                temps.append(tmp)
+                write(tmp)
+                os.chmod(tmp, mode)  # writers that replace the file (safetensors: 0600) lose it
         for (path, _, what), tmp, target in zip(outputs, temps, targets, strict=True):
             with naming(path, what):
                 os.replace(tmp, target)

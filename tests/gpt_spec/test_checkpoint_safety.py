@@ -432,6 +432,18 @@ def test_saved_files_get_the_umasks_mode(tmp_path, umask, mode):
     assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == mode
 
 
+def test_saving_never_changes_the_umask(tmp_path, monkeypatch):
+    """os.umask sets the mask for the whole process, XLA's and torch's threads included: a save
+    leaves the mode to the kernel instead of reading the mask that way."""
+
+    def refused(mask):
+        raise AssertionError(f"os.umask({mask:o}) called while saving")
+
+    monkeypatch.setattr(os, "umask", refused)
+    save_checkpoint(tmp_path / "m.safetensors", _canonical(TINY), TINY)
+    assert (tmp_path / "m.safetensors").is_file()
+
+
 def test_a_symlinked_destination_is_written_where_it_points(tmp_path):
     (tmp_path / "store").mkdir()
     real = tmp_path / "store" / "real.safetensors"
