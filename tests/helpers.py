@@ -1,6 +1,8 @@
 """What several test modules share: where the repository and the test data are, and the devices
 this machine has."""
 
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -34,3 +36,22 @@ def torch_devices() -> list[Any]:
     import torch
 
     return ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
+
+
+def shell_lines(page: Path) -> list[str]:
+    """The commands of a Markdown page's ```sh blocks, comments dropped."""
+    blocks = re.findall(r"```sh\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line]
+
+
+def simulated_device_commands() -> list[list[str]]:
+    """The docs' `gpt-parity` lines that simulate CPU devices (--cpu-devices), as argument lists
+    with examples/ resolved: JAX fixes its device count when it starts, so these run in the
+    8-device process of tests/parity_tests/sharded_cases.py rather than one process each."""
+    lines = [line for page in sorted((ROOT / "docs").glob("*.md")) for line in shell_lines(page)]
+    return [
+        shlex.split(line.replace("examples/", str(ROOT / "examples") + "/"))[1:]
+        for line in lines
+        if line.startswith("gpt-parity ") and "--cpu-devices" in line
+    ]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import helpers
 from tests.helpers import ROOT
 
 README = ROOT / "README.md"
@@ -137,9 +138,18 @@ def _is_slow(line: str, args: list[str]) -> bool:
 def _cli_params():
     for page in PAGES:
         for line in _shell_lines(page):
-            if line.startswith("gpt-parity "):
+            if line.startswith("gpt-parity ") and "--cpu-devices" not in line:  # see below
                 marks = [pytest.mark.slow] if _is_slow(line, shlex.split(line)[1:]) else []
                 yield pytest.param(line, id=f"{_name(page)}: {line}", marks=marks)
+
+
+def test_the_simulated_device_lines_run_in_the_eight_device_process():
+    """Lines with --cpu-devices are not run here: tests/parity_tests/sharded_cases.py runs them in
+    its 8-device process (one process for all, not one each)."""
+    lines = [line for page in PAGES for line in _shell_lines(page) if "--cpu-devices" in line]
+    assert lines and all(line.startswith("gpt-parity ") for line in lines)
+    assert len(helpers.simulated_device_commands()) == len(lines)
+    assert "helpers.simulated_device_commands()" in (ROOT / "tests/parity_tests/sharded_cases.py").read_text()
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,19 @@ from parity_cli.main import main
 from parity_tests.compare import compare
 from parity_tests.tolerances import FP32_FORWARD
 from parity_tests.twins import build_flax, float32_matmuls
+from tests import helpers
 
 if len(jax.devices()) < 8:
     pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)", allow_module_level=True)
 
 # Sizes the mesh axes divide (emb 32, 8 heads, hidden 128), except the vocabulary, as with GPT-2.
 CFG = GPTConfig(vocab_size=97, context_length=11, emb_dim=32, n_heads=8, n_layers=2, drop_rate=0.0, qkv_bias=True)
+
+
+@pytest.mark.parametrize("args", helpers.simulated_device_commands(), ids=" ".join)
+def test_the_docs_lines_with_simulated_devices(args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 0
 
 
 def test_four_meshes_equal_one_device_and_split_the_parameters(tmp_path, capsys):

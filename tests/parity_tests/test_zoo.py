@@ -27,34 +27,48 @@ CFG = TINY
 pytestmark = pytest.mark.zoo
 
 
-@pytest.fixture(scope="module")
-def tiny_zoo() -> zoo.ZooReport:
-    return zoo.run_zoo(CFG, batch=2, seq=CFG.context_length - 2)
+@pytest.fixture(scope="class")
+def tiny_zoo(request) -> zoo.ZooReport:
+    """The zoo planted in the twin of the test's class."""
+    return zoo.run_zoo(CFG, twins=[request.cls.twin], batch=2, seq=CFG.context_length - 2)
 
 
-@pytest.mark.parametrize("twin", zoo.TWINS)
-@pytest.mark.parametrize("name", list(zoo.BY_NAME))
-def test_each_mutant_is_caught_where_it_was_planted(tiny_zoo, name, twin):
-    row = next(r for r in tiny_zoo.rows if r.mutant == name and r.twin == twin)
-    assert row.caught, f"{name} planted in {twin} escaped the check"
-    assert row.located, f"{name} planted in {twin} at {row.where}, first failure named: {row.describe}"
-    assert row.margin > 1 and row.evidence in ("bound", "envelope", "bias")
+class _ZooHalf:
+    """The zoo planted in one twin: a class per twin, so that the halves run on two workers
+    (pytest -n 2 --dist loadscope gives each class to one)."""
+
+    twin: str
+
+    @pytest.mark.parametrize("name", list(zoo.BY_NAME))
+    def test_each_mutant_is_caught_where_it_was_planted(self, tiny_zoo, name):
+        row = next(r for r in tiny_zoo.rows if r.mutant == name and r.twin == self.twin)
+        assert row.caught, f"{name} planted in {self.twin} escaped the check"
+        assert row.located, f"{name} planted in {self.twin} at {row.where}, first failure named: {row.describe}"
+        assert row.margin > 1 and row.evidence in ("bound", "envelope", "bias")
+
+    def test_nothing_planted_passes_and_the_report_says_so(self, tiny_zoo, tmp_path):
+        control = tiny_zoo.rows[0]
+        assert control.mutant == "" and control.passed and control.ok and not control.first
+        assert 0 < control.margin < 1 and control.describe.startswith("closest to failing: ")
+        assert tiny_zoo.passed and len(tiny_zoo.rows) == 1 + len(zoo.MUTANTS)
+        assert {r.twin for r in tiny_zoo.rows[1:]} == {self.twin}
+        assert (
+            f"{len(zoo.MUTANTS)} of {len(zoo.MUTANTS)} planted bugs caught at the stage they were planted; "
+            "control passes (its closest call: " in reports.zoo_table(tiny_zoo)
+        )
+        data = tiny_zoo.to_json()
+        assert data["passed"] and data["rows"][0]["mutant"] is None and data["rows"][0]["check_passed"]
+        assert all(r["caught"] and r["located"] and r["first_stage"] for r in data["rows"][1:])
+        reports.plot_zoo(tiny_zoo, str(tmp_path / "zoo.png"))
+        assert (tmp_path / "zoo.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_nothing_planted_passes_and_the_report_says_so(tiny_zoo, tmp_path):
-    control = tiny_zoo.rows[0]
-    assert control.mutant == "" and control.passed and control.ok and not control.first
-    assert 0 < control.margin < 1 and control.describe.startswith("closest to failing: ")
-    assert tiny_zoo.passed and len(tiny_zoo.rows) == 1 + 2 * len(zoo.MUTANTS)
-    assert (
-        f"{2 * len(zoo.MUTANTS)} of {2 * len(zoo.MUTANTS)} planted bugs caught at the stage they were planted; "
-        "control passes (its closest call: " in reports.zoo_table(tiny_zoo)
-    )
-    data = tiny_zoo.to_json()
-    assert data["passed"] and data["rows"][0]["mutant"] is None and data["rows"][0]["check_passed"]
-    assert all(r["caught"] and r["located"] and r["first_stage"] for r in data["rows"][1:])
-    reports.plot_zoo(tiny_zoo, str(tmp_path / "zoo.png"))
-    assert (tmp_path / "zoo.png").read_bytes()[:4] == b"\x89PNG"
+class TestPlantedInTorch(_ZooHalf):
+    twin = "torch"
+
+
+class TestPlantedInFlax(_ZooHalf):
+    twin = "flax"
 
 
 NULL = zoo.Mutant(
