@@ -1,0 +1,38 @@
+"""The speed decisions of the bfloat16 forward, read from the program XLA is given (the figures
+behind them are in docs/design-notes.md): every matmul takes bfloat16 operands and returns float32
+(XLA's CPU backend uses its bfloat16 GEMM kernel only so), and GELU's tanh runs in float32 (XLA's
+bfloat16 element-wise ops convert around every operation)."""
+
+import re
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import gpt_flax
+from parity_tests.configs import TINY
+
+
+@pytest.fixture(scope="module")
+def bfloat16_program() -> str:
+    model = gpt_flax.GPTModel(TINY, rngs=nnx.Rngs(0))
+    model.eval()
+    gpt_flax.cast(model, "bfloat16")
+    graphdef, state = nnx.split(model)
+    ids = np.zeros((2, TINY.context_length), np.int64)
+    return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, ids).as_text()
+
+
+def test_every_bfloat16_matmul_accumulates_and_returns_float32(bfloat16_program):
+    dots = re.findall(
+        r"stablehlo\.dot_general .*?: \((tensor<[^>]*>), (tensor<[^>]*>)\) -> (tensor<[^>]*>)", bfloat16_program
+    )
+    assert len(dots) >= 4 * TINY.n_layers + 1  # q, k, v, out and two MLP layers a block, the head
+    for a, b, out in dots:
+        assert a.endswith("xbf16>") and b.endswith("xbf16>") and out.endswith("xf32>"), (a, b, out)
+
+
+def test_gelu_runs_in_float32_in_the_bfloat16_forward(bfloat16_program):
+    tanhs = re.findall(r"stablehlo\.tanh %\w+ : (tensor<[^>]*>)", bfloat16_program)
+    assert len(tanhs) == TINY.n_layers and all(t.endswith("xf32>") for t in tanhs), tanhs
