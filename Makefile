@@ -51,8 +51,9 @@ tour: $(STAMP)
 train-chapter5: $(STAMP)
 	$(BIN)/gpt-parity train --out out/chapter5
 
+# Both cores: each module (the zoo: each twin's half) runs whole on one worker, its fixtures built once.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadscope
 
 # ruff (lint and format) and mypy, configured in pyproject.toml; CI runs this before the tests.
 lint: $(STAMP)
