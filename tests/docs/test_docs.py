@@ -32,11 +32,6 @@ def _blocks(page: Path, lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", _text(page), flags=re.S)
 
 
-def _shell_lines(page: Path) -> list[str]:
-    lines = [line.split("#")[0].strip() for block in _blocks(page, "sh") for line in block.splitlines()]
-    return [line for line in lines if line]
-
-
 # What each page's Python blocks must print or leave behind, beyond running with their own asserts.
 def _readme(namespace: dict, out: str, cwd: Path) -> None:
     assert "Hello, I am Featureiman Byeswickattribute argue" in out
@@ -111,13 +106,13 @@ def test_the_make_commands_are_the_makefiles_and_ci_runs_the_two():
     makefile = (ROOT / "Makefile").read_text()
     targets = set(re.findall(r"^([\w-]+):", makefile, flags=re.M))
     for page in PAGES:
-        for line in _shell_lines(page):
+        for line in helpers.shell_lines(page):
             assert line.startswith(("make ", "gpt-parity ", "SNAPSHOT=")), f"{_name(page)}: {line}"
         for target in re.findall(r"`make ([\w-]+)`", _text(page)) + [
-            line.split()[1] for line in _shell_lines(page) if line.startswith("make ")
+            line.split()[1] for line in helpers.shell_lines(page) if line.startswith("make ")
         ]:
             assert target in targets, f"{_name(page)}: make {target}"
-    assert [line for line in _shell_lines(README) if line.startswith("make")] == ["make run", "make test"]
+    assert [line for line in helpers.shell_lines(README) if line.startswith("make")] == ["make run", "make test"]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci and "make run" in ci and "make tour" in ci and "-c $(CONSTRAINTS)" in makefile
     run, tour = _recipe(makefile, "run"), _recipe(makefile, "tour")
@@ -137,7 +132,7 @@ def _is_slow(line: str, args: list[str]) -> bool:
 
 def _cli_params():
     for page in PAGES:
-        for line in _shell_lines(page):
+        for line in helpers.shell_lines(page):
             if line.startswith("gpt-parity ") and "--cpu-devices" not in line:  # see below
                 marks = [pytest.mark.slow] if _is_slow(line, shlex.split(line)[1:]) else []
                 yield pytest.param(line, id=f"{_name(page)}: {line}", marks=marks)
@@ -146,7 +141,7 @@ def _cli_params():
 def test_the_simulated_device_lines_run_in_the_eight_device_process():
     """Lines with --cpu-devices are not run here: tests/parity_tests/sharded_cases.py runs them in
     its 8-device process (one process for all, not one each)."""
-    lines = [line for page in PAGES for line in _shell_lines(page) if "--cpu-devices" in line]
+    lines = [line for page in PAGES for line in helpers.shell_lines(page) if "--cpu-devices" in line]
     assert lines and all(line.startswith("gpt-parity ") for line in lines)
     assert len(helpers.simulated_device_commands()) == len(lines)
     assert "helpers.simulated_device_commands()" in (ROOT / "tests/parity_tests/sharded_cases.py").read_text()
