@@ -108,34 +108,25 @@ class ShardingPlan:
         ]
 
 
-def shard_model(model: nnx.Module, mesh: Mesh, *extra: nnx.Pytree) -> ShardingPlan:
-    """Place the model's parameters (and the same-shaped state of `extra` objects such as its
-    nnx.Optimizer: Adam's moments, whose paths end in the parameter's) on the mesh by
-    PARTITION_RULES; everything else replicated."""
+def shard_model(model: nnx.Module, mesh: Mesh) -> ShardingPlan:
+    """Place the model's parameters on the mesh by PARTITION_RULES (everything else replicated) and
+    record each one's spec as NNX sharding metadata (`out_sharding`, with the mesh), so that an
+    optimizer made afterwards (gpt_flax.adamw) places Adam's moments as their parameters: NNX
+    copies a parameter's metadata to its optimizer state. Make the optimizer after this call: one
+    made before holds its moments on one device until its first step's jit places them."""
     specs: dict[str, P] = {}
     dropped: dict[str, list[int]] = {}
-    placed: dict[tuple, tuple[tuple[int, ...], P]] = {}  # parameter path -> (its shape, its own spec)
     for keys, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, transposed = canonical_name(keys)
         shape = tuple(var.shape)
         spec, bad = spec_for(name, shape[::-1] if transposed else shape, mesh)
         specs[name], dropped[name] = spec, bad
-        placed[keys] = shape, P(*reversed(spec)) if transposed else spec  # _fit gives one entry per dimension
-
-    def own_spec(keys: tuple, shape: tuple[int, ...]) -> P:
-        for start in range(len(keys)):
-            if keys[start:] in placed:
-                param_shape, spec = placed[keys[start:]]
-                return spec if param_shape == shape else P()
-        return P()
-
-    for obj in (model, *extra):
-        flat = []
-        for keys, var in nnx.to_flat_state(nnx.state(obj)):
-            value = var[...] if isinstance(var, nnx.Variable) else var
-            spec = own_spec(tuple(keys), tuple(np.shape(value)))
-            flat.append((keys, var.replace(jax.device_put(value, NamedSharding(mesh, spec)))))
-        nnx.update(obj, nnx.from_flat_state(flat))
+        # One entry per dimension: NNX's eager sharding places a (None, ...) spec on the mesh,
+        # replicated, but leaves a variable with an empty one where it was.
+        axes = tuple(spec) + (None,) * (len(shape) - len(spec))
+        var.set_metadata(out_sharding=axes[::-1] if transposed else axes, mesh=mesh)
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, nnx.get_named_sharding(state, mesh)))
     return ShardingPlan(mesh, specs, dropped)
 
 

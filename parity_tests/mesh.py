@@ -127,8 +127,8 @@ def run_sharding_parity(
                 fm = build_flax(ModelKind.GPT, cfg, seed=seed)
                 gpt_flax.load_state_dict(fm, start)
                 fm.train()
-                opt = gpt_flax.adamw(fm, lr=lr)
-                plan = sharding.shard_model(fm, mesh, opt)
+                plan = sharding.shard_model(fm, mesh)
+                opt = gpt_flax.adamw(fm, lr=lr)  # after: its moments take the parameters' sharding
                 per_device = sharding.param_bytes_per_device(fm)
                 split = {p for p, s in plan.specs.items() if any(a is not None for a in s)}
                 split_total, split_most = split_bytes(fm, split)

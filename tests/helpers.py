@@ -1,8 +1,12 @@
 """What several test modules share: where the repository and the test data are, and the devices
 this machine has."""
 
+import collections
+import contextlib
+import logging
 import re
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +59,26 @@ def simulated_device_commands() -> list[list[str]]:
         for line in lines
         if line.startswith("gpt-parity ") and "--cpu-devices" in line
     ]
+
+
+@contextlib.contextmanager
+def compilations() -> Iterator[collections.Counter[str]]:
+    """How many XLA programs each jitted function compiled inside the block, by its name: the
+    "Compiling jit(NAME)" records that jax.log_compiles() turns on (a public switch)."""
+    import jax
+
+    counts: collections.Counter[str] = collections.Counter()
+
+    class _Count(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            m = re.match(r"Compiling jit\((\w+)\)", record.getMessage())
+            if m:
+                counts[m.group(1)] += 1
+
+    handler, logger = _Count(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            yield counts
+    finally:
+        logger.removeHandler(handler)

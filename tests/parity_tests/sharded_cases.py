@@ -9,6 +9,8 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import gpt_flax
 from gpt_flax import sharding
@@ -74,8 +76,8 @@ def test_four_meshes_equal_one_device_and_split_the_parameters(tmp_path, capsys)
 def test_every_parameter_gets_the_rule_it_should():
     mesh = sharding.make_mesh("2x4")
     model = build_flax(ModelKind.GPT, CFG, seed=0)
-    optimizer = gpt_flax.adamw(model)
-    plan = sharding.shard_model(model, mesh, optimizer)
+    plan = sharding.shard_model(model, mesh)
+    optimizer = gpt_flax.adamw(model)  # after: its moments take the parameters' sharding metadata
     # Canonical names, specs over the canonical layout (Linear weights (out, in)).
     specs = {name: tuple(spec) for name, spec in plan.specs.items()}
     assert set(specs) == set(gpt_flax.state_dict(model))
@@ -105,6 +107,12 @@ def test_every_parameter_gets_the_rule_it_should():
         if keys[-3:] == ("att", "W_query", "kernel")
     }
     assert len(moments) == 4 and set(moments.values()) == {jax.sharding.PartitionSpec(None, "model")}, moments
+    # A replicated parameter's moments are on the whole mesh too, not left on one device.
+    scale_moments = [
+        var[...] for keys, var in nnx.to_flat_state(nnx.state(optimizer)) if keys[-2:] == ("norm1", "scale")
+    ]
+    assert len(scale_moments) == 4
+    assert all(m.sharding.is_equivalent_to(NamedSharding(mesh, P()), 1) for m in scale_moments)
 
 
 def test_dimensions_the_mesh_does_not_divide_are_replicated_and_reported():

@@ -6,11 +6,11 @@ import torch
 
 import gpt_flax
 import gpt_torch
-from gpt_flax.generate import _generate
 from gpt_spec import GPTConfig, get_tokenizer
 from parity_tests import book
 from parity_tests.configs import GPT_CONFIG_124M, TINY
 from parity_tests.twins import build_pair, float32_matmuls
+from tests import helpers
 
 
 def _both(tm, fm, prompt, max_new_tokens, context_size):
@@ -46,12 +46,13 @@ def test_the_loop_compiles_once_per_shape():
     """The Flax decoder is one program over a preallocated buffer: more tokens, more calls, same
     shapes -> no new compilation."""
     _, fm = build_pair("gpt", TINY, source="torch")
-    prompt = np.array([[5, 6, 7]])
-    gpt_flax.generate_text_simple(fm, prompt, 6, TINY.context_length)
-    compiled = _generate._cache_size()
-    for _ in range(3):
-        gpt_flax.generate_text_simple(fm, prompt + 1, 6, TINY.context_length)
-    assert _generate._cache_size() == compiled
+    prompt = np.array([[5, 6, 7, 8]])  # a shape no other test uses, so the first call compiles
+    with helpers.compilations() as first:
+        gpt_flax.generate_text_simple(fm, prompt, 5, TINY.context_length)
+    with helpers.compilations() as again:
+        for _ in range(3):
+            gpt_flax.generate_text_simple(fm, prompt + 1, 5, TINY.context_length)
+    assert first["_generate"] == 1 and again["_generate"] == 0, (first, again)
 
 
 @pytest.mark.parametrize(

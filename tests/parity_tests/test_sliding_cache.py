@@ -20,6 +20,7 @@ from gpt_spec import GPTConfig
 from parity_tests.compare import assert_close
 from parity_tests.tolerances import FP32_FORWARD
 from parity_tests.twins import build_pair, float32_matmuls
+from tests import helpers
 
 # Odd, distinct sizes; context 32 lets a window of 5 slide for 25 steps.
 SLIDING = GPTConfig(
@@ -150,10 +151,9 @@ def test_a_sliding_generation_compiles_its_decoder_once():
     n_new = 2 * flax_generate.GENERATE_CHUNK + 5
     with float32_matmuls():
         expected = gpt_torch.generate_text_simple_cached(tm, torch.from_numpy(prompt), n_new).numpy()
-        before = flax_generate._generate_cached._cache_size(), flax_generate._prefill._cache_size()
-        out = np.asarray(gpt_flax.generate_text_simple_cached(fm, prompt, n_new))
-        after = flax_generate._generate_cached._cache_size(), flax_generate._prefill._cache_size()
-    assert after == (before[0] + 1, before[1] + 1)
+        with helpers.compilations() as compiled:
+            out = np.asarray(gpt_flax.generate_text_simple_cached(fm, prompt, n_new))
+    assert (compiled["_generate_cached"], compiled["_prefill"]) == (1, 1), compiled
     np.testing.assert_array_equal(out, expected)
     assert fm.trf_blocks[0].att.cache_k.shape == (2 * 1, 7, 4)  # (batch * num_heads, slots, head_dim)
 

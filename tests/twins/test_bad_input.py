@@ -37,6 +37,7 @@ from gpt_spec import GPTConfig
 from gpt_spec.layout import model_shapes
 from parity_tests.configs import TINY, TINY_BIAS
 from parity_tests.twins import build_pair, float32_matmuls
+from tests import helpers
 
 INT_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
 NOISELESS = TINY.replace(drop_rate=0.0)
@@ -383,18 +384,18 @@ def test_long_generation_runs_in_chunks_of_one_compiled_program(monkeypatch):
     with float32_matmuls():
         expected = gpt_torch.generate_text_simple(tm, torch.from_numpy(prompt), 3 * chunk, 20).numpy()
         waits = _count_waits(monkeypatch)
-        before = flax_generate._generate._cache_size()
-        out = np.asarray(gpt_flax.generate_text_simple(fm, prompt, 3 * chunk, 20))
-        assert flax_generate._generate._cache_size() == before + 1
+        with helpers.compilations() as compiled:
+            out = np.asarray(gpt_flax.generate_text_simple(fm, prompt, 3 * chunk, 20))
+        assert compiled["_generate"] == 1, compiled
         assert len(waits) == 3
         np.testing.assert_array_equal(out, expected)
         # Cached: one prefill, then 2 * chunk + 4 decode steps in 3 chunks of one program.
         n_new = 2 * chunk + 5
         expected = gpt_torch.generate_text_simple_cached(tm, torch.from_numpy(prompt), n_new).numpy()
         waits.clear()
-        before = flax_generate._generate_cached._cache_size()
-        out = np.asarray(gpt_flax.generate_text_simple_cached(fm, prompt, n_new))
-        assert flax_generate._generate_cached._cache_size() == before + 1
+        with helpers.compilations() as compiled:
+            out = np.asarray(gpt_flax.generate_text_simple_cached(fm, prompt, n_new))
+        assert compiled["_generate_cached"] == 1, compiled
         assert len(waits) == 3
         np.testing.assert_array_equal(out, expected)
 
