@@ -8,7 +8,6 @@ before: while XLA compiles the jitted forward, the loss-and-gradients program an
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -17,7 +16,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -556,43 +554,104 @@ def _in_parallel(*calls: Callable[[], Any]) -> list[Any]:
     return results
 
 
-def _interrupt_after(argv: list[str], cwd, delay_s: float) -> tuple[int, str]:
-    proc = subprocess.Popen(
-        [_console_script(), *argv], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+# The console script with a hook: SIGINT as the module named first on the command line starts to
+# be imported (an audit hook sees every import), so it lands inside that import, as a Ctrl-C would.
+_INTERRUPTED_IMPORTING = """
+import os, signal, sys
+at = sys.argv.pop(1)
+
+def hook(event, args):
+    global at
+    if event == "import" and args[0] == at:
+        at = None
+        os.kill(os.getpid(), signal.SIGINT)
+
+sys.addaudithook(hook)
+from parity_cli import entry
+sys.exit(entry.main())
+"""
+
+
+def _interrupted_importing(module: str, argv: list[str], cwd) -> tuple[int, str]:
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_IMPORTING, module, *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    threading.Timer(delay_s, proc.send_signal, [signal.SIGINT]).start()
-    _, err = proc.communicate(timeout=300)
-    return proc.returncode, err
+    return proc.returncode, proc.stderr
+
+
+# Imported in this order as the command starts: the CLI, then the heavy imports it waits on.
+STARTUP_IMPORTS = ("parity_cli.main", "numpy", "jax", "torch", "flax")
 
 
 @pytest.mark.subprocess
 def test_ctrl_c_while_the_command_starts_is_the_one_line_too(tmp_path, tiny_json_path):
-    """The handler is in place before jax and torch are imported (seconds), not after."""
+    """The handler is in place before jax and torch are imported (seconds), not after: a SIGINT as
+    each of them starts to be imported ends the run with the one line."""
     argv = _quick_check(tiny_json_path)
-    results = _in_parallel(*(lambda d=d: _interrupt_after(argv, tmp_path, d) for d in (0.2, 0.7, 1.5)))
-    for delay, (rc, err) in zip((0.2, 0.7, 1.5), results, strict=True):
-        assert (rc, err) == (130, INTERRUPTED), f"Ctrl-C at {delay} s: exit {rc}\n{err[-2000:]}"
+    results = _in_parallel(*(lambda m=m: _interrupted_importing(m, argv, tmp_path) for m in STARTUP_IMPORTS))
+    for module, (rc, err) in zip(STARTUP_IMPORTS, results, strict=True):
+        assert (rc, err) == (130, INTERRUPTED), f"Ctrl-C importing {module}: exit {rc}\n{err[-2000:]}"
+
+
+# The console script with a hook at one point after the verdict: `check` (the command, outputs
+# written, verdict printed, still inside its guard), `main` (returned from the guard, before the
+# process exits) or `atexit` (the interpreter shutting down). Each sends SIGINT, waits until a
+# thread has taken it (no longer pending) and gives whatever took it time to act.
+_INTERRUPTED_AFTER = """
+import atexit, functools, os, signal, sys, time
+from parity_cli import entry, main
+from parity_cli.commands import check
+at = sys.argv.pop(1)
+
+def interrupt():
+    os.kill(os.getpid(), signal.SIGINT)
+    while signal.SIGINT in signal.sigpending():
+        time.sleep(0.001)
+    time.sleep(0.5)
+
+def then_interrupt(f):
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs):
+        result = f(*args, **kwargs)
+        interrupt()
+        return result
+    return wrapped
+
+if at == "atexit":
+    atexit.register(interrupt)  # registered first, so run last
+else:
+    module = {"check": check, "main": main}[at]
+    setattr(module, at if at == "main" else "run", then_interrupt(getattr(module, at if at == "main" else "run")))
+sys.exit(entry.main())
+"""
 
 
 @pytest.mark.subprocess
-def test_ctrl_c_once_the_verdict_is_printed_changes_nothing_and_prints_no_traceback(tmp_path, tiny_json_path):
-    """Interrupts sent every millisecond from the verdict on, through the interpreter's shutdown:
-    the run's status stands (or, before the command returned, the line says what was written)."""
+@pytest.mark.parametrize("at", ["check", "main", "atexit"])
+def test_ctrl_c_once_the_verdict_is_printed_changes_nothing_and_prints_no_traceback(at, tmp_path, tiny_json_path):
+    """Inside the command's guard, after the verdict: the line says the outputs were written, and
+    they are whole. After the command returned, through the interpreter's shutdown: nothing."""
     out = tmp_path / "check.json"
-    proc = _piped_quick_check(tmp_path, tiny_json_path, out, PYTHONUNBUFFERED="1")
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line == "PASS\n":
-            break
-    while proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGINT)
-        time.sleep(0.001)
-    err = proc.stderr.read() if proc.stderr else ""
-    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
-    assert proc.returncode in (0, 130), f"exit {proc.returncode}\n{err[-3000:]}"
-    if proc.returncode == 130:
-        assert err == f"gpt-parity: interrupted after writing {str(out)!r}; nothing more was written (exit 130)\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_AFTER, at, *_quick_check(tiny_json_path, "--json", str(out))],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == "PASS"
+    if at == "check":
+        assert proc.returncode == 130, proc.stderr[-3000:]
+        assert (
+            proc.stderr == f"gpt-parity: interrupted after writing {str(out)!r}; nothing more was written (exit 130)\n"
+        )
+    else:
+        assert (proc.returncode, proc.stderr) == (0, "")
     assert json.loads(out.read_text())["forward"]["passed"]
 
 
