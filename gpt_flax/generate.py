@@ -28,7 +28,7 @@ from gpt_spec.checks import (
 from gpt_spec.data import check_text
 from gpt_spec.randomness import pick_token
 
-from .model import _GPT, check_ids, dropout_rate_on
+from .model import _GPT, check_ids, commit, dropout_rate_on, placed
 
 # Greedy steps per compiled call. The Python loop waits for each chunk before it dispatches the
 # next, so Ctrl-C lands between chunks instead of after the whole generation; the chunk's bounds
@@ -171,12 +171,13 @@ def _prepare(model: nnx.Module, ids: jax.Array, max_new_tokens: int, context_siz
     prompt and new tokens. A model that is not a twin's has its logits' shape checked first."""
     batch, n_prompt = ids.shape
     window = min(context_size, n_prompt + max_new_tokens - 1)
+    commit(model)
     graphdef, *states = nnx.split(model, nnx.RngState, ...)
     rng_state, params = states
     if not isinstance(getattr(model, "cfg", None), GPTConfig):
         window_ids = jax.ShapeDtypeStruct((batch, window), ids.dtype)
         _check_model_output(graphdef, rng_state, params, window_ids, limits, dtype_name)
-    buf = jnp.concatenate([ids, jnp.zeros((batch, max_new_tokens), ids.dtype)], axis=1)
+    (buf,) = placed(model, jnp.concatenate([ids, jnp.zeros((batch, max_new_tokens), ids.dtype)], axis=1))
     return window, graphdef, rng_state, params, buf
 
 
@@ -199,7 +200,7 @@ def generate_text_simple(model: nnx.Module, idx: Any, max_new_tokens: int, conte
     if dropout_rate_on(model) > 0:
         return _generate_as_the_book(model, ids, max_new_tokens, context_size, limits, dtype_name)
     window, graphdef, rng_state, params, buf = _prepare(model, ids, max_new_tokens, context_size, limits, dtype_name)
-    bad = jnp.asarray(NO_UNPICKABLE, jnp.int32)
+    (bad,) = placed(model, jnp.asarray(NO_UNPICKABLE, jnp.int32))
     try:
         for lo in range(0, max_new_tokens, GENERATE_CHUNK):
             hi = min(lo + GENERATE_CHUNK, max_new_tokens)
@@ -396,11 +397,13 @@ def generate_text_simple_cached(
     if isinstance(model, _GPT):
         check_cache_dropout(dropout_rate_on(model))  # before the reset: a refusal changes nothing
     reset_kv_cache(batch_size=prompt.shape[0], max_len=prompt.shape[1] + max_new_tokens - 1)
+    commit(model)
     graphdef, *states = nnx.split(model, nnx.Param, nnx.Cache, ...)
     params, cache, rest = states
     logits, cache, rest = _prefill(graphdef, params, cache, rest, prompt)
-    tokens = jnp.zeros((prompt.shape[0], max_new_tokens), ids.dtype)
-    bad = jnp.asarray(NO_UNPICKABLE, jnp.int32)
+    tokens, bad = placed(
+        model, jnp.zeros((prompt.shape[0], max_new_tokens), ids.dtype), jnp.asarray(NO_UNPICKABLE, jnp.int32)
+    )
     try:
         for lo in range(0, max(max_new_tokens - 1, 1), GENERATE_CHUNK):
             hi = min(lo + GENERATE_CHUNK, max_new_tokens - 1)

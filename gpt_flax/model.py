@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gpt_spec import FinalNorm, GPTConfig, ModelClass
 from gpt_spec.checks import (
@@ -555,6 +556,43 @@ class GPTModel(_GPT):
         self._build(cfg, TransformerBlock, LayerNorm, rngs)
 
 
+def _concrete(x: Any) -> bool:
+    return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+
+
+def _mesh_home(leaves: list[jax.Array]) -> NamedSharding | None:
+    """Replicated over the one mesh the committed arrays are placed on, if they are on one."""
+    meshes = {x.sharding.mesh for x in leaves if x.committed and isinstance(x.sharding, NamedSharding)}
+    return NamedSharding(meshes.pop(), PartitionSpec()) if len(meshes) == 1 else None
+
+
+def commit(*objs: Any) -> None:
+    """Commit every uncommitted array of these models and optimizers: where it already is (no
+    copy), or replicated over the mesh the others are placed on (a sharded model's Adam count).
+
+    A jitted function compiles once per placement of its arguments as well as per shape: arrays
+    made eagerly (an init, a load from numpy) are uncommitted, a jitted call's outputs committed,
+    so a first training step would compile for the one and the second again for the other. Each
+    jitted entry point commits its state first, so its first call's program serves every later call."""
+    states = [nnx.state(obj) for obj in objs]
+    leaves = [x for state in states for x in jax.tree.leaves(state) if _concrete(x)]
+    if all(x.committed for x in leaves):
+        return
+    home = _mesh_home(leaves)
+    for obj, state in zip(objs, states, strict=True):
+        nnx.update(obj, jax.tree.map(lambda x: _committed(x, home), state))
+
+
+def placed(model: nnx.Module, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """`arrays` (a loop's carried buffers) committed as commit() commits the model's own."""
+    home = _mesh_home([x for x in jax.tree.leaves(nnx.state(model)) if _concrete(x)])
+    return tuple(_committed(x, home) for x in arrays)
+
+
+def _committed(x: Any, home: NamedSharding | None) -> Any:
+    return jax.device_put(x, home or x.sharding) if _concrete(x) and not x.committed else x
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "return_activations"))
 def _forward(graphdef, rng_state, params, in_idx, *, return_activations: bool):
     m = nnx.merge(graphdef, rng_state, params)
@@ -573,6 +611,7 @@ def jit_forward(model: _GPT, *, device: jax.Device | None = None, return_activat
     Returns `forward(ids)`, giving what `model(ids, return_activations)` gives.
     """
     cfg = model.cfg
+    commit(model)
     graphdef, *states = nnx.split(model, nnx.RngState, ...)
     rng_state, params = states
     if device is not None:

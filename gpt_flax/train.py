@@ -18,7 +18,7 @@ from gpt_spec.checks import bad_device, check_adamw, check_targets, foreign_opti
 from gpt_spec.training import Log, OnEvent, check_num_batches, check_schedule, eval_event
 
 from .generate import generate_text_simple, text_to_token_ids, token_ids_to_text
-from .model import _GPT, check_ids
+from .model import _GPT, check_ids, commit
 from .weights import dtype_name, to_canonical
 
 
@@ -77,6 +77,7 @@ def _loss_and_grads(model: _GPT, input_batch: jax.Array, target_batch: jax.Array
 def loss_and_grads(model: _GPT, input_batch: Any, target_batch: Any) -> tuple[float, StateDict]:
     """The loss and the gradient of every parameter, as a canonical `{name: numpy array}`."""
     input_batch, target_batch = _checked(model, input_batch, target_batch)
+    commit(model)
     loss, grads = _loss_and_grads(model, input_batch, target_batch)
     return float(loss), to_canonical(grads)
 
@@ -139,6 +140,7 @@ def train_step(model: _GPT, optimizer: nnx.Optimizer, input_batch: Any, target_b
     """One optimizer step on one batch (compiled once per shape); returns the loss before the step."""
     check_optimizer(model, optimizer)
     input_batch, target_batch = _checked(model, input_batch, target_batch)
+    commit(model, optimizer)
     return float(np.asarray(_train_step(model, optimizer, input_batch, target_batch)))
 
 
@@ -161,6 +163,7 @@ def calc_loss_loader(
         return float("nan")
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))  # type: ignore[arg-type]
     total_loss = 0.0
+    commit(model)
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i >= num_batches:
             break
@@ -227,6 +230,7 @@ def train_model_simple(
     val_losses: list[float] = []
     track_tokens_seen: list[int] = []
     tokens_seen, global_step = 0, -1
+    commit(model, optimizer)
     for epoch in range(num_epochs):
         model.train()
         for input_batch, target_batch in train_loader:
