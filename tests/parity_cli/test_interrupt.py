@@ -57,10 +57,13 @@ sys.exit(entry.main())
 """
 
 
+def _hooked(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
+    """`script` (one of this file's hooked entry points) run with `args`, both streams captured."""
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
 def _interrupted_run(argv: list[str], cwd, step: str) -> tuple[int, str, str]:
-    proc = subprocess.run(
-        [sys.executable, "-c", _HOOKED_ENTRY, step, *argv], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
+    proc = _hooked(_HOOKED_ENTRY, step, *argv, cwd=cwd)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -573,13 +576,7 @@ sys.exit(entry.main())
 
 
 def _interrupted_importing(module: str, argv: list[str], cwd) -> tuple[int, str]:
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERRUPTED_IMPORTING, module, *argv],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _hooked(_INTERRUPTED_IMPORTING, module, *argv, cwd=cwd)
     return proc.returncode, proc.stderr
 
 
@@ -624,8 +621,8 @@ def then_interrupt(f):
 if at == "atexit":
     atexit.register(interrupt)  # registered first, so run last
 else:
-    module = {"check": check, "main": main}[at]
-    setattr(module, at if at == "main" else "run", then_interrupt(getattr(module, at if at == "main" else "run")))
+    module, name = {"check": (check, "run"), "main": (main, "main")}[at]
+    setattr(module, name, then_interrupt(getattr(module, name)))
 sys.exit(entry.main())
 """
 
@@ -636,13 +633,7 @@ def test_ctrl_c_once_the_verdict_is_printed_changes_nothing_and_prints_no_traceb
     """Inside the command's guard, after the verdict: the line says the outputs were written, and
     they are whole. After the command returned, through the interpreter's shutdown: nothing."""
     out = tmp_path / "check.json"
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERRUPTED_AFTER, at, *_quick_check(tiny_json_path, "--json", str(out))],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _hooked(_INTERRUPTED_AFTER, at, *_quick_check(tiny_json_path, "--json", str(out)), cwd=tmp_path)
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[-1] == "PASS"
     if at == "check":
@@ -674,13 +665,7 @@ sys.exit(cli.main())
 
 def _interrupted_in(argv: list[str], patch: str, cwd) -> tuple[int, str, str]:
     """gpt-parity `argv` with `patch` run first: it makes something call interrupt()."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERRUPTED_IN, json.dumps(argv), textwrap.dedent(patch)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _hooked(_INTERRUPTED_IN, json.dumps(argv), textwrap.dedent(patch), cwd=cwd)
     return proc.returncode, proc.stdout, proc.stderr
 
 
