@@ -7,6 +7,10 @@ vocabulary, 50257 = 29 x 1733, divides by no usual mesh size); the batch is spli
 A dimension an axis does not divide evenly is replicated instead, and the plan says so. Nothing
 else changes: `jax.jit` propagates the shardings through the same model code (GSPMD).
 
+With `fsdp`, every parameter is also split over `data` (ZeRO-3/FSDP style) along a dimension the
+rules leave whole, so each data-parallel device keeps a slice of it and of its Adam moments; GSPMD
+gathers a parameter where the model uses it and reduce-scatters its gradient.
+
 The same code runs on GPUs and on a multi-host TPU slice: call `jax.distributed.initialize()` first
 on every host, then `make_mesh` sees every device of the job and, through `jax.make_mesh`, lays the
 mesh out on the devices' physical topology (a job of several slices would need
@@ -23,12 +27,13 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .weights import canonical_name
 
 AXES = ("data", "model")
+FSDP_AXIS = "data"  # the axis shard_model(fsdp=True) also splits every parameter over
 
 # Canonical name (the torch twin's state_dict key) -> PartitionSpec over the canonical layout
 # (Linear weights (out, in)); a Flax kernel, (in, out), gets it transposed, as weights.py says.
@@ -82,6 +87,20 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> tuple[P, list[int]]:
     return P(*fitted), dropped
 
 
+def fsdp_spec(spec: P, shape: tuple[int, ...], mesh: Mesh | AbstractMesh) -> tuple[P, int | None]:
+    """`spec` with FSDP_AXIS added on the first dimension it leaves whole (split by no axis larger
+    than 1) that FSDP_AXIS divides, and that dimension; `spec` as it is and None where none does."""
+    axes = list(tuple(spec) + (None,) * (len(shape) - len(spec)))
+    size = mesh.shape[FSDP_AXIS]
+    for dim, axis in enumerate(axes):
+        held = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+        if FSDP_AXIS in held or any(mesh.shape[a] > 1 for a in held) or shape[dim] % size:
+            continue
+        axes[dim] = (*held, FSDP_AXIS) if held else FSDP_AXIS
+        return P(*axes), dim
+    return spec, None
+
+
 def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh) -> tuple[P, list[int]]:
     """The spec of the parameter of canonical `name` and (canonical) `shape`, and the dimensions
     its rule wanted split that the mesh does not divide."""
@@ -99,42 +118,74 @@ class ShardingPlan:
     mesh: Mesh
     specs: dict[str, P]
     replicated_dims: dict[str, list[int]]  # name -> dims a rule wanted split but could not
+    fsdp_dims: dict[str, int | None] = dataclasses.field(default_factory=dict)  # fsdp: name -> dim over data
 
     def describe(self) -> list[str]:
-        return [
+        lines = [
             f"{name}: dim(s) {dims} not divisible by the mesh, replicated"
             for name, dims in self.replicated_dims.items()
             if dims
         ]
+        return lines + [
+            f"{name}: no dimension divisible by {FSDP_AXIS} {self.mesh.shape[FSDP_AXIS]}, not split over it (fsdp)"
+            for name, dim in self.fsdp_dims.items()
+            if dim is None
+        ]
 
 
-def shard_model(model: nnx.Module, mesh: Mesh) -> ShardingPlan:
-    """Place the model's parameters on the mesh by PARTITION_RULES (everything else replicated) and
+def shard_model(model: nnx.Module, mesh: Mesh, *, fsdp: bool = False) -> ShardingPlan:
+    """Place the model's parameters on the mesh by PARTITION_RULES (everything else replicated),
+    with `fsdp` each also split over FSDP_AXIS where a dimension allows (fsdp_spec), and
     record each one's spec as NNX sharding metadata (`out_sharding`, with the mesh), so that an
     optimizer made afterwards (gpt_flax.adamw) places Adam's moments as their parameters: NNX
     copies a parameter's metadata to its optimizer state. Make the optimizer after this call: one
     made before holds its moments on one device until its first step's jit places them."""
     specs: dict[str, P] = {}
     dropped: dict[str, list[int]] = {}
+    fsdp_dims: dict[str, int | None] = {}
     for keys, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, transposed = canonical_name(keys)
         shape = tuple(var.shape)
-        spec, bad = spec_for(name, shape[::-1] if transposed else shape, mesh)
+        canonical = shape[::-1] if transposed else shape
+        spec, bad = spec_for(name, canonical, mesh)
+        if fsdp:
+            spec, fsdp_dims[name] = fsdp_spec(spec, canonical, mesh)
         specs[name], dropped[name] = spec, bad
         # One entry per dimension: NNX's eager sharding places a (None, ...) spec on the mesh,
         # replicated, but leaves a variable with an empty one where it was.
         axes = tuple(spec) + (None,) * (len(shape) - len(spec))
         var.set_metadata(out_sharding=axes[::-1] if transposed else axes, mesh=mesh)
     state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, nnx.get_named_sharding(state, mesh)))
-    return ShardingPlan(mesh, specs, dropped)
+    nnx.update(model, put(state, nnx.get_named_sharding(state, mesh)))
+    return ShardingPlan(mesh, specs, dropped, fsdp_dims)
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """jax.device_put(tree, shardings), also where a sharding spans other processes' devices (after
+    jax.distributed.initialize), which device_put refuses: there each process builds its own
+    devices' shards from the value it holds, which must be the same on every process (as when every
+    process loads the same weights)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    targets = jax.tree.leaves(shardings)
+    if all(s.is_fully_addressable for s in targets):
+        return jax.device_put(tree, shardings)
+    return jax.tree.unflatten(treedef, [_put_global(x, s) for x, s in zip(leaves, targets, strict=True)])
+
+
+def _put_global(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # an RNG key: placed as its raw data
+        return jax.random.wrap_key_data(_put_global(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def shard_batch(ids: Any, mesh: Mesh) -> jax.Array:
     """Token ids split over `data` along the batch (replicated if the batch does not divide)."""
     ids = np.asarray(ids)
     spec, _ = _fit(P("data", None), ids.shape, mesh)
-    return jax.device_put(ids, NamedSharding(mesh, spec))
+    return put(ids, NamedSharding(mesh, spec))
 
 
 def param_bytes_per_device(model: nnx.Module) -> dict[jax.Device, int]:

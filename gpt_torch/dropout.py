@@ -3,6 +3,8 @@ same run in torch and in Flax. The default stays torch's own nn.Dropout, as the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -46,15 +48,18 @@ class ParityDropout(nn.Module):
         self.p = p
         self.counter = counter
         self.seed = check_seed(seed)
+        # (dim, index, count): this input is part `index` of `count` equal parts of the whole along
+        # `dim` (a data-parallel rank's rows, a tensor-parallel rank's heads). Masks are drawn by
+        # the element's index in the whole, so a distributed run draws the one-device run's masks.
+        self.shards: tuple[tuple[int, int, int], ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
         count = self.counter.value
         self.counter.value = count + 1
-        check_elements(x.numel())
         key = int(call_key(self.seed, count))
-        h = torch.arange(x.numel(), dtype=torch.int64, device=x.device)
+        h = global_index(tuple(x.shape), self.shards, x.device)
         h = _mix((_mix(h ^ key) + key) & MASK32)
         keep = (h >> (32 - KEEP_BITS)) >= drop_threshold(self.p)
         scale = torch.tensor(keep_scale(self.p), dtype=x.dtype, device=x.device)
@@ -62,6 +67,26 @@ class ParityDropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, seed={self.seed}"
+
+
+def global_index(shape: tuple[int, ...], shards: tuple[tuple[int, int, int], ...], device) -> torch.Tensor:
+    """The row-major index, in the whole tensor, of each element of a part of shape `shape`
+    (flat, int64); with no shards, 0..numel-1."""
+    whole = list(shape)
+    offset = [0] * len(shape)
+    for dim, index, count in shards:
+        whole[dim] = shape[dim] * count
+        offset[dim] = shape[dim] * index
+    check_elements(math.prod(whole))
+    if not shards:
+        return torch.arange(math.prod(shape), dtype=torch.int64, device=device)
+    h = torch.zeros((), dtype=torch.int64, device=device)
+    stride = 1
+    for dim in reversed(range(len(shape))):
+        i = torch.arange(offset[dim], offset[dim] + shape[dim], dtype=torch.int64, device=device)
+        h = h + (i * stride).view([-1] + [1] * (len(shape) - 1 - dim))
+        stride *= whole[dim]
+    return h.flatten()
 
 
 def use_parity_dropout(model: nn.Module, seed: int = 0) -> nn.Module:

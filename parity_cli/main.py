@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from .commands import bench as bench_command
-from .commands import check, convert, generate, load_memory, mutants, train
+from .commands import check, convert, generate, load_memory, mutants, parallel, train
 from .common import Parser, setup_model
 from .interrupt import exit_on_interrupt
 from .plan import plan_outputs
@@ -27,6 +27,7 @@ COMMANDS = {
     "convert": convert,
     "train": train,
     "load-memory": load_memory,
+    "parallel": parallel,
 }
 # Commands that read a model from the shared model arguments (--config, --checkpoint, ...).
 _WITH_MODEL = ("check", "bench", "generate")

@@ -10,6 +10,7 @@ from parity_tests.chapter5 import TWINS, Chapter5Report
 from parity_tests.forward import ParityReport, ParityRow
 from parity_tests.layers import Finding
 from parity_tests.mesh import ShardingReport
+from parity_tests.parallel import ParallelReport
 from parity_tests.tolerances import train_loss_bound
 from parity_tests.training import TrainingReport, noise_only
 from parity_tests.zoo import ZooReport
@@ -374,3 +375,72 @@ def sharding_table(report: ShardingReport) -> str:
         lines += [f"  {r.mesh}: {n}" for n in r.notes]
         lines += [f"  {r.mesh}: {c.describe()}" for c in [r.logits, *r.grads] if not c.passed]
     return "\n".join(lines)
+
+
+def parallel_table(report: ParallelReport) -> str:
+    rows = [
+        (
+            r.strategy,
+            r.twin,
+            r.against,
+            r.loss.max_abs,
+            r.worst_grad.name.removeprefix("grad "),
+            r.worst_grad.max_abs,
+            r.worst_grad.margin,
+            r.weights.max_abs,
+            f"{r.state_bytes / r.single_bytes:.3f}" if r.against == "one device" else "",
+            "pass" if r.passed else "FAIL",
+        )
+        for r in report.rows
+    ]
+    table = format_table(
+        [
+            "strategy",
+            "run",
+            "against",
+            "loss max |Δ|",
+            "worst gradient",
+            "its max |Δ|",
+            "|Δ|/allowed",
+            f"weights after {report.spec.steps} steps max |Δ|",
+            "state/rank",
+            "result",
+        ],
+        rows,
+    )
+    note = "state/rank: parameters + AdamW moments on the rank holding the most, as a fraction of one device's"
+    return f"{table}\n{note}"
+
+
+def plot_parallel(report: ParallelReport, path: str) -> None:
+    """Each comparison's worst margin (loss, gradients, weights) on a log scale, and the state per
+    rank each strategy leaves, as a fraction of one device's."""
+    plt = pyplot()
+
+    labels = [f"{r.strategy}: {r.twin} vs {r.against}" for r in report.rows]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11.0, 0.3 * len(labels) + 1.8), width_ratios=(2, 1))
+    y = np.arange(len(labels))
+    parts = {
+        "loss": [r.loss.margin for r in report.rows],
+        "worst gradient": [r.worst_grad.margin for r in report.rows],
+        "worst weight": [max(c.margin for c in r.weights.tensors) for r in report.rows],
+    }
+    for k, (what, values) in enumerate(parts.items()):
+        drawn = [v if np.isfinite(v) and v > 0 else 1e-6 for v in values]
+        ax.barh(y + (k - 1) * 0.27, drawn, height=0.27, label=what)
+    ax.axvline(1.0, color="red", linestyle="--", label="bound")
+    ax.set_xscale("log")
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("max |Δ| / allowed")
+    ax.legend(fontsize=7, loc="lower right")
+    own = [r for r in report.rows if r.against == "one device"]
+    bx.barh(np.arange(len(own)), [r.state_bytes / r.single_bytes for r in own], color="tab:gray", height=0.6)
+    bx.set_yticks(np.arange(len(own)), [f"{r.strategy} {r.twin}" for r in own], fontsize=7)
+    bx.invert_yaxis()
+    bx.set_xlim(0, 1.05)
+    bx.set_xlabel("state per rank / one device")
+    s = report.spec
+    fig.suptitle(f"world size {s.world}, {s.steps} AdamW steps, batch {s.batch} x {s.seq}, dropout {s.dropout}")
+    fig.tight_layout()
+    save_figure(fig, path)

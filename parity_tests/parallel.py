@@ -1,0 +1,337 @@
+"""Distributed parity: each twin trained on its own framework's distributed engine (torch: DDP,
+FSDP2 and tensor parallelism on DTensor over a gloo or NCCL process group; Flax: GSPMD on a
+device mesh spanning processes joined by `jax.distributed`), held to its own one-device run and
+to the other twin's run of the same strategy.
+
+`run_parallel_parity` starts the ranks itself (parallel_torch.py and parallel_flax.py, one OS
+process each), watches them and collects what rank 0 wrote. A rank that dies ends the run at once
+with one line naming it; a run past its deadline is ended the same way; Ctrl-C ends every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpt_spec import GPTConfig
+
+from .compare import Comparison, compare
+from .environment import versions
+from .parallel_spec import (
+    DIST_BY_NAME,
+    DROPOUT_MODES,
+    INIT_FILE,
+    SINGLE,
+    STRATEGIES,
+    ParallelSpec,
+    Result,
+)
+from .progress import Progress, silent
+from .tolerances import GRADS, LOSS
+from .training import WeightCheck, weights_check
+
+TWINS = ("torch", "flax")
+# What a rank may take beyond the process group's timeout (imports, compiles) before the run is
+# ended as hung.
+START_GRACE_S = 120.0
+
+
+class RankFailure(RuntimeError):
+    """A rank died, or the run passed its deadline: the message is the one line to show."""
+
+
+def check_spec(spec: ParallelSpec) -> None:
+    """Refuse what cannot be split or planted, with one line naming the numbers (exit 2 in the CLI)."""
+    cfg = GPTConfig.from_dict(spec.config)
+    if spec.world < 2:
+        raise ValueError(f"world size must be at least 2, got {spec.world}")
+    unknown = [s for s in spec.strategies if s not in STRATEGIES]
+    if unknown or not spec.strategies:
+        raise ValueError(f"strategies must be some of {', '.join(STRATEGIES)}; got {', '.join(spec.strategies)}")
+    if any(s in ("ddp", "fsdp") for s in spec.strategies) and spec.batch % spec.world:
+        raise ValueError(f"batch {spec.batch} cannot be split over world size {spec.world} (data-parallel ranks)")
+    if "tp" in spec.strategies:
+        if cfg.n_heads % spec.world:
+            raise ValueError(f"tp: {cfg.n_heads} heads cannot be split over world size {spec.world}")
+        if (4 * cfg.emb_dim) % spec.world:
+            raise ValueError(
+                f"tp: the MLP's {4 * cfg.emb_dim} hidden units cannot be split over world size {spec.world}"
+            )
+    if spec.world % spec.flax_processes:
+        raise ValueError(f"{spec.flax_processes} Flax processes cannot split world size {spec.world} evenly")
+    if not 1 <= spec.seq <= cfg.context_length:
+        raise ValueError(f"seq must be in [1, context_length={cfg.context_length}], got {spec.seq}")
+    if spec.steps < 1:
+        raise ValueError(f"train steps must be >= 1, got {spec.steps}")
+    if spec.dropout not in DROPOUT_MODES:
+        raise ValueError(f"dropout must be one of {', '.join(DROPOUT_MODES)}, got {spec.dropout!r}")
+    if spec.plant is not None:
+        mutant = DIST_BY_NAME.get(spec.plant)
+        if mutant is None:
+            raise ValueError(f"unknown distributed mutant {spec.plant!r}; known: {', '.join(DIST_BY_NAME)}")
+        if mutant.needs_dropout and spec.dropout != "parity":
+            raise ValueError(f"{mutant.name} can only show with --dropout parity")
+        if not set(mutant.strategies) & set(spec.strategies):
+            raise ValueError(f"{mutant.name} exists only under {', '.join(mutant.strategies)}")
+
+
+def write_init(spec: ParallelSpec, folder: Path) -> None:
+    """The canonical initial weights every worker of both twins loads: the torch twin's init."""
+    import torch
+
+    import gpt_torch
+
+    torch.manual_seed(spec.seed)
+    weights: dict[str, Any] = gpt_torch.state_dict(gpt_torch.GPTModel(spec.cfg))
+    np.savez(folder / INIT_FILE, **weights)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker_env(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    # Ranks share this machine's cores: one thread each, as the process group's peers expect.
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+@dataclasses.dataclass
+class _Rank:
+    name: str  # "torch rank 1", "flax process 0"
+    proc: subprocess.Popen
+    log: Path
+
+    def last_line(self, prefix: str = "") -> str:
+        try:
+            lines = [ln for ln in self.log.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        lines = [ln for ln in lines if ln.startswith(prefix)] if prefix else lines
+        return lines[-1] if lines else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit status {code}"
+
+
+@contextlib.contextmanager
+def _ranks(commands: Sequence[tuple[str, list[str], dict[str, str]]], folder: Path) -> Iterator[list[_Rank]]:
+    """Start every rank in a session of its own (the launcher, not the terminal, ends them) and
+    end whatever is still running on the way out, Ctrl-C included."""
+    ranks: list[_Rank] = []
+    try:
+        for name, argv, env in commands:
+            log = folder / f"{name.replace(' ', '-')}.log"
+            with open(log, "w") as out:
+                proc = subprocess.Popen(
+                    argv, stdout=out, stderr=subprocess.STDOUT, env=_worker_env(env), start_new_session=True
+                )
+            ranks.append(_Rank(name, proc, log))
+        yield ranks
+    finally:
+        for r in ranks:
+            r.stop()
+
+
+def _watch(ranks: list[_Rank], deadline_s: float, status) -> None:
+    """Wait for every rank; the first to fail, or the deadline, ends them all with one line."""
+    start = time.monotonic()
+    while True:
+        codes = [r.proc.poll() for r in ranks]
+        for r, code in zip(ranks, codes, strict=True):
+            if code not in (None, 0):
+                said = r.last_line().removeprefix("PROGRESS ")
+                where = f": {said}" if said and not said.startswith(r.name) else ""
+                detail = said if said.startswith(r.name) else f"{_exit_text(code)}{where}"
+                raise RankFailure(f"{r.name} failed ({detail}); the other ranks were stopped")
+        if all(code == 0 for code in codes):
+            return
+        if time.monotonic() - start > deadline_s:
+            running = ", ".join(r.name for r, c in zip(ranks, codes, strict=True) if c is None)
+            raise RankFailure(f"no progress for {deadline_s:.0f} s: stopped {running} (a hung collective?)")
+        said = ranks[0].last_line("PROGRESS ").removeprefix("PROGRESS ")
+        if said:
+            status(said)
+        time.sleep(0.1)
+
+
+def launch(spec: ParallelSpec, folder: Path, twin: str, status=lambda s: None) -> None:
+    """Run one twin's ranks to completion (their Results land in `folder`), or raise RankFailure."""
+    spec_file = folder / "spec.json"
+    spec.save(spec_file)
+    port = str(_free_port())
+    commands = []
+    if twin == "torch":
+        for rank in range(spec.world):
+            env = {"RANK": str(rank), "WORLD_SIZE": str(spec.world), "LOCAL_RANK": str(rank)}
+            env |= {"LOCAL_WORLD_SIZE": str(spec.world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+            argv = [sys.executable, "-m", "parity_tests.parallel_torch", str(spec_file), str(folder)]
+            commands.append((f"torch rank {rank}", argv, env))
+    else:
+        n = spec.flax_processes
+        for i in range(n):
+            env = {
+                "PARITY_NUM_PROCESSES": str(n),
+                "PARITY_PROCESS_ID": str(i),
+                "PARITY_COORDINATOR": f"127.0.0.1:{port}",
+                "PARITY_LOCAL_DEVICES": str(spec.world // n),
+                "JAX_PLATFORMS": "cpu",
+            }
+            argv = [sys.executable, "-m", "parity_tests.parallel_flax", str(spec_file), str(folder)]
+            commands.append((f"flax process {i}", argv, env))
+    with _ranks(commands, folder) as ranks:
+        _watch(ranks, spec.timeout_s + START_GRACE_S, status)
+
+
+@dataclasses.dataclass
+class ParallelRow:
+    """One comparison: a strategy's run in `twin` against `against` (one device, or the other twin)."""
+
+    strategy: str
+    twin: str  # "torch", "flax", or "torch vs flax"
+    against: str  # "one device" or "the other twin"
+    loss: Comparison
+    grads: list[Comparison]
+    weights: WeightCheck
+    state_bytes: int  # parameters + AdamW moments on the rank holding the most (of `twin`'s run)
+    single_bytes: int  # the same on one device
+    notes: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return self.loss.passed and all(g.passed for g in self.grads) and self.weights.passed
+
+    @property
+    def first_failure(self) -> str | None:
+        """The first tensor past its bound: the loss, then gradients, then weights, canonical order."""
+        if not self.loss.passed:
+            return "loss"
+        for g in self.grads:
+            if not g.passed:
+                return g.name
+        for w in self.weights.tensors:
+            if not w.passed:
+                return f"weight {w.name}"
+        return None if self.weights.passed else "weights: elements past the envelope"
+
+    @property
+    def worst_grad(self) -> Comparison:
+        return max(self.grads, key=lambda c: c.margin if np.isfinite(c.margin) else np.inf)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "twin": self.twin,
+            "against": self.against,
+            "passed": self.passed,
+            "first_failure": self.first_failure,
+            "loss": self.loss.to_json(),
+            "grads": [g.to_json() for g in self.grads],
+            "weights": self.weights.to_json(),
+            "state_bytes_per_rank": self.state_bytes,
+            "state_bytes_one_device": self.single_bytes,
+            "notes": self.notes,
+        }
+
+
+@dataclasses.dataclass
+class ParallelReport:
+    spec: ParallelSpec
+    rows: list[ParallelRow]
+    losses: dict[str, list[float]]  # "twin strategy" -> each step's loss
+    failure: str | None = None  # a rank's failure: the run ended without results
+
+    @property
+    def passed(self) -> bool:
+        return self.failure is None and bool(self.rows) and all(r.passed for r in self.rows)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.to_json(),
+            "passed": self.passed,
+            "failure": self.failure,
+            "rows": [r.to_json() for r in self.rows],
+            "losses": self.losses,
+            "versions": versions(),
+        }
+
+
+def _row(strategy: str, twin: str, against: str, ref: Result, cand: Result, spec: ParallelSpec) -> ParallelRow:
+    loss = compare("loss", np.asarray(ref.losses, np.float64), np.asarray(cand.losses, np.float64), LOSS)
+    grads = [
+        compare(f"grad {k}", ref.grads[k], cand.grads.get(k, np.full_like(v, np.nan)), GRADS)
+        for k, v in ref.grads.items()
+    ]
+    weights = weights_check(spec.steps, ref.weights, cand.weights, spec.lr)
+    return ParallelRow(strategy, twin, against, loss, grads, weights, cand.state_bytes, ref.state_bytes, cand.notes)
+
+
+def compare_results(spec: ParallelSpec, results: dict[tuple[str, str], Result]) -> list[ParallelRow]:
+    """Every strategy against its twin's one-device run, and each twin's run against the other's."""
+    rows = [_row(SINGLE, "torch vs flax", "the other twin", results["torch", SINGLE], results["flax", SINGLE], spec)]
+    for strategy in spec.strategies:
+        for twin in TWINS:
+            rows.append(_row(strategy, twin, "one device", results[twin, SINGLE], results[twin, strategy], spec))
+        rows.append(
+            _row(
+                strategy, "torch vs flax", "the other twin", results["torch", strategy], results["flax", strategy], spec
+            )
+        )
+    return rows
+
+
+def run_parallel_parity(
+    spec: ParallelSpec,
+    *,
+    plant_twin: str | None = None,
+    progress: Progress = silent,
+    keep: Path | None = None,
+) -> ParallelReport:
+    """Both twins' ranks, one twin after the other (they would share this machine's cores), each
+    strategy held to one device and to the other twin. `spec.plant` goes to `plant_twin`'s ranks
+    only. `keep`: a folder for the ranks' files and logs (default: a temporary one)."""
+    check_spec(spec)
+    prog = progress(3)
+    with contextlib.ExitStack() as stack:
+        folder = keep if keep is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        folder.mkdir(parents=True, exist_ok=True)
+        with prog.step("initial weights"):
+            write_init(spec, folder)
+        for twin in TWINS:
+            twin_spec = dataclasses.replace(spec, plant=spec.plant if plant_twin == twin else None)
+            with prog.step(f"{twin}: {spec.world} ranks, {', '.join(spec.strategies)}") as status:
+                try:
+                    launch(twin_spec, folder, twin, status)
+                except RankFailure as e:
+                    return ParallelReport(spec, [], {}, failure=str(e))
+        results = {(t, s): Result.load(folder, t, s) for t in TWINS for s in (SINGLE, *spec.strategies)}
+    losses = {f"{t} {s}": r.losses for (t, s), r in results.items()}
+    return ParallelReport(spec, compare_results(spec, results), losses)

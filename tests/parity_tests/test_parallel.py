@@ -1,0 +1,110 @@
+"""Distributed parity: what the launcher refuses, the data every rank sees, parity dropout by global
+index, a dead rank, and (marked `distributed`: `make test-distributed`) every strategy and every
+distributed mutant in both twins through their own engines."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import gpt_torch
+from gpt_spec import GPTConfig
+from gpt_torch.dropout import ParityDropout, global_index
+from parity_tests import parallel
+from parity_tests.parallel_spec import DIST_MUTANTS, ParallelSpec, global_batch, rank_rows
+from tests.helpers import ROOT
+
+TINY_MESH = json.loads((ROOT / "examples" / "tiny-mesh.json").read_text())
+TINY_ODD = json.loads((ROOT / "examples" / "tiny-odd.json").read_text())
+
+
+def spec(**changes) -> ParallelSpec:
+    return dataclasses.replace(ParallelSpec(TINY_MESH, 2, ("ddp", "fsdp", "tp")), **changes)
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"world": 3}, ["batch 8", "world size 3"]),
+        ({"config": TINY_ODD, "strategies": ("tp",)}, ["3 heads", "world size 2"]),
+        ({"world": 1}, ["at least 2"]),
+        ({"world": 4, "flax_processes": 3}, ["3 Flax processes", "world size 4"]),
+        ({"seq": 12}, ["context_length=11"]),
+        ({"plant": "same-dropout-mask"}, ["--dropout parity"]),
+        ({"plant": "row-parallel-unreduced", "strategies": ("ddp",)}, ["only under tp"]),
+        ({"plant": "no-such-bug"}, ["unknown distributed mutant"]),
+    ],
+)
+def test_refused_in_one_line_naming_the_numbers(changes, words):
+    with pytest.raises(ValueError) as e:
+        parallel.check_spec(spec(**changes))
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_tiny_odd_data_parallel_is_accepted():
+    parallel.check_spec(spec(config=TINY_ODD, strategies=("ddp", "fsdp")))
+
+
+def test_ranks_take_disjoint_rows_with_unequal_token_counts():
+    s = spec(world=4)
+    x, y, mask = global_batch(s, 1)
+    rows = [np.arange(s.batch)[rank_rows(s, r)] for r in range(s.world)]
+    assert np.array_equal(np.concatenate(rows), np.arange(s.batch))  # disjoint, in order, all of them
+    counts = [mask[r].sum() for r in rows]
+    assert len(set(counts)) == s.world, counts  # a per-rank mean differs from the global one
+    assert np.array_equal(x[:, 1:], y[:, :-1])  # next-token windows
+    assert not np.array_equal(global_batch(s, 2)[0], x)
+
+
+@pytest.mark.parametrize("dim, count", [(0, 2), (0, 4), (1, 3)])
+def test_a_part_draws_its_slice_of_the_whole_mask(dim, count):
+    """The mask of a rank's part, drawn by global index, is that part of the one-device mask."""
+    whole = torch.ones(4, 6, 5)
+    full = ParityDropout(0.5, gpt_torch.dropout.DropoutCounter(), seed=7).train()
+    expected = full(whole)
+    size = whole.shape[dim] // count
+    for index in range(count):
+        part = ParityDropout(0.5, gpt_torch.dropout.DropoutCounter(), seed=7).train()
+        part.shards = ((dim, index, count),)
+        got = part(whole.narrow(dim, index * size, size))
+        assert torch.equal(got, expected.narrow(dim, index * size, size)), index
+        local = ParityDropout(0.5, gpt_torch.dropout.DropoutCounter(), seed=7).train()
+        if index:  # by local index every part draws part 0's mask: the same-dropout-mask bug
+            assert not torch.equal(local(whole.narrow(dim, index * size, size)), got)
+
+
+def test_global_index_of_two_split_dimensions():
+    whole = torch.arange(2 * 6 * 3).view(2, 6, 3)
+    part = whole[1:2, 2:4]
+    assert torch.equal(global_index((1, 2, 3), ((0, 1, 2), (1, 1, 3)), "cpu"), part.flatten())
+
+
+def test_parallelize_refuses_an_unknown_strategy():
+    from gpt_torch.distributed import parallelize
+
+    with pytest.raises(ValueError, match="unknown strategy 'zero'"):
+        parallelize(gpt_torch.GPTModel(GPTConfig.from_dict(TINY_MESH)), "zero", None)
+
+
+def test_every_distributed_mutant_names_where_it_exists():
+    for m in DIST_MUTANTS:
+        assert m.strategies and set(m.strategies) <= set(parallel.STRATEGIES), m.name
+
+
+@pytest.mark.subprocess
+def test_a_killed_torch_rank_ends_the_run_in_one_line(tmp_path):
+    s = spec(strategies=("ddp",), fault="1@2", timeout_s=30.0)
+    parallel.write_init(s, tmp_path)
+    start = time.monotonic()
+    with pytest.raises(parallel.RankFailure) as e:
+        parallel.launch(s, tmp_path, "torch")
+    took = time.monotonic() - start
+    message = str(e.value)
+    assert "\n" not in message and "torch rank 1" in message and "SIGKILL" in message, message
+    assert "step 2" in message, message
+    assert took < s.timeout_s, took  # ended by the launcher, not by the process group's timeout
