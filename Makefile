@@ -15,7 +15,7 @@ BIN := $(VENV)/bin
 HUGEPAGES ?= glibc.malloc.hugetlb=1
 STAMP := $(VENV)/.installed
 
-.PHONY: install run tour test lint clean check-install test-floors train-chapter5
+.PHONY: install run tour test test-distributed lint clean check-install test-floors train-chapter5
 
 install: $(STAMP)
 
@@ -53,7 +53,11 @@ train-chapter5: $(STAMP)
 
 # Both cores: each module (the zoo: each twin's half) runs whole on one worker, its fixtures built once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadscope
+	$(BIN)/python -m pytest -n 2 --dist loadscope -m "not distributed"
+
+# Every strategy and distributed mutant of both twins, each run starting its own ranks (minutes).
+test-distributed: $(STAMP)
+	$(BIN)/python -m pytest -n 2 --dist loadscope -m distributed
 
 # ruff (lint and format) and mypy, configured in pyproject.toml; CI runs this before the tests.
 lint: $(STAMP)

@@ -58,7 +58,7 @@ def book_cfg() -> dict:
     return dict(GPT_CONFIG_124M)
 
 
-_NOT_CORE = ("slow", "subprocess", "zoo", "gpu", "tpu")
+_NOT_CORE = ("slow", "subprocess", "zoo", "gpu", "tpu", "distributed")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -58,6 +58,19 @@ def _end(prog: str, written: Sequence[str] = ()) -> None:
 # command has ended. The one watcher thread calls it, whatever the main thread is doing.
 _action: Callable[[], None] | None = None
 _guarded = False
+# What a Ctrl-C does first, before the process ends without unwinding (see also_on_interrupt).
+_first: list[Callable[[], None]] = []
+
+
+@contextlib.contextmanager
+def also_on_interrupt(action: Callable[[], None]) -> Iterator[None]:
+    """Within the block, a Ctrl-C that ends the process runs `action` first: what no `finally` would
+    get to do (stop child processes, delete their folders)."""
+    _first.append(action)
+    try:
+        yield
+    finally:
+        _first.remove(action)
 
 
 def _on_interrupt() -> None:
@@ -196,6 +209,9 @@ def exit_on_interrupt(
     cleanup = _Cleanup.start(outputs, folders, scratch)
 
     def die() -> None:
+        for action in list(_first):
+            with contextlib.suppress(Exception):
+                action()
         with contextlib.suppress(Exception):  # whatever is left behind, the process ends
             cleanup.remove_leftovers()
         with contextlib.suppress(Exception):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from gpt_spec import GPTConfig
+from gpt_spec.layout import in_model_order
 
 from .compare import Comparison, compare
 from .environment import versions
@@ -46,6 +48,22 @@ TWINS = ("torch", "flax")
 # What a rank may take beyond the process group's timeout (imports, compiles) before the run is
 # ended as hung.
 START_GRACE_S = 120.0
+
+
+# What a process ending abruptly (Ctrl-C in gpt-parity ends it with os._exit) must not leave behind:
+# ranks in sessions of their own, and the launcher's temporary folders. See abandon().
+_LIVE_RANKS: set[subprocess.Popen] = set()
+_TEMPORARY: set[Path] = set()
+
+
+def abandon() -> None:
+    """Kill every rank this process started that is still running and delete its temporary
+    folders: for a caller about to end the process without unwinding (no finally runs)."""
+    for proc in list(_LIVE_RANKS):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    for folder in list(_TEMPORARY):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class RankFailure(RuntimeError):
@@ -110,6 +128,8 @@ def _worker_env(extra: dict[str, str]) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     # Ranks share this machine's cores: one thread each, as the process group's peers expect.
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    # Each rank compiles its own programs: none shares a persistent cache with another process.
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     env.update(extra)
     return env
 
@@ -133,6 +153,7 @@ class _Rank:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
+        _LIVE_RANKS.discard(self.proc)
 
 
 def _exit_text(code: int) -> str:
@@ -154,6 +175,7 @@ def _ranks(commands: Sequence[tuple[str, list[str], dict[str, str]]], folder: Pa
                 proc = subprocess.Popen(
                     argv, stdout=out, stderr=subprocess.STDOUT, env=_worker_env(env), start_new_session=True
                 )
+            _LIVE_RANKS.add(proc)
             ranks.append(_Rank(name, proc, log))
         yield ranks
     finally:
@@ -284,24 +306,31 @@ class ParallelReport:
         }
 
 
-def _row(strategy: str, twin: str, against: str, ref: Result, cand: Result, spec: ParallelSpec) -> ParallelRow:
+def compare_pair(strategy: str, twin: str, against: str, ref: Result, cand: Result, spec: ParallelSpec) -> ParallelRow:
+    """`cand` held to `ref`: the loss at every step, every gradient, the weights after the last step."""
+    order = in_model_order(ref.weights, spec.cfg)  # "first past its bound" in the forward's order
+
+    def held(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: got.get(k, np.full_like(want[k], np.nan)) for k in order}  # a missing tensor fails
+
     loss = compare("loss", np.asarray(ref.losses, np.float64), np.asarray(cand.losses, np.float64), LOSS)
-    grads = [
-        compare(f"grad {k}", ref.grads[k], cand.grads.get(k, np.full_like(v, np.nan)), GRADS)
-        for k, v in ref.grads.items()
-    ]
-    weights = weights_check(spec.steps, ref.weights, cand.weights, spec.lr)
+    grads = [compare(f"grad {k}", ref.grads[k], v, GRADS) for k, v in held(cand.grads, ref.grads).items()]
+    weights = weights_check(spec.steps, {k: ref.weights[k] for k in order}, held(cand.weights, ref.weights), spec.lr)
     return ParallelRow(strategy, twin, against, loss, grads, weights, cand.state_bytes, ref.state_bytes, cand.notes)
 
 
 def compare_results(spec: ParallelSpec, results: dict[tuple[str, str], Result]) -> list[ParallelRow]:
     """Every strategy against its twin's one-device run, and each twin's run against the other's."""
-    rows = [_row(SINGLE, "torch vs flax", "the other twin", results["torch", SINGLE], results["flax", SINGLE], spec)]
+    rows = [
+        compare_pair(SINGLE, "torch vs flax", "the other twin", results["torch", SINGLE], results["flax", SINGLE], spec)
+    ]
     for strategy in spec.strategies:
         for twin in TWINS:
-            rows.append(_row(strategy, twin, "one device", results[twin, SINGLE], results[twin, strategy], spec))
+            rows.append(
+                compare_pair(strategy, twin, "one device", results[twin, SINGLE], results[twin, strategy], spec)
+            )
         rows.append(
-            _row(
+            compare_pair(
                 strategy, "torch vs flax", "the other twin", results["torch", strategy], results["flax", strategy], spec
             )
         )
@@ -321,7 +350,12 @@ def run_parallel_parity(
     check_spec(spec)
     prog = progress(3)
     with contextlib.ExitStack() as stack:
-        folder = keep if keep is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        if keep is None:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpt-parity-parallel-")))
+            _TEMPORARY.add(folder)
+            stack.callback(_TEMPORARY.discard, folder)
+        else:
+            folder = keep
         folder.mkdir(parents=True, exist_ok=True)
         with prog.step("initial weights"):
             write_init(spec, folder)

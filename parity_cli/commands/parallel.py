@@ -13,6 +13,7 @@ from parity_tests.parallel_spec import DIST_BY_NAME, DIST_MUTANTS, DROPOUT_MODES
 
 from .. import reports
 from ..common import JSON_HELP, positive, seed_arg, write_outputs
+from ..interrupt import also_on_interrupt
 from ..render import format_table, progress
 
 
@@ -112,9 +113,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         flax_processes=min(args.flax_processes, args.world_size),
     )
     parallel.check_spec(spec)  # a ValueError: one line, exit 2
-    report = parallel.run_parallel_parity(
-        spec, plant_twin=twin, progress=progress(args.quiet), keep=Path(args.keep) if args.keep else None
-    )
+    with also_on_interrupt(parallel.abandon):  # the ranks run in sessions of their own
+        report = parallel.run_parallel_parity(
+            spec, plant_twin=twin, progress=progress(args.quiet), keep=Path(args.keep) if args.keep else None
+        )
     planted = f", {name} planted in {twin}" if name else ""
     print(
         f"{args.config}: world size {spec.world} (torch: {spec.world} ranks; flax: {spec.flax_processes} processes x "
@@ -129,6 +131,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     write_outputs(args, report.to_json(), lambda path: reports.plot_parallel(report, path))
     for row in report.rows:
         if not row.passed:
-            print(f"FAIL: {row.strategy}, {row.twin} vs {row.against}: {row.first_failure} past its bound")
+            pair = row.twin if row.against == "the other twin" else f"{row.twin} vs {row.against}"
+            print(f"FAIL: {row.strategy}, {pair}: {row.first_failure} past its bound")
     print("PASS: every strategy is the one-device run, in both twins" if report.passed else "FAIL")
     return 0 if report.passed else 1

@@ -50,6 +50,8 @@ def _checkpoints(namespace: dict, out: str, cwd: Path) -> None:
 
 def _sharding(namespace: dict, out: str, cwd: Path) -> None:
     assert namespace["plan"].mesh.shape == {"data": 1, "model": 1} and namespace["loss"] > 0
+    assert namespace["tloss"].item() > 0 and namespace["floss"] > 0  # both twins' distributed steps ran
+    assert set(namespace["fsdp_plan"].fsdp_dims) == set(namespace["fsdp_plan"].specs)
 
 
 def _refusals(namespace: dict, out: str, cwd: Path) -> None:
@@ -134,7 +136,10 @@ def _cli_params():
     for page in PAGES:
         for line in helpers.shell_lines(page):
             if line.startswith("gpt-parity ") and "--cpu-devices" not in line:  # see below
-                marks = [pytest.mark.slow] if _is_slow(line, shlex.split(line)[1:]) else []
+                args = shlex.split(line)[1:]
+                marks = [pytest.mark.slow] if _is_slow(line, args) else []
+                if args[0] == "parallel" and "--list" not in args:  # starts both twins' ranks
+                    marks = [pytest.mark.distributed]
                 yield pytest.param(line, id=f"{_name(page)}: {line}", marks=marks)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +109,73 @@ def test_a_killed_torch_rank_ends_the_run_in_one_line(tmp_path):
     assert "\n" not in message and "torch rank 1" in message and "SIGKILL" in message, message
     assert "step 2" in message, message
     assert took < s.timeout_s, took  # ended by the launcher, not by the process group's timeout
+
+
+@pytest.mark.subprocess
+def test_every_strategy_of_both_twins_is_the_one_device_run():
+    """The default run's one end-to-end case: world 2, every strategy, both twins' own engines."""
+    report = parallel.run_parallel_parity(spec(steps=2))
+    assert report.passed, [(r.strategy, r.twin, r.first_failure) for r in report.rows if not r.passed]
+    assert [(r.strategy, r.twin) for r in report.rows] == [("single", "torch vs flax")] + [
+        (s, t) for s in ("ddp", "fsdp", "tp") for t in ("torch", "flax", "torch vs flax")
+    ]
+    own = {(r.strategy, r.twin): r for r in report.rows if r.against == "one device"}
+    for twin in ("torch", "flax"):
+        assert own["ddp", twin].state_bytes == own["ddp", twin].single_bytes  # every rank holds it all
+        assert own["fsdp", twin].state_bytes <= 0.51 * own["fsdp", twin].single_bytes  # a half, and a bias
+    row = report.rows[1]
+    assert len(row.grads) == len(row.weights.tensors) == 2 * 16 + 5  # every parameter: 2 blocks and the rest
+    assert len(report.losses["torch ddp"]) == 2
+
+
+@pytest.mark.subprocess
+def test_ctrl_c_ends_every_rank_and_leaves_no_folder(tmp_path):
+    """The ranks run in sessions of their own (a terminal's Ctrl-C reaches the launcher only), and
+    the launcher ends with os._exit: it must kill them and delete its folder first."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    argv = [sys.executable, "-m", "parity_cli.main", "parallel", "--config", str(ROOT / "examples/tiny-mesh.json")]
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    proc = subprocess.Popen([*argv, "--quiet"], cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while not list(scratch.glob("*/torch-rank-1.log")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err, err
+    survivors = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = (Path("/proc") / pid / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(scratch).encode() in cmdline:
+            survivors.append(cmdline)
+    assert not survivors, survivors
+    assert not list(scratch.iterdir())
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--config", "examples/tiny-odd.json", "--strategies", "tp"], ["tp: 3 heads", "world size 2"]),
+        (["--config", "examples/tiny-mesh.json", "--world-size", "3"], ["batch 8", "world size 3"]),
+        (["--config", "examples/tiny-mesh.json", "--plant", "nope@torch"], ["unknown distributed mutant 'nope'"]),
+        (["--config", "examples/tiny-mesh.json", "--plant", "grads-summed@jax"], ["unknown twin 'jax'"]),
+        (["--config", "examples/tiny-mesh.json", "--strategies", "ddp,zero"], ["unknown strategy 'zero'"]),
+        ([], ["parallel needs --config"]),
+    ],
+)
+def test_the_command_refuses_before_any_rank_starts(args, words, capsys, monkeypatch):
+    from parity_cli.main import main
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as e:
+        main(["parallel", *args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and all(w in err for w in words), err
