@@ -48,6 +48,7 @@ TWINS = ("torch", "flax")
 # What a rank may take beyond the process group's timeout (imports, compiles) before the run is
 # ended as hung.
 START_GRACE_S = 120.0
+FAILURE_SETTLE_S = 1.0  # how long the other ranks get to end after one has failed, before naming one
 
 
 # What a process ending abruptly (Ctrl-C in gpt-parity ends it with os._exit) must not leave behind:
@@ -183,17 +184,28 @@ def _ranks(commands: Sequence[tuple[str, list[str], dict[str, str]]], folder: Pa
             r.stop()
 
 
+def _what_happened(rank: _Rank, code: int) -> str:
+    """A dead rank in a few words: its own one-line error where it wrote one (exit status 1), else
+    how it ended and the step it had reached (a signal, or an abort's trace, says nothing useful)."""
+    said = rank.last_line()
+    if code > 0 and said.startswith(rank.name):
+        return said
+    reached = rank.last_line("PROGRESS ").removeprefix("PROGRESS ")
+    return f"{_exit_text(code)} during {reached}" if reached else _exit_text(code)
+
+
 def _watch(ranks: list[_Rank], deadline_s: float, status) -> None:
     """Wait for every rank; the first to fail, or the deadline, ends them all with one line."""
     start = time.monotonic()
     while True:
         codes = [r.proc.poll() for r in ranks]
-        for r, code in zip(ranks, codes, strict=True):
-            if code not in (None, 0):
-                said = r.last_line().removeprefix("PROGRESS ")
-                where = f": {said}" if said and not said.startswith(r.name) else ""
-                detail = said if said.startswith(r.name) else f"{_exit_text(code)}{where}"
-                raise RankFailure(f"{r.name} failed ({detail}); the other ranks were stopped")
+        if any(code not in (None, 0) for code in codes):
+            # The one that died sets off its peers' errors (a connection reset): a moment for all
+            # of them to end, then name a rank ended by a signal before one that saw it happen.
+            time.sleep(FAILURE_SETTLE_S)
+            failed = [(r, c) for r in ranks if (c := r.proc.poll())]
+            r, code = min(failed, key=lambda rc: rc[1] > 0)  # stable: else the first in rank order
+            raise RankFailure(f"{r.name} failed ({_what_happened(r, code)}); the other ranks were stopped")
         if all(code == 0 for code in codes):
             return
         if time.monotonic() - start > deadline_s:

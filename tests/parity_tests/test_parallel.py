@@ -107,7 +107,7 @@ def test_a_killed_torch_rank_ends_the_run_in_one_line(tmp_path):
     took = time.monotonic() - start
     message = str(e.value)
     assert "\n" not in message and "torch rank 1" in message and "SIGKILL" in message, message
-    assert "step 2" in message, message
+    assert "during torch ddp: step 2" in message, message
     assert took < s.timeout_s, took  # ended by the launcher, not by the process group's timeout
 
 
