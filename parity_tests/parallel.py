@@ -264,6 +264,11 @@ class ParallelRow:
         return self.loss.passed and all(g.passed for g in self.grads) and self.weights.passed
 
     @property
+    def label(self) -> str:
+        """ "torch vs one device", or "torch vs flax"."""
+        return self.twin if self.against == "the other twin" else f"{self.twin} vs {self.against}"
+
+    @property
     def first_failure(self) -> str | None:
         """The first tensor past its bound: the loss, then gradients, then weights, canonical order."""
         if not self.loss.passed:
@@ -302,6 +307,7 @@ class ParallelReport:
     rows: list[ParallelRow]
     losses: dict[str, list[float]]  # "twin strategy" -> each step's loss
     failure: str | None = None  # a rank's failure: the run ended without results
+    plant_twin: str | None = None  # the twin whose ranks spec.plant was planted in
 
     @property
     def passed(self) -> bool:
@@ -312,6 +318,7 @@ class ParallelReport:
             "spec": self.spec.to_json(),
             "passed": self.passed,
             "failure": self.failure,
+            "planted_in": self.plant_twin if self.spec.plant else None,
             "rows": [r.to_json() for r in self.rows],
             "losses": self.losses,
             "versions": versions(),
@@ -377,7 +384,7 @@ def run_parallel_parity(
                 try:
                     launch(twin_spec, folder, twin, status)
                 except RankFailure as e:
-                    return ParallelReport(spec, [], {}, failure=str(e))
+                    return ParallelReport(spec, [], {}, failure=str(e), plant_twin=plant_twin)
         results = {(t, s): Result.load(folder, t, s) for t in TWINS for s in (SINGLE, *spec.strategies)}
     losses = {f"{t} {s}": r.losses for (t, s), r in results.items()}
-    return ParallelReport(spec, compare_results(spec, results), losses)
+    return ParallelReport(spec, compare_results(spec, results), losses, plant_twin=plant_twin)

@@ -131,7 +131,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     write_outputs(args, report.to_json(), lambda path: reports.plot_parallel(report, path))
     for row in report.rows:
         if not row.passed:
-            pair = row.twin if row.against == "the other twin" else f"{row.twin} vs {row.against}"
-            print(f"FAIL: {row.strategy}, {pair}: {row.first_failure} past its bound")
+            print(f"FAIL: {row.strategy}, {row.label}: {row.first_failure} past its bound")
     print("PASS: every strategy is the one-device run, in both twins" if report.passed else "FAIL")
     return 0 if report.passed else 1
