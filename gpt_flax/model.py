@@ -43,12 +43,19 @@ def check_ids(in_idx: Any, cfg: GPTConfig | ModelLimits, *, check_length: bool =
     if isinstance(in_idx, jax.core.Tracer):
         check_token_ids(in_idx.shape, in_idx.dtype.kind, str(in_idx.dtype), None, None, cfg, check_length=check_length)
         return in_idx
-    host = np.asarray(in_idx)
-    kind = host.dtype.kind
+    if isinstance(in_idx, jax.Array) and not in_idx.is_fully_addressable:
+        # Split over processes (jax.distributed): each checks the part it holds, so all are checked.
+        parts = [np.asarray(shard.data) for shard in in_idx.addressable_shards]
+        shape, dtype = tuple(in_idx.shape), np.dtype(in_idx.dtype)
+    else:
+        parts = [np.asarray(in_idx)]
+        shape, dtype = parts[0].shape, parts[0].dtype
+    kind = dtype.kind
     lo = hi = None
-    if kind in ("i", "u") and host.size > 0:
-        lo, hi = int(host.min()), int(host.max())
-    check_token_ids(host.shape, kind, str(host.dtype), lo, hi, cfg, check_length=check_length)
+    if kind in ("i", "u") and any(part.size for part in parts):
+        lo = min(int(part.min()) for part in parts if part.size)
+        hi = max(int(part.max()) for part in parts if part.size)
+    check_token_ids(shape, kind, str(dtype), lo, hi, cfg, check_length=check_length)
     ids = jnp.asarray(in_idx)
     # Every id is in [0, vocab_size) and vocab_size <= 2**31 - 1: int32 holds it exactly, and one
     # dtype means one compiled program per shape whatever integer dtype the ids came in.
@@ -590,7 +597,28 @@ def placed(model: nnx.Module, *arrays: jax.Array) -> tuple[jax.Array, ...]:
 
 
 def _committed(x: Any, home: NamedSharding | None) -> Any:
-    return jax.device_put(x, home or x.sharding) if _concrete(x) and not x.committed else x
+    return put(x, home or x.sharding) if _concrete(x) and not x.committed else x
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """jax.device_put(tree, shardings), also where a sharding spans other processes' devices (after
+    jax.distributed.initialize), which device_put refuses: there each process builds its own
+    devices' shards from the value it holds, which must be the same on every process (as when every
+    process loads the same weights)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    targets = jax.tree.leaves(shardings)
+    if all(s.is_fully_addressable for s in targets):
+        return jax.device_put(tree, shardings)
+    return jax.tree.unflatten(treedef, [_put_global(x, s) for x, s in zip(leaves, targets, strict=True)])
+
+
+def _put_global(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # an RNG key: placed as its raw data
+        return jax.random.wrap_key_data(_put_global(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "return_activations"))

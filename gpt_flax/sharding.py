@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .model import put
 from .weights import canonical_name
 
 AXES = ("data", "model")
@@ -158,27 +159,6 @@ def shard_model(model: nnx.Module, mesh: Mesh, *, fsdp: bool = False) -> Shardin
     state = nnx.state(model)
     nnx.update(model, put(state, nnx.get_named_sharding(state, mesh)))
     return ShardingPlan(mesh, specs, dropped, fsdp_dims)
-
-
-def put(tree: Any, shardings: Any) -> Any:
-    """jax.device_put(tree, shardings), also where a sharding spans other processes' devices (after
-    jax.distributed.initialize), which device_put refuses: there each process builds its own
-    devices' shards from the value it holds, which must be the same on every process (as when every
-    process loads the same weights)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    targets = jax.tree.leaves(shardings)
-    if all(s.is_fully_addressable for s in targets):
-        return jax.device_put(tree, shardings)
-    return jax.tree.unflatten(treedef, [_put_global(x, s) for x, s in zip(leaves, targets, strict=True)])
-
-
-def _put_global(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
-    if sharding.is_fully_addressable:
-        return jax.device_put(x, sharding)
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # an RNG key: placed as its raw data
-        return jax.random.wrap_key_data(_put_global(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def shard_batch(ids: Any, mesh: Mesh) -> jax.Array:

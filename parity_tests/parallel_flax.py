@@ -327,19 +327,6 @@ def place_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, array[rows], array.shape)
 
 
-def replicate_rest(mesh: Mesh, *objs: nnx.Module | nnx.Optimizer) -> None:
-    """Every array not yet on `mesh` (Adam's step count, made on one device) replicated over it:
-    gpt_flax's commit() does this with device_put, which refuses devices of other processes."""
-    replicated = NamedSharding(mesh, P())
-
-    def home(x: Any) -> Any:
-        on_mesh = isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
-        return x if on_mesh or not isinstance(x, jax.Array) else sharding.put(x, replicated)
-
-    for obj in objs:
-        nnx.update(obj, jax.tree.map(home, nnx.state(obj)))
-
-
 def state_bytes(model: nnx.Module, optimizer: nnx.Optimizer, processes: int) -> int:
     """Bytes of parameters and optimizer state on the device that holds the most, over every process."""
     per_device: dict[jax.Device, int] = {}
@@ -401,7 +388,7 @@ class Worker:
         plan = sharding.shard_model(model, mesh, fsdp=strategy == "fsdp")
         plant(model, port, mesh)
         optimizer = gpt_flax.adamw(model, lr=spec.lr, weight_decay=spec.weight_decay)  # after: moments as params
-        replicate_rest(mesh, model, optimizer)
+        commit(model, optimizer)  # Adam's count, made on one device: replicated over the mesh
         batch = NamedSharding(mesh, P("data", None))
         step = dp_port_step(port, mesh) if port.dp_shard_map else gspmd_step()
         result = self.train(strategy, model, optimizer, step, lambda a: place_global(a, batch), fault)

@@ -12,6 +12,7 @@ import pytest
 
 from parity_tests import parallel
 from parity_tests.parallel_spec import ParallelSpec, Result
+from parity_tests.tolerances import LOSS
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.distributed
@@ -65,3 +66,65 @@ def test_a_killed_flax_process_ends_the_run_in_one_line(tmp_path, process):
     message = str(e.value)
     assert "\n" not in message and f"flax process {process}" in message and "SIGKILL" in message, message
     assert time.monotonic() - start < spec.timeout_s + 30
+
+
+_TWIN_STEPS = """
+import json
+import sys
+import jax
+processes, pid, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+if processes > 1:
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=processes, process_id=pid, initialization_timeout=60)
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+import gpt_flax
+from gpt_flax import sharding
+from gpt_spec import GPTConfig
+cfg = GPTConfig(vocab_size=97, context_length=16, emb_dim=24, n_heads=3, n_layers=2, drop_rate=0.0, qkv_bias=False)
+batch = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 9))
+mesh = sharding.make_mesh((jax.device_count(), 1))
+model = gpt_flax.GPTModel(cfg, rngs=nnx.Rngs(0))
+sharding.shard_model(model, mesh, fsdp=True)
+optimizer = gpt_flax.adamw(model)
+rows = NamedSharding(mesh, P("data"))
+share = 4 // jax.process_count()
+mine = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
+x, y = (jax.make_array_from_process_local_data(rows, a[mine]) for a in (batch[:, :-1], batch[:, 1:]))
+print("LOSSES", json.dumps([gpt_flax.train_step(model, optimizer, x, y) for _ in range(3)]))
+"""
+
+
+def test_the_flax_twins_own_train_step_across_two_processes():
+    """gpt_flax.train_step on arrays split over two processes (what docs/sharding.md shows for a
+    cluster): every id checked by the process holding it, Adam's count placed across processes, the
+    same losses as one process."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    def run(processes: int) -> list[list[float]]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_COMPILATION_CACHE": "false"}
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _TWIN_STEPS, str(processes), str(i), port],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env,
+                cwd=ROOT,
+            )
+            for i in range(processes)
+        ]
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), outs
+        return [json.loads(out.split("LOSSES")[-1]) for out in outs]
+
+    two, one = run(2), run(1)
+    assert two[0] == two[1]  # both processes see the one global loss
+    assert max(abs(a - b) for a, b in zip(two[0], one[0], strict=True)) <= LOSS.atol, (two, one)
