@@ -149,6 +149,13 @@ class _Rank:
         lines = [ln for ln in lines if ln.startswith(prefix)] if prefix else lines
         return lines[-1] if lines else ""
 
+    def written_at(self) -> int:
+        """When the rank last wrote to its log (its one-line error, for a rank that failed)."""
+        try:
+            return self.log.stat().st_mtime_ns
+        except OSError:
+            return 0
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -195,22 +202,25 @@ def _what_happened(rank: _Rank, code: int) -> str:
 
 
 def _watch(ranks: list[_Rank], deadline_s: float, status) -> None:
-    """Wait for every rank; the first to fail, or the deadline, ends them all with one line."""
-    start = time.monotonic()
+    """Wait for every rank; the first to fail, or `deadline_s` without a line from any rank, ends
+    them all with one line."""
+    start = time.time_ns()
     while True:
         codes = [r.proc.poll() for r in ranks]
         if any(code not in (None, 0) for code in codes):
-            # The one that died sets off its peers' errors (a connection reset): a moment for all
-            # of them to end, then name a rank ended by a signal before one that saw it happen.
+            # The one that failed first sets off its peers' errors (a connection reset): a moment
+            # for them to end, then name a rank ended by a signal, else the first to write its error.
             time.sleep(FAILURE_SETTLE_S)
             failed = [(r, c) for r in ranks if (c := r.proc.poll())]
-            r, code = min(failed, key=lambda rc: rc[1] > 0)  # stable: else the first in rank order
-            raise RankFailure(f"{r.name} failed ({_what_happened(r, code)}); the other ranks were stopped")
+            r, code = min(failed, key=lambda rc: (rc[1] > 0, rc[0].written_at()))
+            running = [other.name for other in ranks if other.proc.poll() is None]  # a hung one among them
+            rest = f"{', '.join(running)} still running: stopped" if running else "no rank left running"
+            raise RankFailure(f"{r.name} failed ({_what_happened(r, code)}); {rest}")
         if all(code == 0 for code in codes):
             return
-        if time.monotonic() - start > deadline_s:
-            running = ", ".join(r.name for r, c in zip(ranks, codes, strict=True) if c is None)
-            raise RankFailure(f"no progress for {deadline_s:.0f} s: stopped {running} (a hung collective?)")
+        if (time.time_ns() - max(start, *(r.written_at() for r in ranks))) / 1e9 > deadline_s:
+            alive = ", ".join(r.name for r, c in zip(ranks, codes, strict=True) if c is None)
+            raise RankFailure(f"no progress for {deadline_s:.0f} s: stopped {alive} (a hung collective?)")
         said = ranks[0].last_line("PROGRESS ").removeprefix("PROGRESS ")
         if said:
             status(said)

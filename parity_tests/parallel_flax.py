@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import sys
 import threading
 import time
@@ -56,6 +55,7 @@ from .parallel_spec import (
     Result,
     fault_step,
     global_batch,
+    strike,
 )
 
 TWIN = "flax"
@@ -414,7 +414,7 @@ class Worker:
         for k in range(1, spec.steps + 1):
             self.progress(f"{run} step {k}/{spec.steps}")
             if fault == k:
-                os.kill(os.getpid(), signal.SIGKILL)
+                strike(spec)
             x, y, mask = global_batch(spec, k)
             loss, g = step(model, optimizer, place(x.astype(np.int32)), place(y.astype(np.int32)), place(mask))
             losses.append(float(whole(loss)))

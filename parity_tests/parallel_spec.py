@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +43,7 @@ class ParallelSpec:
     plant: str | None = None  # a distributed mutant's name, planted in this worker's twin
     timeout_s: float = 120.0  # the process group's and the JAX coordinator's
     flax_processes: int = 2  # the Flax twin's processes, world // flax_processes CPU devices each
-    fault: str | None = None  # tests only: "RANK@STEP" kills that rank at that step
+    fault: str | None = None  # tests only: "RANK@STEP" kills that rank at that step, "RANK@STEP:hang" stops it
 
     @property
     def cfg(self) -> GPTConfig:
@@ -115,11 +118,20 @@ class Result:
 
 
 def fault_step(spec: ParallelSpec, rank: int) -> int | None:
-    """The step at which the test-only fault kills `rank`, if it does."""
+    """The step at which the test-only fault strikes `rank`, if it does."""
     if spec.fault is None:
         return None
-    who, _, step = spec.fault.partition("@")
+    who, _, step = spec.fault.removesuffix(":hang").partition("@")
     return int(step) if int(who) == rank else None
+
+
+def strike(spec: ParallelSpec) -> None:
+    """The test-only fault: this process killed (SIGKILL), or stopped where it is, alive, forever
+    (":hang"), which only the others' timeouts can end."""
+    if spec.fault is not None and spec.fault.endswith(":hang"):
+        while True:
+            time.sleep(3600)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +43,7 @@ from .parallel_spec import (
     fault_step,
     global_batch,
     rank_rows,
+    strike,
 )
 
 
@@ -161,7 +161,7 @@ def _train(spec: ParallelSpec, folder: Path, strategy: str, mesh: DeviceMesh | N
     for step in range(1, spec.steps + 1):
         _progress(f"torch {strategy}: step {step} of {spec.steps}")
         if step == dies_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            strike(spec)
         x, y, mask = (torch.from_numpy(a).to(device) for a in global_batch(spec, step))
         if data_parallel:
             rows = rank_rows(spec, rank)

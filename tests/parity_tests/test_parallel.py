@@ -179,3 +179,16 @@ def test_the_command_refuses_before_any_rank_starts(args, words, capsys, monkeyp
         main(["parallel", *args])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and all(w in err for w in words), err
+
+
+def test_the_launcher_ends_ranks_that_all_stop_talking(tmp_path):
+    """Its own deadline, from the last line any rank wrote: for ranks whose timeouts failed too."""
+    import sys
+
+    commands = [(f"torch rank {i}", [sys.executable, "-c", "import time; time.sleep(60)"], {}) for i in range(2)]
+    start = time.monotonic()
+    with parallel._ranks(commands, tmp_path) as ranks, pytest.raises(parallel.RankFailure) as e:
+        parallel._watch(ranks, 1.0, lambda said: None)
+    assert "no progress for 1 s: stopped torch rank 0, torch rank 1" in str(e.value)
+    assert time.monotonic() - start < 10
+    assert all(r.proc.poll() is not None for r in ranks)  # and they are gone

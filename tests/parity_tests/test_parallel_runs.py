@@ -128,3 +128,19 @@ def test_the_flax_twins_own_train_step_across_two_processes():
     two, one = run(2), run(1)
     assert two[0] == two[1]  # both processes see the one global loss
     assert max(abs(a - b) for a, b in zip(two[0], one[0], strict=True)) <= LOSS.atol, (two, one)
+
+
+@pytest.mark.parametrize("twin", parallel.TWINS)
+def test_a_hung_rank_is_ended_by_the_timeouts(tmp_path, twin):
+    """A rank alive but stopped: its peers' process-group timeout (torch) or watchdog (Flax) ends
+    the run, well before the launcher's own deadline would."""
+    spec = ParallelSpec(TINY_MESH, 2, ("ddp",), fault="1@2:hang", timeout_s=20.0)
+    parallel.write_init(spec, tmp_path)
+    start = time.monotonic()
+    with pytest.raises(parallel.RankFailure) as e:
+        parallel.launch(spec, tmp_path, twin)
+    message = str(e.value)
+    # torch: the hung rank is left for the launcher to stop; Flax: its own watchdog ends it too
+    ended = "torch rank 1 still running: stopped" if twin == "torch" else "TimeoutError: no progress for 20 s"
+    assert "\n" not in message and ended in message, message
+    assert time.monotonic() - start < spec.timeout_s + parallel.START_GRACE_S / 2, message
