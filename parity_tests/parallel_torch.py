@@ -52,7 +52,10 @@ def _progress(text: str) -> None:
 
 
 def _device() -> torch.device:
-    if torch.cuda.is_available():
+    """A GPU of its own per rank where this host has one for each of its ranks (NCCL refuses two
+    ranks on one GPU), else the CPU (gloo)."""
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if torch.cuda.is_available() and torch.cuda.device_count() >= ranks_here:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
