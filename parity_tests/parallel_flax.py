@@ -53,6 +53,7 @@ from .parallel_spec import (
     UNSYNCED_PARAM,
     ParallelSpec,
     Result,
+    check_spec,
     fault_step,
     global_batch,
     strike,
@@ -440,13 +441,6 @@ class Worker:
                 if first:
                     result.save(self.out_dir)
         self.progress("done")
-
-
-def check_spec(spec: ParallelSpec) -> None:
-    if spec.plant is not None and spec.plant not in DIST_BY_NAME:
-        raise ValueError(f"unknown distributed mutant {spec.plant!r}; expected one of {', '.join(DIST_BY_NAME)}")
-    if spec.plant is not None and DIST_BY_NAME[spec.plant].needs_dropout and spec.dropout != "parity":
-        raise ValueError(f"mutant {spec.plant} needs --dropout parity")
 
 
 def main(argv: list[str] | None = None) -> int:

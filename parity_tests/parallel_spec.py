@@ -168,3 +168,38 @@ DIST_MUTANTS: tuple[DistMutant, ...] = (
 )
 DIST_BY_NAME = {m.name: m for m in DIST_MUTANTS}
 UNSYNCED_PARAM = "trf_blocks.0.norm1.scale"  # the parameter unsynced-param leaves out
+
+
+def check_spec(spec: ParallelSpec) -> None:
+    """Refuse what cannot be split or planted, with one line naming the numbers (exit 2 in the CLI)."""
+    cfg = GPTConfig.from_dict(spec.config)
+    if spec.world < 2:
+        raise ValueError(f"world size must be at least 2, got {spec.world}")
+    unknown = [s for s in spec.strategies if s not in STRATEGIES]
+    if unknown or not spec.strategies:
+        raise ValueError(f"strategies must be some of {', '.join(STRATEGIES)}; got {', '.join(spec.strategies)}")
+    if any(s in ("ddp", "fsdp") for s in spec.strategies) and spec.batch % spec.world:
+        raise ValueError(f"batch {spec.batch} cannot be split over world size {spec.world} (data-parallel ranks)")
+    if "tp" in spec.strategies:
+        if cfg.n_heads % spec.world:
+            raise ValueError(f"tp: {cfg.n_heads} heads cannot be split over world size {spec.world}")
+        if (4 * cfg.emb_dim) % spec.world:
+            raise ValueError(
+                f"tp: the MLP's {4 * cfg.emb_dim} hidden units cannot be split over world size {spec.world}"
+            )
+    if spec.world % spec.flax_processes:
+        raise ValueError(f"{spec.flax_processes} Flax processes cannot split world size {spec.world} evenly")
+    if not 1 <= spec.seq <= cfg.context_length:
+        raise ValueError(f"seq must be in [1, context_length={cfg.context_length}], got {spec.seq}")
+    if spec.steps < 1:
+        raise ValueError(f"train steps must be >= 1, got {spec.steps}")
+    if spec.dropout not in DROPOUT_MODES:
+        raise ValueError(f"dropout must be one of {', '.join(DROPOUT_MODES)}, got {spec.dropout!r}")
+    if spec.plant is not None:
+        mutant = DIST_BY_NAME.get(spec.plant)
+        if mutant is None:
+            raise ValueError(f"unknown distributed mutant {spec.plant!r}; known: {', '.join(DIST_BY_NAME)}")
+        if mutant.needs_dropout and spec.dropout != "parity":
+            raise ValueError(f"{mutant.name} can only show with --dropout parity")
+        if not set(mutant.strategies) & set(spec.strategies):
+            raise ValueError(f"{mutant.name} exists only under {', '.join(mutant.strategies)}")
