@@ -17,7 +17,7 @@ import gpt_torch
 from gpt_spec import GPTConfig
 from gpt_torch.dropout import ParityDropout, global_index
 from parity_tests import parallel
-from parity_tests.parallel_spec import DIST_MUTANTS, ParallelSpec, global_batch, rank_rows
+from parity_tests.parallel_spec import DIST_MUTANTS, STRATEGIES, ParallelSpec, global_batch, rank_rows
 from tests.helpers import ROOT
 
 TINY_MESH = json.loads((ROOT / "examples" / "tiny-mesh.json").read_text())
@@ -94,7 +94,7 @@ def test_parallelize_refuses_an_unknown_strategy():
 
 def test_every_distributed_mutant_names_where_it_exists():
     for m in DIST_MUTANTS:
-        assert m.strategies and set(m.strategies) <= set(parallel.STRATEGIES), m.name
+        assert m.strategies and set(m.strategies) <= set(STRATEGIES), m.name
 
 
 @pytest.mark.subprocess
