@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -52,14 +53,23 @@ FAILURE_SETTLE_S = 1.0  # how long the other ranks get to end after one has fail
 # ranks in sessions of their own, and the launcher's temporary folders. See abandon().
 _LIVE_RANKS: set[subprocess.Popen] = set()
 _TEMPORARY: set[Path] = set()
+# Held while a rank starts and is recorded, so that abandon() (on Ctrl-C's watcher thread) never
+# misses one the main thread has just started; abandon() keeps it, so none starts after.
+_STARTING = threading.Lock()
+ABANDON_WAIT_S = 10.0  # how long abandon() waits for a killed rank to be gone
 
 
 def abandon() -> None:
     """Kill every rank this process started that is still running and delete its temporary
     folders: for a caller about to end the process without unwinding (no finally runs)."""
+    _STARTING.acquire()
     for proc in list(_LIVE_RANKS):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+    for proc in list(_LIVE_RANKS):
+        # Reaped, not only signalled: a rank killed but not yet gone would outlive the launcher.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=ABANDON_WAIT_S)
     for folder in list(_TEMPORARY):
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -141,11 +151,11 @@ def _ranks(commands: Sequence[tuple[str, list[str], dict[str, str]]], folder: Pa
     try:
         for name, argv, env in commands:
             log = folder / f"{name.replace(' ', '-')}.log"
-            with open(log, "w") as out:
+            with _STARTING, open(log, "w") as out:
                 proc = subprocess.Popen(
                     argv, stdout=out, stderr=subprocess.STDOUT, env=_worker_env(env), start_new_session=True
                 )
-            _LIVE_RANKS.add(proc)
+                _LIVE_RANKS.add(proc)
             ranks.append(_Rank(name, proc, log))
         yield ranks
     finally:

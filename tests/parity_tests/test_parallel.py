@@ -161,6 +161,32 @@ def test_ctrl_c_ends_every_rank_and_leaves_no_folder(tmp_path):
     assert not list(scratch.iterdir())
 
 
+def test_a_ctrl_c_while_a_rank_starts_still_ends_it(tmp_path, monkeypatch):
+    """Ctrl-C's watcher thread calls abandon() whenever the signal comes, also between a rank's start
+    and its record: it must wait for the record, and kill that rank too."""
+    import subprocess
+    import sys
+    import threading
+
+    monkeypatch.setattr(parallel, "_STARTING", threading.Lock())  # abandon() keeps the lock
+    monkeypatch.setattr(parallel, "_LIVE_RANKS", set())
+    monkeypatch.setattr(parallel, "_TEMPORARY", set())
+    real_popen = subprocess.Popen
+    watcher = threading.Thread(target=parallel.abandon)
+
+    def popen(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        watcher.start()
+        watcher.join(0.5)  # the Ctrl-C lands now, the rank started but not yet recorded
+        return proc
+
+    monkeypatch.setattr(parallel.subprocess, "Popen", popen)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with parallel._ranks([("torch rank 0", sleeper, {})], tmp_path) as ranks:
+        watcher.join(parallel.ABANDON_WAIT_S + 5)
+        assert ranks[0].proc.poll() is not None, "abandon() left a rank that was starting running"
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
