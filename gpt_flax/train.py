@@ -9,17 +9,20 @@ from collections.abc import Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 from gpt_spec import StateDict
 from gpt_spec.checks import bad_device, check_adamw, check_targets, foreign_optimizer, stale_optimizer
-from gpt_spec.training import Log, OnEvent, check_num_batches, check_schedule, eval_event
+from gpt_spec.formats.train_state import AdamWSettings, TrainState
+from gpt_spec.layout import in_model_order
+from gpt_spec.training import Log, OnEvent, check_dropout_counter, check_num_batches, check_schedule, eval_event
 
 from .generate import generate_text_simple, text_to_token_ids, token_ids_to_text
 from .model import _GPT, check_ids, commit
-from .weights import dtype_name, to_canonical
+from .weights import canonical_name, dtype_name, load_state_dict, state_dict, to_canonical
 
 
 def _checked(model: _GPT, input_batch: Any, target_batch: Any) -> tuple[jax.Array, jax.Array]:
@@ -97,6 +100,7 @@ def adamw(
     lr, weight_decay, betas, eps = check_adamw(lr, weight_decay, betas, eps)
     optimizer = nnx.Optimizer(model, _adamw_tx(lr, weight_decay, *betas, eps), wrt=nnx.Param)
     _MADE_FOR[optimizer] = (weakref.ref(model), dtype_name(model))
+    _SETTINGS[optimizer] = AdamWSettings(lr, weight_decay, betas, eps)
     return optimizer
 
 
@@ -105,6 +109,8 @@ def adamw(
 # config would train on it), and it is kept out of the optimizer itself, whose attributes are part
 # of the graph every jitted step is compiled for.
 _MADE_FOR: weakref.WeakKeyDictionary[nnx.Optimizer, tuple[weakref.ref, str]] = weakref.WeakKeyDictionary()
+# Each adamw() optimizer's settings, which its optax transformation keeps only inside closures.
+_SETTINGS: weakref.WeakKeyDictionary[nnx.Optimizer, AdamWSettings] = weakref.WeakKeyDictionary()
 
 
 def check_optimizer(model: nnx.Module, optimizer: nnx.Optimizer) -> None:
@@ -142,6 +148,75 @@ def train_step(model: _GPT, optimizer: nnx.Optimizer, input_batch: Any, target_b
     input_batch, target_batch = _checked(model, input_batch, target_batch)
     commit(model, optimizer)
     return float(np.asarray(_train_step(model, optimizer, input_batch, target_batch)))
+
+
+def _adam_state(optimizer: nnx.Optimizer) -> optax.ScaleByAdamState:
+    """The ScaleByAdamState(count, mu, nu) in an adamw() optimizer's chain state."""
+    for part in jax.tree_util.tree_leaves(optimizer.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)):
+        if isinstance(part, optax.ScaleByAdamState):
+            return part
+    raise ValueError("the optimizer holds no Adam state: make it with adamw(model)")
+
+
+def _settings(optimizer: nnx.Optimizer) -> AdamWSettings:
+    if optimizer not in _SETTINGS:
+        raise ValueError("a training state needs an optimizer made by adamw(model), whose settings it records")
+    return _SETTINGS[optimizer]
+
+
+def train_state(
+    model: _GPT,
+    optimizer: nnx.Optimizer,
+    *,
+    run: dict[str, Any] | None = None,
+    arrays: dict[str, Any] | None = None,
+) -> TrainState:
+    """The run between two steps in the canonical layout (gpt_spec.formats.train_state): the weights,
+    optax's ScaleByAdamState `count`, `mu` and `nu` under canonical names and layouts (the kernels
+    transposed, as the weights are), the settings, the parity-dropout counter; `run` and `arrays`
+    are the caller's own (the torch twin's train_state, for this twin)."""
+    check_optimizer(model, optimizer)
+    settings = _settings(optimizer)
+    adam = _adam_state(optimizer)
+    counter = getattr(model, "dropout_counter", None)
+    weights = state_dict(model)
+    order = in_model_order(weights, model.cfg)  # the torch twin's (NNX's own is sorted by path)
+    mu, nu = to_canonical(adam.mu), to_canonical(adam.nu)
+    return TrainState(
+        model.cfg,
+        {n: weights[n] for n in order},
+        {n: mu[n] for n in order},
+        {n: nu[n] for n in order},
+        int(np.asarray(adam.count[...])),
+        settings,
+        None if counter is None else int(np.asarray(counter[...])),
+        dict(run or {}),
+        dict(arrays or {}),
+    )
+
+
+def load_train_state(model: _GPT, optimizer: nnx.Optimizer, state: TrainState) -> None:
+    """Continue the run `state` holds: the weights into `model`, the count and moments into the
+    optimizer's ScaleByAdamState (transposed where the weights are), the parity-dropout counter. All
+    or nothing, refused alike in the torch twin."""
+    check_optimizer(model, optimizer)
+    state.check_fits(model.cfg, _settings(optimizer))
+    counter = getattr(model, "dropout_counter", None)
+    check_dropout_counter(state.dropout_counter, counter is not None)
+    adam = _adam_state(optimizer)
+    updates = []
+    for moments, tree in ((state.exp_avg, adam.mu), (state.exp_avg_sq, adam.nu)):
+        for path, var in nnx.to_flat_state(tree):
+            name, transposed = canonical_name(path)
+            moment = np.asarray(moments[name])
+            updates.append((var, jnp.asarray(moment.T if transposed else moment, dtype=var.dtype)))
+    load_state_dict(model, state.weights)  # checks every tensor before it changes one
+    for var, value in updates:
+        var[...] = value
+    adam.count[...] = jnp.asarray(state.step, dtype=adam.count.dtype)
+    optimizer.step[...] = jnp.asarray(state.step, dtype=optimizer.step.dtype)
+    if counter is not None:
+        counter[...] = jnp.asarray(state.dropout_counter, dtype=counter.dtype)
 
 
 # Chapter 5: the book's loss over a loader, evaluation and training loop.

@@ -59,4 +59,27 @@ def eval_event(epoch: int, step: int, train_loss: float, val_loss: float, tokens
     }
 
 
-__all__ = ["CHAPTER5", "Chapter5", "Log", "OnEvent", "check_num_batches", "check_schedule", "eval_event"]
+def check_dropout_counter(counter: int | None, model_has_one: bool) -> None:
+    """A training state's parity-dropout counter resumes a model with parity dropout, and only such
+    a model: either way round, the resumed run would draw other masks than the one it continues."""
+    if counter is None and model_has_one:
+        raise ValueError(
+            "training state: it has no dropout_counter (its run drew no parity dropout), the model draws parity dropout"
+        )
+    if counter is not None and not model_has_one:
+        raise ValueError(
+            f"training state: its dropout_counter is {counter} (its run drew parity dropout), the model draws none; "
+            "call use_parity_dropout(model, seed) first"
+        )
+
+
+__all__ = [
+    "CHAPTER5",
+    "Chapter5",
+    "Log",
+    "OnEvent",
+    "check_dropout_counter",
+    "check_num_batches",
+    "check_schedule",
+    "eval_event",
+]

@@ -7,16 +7,18 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from gpt_spec import StateDict
 from gpt_spec.checks import bad_device, check_adamw, check_targets, foreign_optimizer, stale_optimizer
-from gpt_spec.training import Log, OnEvent, check_num_batches, check_schedule, eval_event
+from gpt_spec.formats.train_state import AdamWSettings, TrainState, from_torch_optimizer
+from gpt_spec.training import Log, OnEvent, check_dropout_counter, check_num_batches, check_schedule, eval_event
 
 from .generate import generate_text_simple, text_to_token_ids, token_ids_to_text
 from .model import _GPT, check_ids
-from .weights import dtype_name
+from .weights import _tensor, dtype_name, load_state_dict, state_dict
 
 
 def check_device(device: object) -> torch.device | None:
@@ -115,6 +117,66 @@ def train_step(
     loss.backward()
     optimizer.step()
     return loss.item()
+
+
+def train_state(
+    model: _GPT,
+    optimizer: torch.optim.Optimizer,
+    *,
+    run: dict[str, Any] | None = None,
+    arrays: dict[str, Any] | None = None,
+) -> TrainState:
+    """The run between two steps in the canonical layout (gpt_spec.formats.train_state): the weights,
+    AdamW's `step`, `exp_avg` and `exp_avg_sq` from `optimizer.state_dict()` under canonical names,
+    its settings, the parity-dropout counter; `run` and `arrays` are the caller's own."""
+    check_optimizer(model, optimizer)
+    names = [name for name, _ in model.named_parameters()]
+    sd = optimizer.state_dict()
+    numpy_state = {
+        "state": {i: {k: v.detach().cpu().float().numpy() for k, v in s.items()} for i, s in sd["state"].items()},
+        "param_groups": sd["param_groups"],
+    }
+    step, exp_avg, exp_avg_sq, settings = from_torch_optimizer(names, numpy_state)
+    weights = state_dict(model)
+    counter = getattr(model, "dropout_counter", None)
+    return TrainState(
+        model.cfg,
+        weights,
+        {n: np.zeros_like(weights[n]) if v is None else v for n, v in exp_avg.items()},
+        {n: np.zeros_like(weights[n]) if v is None else v for n, v in exp_avg_sq.items()},
+        step,
+        settings,
+        None if counter is None else int(counter.value),
+        dict(run or {}),
+        dict(arrays or {}),
+    )
+
+
+def load_train_state(model: _GPT, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
+    """Continue the run `state` holds: the weights into `model`, the step and moments into
+    `optimizer` (as `optimizer.load_state_dict` takes them), the parity-dropout counter. All or
+    nothing: a state for another config, other AdamW settings, or a model with(out) parity dropout
+    where the state has none (one) is refused naming the field, before anything changes."""
+    check_optimizer(model, optimizer)
+    group = optimizer.param_groups[0]
+    state.check_fits(model.cfg, AdamWSettings(group["lr"], group["weight_decay"], group["betas"], group["eps"]))
+    counter = getattr(model, "dropout_counter", None)
+    check_dropout_counter(state.dropout_counter, counter is not None)
+    names = [name for name, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    moments = {
+        i: {
+            "step": torch.tensor(float(state.step)),
+            "exp_avg": _tensor(state.exp_avg[name], params[name].dtype),
+            "exp_avg_sq": _tensor(state.exp_avg_sq[name], params[name].dtype),
+        }
+        for i, name in enumerate(names)
+    }
+    loaded = {"state": moments if state.step else {}, "param_groups": optimizer.state_dict()["param_groups"]}
+    load_state_dict(model, state.weights)  # checks every tensor before it changes one
+    optimizer.load_state_dict(loaded)
+    if counter is not None:
+        counter.value = int(state.dropout_counter)  # type: ignore[arg-type]
 
 
 # Chapter 5: the book's loss over a loader, evaluation and training loop.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from gpt_spec.stages import stage_key, stage_of
-from parity_tests.chapter5 import TWINS, Chapter5Report
+from parity_tests.chapter5 import TWINS, Chapter5Report, TwinRun
 from parity_tests.forward import ParityReport, ParityRow
 from parity_tests.layers import Finding
 from parity_tests.mesh import ShardingReport
@@ -266,6 +266,12 @@ def chapter5_table(report: Chapter5Report) -> str:
         "bound",
     ]
     return format_table(headers, rows)
+
+
+def evaluations_table(run: TwinRun) -> str:
+    """One twin's evaluations, where nothing is compared."""
+    rows = [[e["epoch"], e["step"], e["tokens_seen"], e["train_loss"], e["val_loss"]] for e in run.evals]
+    return format_table(["epoch", "step", "tokens", "train loss", "val loss"], rows)
 
 
 def chapter5_samples(report: Chapter5Report) -> str:

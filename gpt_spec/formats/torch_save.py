@@ -24,6 +24,12 @@ def read_torch_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """A state dict saved with `torch.save` (the book's `model.pth`, or its chapter-5 dict with a
     `model_state_dict` entry) as numpy arrays, loaded with `weights_only=True`, so no pickled code
     runs. The book's `att.mask` buffers stay in: `check_state_dict` checks and drops them."""
+    return read_torch_objects(path)[0]
+
+
+def read_torch_objects(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
+    """`read_torch_file`'s state dict, and the chapter-5 dict's `optimizer_state_dict` (its tensors
+    as numpy arrays) where the file holds one, else None."""
     import torch
 
     check_input_file(path, "checkpoint")
@@ -46,11 +52,29 @@ def read_torch_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             "it ends before its first record (empty or cut short)" if isinstance(e, EOFError) else type(e).__name__
         )
         raise ValueError(f"{os.fspath(path)!r} is not a readable torch.save file: {reason}") from e
+    optimizer = None
     if isinstance(obj, Mapping) and "model_state_dict" in obj:
+        optimizer = obj.get("optimizer_state_dict")
         obj = obj["model_state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{os.fspath(path)!r} does not hold a state dict of tensors")
-    return {str(name): _torch_array(path, str(name), tensor) for name, tensor in obj.items()}
+    weights = {str(name): _torch_array(path, str(name), tensor) for name, tensor in obj.items()}
+    if optimizer is not None and not isinstance(optimizer, Mapping):
+        raise ValueError(f"checkpoint {os.fspath(path)!r}: its optimizer_state_dict is not a dict")
+    return weights, None if optimizer is None else _as_numpy_tree(path, "optimizer_state_dict", optimizer)
+
+
+def _as_numpy_tree(path: str | os.PathLike[str], where: str, obj: Any) -> Any:
+    """`obj` (dicts, lists, numbers, tensors) with every tensor as a numpy array."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return _torch_array(path, where, obj)
+    if isinstance(obj, Mapping):
+        return {k: _as_numpy_tree(path, f"{where}.{k}", v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_as_numpy_tree(path, f"{where}.{i}", v) for i, v in enumerate(obj))
+    return obj
 
 
 def _torch_reason(e: BaseException) -> str:
@@ -116,4 +140,4 @@ def _torch_array(path: str | os.PathLike[str], name: str, tensor: Any) -> np.nda
         ) from e
 
 
-__all__ = ["read_torch_file"]
+__all__ = ["read_torch_file", "read_torch_objects"]

@@ -13,10 +13,10 @@ from gpt_spec.config import resolve_config
 from gpt_spec.files import check_input_file
 from gpt_spec.randomness import check_seed
 from gpt_spec.training import CHAPTER5
-from parity_tests import chapter5
+from parity_tests import chapter5, resume
 
 from .. import reports
-from ..common import non_negative, seed_arg
+from ..common import non_negative, positive, seed_arg
 from ..plan import TRAIN_FILES
 from ..render import (
     check_output,
@@ -39,32 +39,39 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--config",
-        default="gpt2-small",
         help="a preset or a JSON file with the book's keys (default: gpt2-small, at the chapter's context 256)",
     )
-    t.add_argument(
-        "--epochs",
-        type=non_negative,
-        default=CHAPTER5.num_epochs,
-        help="epochs (default: 10)",
-    )
+    t.add_argument("--epochs", type=non_negative, help="epochs (default: 10)")
     t.add_argument(
         "--dropout",
-        default="parity",
         choices=list(chapter5.DROPOUT_MODES),
         help="parity: the config's drop rate, masks both twins draw alike (default); off: drop rate 0",
     )
+    t.add_argument("--seed", type=seed_arg, help="torch.manual_seed before the model (default: 123)")
+    t.add_argument("--lr", type=float, help="AdamW's learning rate (default: 0.0004)")
     t.add_argument(
-        "--seed",
-        type=seed_arg,
-        default=CHAPTER5.seed,
-        help="torch.manual_seed before the model (default: 123)",
+        "--steps",
+        type=positive,
+        help="train this many steps of the schedule, then stop (default: to its end); with --save-state, resumable",
     )
     t.add_argument(
-        "--lr",
-        type=float,
-        default=CHAPTER5.lr,
-        help="AdamW's learning rate (default: 0.0004)",
+        "--save-state",
+        metavar="DIR",
+        help="write each twin's training state (weights, AdamW moments and step, data position, dropout counter) "
+        f"to DIR/{resume.STATE_FILES['torch']} and DIR/{resume.STATE_FILES['flax']} when it stops",
+    )
+    t.add_argument(
+        "--resume",
+        metavar="STATE",
+        help="continue the run a training state holds (a file --save-state wrote, or its folder if it holds one), "
+        "in the twin(s) of --twin: either twin resumes either twin's state; config, schedule, seed and dropout "
+        "come from the state",
+    )
+    t.add_argument(
+        "--twin",
+        choices=["torch", "flax", "both"],
+        default="both",
+        help="which twin trains; both compares them step by step (default)",
     )
     t.add_argument(
         "--out",
@@ -125,9 +132,24 @@ def _check_training_text(text: str, source: str, cfg: GPTConfig, settings) -> No
         )
 
 
+# What --resume takes from the state, and the default of each flag otherwise.
+_FROM_STATE = {
+    "config": "gpt2-small",
+    "epochs": CHAPTER5.num_epochs,
+    "dropout": "parity",
+    "seed": CHAPTER5.seed,
+    "lr": CHAPTER5.lr,
+}
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gpt_spec.data import the_verdict
 
+    if args.resume or args.steps is not None or args.save_state or args.twin != "both":
+        return _run_segment(args, parser)
+    for key, default in _FROM_STATE.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
     try:
         if args.text is None:
             text, source = the_verdict(), "the book's the-verdict.txt"
@@ -138,12 +160,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         check_adamw(settings.lr, settings.weight_decay, (0.9, 0.999), 1e-8)
         check_seed(args.seed)
         _check_training_text(text, source, cfg, settings)
-        if os.path.exists(args.out) and not os.path.isdir(args.out):
-            raise ValueError(f"--out {args.out!r} is a file, not a folder")
-        try:
-            os.makedirs(args.out, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--out {args.out!r}: {e.strerror}") from None
+        _make_folder(args.out, "--out")
         for name in ("train.json", "train.png"):
             check_output(os.path.join(args.out, name), "--out", plot=name.endswith(".png"))
         report = chapter5.run_chapter5(
@@ -196,3 +213,136 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(f"wrote {args.out}/: {', '.join(TRAIN_FILES)}")
     print("PASS: the two runs are one run, within the bound" if report.passed else "FAIL")
     return 0 if report.passed else 1
+
+
+def _make_folder(path: str, flag: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {path!r}: {e.strerror}") from None
+
+
+def _state_file(given: str) -> str:
+    """--resume's state: the file, or the one state file in a folder --save-state wrote."""
+    if not os.path.isdir(given):
+        return given
+    found = [name for name in resume.STATE_FILES.values() if os.path.isfile(os.path.join(given, name))]
+    if len(found) != 1:
+        held = " and ".join(found) if found else "no training state"
+        raise ValueError(f"--resume {given!r} holds {held}: name the state file to resume")
+    return os.path.join(given, found[0])
+
+
+def _check_against_state(args: argparse.Namespace, resumed: resume.Resumed) -> None:
+    """A flag given with --resume must say what the state says: one line naming the first that differs."""
+    state = {
+        "epochs": resumed.settings.num_epochs,
+        "dropout": resumed.dropout,
+        "seed": resumed.seed,
+        "lr": resumed.settings.lr,
+    }
+    if args.config is not None:
+        cfg = chapter5.chapter5_config(resolve_config(args.config), resumed.settings)
+        if resumed.dropout == "off":
+            cfg = cfg.replace(drop_rate=0.0)
+        resumed.state.check_fits(cfg, source=f"--resume {args.resume!r}")
+    for key, value in state.items():
+        given = getattr(args, key)
+        if given is not None and given != value:
+            raise ValueError(f"--{key} {given!r} differs from the state's {key} {value!r} (--resume {args.resume!r})")
+
+
+def _run_segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """--steps, --save-state, --resume, or one twin: the run in segments (parity_tests/resume.py)."""
+    from gpt_spec.data import the_verdict
+
+    twins = chapter5.TWINS if args.twin == "both" else (args.twin,)
+    try:
+        if args.text is None:
+            text, source = the_verdict(), "the book's the-verdict.txt"
+        else:
+            text, source = _read_text(args.text), f"--text {args.text!r}"
+        cfg, settings = None, CHAPTER5
+        if args.resume:
+            args.resume = _state_file(args.resume)
+            _check_against_state(args, resume.read_state(args.resume, text))
+        else:
+            for key, default in _FROM_STATE.items():
+                if getattr(args, key) is None:
+                    setattr(args, key, default)
+            cfg = resolve_config(args.config)
+            settings = dataclasses.replace(CHAPTER5, num_epochs=args.epochs, lr=args.lr)
+            check_adamw(settings.lr, settings.weight_decay, (0.9, 0.999), 1e-8)
+            check_seed(args.seed)
+            _check_training_text(text, source, cfg, settings)
+        _make_folder(args.out, "--out")
+        check_output(os.path.join(args.out, "train.json"), "--out")
+        if len(twins) == 2:
+            check_output(os.path.join(args.out, "train.png"), "--out", plot=True)
+        if args.save_state:
+            _make_folder(args.save_state, "--save-state")
+            for twin in twins:
+                check_output(os.path.join(args.save_state, resume.STATE_FILES[twin]), "--save-state")
+        segment = resume.run_segment(
+            cfg,
+            text,
+            twins=twins,
+            steps=args.steps,
+            resume=args.resume,
+            dropout=args.dropout or "parity",
+            seed=CHAPTER5.seed if args.seed is None else args.seed,
+            settings=settings,
+            save_dir=args.save_state,
+            progress=progress(args.quiet),
+        )
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    report = segment.report
+    c, s = report.cfg, report.settings
+    total = s.num_epochs * report.n_train_batches
+    origin = f"resumed from {args.resume} at step {segment.start}" if args.resume else "from the start"
+    print(
+        f"chapter 5 on {args.text or source}: steps {segment.start + 1}-{segment.stop} of {total} in "
+        f"{' and '.join(twins)}, {origin}; context {c.context_length}, drop_rate {c.drop_rate} (dropout "
+        f"{report.dropout}), AdamW lr {s.lr:g} wd {s.weight_decay:g}, seed {report.seed}, matmuls {report.precision}"
+    )
+    data = {
+        **(report.to_json() if len(twins) == 2 else _one_twin_json(report)),
+        "segment": {"start": segment.start, "stop": segment.stop, "twins": list(twins), "resumed_from": args.resume},
+        "states": segment.states,
+    }
+    if len(twins) == 2:
+        print(reports.chapter5_table(report))
+        deltas = report.step_deltas()
+        print(f"max |Δ training loss| over {len(deltas)} steps: {deltas.max() if len(deltas) else 0.0:.3g}")
+        for problem in report.failures():
+            print(f"FAIL: {problem}")
+    else:
+        print(reports.evaluations_table(report.runs[twins[0]]))
+    write_json(data, os.path.join(args.out, "train.json"))
+    if len(twins) == 2:
+        reports.plot_chapter5(report, os.path.join(args.out, "train.png"))
+    for twin, path in segment.states.items():
+        print(f"wrote the {twin} twin's training state at step {segment.stop}: {path}")
+    if len(twins) == 1:
+        print(f"trained the {twins[0]} twin alone: nothing compared (use --twin both)")
+        return 0
+    print("PASS: the two runs are one run, within the bound" if report.passed else "FAIL")
+    return 0 if report.passed else 1
+
+
+def _one_twin_json(report: chapter5.Chapter5Report) -> dict:
+    """A one-twin run's train.json: what Chapter5Report.to_json says, less the comparison."""
+    return {
+        "passed": None,  # nothing compared
+        "failures": [],
+        "config": report.cfg.to_dict(),
+        "settings": dataclasses.asdict(report.settings),
+        "dropout": report.dropout,
+        "seed": report.seed,
+        "batches": {"train": report.n_train_batches, "val": report.n_val_batches},
+        "matmul_precision": report.precision,
+        "runs": {name: dataclasses.asdict(run) for name, run in report.runs.items()},
+    }
