@@ -33,16 +33,17 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 run: $(STAMP)
 	mkdir -p out
 	$(BIN)/gpt-parity check --layers --plot out/layers.png --json out/check.json
-	$(BIN)/gpt-parity mutants --config examples/tiny-odd.json --plot out/mutants.png --json out/mutants.json
+	$(BIN)/gpt-parity mutants --config examples/tiny-odd.json --kind forward,bfloat16-training --plot out/mutants.png --json out/mutants.json
 	GLIBC_TUNABLES=$(HUGEPAGES) $(BIN)/gpt-parity bench --dtype float32 --seq 256 --plot out/bench.png --json out/bench.json
 
 # The full tour (about half an hour on 2 cores; CI runs it too): 10 AdamW steps in float32 and in
-# bfloat16, the benchmark's float32 and bfloat16 grid up to 4x1024 with the decoding grid, and
-# chapter 5 on a small GPT.
+# bfloat16, the optimizer, loss, KV-cache and sampling mutants, the benchmark's float32 and bfloat16
+# grid up to 4x1024 with the decoding grid, and chapter 5 on a small GPT.
 tour: $(STAMP)
 	mkdir -p out/tour
 	$(BIN)/gpt-parity check --train-steps 10 --json out/tour/check-train.json
 	$(BIN)/gpt-parity check --dtype bfloat16 --train-steps 10 --json out/tour/check-bfloat16.json
+	$(BIN)/gpt-parity mutants --config examples/tiny-odd.json --kind float32-training,generation --json out/tour/mutants-training.json
 	GLIBC_TUNABLES=$(HUGEPAGES) $(BIN)/gpt-parity bench --dtype float32,bfloat16 --seq 256,1024 --decode 256 --plot out/tour/bench.png --json out/tour/bench.json
 	$(BIN)/gpt-parity train --config examples/chapter5-tiny.json --epochs 3 --lr 0.004 --out out/tour/train
 

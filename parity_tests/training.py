@@ -154,6 +154,30 @@ class TrainingReport:
             and all(w.passed for w in self.weights)
         )
 
+    def first_failure(self) -> tuple[str, float, str] | None:
+        """(name, |Δ|/allowed, description) of the first evidence to fail, in the order it was taken:
+        the loss, each gradient in model order, then the weights after each step checked, each
+        parameter in model order ("weights trf_blocks.0.norm1.scale after step 1"); None if all pass."""
+        for c in (self.loss, *self.grads):
+            if not c.passed:
+                return c.name, c.margin, c.describe()
+        if not self.noise_grads_ok:
+            return (
+                "gradients zero in exact arithmetic",
+                float("nan"),
+                "a gradient zero in exact arithmetic is not noise",
+            )
+        for w in self.weights:
+            if not w.passed:
+                counted = (c for c in w.tensors if c.problem or (c.n_beyond and not noise_only(c.name)))
+                c = next(counted, max(w.tensors, key=lambda c: c.margin))  # else: past the envelope only
+                verdict = (
+                    f"{w.n_outliers} elements past the bound (<= {w.allowed_outliers}), "
+                    f"{w.past_envelope} past the envelope"
+                )
+                return f"weights {c.name} after step {w.step}", c.margin, f"{c.describe()}; step {w.step}: {verdict}"
+        return None
+
     def to_json(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),
@@ -166,6 +190,9 @@ class TrainingReport:
             "dtype": self.dtype,
             "passed": self.passed,
             "noise_only_gradients_at_rounding_floor": self.noise_grads_ok,
+            "first_failure": dict(zip(("name", "margin", "describe"), found, strict=True))
+            if (found := self.first_failure())
+            else None,
             "loss": self.loss.to_json(),
             "grads": [g.to_json() for g in self.grads],
             "step_losses": [list(p) for p in self.step_losses],

@@ -25,7 +25,7 @@ import gpt_torch
 from gpt_spec import GPTConfig, ModelKind
 from gpt_spec.stages import in_stage, stage_of
 
-from . import zoo_flax, zoo_torch
+from . import decoding, zoo_flax, zoo_torch, zoo_training
 from .environment import versions
 from .forward import DIRECTIONS, ParityOptions, run_parity
 from .progress import Progress, silent
@@ -53,6 +53,7 @@ class Mutant:
     converter: bool = False  # the twin's weight converters leave square projections untransposed
     needs: tuple[tuple[str, Any], ...] = ()  # config fields without which the bug cannot show
     shows_in: str = "forward"  # or "bfloat16 training": the only evidence that can see it
+    training: tuple[tuple[str, Any], ...] = ()  # knobs of the twin's adamw() and loss (zoo_training.py)
 
     def adapt(self, cfg: GPTConfig) -> GPTConfig:
         """The config to plant it in: `cfg`, with what the bug needs to exist (a qkv bias to drop,
@@ -224,7 +225,119 @@ TRAINING_MUTANTS: tuple[Mutant, ...] = (
         shows_in=BF16_TRAINING,
     ),
 )
-MUTANTS = (*FORWARD_MUTANTS, *TRAINING_MUTANTS)
+# Optimizer and loss bugs, planted by patching the twin's adamw() and calc_loss_batch
+# (zoo_training.py): the forward is the book's, the float32 training evidence must see them.
+OPTIMIZER_MUTANTS: tuple[Mutant, ...] = tuple(
+    Mutant(name, bug, where, shows_in=zoo_training.TRAINING, training=knobs)
+    for name, bug, where, knobs in (
+        (
+            "adam-coupled-l2",
+            "weight decay added to the gradient (Adam's L2: torch.optim.Adam(weight_decay=...), "
+            "optax.chain(add_decayed_weights, adam)), not AdamW's decoupled decay",
+            zoo_training.OPTIMIZER,
+            (("coupled_decay", True),),
+        ),
+        (
+            "adam-eps-inside-sqrt",
+            "Adam's eps inside the square root: sqrt(v_hat + eps), not sqrt(v_hat) + eps",
+            zoo_training.OPTIMIZER,
+            (("eps_in_sqrt", True),),
+        ),
+        (
+            "adam-no-bias-correction",
+            "Adam's moments not divided by 1 - beta^t",
+            zoo_training.OPTIMIZER,
+            (("bias_correction", False),),
+        ),
+        (
+            "adam-betas-swapped",
+            "betas (0.999, 0.9), not (0.9, 0.999)",
+            zoo_training.LATER_STEPS,
+            (("betas", (0.999, 0.9)),),
+        ),
+        ("adam-eps-1e-6", "Adam's eps 1e-6, not 1e-8", zoo_training.OPTIMIZER, (("eps", 1e-6),)),
+        (
+            "decay-masked-off-biases-and-norms",
+            "no weight decay for biases and LayerNorm scales and shifts (nanoGPT's param groups, an optax mask)",
+            zoo_training.DECAY_MASK,
+            (("decay_matrices_only", True),),
+        ),
+        (
+            "decay-not-scaled-by-lr",
+            "weight decay as p -= wd * p, not p -= lr * wd * p",
+            zoo_training.OPTIMIZER,
+            (("decay_lr_scaled", False),),
+        ),
+        ("lr-off-by-1pct", "the learning rate 1.01 times the book's", zoo_training.OPTIMIZER, (("lr_factor", 1.01),)),
+        (
+            "grad-clip-one-side",
+            "gradients clipped to global norm 1.0 before the update",
+            zoo_training.OPTIMIZER,
+            (("clip_norm", 1.0),),
+        ),
+        (
+            "loss-summed",
+            "cross-entropy summed over the batch's tokens, not averaged",
+            zoo_training.LOSS,
+            (("loss_reduction", "sum"),),
+        ),
+        (
+            "labels-shifted-by-one",
+            "targets shifted again inside the loss (a causal LM's own shift, on targets already shifted)",
+            zoo_training.LOSS,
+            (("label_shift", 1),),
+        ),
+    )
+)
+# KV-cache and sampling bugs: the forward is the book's, only the generation check (decoding.py)
+# sees them, run by zoo_decoding.py; each is named by the check's first finding, its `where`.
+GENERATION = "generation"
+SAMPLER = "Sampler"  # a sampling mutant's "layer": the pick_token the twin's generate calls
+DECODING_MUTANTS: tuple[Mutant, ...] = (
+    Mutant(
+        "kv-position-off-by-one",
+        "a decoding step's position ids one past the tokens so far (the count after the token, not before)",
+        f"cached prompt 0 position {decoding.PROMPT_LEN} drop_emb",
+        (_swap("KVCacheGPT", bug_decode_position_offset=1),),
+        shows_in=GENERATION,
+    ),
+    Mutant(
+        "kv-cache-stale",
+        "reset_kv_cache keeps an allocated cache (zeroes the position counter, not the blocks' keys and pointers)",
+        "cached prompt 1 position 0 trf_blocks.0.att",
+        (_swap("KVCacheGPT", bug_reset_blocks=False),),
+        shows_in=GENERATION,
+    ),
+    Mutant(
+        "kv-window-one-too-many",
+        "the sliding cache keeps kv_window_size + 1 positions (the window counted besides the current token)",
+        f"sliding prompt 0 position {decoding.WINDOW} trf_blocks.0.att",
+        (_swap("KVCacheAttention", bug_window_extra=1),),
+        shows_in=GENERATION,
+    ),
+    Mutant(
+        "temperature-on-probabilities",
+        "the temperature applied after top-k and softmax, to the probabilities (renormalising undoes it)",
+        "sampling prompt 0 position 0 probabilities",
+        (_swap(SAMPLER, bug_temperature="probabilities"),),
+        shows_in=GENERATION,
+    ),
+    Mutant(
+        "top-k-exactly-k",
+        "top-k keeps exactly k (topk's indices), dropping logits tied with the k-th largest the book keeps",
+        "sampling ties position 0 probabilities",
+        (_swap(SAMPLER, bug_top_k_ties="exact"),),
+        shows_in=GENERATION,
+    ),
+    Mutant(
+        "sampling-softmax-bfloat16",
+        "the sampling softmax computed in bfloat16",
+        "sampling prompt 0 position 0 probabilities",
+        (_swap(SAMPLER, bug_softmax_bf16=True),),
+        shows_in=GENERATION,
+    ),
+)
+MUTANTS = (*FORWARD_MUTANTS, *TRAINING_MUTANTS, *OPTIMIZER_MUTANTS, *DECODING_MUTANTS)
 BY_NAME = {m.name: m for m in MUTANTS}
 
 
@@ -244,6 +357,8 @@ _LAYERS: dict[str, dict[str, tuple[type, type]]] = {
         "TransformerBlock": (gpt_torch.TransformerBlock, zoo_torch.TransformerBlock),
         "Dropout": (torch.nn.Dropout, zoo_torch.Dropout),
         "GPT": (gpt_torch.model._GPT, zoo_torch.GPT),
+        "KVCacheGPT": (gpt_torch.model._GPT, zoo_torch.KVCacheGPT),
+        "KVCacheAttention": (gpt_torch.MultiHeadAttention, zoo_torch.KVCacheAttention),
     },
     "flax": {
         "LayerNorm": (gpt_flax.LayerNorm, zoo_flax.LayerNorm),
@@ -253,6 +368,8 @@ _LAYERS: dict[str, dict[str, tuple[type, type]]] = {
         "TransformerBlock": (gpt_flax.TransformerBlock, zoo_flax.TransformerBlock),
         "Dropout": (nnx.Dropout, zoo_flax.Dropout),
         "GPT": (gpt_flax.model._GPT, zoo_flax.GPT),
+        "KVCacheGPT": (gpt_flax.model._GPT, zoo_flax.KVCacheGPT),
+        "KVCacheAttention": (gpt_flax.MultiHeadAttention, zoo_flax.KVCacheAttention),
     },
 }
 
@@ -321,7 +438,10 @@ def planted(mutant: Mutant, twin: str, models: dict[str, Any]) -> Iterator[None]
                     break
         if mutant.swaps and not swapped:
             raise ValueError(f"mutant {mutant.name} has nothing to replace in {type(model).__name__}")
-        with _untransposed_squares(twin) if mutant.converter else contextlib.nullcontext():
+        with (
+            _untransposed_squares(twin) if mutant.converter else contextlib.nullcontext(),
+            zoo_training.patched(twin, mutant.training) if mutant.training else contextlib.nullcontext(),
+        ):
             yield
     finally:
         for module, cls in reversed(swapped):
@@ -330,7 +450,13 @@ def planted(mutant: Mutant, twin: str, models: dict[str, Any]) -> Iterator[None]
 
 def plant(name: str, twin: str) -> Callable[[dict[str, Any]], contextlib.AbstractContextManager]:
     """For forward.run_parity(plant=...): the named mutant in one twin."""
-    return functools.partial(planted, get(name), twin)
+    mutant = get(name)
+    if mutant.shows_in == GENERATION:  # check runs no generation: say which command does
+        raise ValueError(
+            f"mutant {name} shows in generation only (the KV cache and sampling): "
+            f"`gpt-parity mutants --mutant {name}` runs it through the generation check"
+        )
+    return functools.partial(planted, mutant, twin)
 
 
 # --- the zoo against the suite ----------------------------------------------------------------------
@@ -357,12 +483,14 @@ class ZooRow:
         """Where the first failure is: a forward stage, or a training mutant's gradient."""
         if not self.first:
             return ""
-        return self.first if self.where == "gradients" else stage_of(self.first)
+        return self.first if self.where == "gradients" or self.where in zoo_training.WHERES else stage_of(self.first)
 
     @property
     def located(self) -> bool:
         if self.where == "gradients":  # a training mutant: named by the first gradient it spoils
             return self.first.startswith("grad ")
+        if self.where in zoo_training.WHERES:  # named by the loss, or a parameter's weights after a step
+            return zoo_training.located(self.where, self.first)
         return bool(self.first) and in_stage(self.first, self.where)
 
     @property
@@ -458,6 +586,7 @@ def run_zoo(
     with prog.step("control: nothing planted"):
         control = check(cfg, models=models(cfg))
     rows = [_row(None, "-", control)]
+    generation = None  # zoo_decoding.Runner: the generation check's models, built at the first decoding mutant
     for mutant in mutants:
         for twin in twins:
             with prog.step(f"{mutant.name} in {twin}", phase=f"{len(mutants)} mutants × {len(twins)} twins"):
@@ -468,22 +597,29 @@ def run_zoo(
                         c, batch=batch, seq=min(seq, 32), steps=1, seed=seed, dtype="bfloat16", plant=plant
                     )
                     rows.append(_training_row(mutant, twin, trained))
+                elif mutant.shows_in == GENERATION:
+                    from . import zoo_decoding  # it imports this module
+
+                    generation = generation or zoo_decoding.Runner(seed)
+                    rows.append(generation.run(c, mutant, twin))
+                elif mutant.shows_in == zoo_training.TRAINING:
+                    trained = run_training_parity(
+                        c, batch=batch, seq=min(seq, 32), steps=zoo_training.STEPS, seed=seed, plant=plant
+                    )
+                    rows.append(_training_row(mutant, twin, trained))
                 else:
                     rows.append(_row(mutant, twin, check(c, models=models(c), plant=plant)))
+    if generation is not None:  # the clean generation check, after the planted ones on the same models
+        generation.close(rows, cfg)
     return ZooReport(cfg, batch, seq, control.precision, rows)
 
 
 def _training_row(mutant: Mutant, twin: str, report: TrainingReport) -> ZooRow:
-    """A training mutant's row: the first of the loss and the gradients (in model order) to fail."""
+    """A training mutant's row: the first of the loss, the gradients (in model order) and the weights
+    after each step checked (in model order) to fail."""
     row = ZooRow(mutant.name, twin, mutant.where, report.passed, direction=f"torch->flax, {report.dtype}")
-    failed = [c for c in (report.loss, *report.grads) if not c.passed]
-    if failed:
-        row.first, row.evidence, row.margin, row.describe = (
-            failed[0].name,
-            "bound",
-            failed[0].margin,
-            failed[0].describe(),
-        )
-    elif not report.passed:
-        row.first, row.evidence, row.describe = "weights", "bound", "the weights after AdamW steps"
+    found = report.first_failure()
+    if found is not None:
+        row.first, row.margin, row.describe = found
+        row.evidence = "bound"
     return row

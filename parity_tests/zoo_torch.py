@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from gpt_spec.checks import check_last_only
+from gpt_spec.randomness import gumbel_noise
 from gpt_torch import model as book
 
 
@@ -190,3 +192,74 @@ class GPT(book._GPT):
         if return_activations:
             return {**activations, "final_norm": x, "out_head": logits}
         return logits
+
+
+# --- decoding: the KV cache and parity sampling (zoo.DECODING_MUTANTS, shown by parity_tests/decoding.py) ---
+
+
+class KVCacheGPT(book._GPT):
+    """The model's cached forward and cache reset; the book's forward otherwise."""
+
+    bug_decode_position_offset = 0  # a decoding step's position ids counted this many past the tokens so far
+    bug_reset_blocks = True  # False: an allocated cache is kept at reset, only the position counter zeroed
+
+    def forward(self, in_idx, return_activations: bool = False, use_cache: bool = False, *, last_only: bool = False):
+        bump = self.bug_decode_position_offset if use_cache and self.current_pos > 0 else 0
+        self.current_pos += bump
+        try:
+            return super().forward(in_idx, return_activations, use_cache, last_only=last_only)
+        finally:
+            self.current_pos -= bump  # the counter itself stays right: only the position ids are off
+
+    def reset_kv_cache(self, batch_size: int | None = None, max_len: int | None = None) -> None:
+        attention = self._attention()
+        if self.bug_reset_blocks or not attention or attention[0].cache_k is None:
+            super().reset_kv_cache(batch_size, max_len)
+            return
+        # The port reuses the allocated buffers and forgets their pointers: each block keeps its keys.
+        self.current_pos = 0
+
+
+class KVCacheAttention(book.MultiHeadAttention):
+    """The attention's cache size; the book's attention otherwise."""
+
+    bug_window_extra = 0  # slots kept past kv_window_size: 1 keeps one position too many, -1 one too few
+
+    def cache_slots(self, max_len: int) -> int:
+        return max_len if self.window_size is None else min(self.window_size + self.bug_window_extra, max_len)
+
+
+class Sampler:
+    """Parity sampling written in torch as a porter might: the probabilities after top-k and
+    temperature, then a Gumbel-max draw over their logarithms with gpt_spec.randomness's noise
+    (the same draw as pick_token's over the scaled logits: log-softmax differs by a row constant)."""
+
+    bug_top_k_ties = "keep"  # the book keeps every logit >= the k-th largest; "exact": torch.topk's k only
+    bug_temperature = "logits"  # "probabilities": divided after the softmax, which renormalising undoes
+    bug_softmax_bf16 = False
+
+    def probabilities(self, logits: np.ndarray, temperature: float, top_k: int | None) -> np.ndarray:
+        x = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+        if top_k is not None:
+            top = torch.topk(x, top_k)
+            if self.bug_top_k_ties == "exact":
+                keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, top.indices, True)
+                x = torch.where(keep, x, -torch.inf)
+            else:
+                x = torch.where(x < top.values[:, -1:], -torch.inf, x)
+        shifted = x - x.amax(dim=-1, keepdim=True)
+        on_logits = self.bug_temperature == "logits"
+        scaled = torch.where(shifted == 0, shifted, shifted / temperature) if on_logits else shifted
+        if self.bug_softmax_bf16:
+            probs = torch.softmax(scaled.to(torch.bfloat16), dim=-1).float()
+        else:
+            probs = torch.softmax(scaled, dim=-1)
+        if not on_logits:
+            probs = probs / temperature
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+        return probs.numpy()
+
+    def pick_token(self, logits, temperature: float, top_k: int | None, seed: int, step: int) -> np.ndarray:
+        probs = self.probabilities(logits, temperature, top_k).astype(np.float64)
+        with np.errstate(divide="ignore"):  # a filtered token's log(0) = -inf: never picked
+            return np.argmax(np.log(probs) + gumbel_noise(seed, step, probs.shape), axis=-1).astype(np.int64)

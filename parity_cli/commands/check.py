@@ -6,7 +6,7 @@ import argparse
 
 from gpt_spec import ModelKind
 from gpt_spec.checks import DTYPES
-from parity_tests import forward, mesh, training, twins, zoo
+from parity_tests import forward, mesh, training, twins, zoo, zoo_training
 
 from .. import reports
 from ..common import (
@@ -81,6 +81,10 @@ def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser)
             parser.error(f"mutant {name} needs a config with {dict(mutant.needs)} to show")
         if mutant.shows_in == zoo.BF16_TRAINING and not (args.dtype == "bfloat16" and args.train_steps):
             parser.error(f"mutant {name} shows in bfloat16 training only: add --dtype bfloat16 --train-steps N")
+        if mutant.shows_in == zoo_training.TRAINING and not args.train_steps:
+            parser.error(f"mutant {name} shows in training only (its forward is the book's): add --train-steps N")
+        if mutant.where == zoo_training.LATER_STEPS and args.train_steps == 1:
+            parser.error(f"mutant {name} shows from the second AdamW step on: add --train-steps 2 or more")
         plant, planted = (
             zoo.plant(name, twin),
             f", with {name} planted in the {twin} twin ({mutant.bug})",
@@ -140,6 +144,9 @@ def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser)
             f"AdamW lr {trained.lr:g}, weight decay {trained.weight_decay:g}"
         )
         print(reports.training_table(trained))
+        found = trained.first_failure()
+        if found is not None:
+            print(f"training: first failure at {found[0]}: {found[2]}")
         result["training"] = trained.to_json()
         passed = passed and trained.passed
     if setup.meshes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from gpt_spec.config import resolve_config
-from parity_tests import zoo
+from parity_tests import decoding, zoo, zoo_training
 
 from .. import reports
 from ..common import JSON_HELP, add_precision_arg, emit, mutant_list, positive, seed_arg
@@ -13,6 +13,22 @@ from ..render import (
     format_table,
     progress,
 )
+
+
+def kind(mutant: zoo.Mutant) -> str:
+    """A mutant's kind as the command line names it: the evidence that sees it."""
+    return mutant.shows_in.replace(" ", "-")
+
+
+KINDS = tuple(dict.fromkeys(kind(m) for m in zoo.MUTANTS))
+
+
+def kind_list(text: str) -> list[str]:
+    kinds = [part.strip() for part in text.split(",")]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown kind {bad[0]!r}; known kinds: {', '.join(KINDS)}")
+    return kinds
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -31,6 +47,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         default=None,
         metavar="NAME[,NAME...]",
         help="only these mutants (default: all)",
+    )
+    z.add_argument(
+        "--kind",
+        type=kind_list,
+        default=None,
+        metavar="KIND[,KIND...]",
+        help=f"only the mutants of these kinds, the evidence that sees them: {', '.join(KINDS)} (default: all)",
     )
     z.add_argument(
         "--twin",
@@ -67,8 +90,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.list:
         print(
             format_table(
-                ["mutant", "planted at", "the bug"],
-                [(m.name, m.where, m.bug) for m in zoo.MUTANTS],
+                ["mutant", "kind", "planted at", "the bug"],
+                [(m.name, kind(m), m.where, m.bug) for m in zoo.MUTANTS],
             )
         )
         return 0
@@ -79,6 +102,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.seq is not None and args.seq > cfg.context_length:
         parser.error(f"--seq {args.seq} exceeds context_length {cfg.context_length}")
     chosen = [zoo.get(n) for n in args.mutant] if args.mutant else list(zoo.MUTANTS)
+    if args.kind:
+        chosen = [m for m in chosen if kind(m) in args.kind]
+        if not chosen:
+            parser.error(f"no mutant of --mutant is of kind {', '.join(args.kind)}")
     report = zoo.run_zoo(
         cfg,
         mutants=chosen,
@@ -93,5 +120,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         f"{args.config or 'gpt2-small'}: the default check (whole forward and layer evidence, both "
         f"directions), batch {report.batch} x {report.seq} tokens, matmuls {report.precision}"
     )
+    if any(m.shows_in == zoo_training.TRAINING for m in chosen):
+        print(
+            f"optimizer and loss mutants: loss, every gradient and {zoo_training.STEPS} AdamW steps "
+            f"(check --train-steps {zoo_training.STEPS}), batch {report.batch} x {min(report.seq, 32)} tokens"
+        )
+    if any(m.shows_in == zoo.GENERATION for m in chosen):
+        print(
+            f"decoding mutants: the generation check, {decoding.PROMPTS} prompts of {decoding.BATCH} x "
+            f"{decoding.PROMPT_LEN} tokens + {decoding.NEW_TOKENS} new, full cache and window {decoding.WINDOW}, "
+            f"sampling at temperature {decoding.TEMPERATURE:g}, top-k {decoding.TOP_K}; then unplanted on the same models"
+        )
     emit(args, report, reports.zoo_table, reports.plot_zoo)
     return 0 if report.passed else 1

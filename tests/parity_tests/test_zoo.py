@@ -26,11 +26,14 @@ CFG = TINY
 
 pytestmark = pytest.mark.zoo
 
+# The optimizer and loss mutants have their own module (test_zoo_training.py).
+ZOO = [m for m in zoo.MUTANTS if m not in zoo.OPTIMIZER_MUTANTS]
+
 
 @pytest.fixture(scope="class")
 def tiny_zoo(request) -> zoo.ZooReport:
     """The zoo planted in the twin of the test's class."""
-    return zoo.run_zoo(CFG, twins=[request.cls.twin], batch=2, seq=CFG.context_length - 2)
+    return zoo.run_zoo(CFG, mutants=ZOO, twins=[request.cls.twin], batch=2, seq=CFG.context_length - 2)
 
 
 class _ZooHalf:
@@ -39,7 +42,7 @@ class _ZooHalf:
 
     twin: str
 
-    @pytest.mark.parametrize("name", list(zoo.BY_NAME))
+    @pytest.mark.parametrize("name", [m.name for m in ZOO])
     def test_each_mutant_is_caught_where_it_was_planted(self, tiny_zoo, name):
         row = next(r for r in tiny_zoo.rows if r.mutant == name and r.twin == self.twin)
         assert row.caught, f"{name} planted in {self.twin} escaped the check"
@@ -50,10 +53,10 @@ class _ZooHalf:
         control = tiny_zoo.rows[0]
         assert control.mutant == "" and control.passed and control.ok and not control.first
         assert 0 < control.margin < 1 and control.describe.startswith("closest to failing: ")
-        assert tiny_zoo.passed and len(tiny_zoo.rows) == 1 + len(zoo.MUTANTS)
+        assert tiny_zoo.passed and len(tiny_zoo.rows) == 1 + len(ZOO)
         assert {r.twin for r in tiny_zoo.rows[1:]} == {self.twin}
         assert (
-            f"{len(zoo.MUTANTS)} of {len(zoo.MUTANTS)} planted bugs caught at the stage they were planted; "
+            f"{len(ZOO)} of {len(ZOO)} planted bugs caught at the stage they were planted; "
             "control passes (its closest call: " in reports.zoo_table(tiny_zoo)
         )
         data = tiny_zoo.to_json()
@@ -204,6 +207,8 @@ def test_unknown_mutants_and_twins_are_refused_in_one_line(capsys):
         (["check", "--plant", "nope"], "unknown mutant 'nope'"),
         (["check", "--plant", "gelu-erf@jax"], "unknown twin 'jax'"),
         (["mutants", "--mutant", "gelu-erf,nope"], "unknown mutant 'nope'"),
+        (["mutants", "--kind", "forward,optimizer"], "unknown kind 'optimizer'"),
+        (["mutants", "--mutant", "gelu-erf", "--kind", "generation"], "no mutant of --mutant is of kind generation"),
         (["check", "--model", "dummy", "--plant", "gelu-erf"], "--plant needs --model gpt"),
     ]:
         with pytest.raises(SystemExit) as e:
@@ -217,3 +222,15 @@ def test_a_mutant_that_needs_a_config_field_says_which():
     assert zoo.get("dropout-in-eval").adapt(cfg).drop_rate == 0.1
     assert zoo.get("dropout-in-eval").adapt(CFG) is CFG and zoo.get("gelu-erf").adapt(cfg) is cfg
     assert np.isfinite([m.adapt(cfg).drop_rate for m in zoo.MUTANTS]).all()
+
+
+def test_every_mutant_has_a_kind_the_command_picks_it_by(capsys):
+    from parity_cli.commands import mutants
+
+    assert mutants.KINDS == ("forward", "bfloat16-training", "float32-training", "generation")
+    assert main(["mutants", "--list"]) == 0
+    listed = [line.split()[:2] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(listed) == len(zoo.MUTANTS) and {kind for _, kind in listed} == set(mutants.KINDS)
+    # what make run plants: the model's bugs, as before the optimizer and decoding kinds came
+    chosen = [m for m in zoo.MUTANTS if mutants.kind(m) in ("forward", "bfloat16-training")]
+    assert len(chosen) == len(zoo.FORWARD_MUTANTS) + len(zoo.TRAINING_MUTANTS)
