@@ -21,7 +21,7 @@ from gpt_spec.formats import train_state as ts
 from gpt_spec.training import CHAPTER5
 from parity_cli.main import main
 from parity_tests import resume
-from parity_tests.chapter5 import Chapter5Report
+from parity_tests.chapter5 import Chapter5Report, TwinRun
 from parity_tests.configs import TINY
 from parity_tests.training import weights_check
 from parity_tests.twins import build_pair, float32_matmuls
@@ -297,3 +297,25 @@ def test_train_saves_and_resumes_from_the_command_line(chapter5_runs, tmp_path, 
         "twins": ["torch", "flax"],
         "resumed_from": part.states["torch"],
     }
+
+
+def test_the_recorded_124m_run_resumed_in_flax_is_the_books_torch_run_within_the_bound():
+    """docs/training.md's run: 45 steps of the book's run in torch, then 45 in Flax from the state,
+    against the recorded uninterrupted torch run, judged by today's chapter-5 bound."""
+    docs = ROOT / "docs"
+    resumed = json.loads((docs / "train-gpt2-small-resumed-in-flax.json").read_text())
+    book = json.loads((docs / "train-gpt2-small-parity-dropout.json").read_text())
+    got, ref = resumed["runs"]["flax"], book["runs"]["torch"]
+    assert resumed["segment"]["start"] == 45 and resumed["config"] == book["config"]
+    assert got["step_losses"][:45] == ref["step_losses"][:45] and len(got["step_losses"]) == 90
+    judged = Chapter5Report(
+        GPTConfig.from_dict(book["config"]),
+        CHAPTER5,
+        "parity",
+        CHAPTER5.seed,
+        0,
+        0,
+        "",
+        {"torch": TwinRun(**{**ref, "greedy_ids": [], "sampled_ids": []}), "flax": TwinRun(**got)},
+    )
+    assert not judged.failures(), judged.failures()
