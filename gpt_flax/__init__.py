@@ -1,5 +1,12 @@
 """The Flax NNX twin of the chapter-4 GPT."""
 
+from .checkpoint import (
+    checkpoint_steps,
+    checkpoint_to_train_state,
+    restore_checkpoint,
+    save_checkpoint,
+    train_state_to_checkpoint,
+)
 from .data import GPTDatasetV1, create_dataloader_v1
 from .dropout import ParityDropout, use_parity_dropout
 from .generate import generate, generate_text_simple, generate_text_simple_cached, text_to_token_ids, token_ids_to_text
@@ -45,6 +52,8 @@ __all__ = [
     "calc_loss_batch",
     "calc_loss_loader",
     "cast",
+    "checkpoint_steps",
+    "checkpoint_to_train_state",
     "create_dataloader_v1",
     "evaluate_model",
     "generate",
@@ -57,12 +66,15 @@ __all__ = [
     "load_train_state",
     "loss_and_grads",
     "read_torch_file",
+    "restore_checkpoint",
     "save",
+    "save_checkpoint",
     "state_dict",
     "text_to_token_ids",
     "token_ids_to_text",
-    "train_state",
     "train_model_simple",
+    "train_state",
+    "train_state_to_checkpoint",
     "train_step",
     "use_parity_dropout",
 ]

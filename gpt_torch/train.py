@@ -133,7 +133,9 @@ def train_state(
     names = [name for name, _ in model.named_parameters()]
     sd = optimizer.state_dict()
     numpy_state = {
-        "state": {i: {k: v.detach().cpu().float().numpy() for k, v in s.items()} for i, s in sd["state"].items()},
+        "state": {
+            i: {k: v.detach().cpu().float().numpy().copy() for k, v in s.items()} for i, s in sd["state"].items()
+        },
         "param_groups": sd["param_groups"],
     }
     step, exp_avg, exp_avg_sq, settings = from_torch_optimizer(names, numpy_state)

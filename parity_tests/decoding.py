@@ -18,6 +18,9 @@ twins' generate(..., parity_seed=) on the models must draw the same tokens.
 
 Each finding names its part, the prompt (or the built rows), the token position and, for the
 cache, the stage (the layer's cache) where the cached forward first leaves the uncached one.
+
+Long on purpose: the three parts share one Finding, one report and one set of models, which
+zoo_decoding.py plants into; split, each part would import the others' types.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The decoding mutants of the zoo (zoo.DECODING_MUTANTS) against the generation check (decoding.py).
+"""The decoding mutants of the zoo (zoo_catalog.DECODING_MUTANTS) against the generation check (decoding.py).
 
 A KV-cache mutant swaps the `__class__` of the model or its attention modules for the zoo's
 (zoo_torch.KVCacheGPT, KVCacheAttention and their Flax twins), as the forward mutants do: the class
@@ -19,9 +19,10 @@ from typing import Any
 
 from gpt_spec import GPTConfig
 
-from . import decoding, zoo, zoo_flax, zoo_torch  # zoo imports this module only inside run_zoo
+from . import decoding, zoo_flax, zoo_torch
+from .zoo_catalog import SAMPLER, Mutant, ZooRow
+from .zoo_plant import planted as planted_modules
 
-SAMPLER = zoo.SAMPLER
 _SAMPLERS: dict[str, type] = {"torch": zoo_torch.Sampler, "flax": zoo_flax.Sampler}
 
 
@@ -50,20 +51,20 @@ def planted_sampler(twin: str, knobs: tuple[tuple[str, Any], ...]) -> Iterator[N
 
 
 @contextlib.contextmanager
-def planted(mutant: zoo.Mutant, twin: str, models: dict[str, Any]) -> Iterator[None]:
-    """Plant a decoding mutant (a zoo.Mutant) in `models[twin]`: its sampler swap, and its module
+def planted(mutant: Mutant, twin: str, models: dict[str, Any]) -> Iterator[None]:
+    """Plant a decoding mutant (a Mutant) in `models[twin]`: its sampler swap, and its module
     swaps through zoo.planted."""
     samplers = [s for s in mutant.swaps if s.layer == SAMPLER]
     modules = dataclasses.replace(mutant, swaps=tuple(s for s in mutant.swaps if s.layer != SAMPLER))
     with contextlib.ExitStack() as stack:
         for swap in samplers:
             stack.enter_context(planted_sampler(twin, swap.knobs))
-        stack.enter_context(zoo.planted(modules, twin, models))
+        stack.enter_context(planted_modules(modules, twin, models))
         yield
 
 
 @dataclasses.dataclass
-class GenerationRow(zoo.ZooRow):
+class GenerationRow(ZooRow):
     """A decoding mutant's row: named and located by the generation check's first finding (part,
     prompt, token position, and the stage for the cache), and ok only while the clean generation
     check on the same models passes too."""
@@ -83,7 +84,7 @@ class GenerationRow(zoo.ZooRow):
         return self.control_passed and self.caught and self.located
 
 
-def row(mutant: zoo.Mutant, twin: str, report: decoding.DecodingReport) -> GenerationRow:
+def row(mutant: Mutant, twin: str, report: decoding.DecodingReport) -> GenerationRow:
     """A zoo row for a decoding mutant from its generation check."""
     found = report.first_failure
     r = GenerationRow(mutant.name, twin, mutant.where, report.passed, direction="generation")
@@ -101,16 +102,16 @@ class Runner:
         self.seed = seed
         self.models: dict[GPTConfig, dict[str, dict[str, Any]]] = {}
 
-    def check(self, cfg: GPTConfig, mutant: zoo.Mutant | None = None, twin: str = "") -> decoding.DecodingReport:
+    def check(self, cfg: GPTConfig, mutant: Mutant | None = None, twin: str = "") -> decoding.DecodingReport:
         if cfg not in self.models:
             self.models[cfg] = decoding.build_models(cfg, self.seed)
         plant = None if mutant is None else functools.partial(planted, mutant, twin)
         return decoding.run_generation_check(cfg, seed=self.seed, models=self.models[cfg], plant=plant)
 
-    def run(self, cfg: GPTConfig, mutant: zoo.Mutant, twin: str) -> GenerationRow:
+    def run(self, cfg: GPTConfig, mutant: Mutant, twin: str) -> GenerationRow:
         return row(mutant, twin, self.check(cfg, mutant, twin))
 
-    def close(self, rows: list[zoo.ZooRow], cfg: GPTConfig) -> decoding.DecodingReport:
+    def close(self, rows: list[ZooRow], cfg: GPTConfig) -> decoding.DecodingReport:
         """The clean generation check after the planted ones, on the same models: each decoding row
         is ok only if it passes."""
         control = self.check(cfg)

@@ -136,7 +136,7 @@ def _third_party(package: str) -> set[str]:
     return roots - set(sys.stdlib_module_names) - set(PACKAGES) - {"__future__"}
 
 
-ALIASES = {"tiktoken_ext": "tiktoken"}  # a namespace that the tiktoken distribution installs
+ALIASES = {"tiktoken_ext": "tiktoken", "orbax": "orbax_checkpoint"}  # tiktoken_ext: a namespace tiktoken installs
 # Imported only inside the function that needs it, and refused in one line where it is missing:
 # gpt_spec reads the book's torch.save files with torch's own unpickler.
 OPTIONAL = {"gpt_spec": {"torch"}}

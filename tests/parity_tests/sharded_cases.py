@@ -168,3 +168,36 @@ def test_bench_reports_memory_per_device(tmp_path):
     assert memory["split_bytes_per_device"] * 8 == memory["split_unsharded_bytes"]
     assert "flax-jit@1x8" in {r["backend"] for r in bench["results"]}
     assert np.isclose(memory["sharded_bytes_per_device"] / memory["unsharded_bytes"], 0.137, atol=0.01)
+
+
+def test_an_orbax_checkpoint_restores_onto_another_mesh_and_one_device(tmp_path):
+    """gpt_flax.save_checkpoint from a (data=2, model=4) model and optimizer, restored onto one
+    device, onto (4, 2) and onto (4, 2) with fsdp: the same values, each in its target's sharding."""
+    model = build_flax(ModelKind.GPT, CFG, seed=0)
+    sharding.shard_model(model, sharding.make_mesh("2x4"))
+    optimizer = gpt_flax.adamw(model, lr=1e-3)
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        batch = rng.integers(0, CFG.vocab_size, (8, 11))
+        gpt_flax.train_step(model, optimizer, batch[:, :-1], batch[:, 1:])
+    gpt_flax.save_checkpoint(tmp_path, model, optimizer, step=2)
+    saved = gpt_flax.train_state(model, optimizer)
+
+    def same(state) -> None:
+        assert state.step == saved.step == 2
+        for part in ("weights", "exp_avg", "exp_avg_sq"):
+            for name, value in getattr(saved, part).items():
+                assert np.array_equal(getattr(state, part)[name], value), (part, name)
+
+    targets = {"one device": None, "4x2": False, "4x2 fsdp": True}
+    for label, fsdp in targets.items():
+        target = build_flax(ModelKind.GPT, CFG, seed=7)
+        if fsdp is not None:
+            sharding.shard_model(target, sharding.make_mesh("4x2"), fsdp=fsdp)
+        target_opt = gpt_flax.adamw(target, lr=1e-3)
+        before = [x.sharding for x in jax.tree.leaves(nnx.state((target, target_opt)))]
+        gpt_flax.restore_checkpoint(tmp_path, target, target_opt)
+        after = [x.sharding for x in jax.tree.leaves(nnx.state((target, target_opt)))]
+        assert after == before, label  # read straight into the target's placement
+        same(gpt_flax.train_state(target, target_opt))
+    same(gpt_flax.checkpoint_to_train_state(tmp_path))

@@ -138,6 +138,22 @@ def test_k_steps_then_m_steps_resumed_equal_k_plus_m_steps(tmp_path, source, tar
         assert check.passed, check.to_json()
 
 
+@pytest.mark.parametrize("twin", ["torch", "flax"])
+def test_a_state_is_a_copy_that_later_steps_leave_alone(twin):
+    pair = build_pair("gpt", CFG, source="torch", seed=0, mode="train")
+    model, package = (pair[0], gpt_torch) if twin == "torch" else (pair[1], gpt_flax)
+    optimizer = package.adamw(model)
+    (x, y), later = _batches(2)
+    _step(twin, model, optimizer, x, y)
+    state = package.train_state(model, optimizer)
+    saved = {
+        part: {k: v.copy() for k, v in getattr(state, part).items()} for part in ("weights", "exp_avg", "exp_avg_sq")
+    }
+    _step(twin, model, optimizer, *later)
+    for part, tensors in saved.items():
+        assert all(np.array_equal(getattr(state, part)[k], v) for k, v in tensors.items()), part
+
+
 def _state(**changes) -> ts.TrainState:
     tm, _ = build_pair("gpt", CFG, source="torch", seed=0, mode="train")
     state = gpt_torch.train_state(tm, gpt_torch.adamw(tm))
