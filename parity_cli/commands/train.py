@@ -143,23 +143,12 @@ _FROM_STATE = {
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from gpt_spec.data import the_verdict
 
     if args.resume or args.steps is not None or args.save_state or args.twin != "both":
         return _run_segment(args, parser)
-    for key, default in _FROM_STATE.items():
-        if getattr(args, key) is None:
-            setattr(args, key, default)
     try:
-        if args.text is None:
-            text, source = the_verdict(), "the book's the-verdict.txt"
-        else:
-            text, source = _read_text(args.text), f"--text {args.text!r}"
-        cfg = resolve_config(args.config)
-        settings = dataclasses.replace(CHAPTER5, num_epochs=args.epochs, lr=args.lr)
-        check_adamw(settings.lr, settings.weight_decay, (0.9, 0.999), 1e-8)
-        check_seed(args.seed)
-        _check_training_text(text, source, cfg, settings)
+        text, source = _text(args)
+        cfg, settings = _new_run(args, text, source)
         _make_folder(args.out, "--out")
         for name in ("train.json", "train.png"):
             check_output(os.path.join(args.out, name), "--out", plot=name.endswith(".png"))
@@ -215,6 +204,28 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0 if report.passed else 1
 
 
+def _text(args: argparse.Namespace) -> tuple[str, str]:
+    """The text to train on, and how to name it."""
+    from gpt_spec.data import the_verdict
+
+    if args.text is None:
+        return the_verdict(), "the book's the-verdict.txt"
+    return _read_text(args.text), f"--text {args.text!r}"
+
+
+def _new_run(args: argparse.Namespace, text: str, source: str):
+    """A run from the start: the flags not given take their defaults, all checked before any model."""
+    for key, default in _FROM_STATE.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    cfg = resolve_config(args.config)
+    settings = dataclasses.replace(CHAPTER5, num_epochs=args.epochs, lr=args.lr)
+    check_adamw(settings.lr, settings.weight_decay, (0.9, 0.999), 1e-8)
+    check_seed(args.seed)
+    _check_training_text(text, source, cfg, settings)
+    return cfg, settings
+
+
 def _make_folder(path: str, flag: str) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{flag} {path!r} is a file, not a folder")
@@ -256,27 +267,17 @@ def _check_against_state(args: argparse.Namespace, resumed: resume.Resumed) -> N
 
 def _run_segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """--steps, --save-state, --resume, or one twin: the run in segments (parity_tests/resume.py)."""
-    from gpt_spec.data import the_verdict
 
     twins = chapter5.TWINS if args.twin == "both" else (args.twin,)
     try:
-        if args.text is None:
-            text, source = the_verdict(), "the book's the-verdict.txt"
-        else:
-            text, source = _read_text(args.text), f"--text {args.text!r}"
-        cfg, settings = None, CHAPTER5
+        text, source = _text(args)
+        cfg: GPTConfig | None = None
+        settings = CHAPTER5
         if args.resume:
             args.resume = _state_file(args.resume)
             _check_against_state(args, resume.read_state(args.resume, text))
         else:
-            for key, default in _FROM_STATE.items():
-                if getattr(args, key) is None:
-                    setattr(args, key, default)
-            cfg = resolve_config(args.config)
-            settings = dataclasses.replace(CHAPTER5, num_epochs=args.epochs, lr=args.lr)
-            check_adamw(settings.lr, settings.weight_decay, (0.9, 0.999), 1e-8)
-            check_seed(args.seed)
-            _check_training_text(text, source, cfg, settings)
+            cfg, settings = _new_run(args, text, source)
         _make_folder(args.out, "--out")
         check_output(os.path.join(args.out, "train.json"), "--out")
         if len(twins) == 2:
