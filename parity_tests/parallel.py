@@ -32,6 +32,7 @@ from gpt_spec.layout import in_model_order
 from .compare import Comparison, compare
 from .environment import versions
 from .parallel_spec import (
+    FINISHED,
     INIT_FILE,
     SINGLE,
     ParallelSpec,
@@ -173,9 +174,23 @@ def _what_happened(rank: _Rank, code: int) -> str:
     return f"{_exit_text(code)} during {reached}" if reached else _exit_text(code)
 
 
-def _watch(ranks: list[_Rank], deadline_s: float, status) -> None:
+def _in_teardown(ranks: list[_Rank], failed: list[tuple[_Rank, int]]) -> list[str]:
+    """Ranks ended by a signal after every rank passed the final barrier (gloo can abort a rank
+    whose peer has already closed its sockets): each named in a note, or [] where any rank had not
+    finished, which stays a failure."""
+    if not failed or any(code > 0 for _, code in failed):
+        return []
+    if any(r.last_line("PROGRESS ").removeprefix("PROGRESS ") != FINISHED for r in ranks):
+        return []
+    return [
+        f"{r.name} {_exit_text(code)} in the process group's teardown, after every result was written"
+        for r, code in failed
+    ]
+
+
+def _watch(ranks: list[_Rank], deadline_s: float, status) -> list[str]:
     """Wait for every rank; the first to fail, or `deadline_s` without a line from any rank, ends
-    them all with one line."""
+    them all with one line. Returns notes on ranks that died after all had finished."""
     start = time.time_ns()
     while True:
         codes = [r.proc.poll() for r in ranks]
@@ -184,12 +199,15 @@ def _watch(ranks: list[_Rank], deadline_s: float, status) -> None:
             # for them to end, then name a rank ended by a signal, else the first to write its error.
             time.sleep(FAILURE_SETTLE_S)
             failed = [(r, c) for r in ranks if (c := r.proc.poll())]
+            notes = _in_teardown(ranks, failed)
+            if notes and all(r.proc.poll() is not None for r in ranks):
+                return notes
             r, code = min(failed, key=lambda rc: (rc[1] > 0, rc[0].written_at()))
             running = [other.name for other in ranks if other.proc.poll() is None]  # a hung one among them
             rest = f"{', '.join(running)} still running: stopped" if running else "no rank left running"
             raise RankFailure(f"{r.name} failed ({_what_happened(r, code)}); {rest}")
         if all(code == 0 for code in codes):
-            return
+            return []
         if (time.time_ns() - max(start, *(r.written_at() for r in ranks))) / 1e9 > deadline_s:
             alive = ", ".join(r.name for r, c in zip(ranks, codes, strict=True) if c is None)
             raise RankFailure(f"no progress for {deadline_s:.0f} s: stopped {alive} (a hung collective?)")
@@ -199,8 +217,9 @@ def _watch(ranks: list[_Rank], deadline_s: float, status) -> None:
         time.sleep(0.1)
 
 
-def launch(spec: ParallelSpec, folder: Path, twin: str, status=lambda s: None) -> None:
-    """Run one twin's ranks to completion (their Results land in `folder`), or raise RankFailure."""
+def launch(spec: ParallelSpec, folder: Path, twin: str, status=lambda s: None) -> list[str]:
+    """Run one twin's ranks to completion (their Results land in `folder`), or raise RankFailure;
+    returns notes on ranks that died in teardown after every result was written."""
     spec_file = folder / "spec.json"
     spec.save(spec_file)
     port = str(_free_port())
@@ -224,7 +243,7 @@ def launch(spec: ParallelSpec, folder: Path, twin: str, status=lambda s: None) -
             argv = [sys.executable, "-m", "parity_tests.parallel_flax", str(spec_file), str(folder)]
             commands.append((f"flax process {i}", argv, env))
     with _ranks(commands, folder) as ranks:
-        _watch(ranks, spec.timeout_s + START_GRACE_S, status)
+        return _watch(ranks, spec.timeout_s + START_GRACE_S, status)
 
 
 @dataclasses.dataclass
@@ -290,6 +309,7 @@ class ParallelReport:
     losses: dict[str, list[float]]  # "twin strategy" -> each step's loss
     failure: str | None = None  # a rank's failure: the run ended without results
     plant_twin: str | None = None  # the twin whose ranks spec.plant was planted in
+    notes: list[str] = dataclasses.field(default_factory=list)  # ranks that died after all had finished
 
     @property
     def passed(self) -> bool:
@@ -303,6 +323,7 @@ class ParallelReport:
             "planted_in": self.plant_twin if self.spec.plant else None,
             "rows": [r.to_json() for r in self.rows],
             "losses": self.losses,
+            "notes": self.notes,
             "versions": versions(),
         }
 
@@ -360,13 +381,14 @@ def run_parallel_parity(
         folder.mkdir(parents=True, exist_ok=True)
         with prog.step("initial weights"):
             write_init(spec, folder)
+        notes: list[str] = []
         for twin in TWINS:
             twin_spec = dataclasses.replace(spec, plant=spec.plant if plant_twin == twin else None)
             with prog.step(f"{twin}: {spec.world} ranks, {', '.join(spec.strategies)}") as status:
                 try:
-                    launch(twin_spec, folder, twin, status)
+                    notes += launch(twin_spec, folder, twin, status)
                 except RankFailure as e:
                     return ParallelReport(spec, [], {}, failure=str(e), plant_twin=plant_twin)
         results = {(t, s): Result.load(folder, t, s) for t in TWINS for s in (SINGLE, *spec.strategies)}
     losses = {f"{t} {s}": r.losses for (t, s), r in results.items()}
-    return ParallelReport(spec, compare_results(spec, results), losses, plant_twin=plant_twin)
+    return ParallelReport(spec, compare_results(spec, results), losses, plant_twin=plant_twin, notes=notes)

@@ -28,6 +28,11 @@ PARITY_DROP_RATE = 0.1  # --dropout parity on a config whose drop_rate is 0
 INIT_FILE = "init.npz"  # the canonical initial weights every worker loads
 
 
+# What a torch rank says once it has passed the final barrier: every result is written, only the
+# process group's teardown is left.
+FINISHED = "finished: every result written"
+
+
 @dataclasses.dataclass(frozen=True)
 class ParallelSpec:
     config: dict[str, Any]

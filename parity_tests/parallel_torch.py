@@ -35,6 +35,7 @@ from gpt_torch import distributed as tdist
 
 from .parallel_spec import (
     DIST_BY_NAME,
+    FINISHED,
     INIT_FILE,
     SINGLE,
     UNSYNCED_PARAM,
@@ -226,6 +227,7 @@ def run(spec: ParallelSpec, folder: Path) -> None:
             if rank == 0:
                 result.save(folder)
         dist.barrier()
+        _progress(FINISHED)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,6 +128,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         write_outputs(args, report.to_json())
         return 1
     print(reports.parallel_table(report))
+    for note in report.notes:
+        print(f"note: {note}")
     write_outputs(args, report.to_json(), lambda path: reports.plot_parallel(report, path))
     for row in report.rows:
         if not row.passed:

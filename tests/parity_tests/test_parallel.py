@@ -219,3 +219,32 @@ def test_the_launcher_ends_ranks_that_all_stop_talking(tmp_path):
     assert "no progress for 1 s: stopped torch rank 0, torch rank 1" in str(e.value)
     assert time.monotonic() - start < 10
     assert all(r.proc.poll() is not None for r in ranks)  # and they are gone
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_rank_aborted_in_teardown_after_all_finished_is_a_note_not_a_failure(tmp_path, finished):
+    """gloo may abort a rank whose peer has already closed its sockets: once every rank has said
+    FINISHED (past the final barrier, every result written) that is a note; before, a failure."""
+    import sys
+
+    from parity_tests.parallel_spec import FINISHED
+
+    said = (
+        f"print('PROGRESS {FINISHED}', flush=True)"
+        if finished
+        else "print('PROGRESS torch tp: step 2 of 2', flush=True)"
+    )
+    quits = [
+        f"{said}; import time; time.sleep(0.5)",
+        f"{said}; import os, time, signal; time.sleep(0.2); os.kill(os.getpid(), signal.SIGABRT)",
+    ]
+    commands = [(f"torch rank {i}", [sys.executable, "-c", code], {}) for i, code in enumerate(quits)]
+    with parallel._ranks(commands, tmp_path) as ranks:
+        if finished:
+            notes = parallel._watch(ranks, 30.0, lambda said: None)
+            assert notes == [
+                "torch rank 1 killed by SIGABRT in the process group's teardown, after every result was written"
+            ]
+        else:
+            with pytest.raises(parallel.RankFailure, match="torch rank 1 failed \\(killed by SIGABRT during torch tp"):
+                parallel._watch(ranks, 30.0, lambda said: None)
