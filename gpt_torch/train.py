@@ -7,7 +7,6 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -130,7 +129,6 @@ def train_state(
     AdamW's `step`, `exp_avg` and `exp_avg_sq` from `optimizer.state_dict()` under canonical names,
     its settings, the parity-dropout counter; `run` and `arrays` are the caller's own."""
     check_optimizer(model, optimizer)
-    names = [name for name, _ in model.named_parameters()]
     sd = optimizer.state_dict()
     numpy_state = {
         "state": {
@@ -138,14 +136,14 @@ def train_state(
         },
         "param_groups": sd["param_groups"],
     }
-    step, exp_avg, exp_avg_sq, settings = from_torch_optimizer(names, numpy_state)
-    weights = state_dict(model)
+    weights = state_dict(model)  # in model.parameters() order, as the optimizer's indices count
+    step, exp_avg, exp_avg_sq, settings = from_torch_optimizer(weights, numpy_state)
     counter = getattr(model, "dropout_counter", None)
     return TrainState(
         model.cfg,
         weights,
-        {n: np.zeros_like(weights[n]) if v is None else v for n, v in exp_avg.items()},
-        {n: np.zeros_like(weights[n]) if v is None else v for n, v in exp_avg_sq.items()},
+        exp_avg,
+        exp_avg_sq,
         step,
         settings,
         None if counter is None else int(counter.value),

@@ -183,12 +183,14 @@ def load_train_state(path: str | os.PathLike[str], *, config: GPTConfig | None =
 
 
 def from_torch_optimizer(
-    names: list[str], optimizer_state: Mapping[str, Any], source: str = "optimizer state"
-) -> tuple[int, dict[str, np.ndarray | None], dict[str, np.ndarray | None], AdamWSettings]:
-    """`torch.optim.AdamW.state_dict()` (its tensors as numpy arrays) over parameters `names` (in
-    `model.parameters()` order) as (step, exp_avg, exp_avg_sq, settings) in canonical names. A
-    parameter never stepped has no entry: its moments are zero. Every stepped parameter must share
-    one step (one optimizer over the whole model, as both twins' adamw() makes it)."""
+    weights: Mapping[str, np.ndarray], optimizer_state: Mapping[str, Any], source: str = "optimizer state"
+) -> tuple[int, StateDict, StateDict, AdamWSettings]:
+    """`torch.optim.AdamW.state_dict()` (its tensors as numpy arrays) over the parameters `weights`
+    holds (in `model.parameters()` order) as (step, exp_avg, exp_avg_sq, settings) in canonical
+    names. A parameter never stepped has no entry: its moments are zeros of its shape. Every
+    stepped parameter must share one step (one optimizer over the whole model, as both twins'
+    adamw() makes it)."""
+    names = list(weights)
     groups = optimizer_state.get("param_groups")
     if not isinstance(groups, list) or len(groups) != 1:
         raise ValueError(f"{source}: expected one parameter group, got {len(groups or [])}")
@@ -209,12 +211,16 @@ def from_torch_optimizer(
     step = steps.pop() if steps else 0.0
     if step != math.floor(step) or step < 0:
         raise ValueError(f"{source}: its step {step!r} is not a count")
-    exp_avg: dict[str, np.ndarray | None] = {}
-    exp_avg_sq: dict[str, np.ndarray | None] = {}
+    exp_avg: StateDict = {}
+    exp_avg_sq: StateDict = {}
     for index, name in enumerate(names):
         entry = state.get(index)
         for out, key in ((exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")):
-            out[name] = None if entry is None else np.asarray(entry[key], dtype=np.float32)
+            out[name] = (
+                np.zeros_like(weights[name], dtype=np.float32)
+                if entry is None
+                else np.asarray(entry[key], dtype=np.float32)
+            )
     return int(step), exp_avg, exp_avg_sq, settings
 
 
@@ -228,17 +234,9 @@ def read_torch_training(path: str | os.PathLike[str], *, config: GPTConfig | Non
         raise ValueError(f"{source} holds no optimizer_state_dict: it is weights only")
     cfg = config or infer_config(weights, source=source)
     weights = dict(check_state_dict(gpt_shapes(cfg), weights, "GPTModel", source))
-    names = in_model_order(weights, cfg)
-    step, exp_avg, exp_avg_sq, settings = from_torch_optimizer(names, optimizer_state, f"{source}: its optimizer")
-    zeros = {name: np.zeros_like(weights[name]) for name in names}
-    state = TrainState(
-        cfg,
-        {name: weights[name] for name in names},
-        {n: zeros[n] if v is None else v for n, v in exp_avg.items()},
-        {n: zeros[n] if v is None else v for n, v in exp_avg_sq.items()},
-        step,
-        settings,
-    )
+    ordered = {name: weights[name] for name in in_model_order(weights, cfg)}
+    step, exp_avg, exp_avg_sq, settings = from_torch_optimizer(ordered, optimizer_state, f"{source}: its optimizer")
+    state = TrainState(cfg, ordered, exp_avg, exp_avg_sq, step, settings)
     state.check(source)
     return state
 
