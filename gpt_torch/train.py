@@ -167,8 +167,9 @@ def load_train_state(model: _GPT, optimizer: torch.optim.Optimizer, state: Train
     moments = {
         i: {
             "step": torch.tensor(float(state.step)),
-            "exp_avg": _tensor(state.exp_avg[name], params[name].dtype),
-            "exp_avg_sq": _tensor(state.exp_avg_sq[name], params[name].dtype),
+            # copies: torch.from_numpy shares the array's memory, which the steps would update in place
+            "exp_avg": _tensor(state.exp_avg[name], params[name].dtype).clone(),
+            "exp_avg_sq": _tensor(state.exp_avg_sq[name], params[name].dtype).clone(),
         }
         for i, name in enumerate(names)
     }

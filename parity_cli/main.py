@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from .commands import bench as bench_command
-from .commands import check, convert, generate, load_memory, mutants, parallel, train
+from .commands import check, convert, diverge, generate, load_memory, mutants, parallel, train
 from .common import Parser, setup_model
 from .interrupt import exit_on_interrupt
 from .plan import plan_outputs
@@ -26,6 +26,7 @@ COMMANDS = {
     "generate": generate,
     "convert": convert,
     "train": train,
+    "diverge": diverge,
     "load-memory": load_memory,
     "parallel": parallel,
 }

@@ -7,6 +7,7 @@ import numpy as np
 
 from gpt_spec.stages import stage_key, stage_of
 from parity_tests.chapter5 import TWINS, Chapter5Report, TwinRun
+from parity_tests.diverge import DivergeReport, Evidence
 from parity_tests.forward import ParityReport, ParityRow
 from parity_tests.layers import Finding
 from parity_tests.mesh import ShardingReport
@@ -272,6 +273,35 @@ def evaluations_table(run: TwinRun) -> str:
     """One twin's evaluations, where nothing is compared."""
     rows = [[e["epoch"], e["step"], e["tokens_seen"], e["train_loss"], e["val_loss"]] for e in run.evals]
     return format_table(["epoch", "step", "tokens", "train loss", "val loss"], rows)
+
+
+def _judged(evidence: Evidence) -> str:
+    failure = evidence.first_failure()
+    if failure is not None:
+        return f"PAST: {failure[0]}"
+    name, margin = evidence.worst()
+    return f"ok ({margin:.2g} of bound: {name})"
+
+
+def diverge_table(report: DivergeReport) -> str:
+    """Each replayed step: the runs' losses and weights, and the step judged from the same state
+    (a defect shows here) and from each twin's own (where the runs' difference shows)."""
+    rows = [
+        [
+            r.step,
+            r.losses["torch"],
+            r.losses["flax"],
+            abs(r.losses["torch"] - r.losses["flax"]),
+            train_loss_bound(r.step),
+            r.own.differed["weights"],
+            r.weights_after,
+            _judged(r.same),
+            _judged(r.own),
+        ]
+        for r in report.steps
+    ]
+    headers = ["step", "loss torch", "loss flax", "|Δ loss|", "bound", "|Δw| before", "|Δw| after"]
+    return format_table([*headers, "from the same state", "from their own states"], rows)
 
 
 def chapter5_samples(report: Chapter5Report) -> str:

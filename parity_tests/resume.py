@@ -34,6 +34,12 @@ from .progress import Progress, silent
 from .twins import build_pair, float32_matmuls
 
 STATE_FILES = {twin: f"{twin}-state.safetensors" for twin in TWINS}  # what --save-state writes, per twin
+SNAPSHOTS = "snapshots"  # --snapshot-every's folder in a run's --out: step-NNNNNN/STATE_FILES
+
+
+def snapshot_path(run_dir: str | os.PathLike[str], step: int, twin: str) -> Path:
+    """Where --snapshot-every keeps `twin`'s state after `step` steps."""
+    return Path(run_dir) / SNAPSHOTS / f"step-{step:06d}" / STATE_FILES[twin]
 
 
 @dataclasses.dataclass
@@ -261,12 +267,17 @@ def restore(resumed: Resumed, twin: str, text: str) -> tuple[Trainer, Feed]:
         twin, model, resumed.settings, resumed.dropout, resumed.seed, dataclasses.replace(resumed.history)
     )
     package.load_train_state(trainer.model, trainer.optimizer, resumed.state)
+    return trainer, restore_feed(resumed, text)
+
+
+def restore_feed(resumed: Resumed, text: str) -> Feed:
+    """The book's loaders where the state left them, and torch's generator set as it was."""
     feed = Feed(text, resumed.cfg, resumed.settings)
     torch.set_rng_state(torch.from_numpy(np.asarray(resumed.state.arrays["torch_rng_state"], dtype=np.uint8)))
     feed.epoch_order = [int(i) for i in resumed.state.arrays["epoch_order"]]
     if resumed.position.batch and len(feed.epoch_order) != feed.n_batches * feed.batch_size:
         raise ValueError("training state: its epoch_order does not fit the text's batches")
-    return trainer, feed
+    return feed
 
 
 def _rngs():
@@ -297,12 +308,17 @@ def run_segment(
     seed: int = CHAPTER5.seed,
     settings: Chapter5 = CHAPTER5,
     save_dir: str | os.PathLike[str] | None = None,
+    snapshot_every: int | None = None,
+    snapshot_dir: str | os.PathLike[str] | None = None,
     progress: Progress = silent,
 ) -> SegmentReport:
     """Run `twins` from the start (`cfg`, `dropout`, `seed`, `settings`) or from the state at `resume`
     (which sets all four) for `steps` steps (default: to the end of the schedule); with `save_dir`,
-    each twin's state is saved there (STATE_FILES). Generation after training runs where the
-    schedule ends."""
+    each twin's state is saved there (STATE_FILES); with `snapshot_every` K, each twin's state at
+    every step that is a multiple of K, from the first, in `snapshot_dir` (snapshot_path). Generation
+    after training runs where the schedule ends."""
+    if snapshot_every is not None and (snapshot_every < 1 or snapshot_dir is None):
+        raise ValueError("snapshot_every needs a number of steps >= 1 and a snapshot_dir")
     tokenizer = get_tokenizer()
     resumed = None if resume is None else read_state(resume, text)
     if resumed is not None:
@@ -347,7 +363,21 @@ def run_segment(
             torch.set_rng_state(rng)
             with bar.step(f"{twin} twin: steps {start.step + 1}-{stop} of {total}") as status:
                 t0 = time.perf_counter()
-                ends[twin] = advance(trainer, feed, start, stop, tokenizer, status), torch.get_rng_state()
+                position = start
+                while True:
+                    if snapshot_every and position.step % snapshot_every == 0:
+                        path = snapshot_path(snapshot_dir or ".", position.step, twin)
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        save_state(path, trainer, feed, position, torch.get_rng_state(), dropout, seed, text)
+                    if position.step >= stop:
+                        break
+                    until = (
+                        stop
+                        if not snapshot_every
+                        else min(stop, (position.step // snapshot_every + 1) * snapshot_every)
+                    )
+                    position = advance(trainer, feed, position, until, tokenizer, status)
+                ends[twin] = position, torch.get_rng_state()
                 trainer.record.seconds += time.perf_counter() - t0
         runs = {twin: trainers[twin][0].record for twin in trainers}
         if stop == total and set(trainers) == set(TWINS):
@@ -369,6 +399,7 @@ def run_segment(
 
 
 __all__ = [
+    "SNAPSHOTS",
     "STATE_FILES",
     "Feed",
     "Position",
@@ -378,6 +409,8 @@ __all__ = [
     "advance",
     "read_state",
     "restore",
+    "restore_feed",
     "run_segment",
     "save_state",
+    "snapshot_path",
 ]

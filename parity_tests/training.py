@@ -100,6 +100,20 @@ class WeightCheck:
         finite = all(not c.problem for c in self.tensors)
         return finite and self.n_outliers <= self.allowed_outliers and self.past_envelope == 0
 
+    def first_tensor(self) -> Comparison | None:
+        """Where a failed check fails: the first parameter in model order with a non-finite value
+        or an element counted past the bound, else (past the envelope only) the furthest off."""
+        if self.passed:
+            return None
+        counted = (c for c in self.tensors if c.problem or (c.n_beyond and not noise_only(c.name)))
+        return next(counted, max(self.tensors, key=lambda c: c.margin))
+
+    def verdict(self) -> str:
+        return (
+            f"{self.n_outliers} elements past the bound (<= {self.allowed_outliers}), "
+            f"{self.past_envelope} past the envelope"
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "step": self.step,
@@ -168,14 +182,13 @@ class TrainingReport:
                 "a gradient zero in exact arithmetic is not noise",
             )
         for w in self.weights:
-            if not w.passed:
-                counted = (c for c in w.tensors if c.problem or (c.n_beyond and not noise_only(c.name)))
-                c = next(counted, max(w.tensors, key=lambda c: c.margin))  # else: past the envelope only
-                verdict = (
-                    f"{w.n_outliers} elements past the bound (<= {w.allowed_outliers}), "
-                    f"{w.past_envelope} past the envelope"
+            worst = w.first_tensor()
+            if worst is not None:
+                return (
+                    f"weights {worst.name} after step {w.step}",
+                    worst.margin,
+                    f"{worst.describe()}; step {w.step}: {w.verdict()}",
                 )
-                return f"weights {c.name} after step {w.step}", c.margin, f"{c.describe()}; step {w.step}: {verdict}"
         return None
 
     def to_json(self) -> dict[str, Any]:

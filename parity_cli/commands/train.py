@@ -13,7 +13,7 @@ from gpt_spec.config import resolve_config
 from gpt_spec.files import check_input_file
 from gpt_spec.randomness import check_seed
 from gpt_spec.training import CHAPTER5
-from parity_tests import chapter5, resume
+from parity_tests import chapter5, defects, resume
 
 from .. import reports
 from ..common import non_negative, positive, seed_arg
@@ -68,6 +68,21 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "come from the state",
     )
     t.add_argument(
+        "--snapshot-every",
+        type=positive,
+        metavar="K",
+        help=f"also save each twin's training state every K steps, in OUT/{resume.SNAPSHOTS}/: what "
+        "`gpt-parity diverge OUT` replays",
+    )
+    t.add_argument(
+        "--plant-defect",
+        type=_defect,
+        metavar=defects.SPEC,
+        help="train with a one-step defect: at STEP (from 0), TWIN's update of the parameter PARAM (or, with PART "
+        "exp_avg or exp_avg_sq, that step's change of its AdamW moment) times FACTOR; to see `gpt-parity diverge` "
+        "name it (recorded in train.json)",
+    )
+    t.add_argument(
         "--twin",
         choices=["torch", "flax", "both"],
         default="both",
@@ -82,6 +97,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     t.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     return t
+
+
+def _defect(text: str) -> defects.OneStepDefect:
+    try:
+        return defects.OneStepDefect.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _read_text(path: str) -> str:
@@ -144,7 +166,7 @@ _FROM_STATE = {
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
-    if args.resume or args.steps is not None or args.save_state or args.twin != "both":
+    if args.resume or args.steps is not None or args.save_state or args.twin != "both" or _segmented(args):
         return _run_segment(args, parser)
     try:
         text, source = _text(args)
@@ -265,6 +287,20 @@ def _check_against_state(args: argparse.Namespace, resumed: resume.Resumed) -> N
             raise ValueError(f"--{key} {given!r} differs from the state's {key} {value!r} (--resume {args.resume!r})")
 
 
+def _segmented(args: argparse.Namespace) -> bool:
+    return args.snapshot_every is not None or args.plant_defect is not None
+
+
+def _check_snapshots(args: argparse.Namespace, cfg: GPTConfig) -> None:
+    """Snapshots go to a folder of their own: never beside another run's, which diverge would take
+    for this run's."""
+    if args.plant_defect is not None:
+        args.plant_defect.check(cfg)
+    folder = os.path.join(args.out, resume.SNAPSHOTS)
+    if args.snapshot_every is not None and os.path.isdir(folder) and os.listdir(folder):
+        raise ValueError(f"--out {args.out!r} already holds another run's {resume.SNAPSHOTS}/: choose another folder")
+
+
 def _run_segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """--steps, --save-state, --resume, or one twin: the run in segments (parity_tests/resume.py)."""
 
@@ -275,9 +311,12 @@ def _run_segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         settings = CHAPTER5
         if args.resume:
             args.resume = _state_file(args.resume)
-            _check_against_state(args, resume.read_state(args.resume, text))
+            resumed = resume.read_state(args.resume, text)
+            _check_against_state(args, resumed)
+            _check_snapshots(args, resumed.cfg)
         else:
             cfg, settings = _new_run(args, text, source)
+            _check_snapshots(args, cfg)
         _make_folder(args.out, "--out")
         check_output(os.path.join(args.out, "train.json"), "--out")
         if len(twins) == 2:
@@ -286,18 +325,21 @@ def _run_segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             _make_folder(args.save_state, "--save-state")
             for twin in twins:
                 check_output(os.path.join(args.save_state, resume.STATE_FILES[twin]), "--save-state")
-        segment = resume.run_segment(
-            cfg,
-            text,
-            twins=twins,
-            steps=args.steps,
-            resume=args.resume,
-            dropout=args.dropout or "parity",
-            seed=CHAPTER5.seed if args.seed is None else args.seed,
-            settings=settings,
-            save_dir=args.save_state,
-            progress=progress(args.quiet),
-        )
+        with defects.planted(args.plant_defect):
+            segment = resume.run_segment(
+                cfg,
+                text,
+                twins=twins,
+                steps=args.steps,
+                resume=args.resume,
+                dropout=args.dropout or "parity",
+                seed=CHAPTER5.seed if args.seed is None else args.seed,
+                settings=settings,
+                save_dir=args.save_state,
+                snapshot_every=args.snapshot_every,
+                snapshot_dir=args.out,
+                progress=progress(args.quiet),
+            )
     except (ValueError, OSError) as e:
         parser.error(str(e))
     report = segment.report
@@ -313,6 +355,8 @@ def _run_segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         **(report.to_json() if len(twins) == 2 else _one_twin_json(report)),
         "segment": {"start": segment.start, "stop": segment.stop, "twins": list(twins), "resumed_from": args.resume},
         "states": segment.states,
+        "snapshot_every": args.snapshot_every,
+        "planted": None if args.plant_defect is None else args.plant_defect.to_json(),
     }
     if len(twins) == 2:
         print(reports.chapter5_table(report))
@@ -325,6 +369,10 @@ def _run_segment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     write_json(data, os.path.join(args.out, "train.json"))
     if len(twins) == 2:
         reports.plot_chapter5(report, os.path.join(args.out, "train.png"))
+    if args.plant_defect is not None:
+        print(f"planted: {args.plant_defect.describe()}")
+    if args.snapshot_every is not None:
+        print(f"snapshots of both twins every {args.snapshot_every} steps in {args.out}/{resume.SNAPSHOTS}/")
     for twin, path in segment.states.items():
         print(f"wrote the {twin} twin's training state at step {segment.stop}: {path}")
     if len(twins) == 1:

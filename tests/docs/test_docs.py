@@ -177,7 +177,8 @@ def test_cli_examples_run(line, tmp_path, snapshot, monkeypatch, capsys):
     line = line.replace('"$SNAPSHOT"', snapshot).replace("examples/", str(ROOT / "examples") + "/")
     args = shlex.split(line)[1:]
     monkeypatch.chdir(tmp_path)
-    expected = 1 if "--plant" in args else 0  # a planted bug must fail the check
+    # a planted bug must fail the check; a planted defect, the run (the tiny one's bound catches it) and diverge
+    expected = 1 if "--plant" in args or "--plant-defect" in args or args[0] == "diverge" else 0
     if "--cpu-devices" in args:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         proc = subprocess.run(
@@ -188,23 +189,26 @@ def test_cli_examples_run(line, tmp_path, snapshot, monkeypatch, capsys):
         from parity_cli.main import main
 
         if "--resume" in args:  # the page's line before, which saved the state, runs first
-            assert main(_saving_line(line)) == 0, capsys.readouterr().out
+            assert main(_line_before(line, "--save-state")) == 0, capsys.readouterr().out
+        if args[0] == "diverge":  # the page's line before, which saved the run's snapshots, runs first
+            assert main(_line_before(line, "--snapshot-every")) == 1, capsys.readouterr().out
         assert main(args) == expected, capsys.readouterr().out
     for flag in ("--json", "--plot"):
         if flag in args:
             assert (tmp_path / args[args.index(flag) + 1]).stat().st_size > 0
 
 
-def _saving_line(resuming: str) -> list[str]:
-    """The `--save-state` line a `--resume` line of the same page continues."""
+def _line_before(resuming: str, flag: str) -> list[str]:
+    """The line with `flag` (`--save-state`, `--snapshot-every`) before `resuming` on its page, whose
+    output it reads."""
     for page in PAGES:
         lines = helpers.shell_lines(page)
         for i, line in enumerate(lines):
             if line.replace(str(ROOT / "examples") + "/", "examples/") == resuming.replace(
                 str(ROOT / "examples") + "/", "examples/"
             ):
-                saving = [previous for previous in lines[:i] if "--save-state" in previous]
-                assert saving, f"{_name(page)}: {resuming} resumes a state no line before saves"
+                saving = [previous for previous in lines[:i] if flag in previous]
+                assert saving, f"{_name(page)}: {resuming} reads what no line before it writes ({flag})"
                 return shlex.split(saving[-1].replace("examples/", str(ROOT / "examples") + "/"))[1:]
     raise AssertionError(f"no page has {resuming}")
 

@@ -152,6 +152,11 @@ def test_a_state_is_a_copy_that_later_steps_leave_alone(twin):
     _step(twin, model, optimizer, *later)
     for part, tensors in saved.items():
         assert all(np.array_equal(getattr(state, part)[k], v) for k, v in tensors.items()), part
+    # and a state loaded is copied in: the steps after it leave it alone
+    package.load_train_state(model, optimizer, state)
+    _step(twin, model, optimizer, *later)
+    for part, tensors in saved.items():
+        assert all(np.array_equal(getattr(state, part)[k], v) for k, v in tensors.items()), f"{part} after a load"
 
 
 def _state(**changes) -> ts.TrainState:
