@@ -49,6 +49,7 @@ from parity_tests.mesh import split_bytes
 from parity_tests.progress import Progress, Steps, silent
 from parity_tests.twins import build_flax, build_torch, float32_matmuls, token_batch
 
+from . import profile
 from .decoding import DECODE_BATCHES, DECODE_PROMPT, DECODE_PROMPTS, DecodeTiming, decode_limits
 from .roofline import (
     GEMM_N,
@@ -115,6 +116,7 @@ class BenchReport:
     cpu: str = ""  # model name and vector extensions (see cpu_description)
     hugepages: str = ""  # see hugepages()
     notes: list[str] = dataclasses.field(default_factory=list)
+    traces: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # dtype -> twin -> path
 
     def gemm_throughput(self, dtype: str) -> float:
         """The machine's GEMM FLOP/s in `dtype`: the best sample of either library."""
@@ -201,6 +203,7 @@ class BenchReport:
             "cpu": self.cpu,
             "malloc": self.hugepages,
             "notes": self.notes,
+            "traces": self.traces,
             "versions": versions(),
         }
 
@@ -377,6 +380,7 @@ class BenchOptions:
     decode_prompts: Sequence[int] = DECODE_PROMPTS
     decode_repeats: int = 1
     gemm_n: int = GEMM_N
+    profile: str | None = None  # a folder: traces of both twins there (parity_bench/profile.py)
 
 
 def run_bench(
@@ -452,6 +456,7 @@ def run_bench(
         + len(cells) * len(backends)
         + len(meshes) * len(batches) * len(seqs) * ("float32" in dtypes)
         + (1 + len(dtypes) * (2 + len(decode_prompts) * (len(decode_batches) + (1 in decode_batches))) if decode else 0)
+        + (len(dtypes) if opts.profile else 0)
     )
     prog = progress(n_steps)
     with prog.step(f"building {model} twins on {describe_config(cfg)} in {', '.join(dtypes)}"):
@@ -514,6 +519,11 @@ def run_bench(
                     f"cell(s) (a {decode}-token generation timed no longer than a 1-token one), so they have "
                     "no rate; more new tokens time more steps"
                 )
+        traces: dict[str, dict[str, str]] = {}
+        for dtype in dtypes if opts.profile else ():
+            with prog.step(f"traces of both twins, {dtype} {batches[0]}x{seqs[0]}" + (", decoding" if decode else "")):
+                ids = token_batch(cfg, batches[0], seqs[0], seed)
+                traces[dtype] = profile.write_traces(opts.profile or "", twins[dtype], dtype, ids, decode)
     device = f"CPU, {torch.get_num_threads()} torch threads"
     check_ids = token_batch(cfg, batches[0], seqs[0], seed)
     return BenchReport(
@@ -533,6 +543,7 @@ def run_bench(
         cpu_description(),
         hugepages(),
         notes,
+        traces,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from parity_bench import bench
+from parity_bench import bench, profile
 
 from .. import bench_reports
 from ..common import (
@@ -81,6 +81,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help=f"the N^3 matmul that measures GEMM throughput (default: {bench.GEMM_N})",
     )
     b.add_argument("--plot", metavar="PNG", help="save tokens/s against sequence length as a plot")
+    b.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="also trace both twins on the grid's first cell, per dtype (and decoding, with --decode): "
+        "DIR/flax-DTYPE/ (jax.profiler: TensorBoard's profile plugin, perfetto_trace.json.gz for Perfetto) "
+        "and DIR/torch-DTYPE.json (torch.profiler's Chrome trace, for Perfetto)",
+    )
     return b
 
 
@@ -101,7 +108,17 @@ def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser)
         decode_batches=args.decode_batch,
         decode_prompts=args.decode_prompt,
         gemm_n=args.gemm_size,
+        profile=args.profile,
     )
+    if args.profile:
+        try:
+            profile.check_profile_dir(args.profile)
+        except ValueError as e:
+            parser.error(str(e))
     report = bench.run_bench(setup.cfg, opts, weights=setup.weights, meshes=setup.meshes, progress=progress(args.quiet))
     emit(args, report, bench_reports.bench_table, bench_reports.plot_bench)
+    for dtype, written in report.traces.items():
+        print(
+            f"{dtype} traces: {written['flax']}/ (Flax), {written['torch']} (torch); docs/benchmarks.md says how to open them"
+        )
     return 0
