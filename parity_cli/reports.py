@@ -7,7 +7,6 @@ import numpy as np
 
 from gpt_spec.stages import stage_key, stage_of
 from parity_tests.chapter5 import TWINS, Chapter5Report, TwinRun
-from parity_tests.diverge import DivergeReport, Evidence
 from parity_tests.forward import ParityReport, ParityRow
 from parity_tests.layers import Finding
 from parity_tests.mesh import ShardingReport
@@ -30,6 +29,9 @@ def parity_table(report: ParityReport) -> str:
             max(c.max_abs for c in r.stages),
             max(c.margin for c in r.stages),
             max((f.margin for f in r.layers), default=float("nan")),
+            r.distribution.kl_mean if r.distribution else float("nan"),
+            r.distribution.top1 if r.distribution else float("nan"),
+            r.distribution.topk_mean if r.distribution else float("nan"),
             "pass" if r.passed else "FAIL",
         )
         for r in report.rows
@@ -44,6 +46,9 @@ def parity_table(report: ParityReport) -> str:
             "any stage max |Δ|",
             "stages |Δ|/bound",
             "layers |Δ|/allowed",
+            "KL mean",
+            "top-1",
+            "top-10",
             "result",
         ],
         rows,
@@ -54,6 +59,16 @@ def parity_table(report: ParityReport) -> str:
         if report.rows
         else "",
     ]
+    checks = [r.distribution_check for r in report.rows if r.distribution_check is not None]
+    if checks:
+        lines.append(
+            f"distributions: KL(reference || candidate) per token, bounds mean {checks[0].kl_mean_bound:g}, "
+            f"max {checks[0].kl_max_bound:g}; worst {max(c.margin for c in checks):.3g}x"
+        )
+    else:
+        lines.append(
+            "distributions: KL(reference || candidate) per token, top-1 and top-10 agreement (no bound in this tier)"
+        )
     lines += report.notes
     lines += [f"skipped {label}: {reason}" for label, reason in report.skipped]
     return "\n".join(line for line in lines if line)
@@ -273,35 +288,6 @@ def evaluations_table(run: TwinRun) -> str:
     """One twin's evaluations, where nothing is compared."""
     rows = [[e["epoch"], e["step"], e["tokens_seen"], e["train_loss"], e["val_loss"]] for e in run.evals]
     return format_table(["epoch", "step", "tokens", "train loss", "val loss"], rows)
-
-
-def _judged(evidence: Evidence) -> str:
-    failure = evidence.first_failure()
-    if failure is not None:
-        return f"PAST: {failure[0]}"
-    name, margin = evidence.worst()
-    return f"ok ({margin:.2g} of bound: {name})"
-
-
-def diverge_table(report: DivergeReport) -> str:
-    """Each replayed step: the runs' losses and weights, and the step judged from the same state
-    (a defect shows here) and from each twin's own (where the runs' difference shows)."""
-    rows = [
-        [
-            r.step,
-            r.losses["torch"],
-            r.losses["flax"],
-            abs(r.losses["torch"] - r.losses["flax"]),
-            train_loss_bound(r.step),
-            r.own.differed["weights"],
-            r.weights_after,
-            _judged(r.same),
-            _judged(r.own),
-        ]
-        for r in report.steps
-    ]
-    headers = ["step", "loss torch", "loss flax", "|Δ loss|", "bound", "|Δw| before", "|Δw| after"]
-    return format_table([*headers, "from the same state", "from their own states"], rows)
 
 
 def chapter5_samples(report: Chapter5Report) -> str:

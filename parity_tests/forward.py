@@ -25,10 +25,11 @@ from gpt_spec.checks import check_dtype
 from gpt_spec.stages import stage_key, stage_of
 
 from .compare import Comparison, compare
+from .distribution import Distribution, DistributionCheck, distribution
 from .environment import versions
 from .layers import Finding, build_probes, reference_outputs, run_probes
 from .progress import Progress, silent
-from .tolerances import BF16_FORWARD, FP32_FORWARD, Bound
+from .tolerances import BF16_FORWARD, BF16_KL_MAX, BF16_KL_MEAN, FP32_FORWARD, Bound
 from .twins import (
     MODELS,
     MODES,
@@ -151,6 +152,8 @@ class ParityRow:
     candidate: str
     stages: list[Comparison]  # every recorded stage of the whole forward, in the model's order
     layers: list[Finding] = dataclasses.field(default_factory=list)  # layers.py's evidence
+    distribution: Distribution | None = None  # the next-token distributions (distribution.py)
+    distribution_check: DistributionCheck | None = None  # held to its tier's KL bounds, where it has them
 
     def stage(self, name: str) -> Comparison:
         return next(c for c in self.stages if c.name == name)
@@ -160,12 +163,17 @@ class ParityRow:
         return self.stage("out_head")
 
     @property
+    def findings(self) -> list[Finding]:
+        check = [self.distribution_check] if self.distribution_check is not None else []
+        return [*self.stages, *self.layers, *check]
+
+    @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.stages) and all(f.passed for f in self.layers)
+        return all(f.passed for f in self.findings)
 
     @property
     def first_failure(self) -> Finding | None:
-        return first_failure([*self.stages, *self.layers])
+        return first_failure(self.findings)
 
     def to_json(self) -> dict[str, Any]:
         first = self.first_failure
@@ -184,6 +192,12 @@ class ParityRow:
                 "describe": first.describe(),
             },
             "logits": self.logits.to_json(),
+            "distribution": None
+            if self.distribution is None
+            else {
+                **self.distribution.to_json(),
+                "check": None if self.distribution_check is None else self.distribution_check.to_json(),
+            },
             "stages": [c.to_json() for c in self.stages],
             "layers": [f.to_json() for f in self.layers],
         }
@@ -378,11 +392,10 @@ def run_parity(
                     out = run_backend(backend, twin[target], ids)
                     found = run_probes(probes, ref_outputs, backend, twin[target]) if layer_evidence else []
                     carry = carried(cpu[source], twin[source], reference, out) if dtype == "float32" else None
-                rows.append(
-                    ParityRow(
-                        direction, cpu[source].label, backend.label, compare_stages(reference, out, bound, carry), found
-                    )
-                )
+                dist = distribution(reference["out_head"], out["out_head"])
+                check = DistributionCheck(dist, BF16_KL_MEAN, BF16_KL_MAX) if dtype == "bfloat16" else None
+                stages = compare_stages(reference, out, bound, carry)
+                rows.append(ParityRow(direction, cpu[source].label, backend.label, stages, found, dist, check))
         if models is not None:  # leave them as they came
             for name in twin:
                 load[name](twin[name], own[name])

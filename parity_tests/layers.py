@@ -34,6 +34,7 @@ from gpt_spec import GPTConfig, ModelKind
 
 from . import envelopes
 from .compare import BiasCheck, Comparison, bias_check, compare
+from .distribution import DistributionCheck
 from .twins import Backend, call_module, submodule
 
 BOOK_LN_EPS = 1e-5
@@ -41,7 +42,7 @@ ONE_HOT_ROWS = 32  # rows of a Linear probe: one-hot at evenly spread input feat
 SWEEP_POINTS = 2**16 + 1  # GELU over [-10, 10]
 PEAKED_SCALE = 16.0  # the attention input scaled by this: scores ~256x larger, softmax one-hot
 
-Finding = Comparison | BiasCheck
+Finding = Comparison | BiasCheck | DistributionCheck  # the last: forward.ParityRow's, at the logits
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+import gpt_flax
+import gpt_torch
 from gpt_spec import ModelKind
 from gpt_spec.checks import DTYPES
-from parity_tests import forward, mesh, training, twins, zoo, zoo_training
+from parity_tests import distribution, forward, mesh, training, twins, zoo, zoo_training
 
 from .. import reports
 from ..common import (
@@ -55,6 +57,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         action="store_true",
         help="compare the whole forward only, not each layer on its own inputs and traps",
     )
+    check.add_argument(
+        "--greedy",
+        type=_greedy_arg,
+        metavar="N:T",
+        help=f"also continue N random prompts of {GREEDY_PROMPT} tokens greedily for T new tokens in both twins "
+        "(same weights, this dtype) and report where their tokens first differ: median and 10th percentile",
+    )
     add_precision_arg(check)
     check.add_argument(
         "--plant",
@@ -66,10 +75,42 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return check
 
 
+GREEDY_PROMPT = 8  # tokens of each --greedy prompt
+
+
+def _greedy_arg(text: str) -> tuple[int, int]:
+    n, _, t = text.partition(":")
+    try:
+        prompts, tokens = int(n), int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N:T (prompts:new tokens), got {text!r}") from None
+    if prompts < 1 or tokens < 1:
+        raise argparse.ArgumentTypeError(f"expected N:T with N, T >= 1, got {text!r}")
+    return prompts, tokens
+
+
+def _greedy(args: argparse.Namespace, setup: Setup) -> distribution.GreedyDivergence:
+    """Both twins on the check's weights, in its dtype, continuing the same random prompts."""
+    n, tokens = args.greedy
+    tm, fm = twins.build_pair(setup.model, setup.cfg, source="torch", seed=args.seed, mode="eval", **setup.options)
+    if setup.weights is not None:
+        gpt_torch.load_state_dict(tm, setup.weights)
+        gpt_flax.load_state_dict(fm, setup.weights)
+    gpt_torch.cast(tm, args.dtype)
+    gpt_flax.cast(fm, args.dtype)
+    with twins.float32_matmuls():
+        return distribution.greedy_divergence(tm, fm, twins.token_batch(setup.cfg, n, GREEDY_PROMPT, args.seed), tokens)
+
+
 def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser) -> int:
     cfg = setup.cfg
     if args.mode == "train" and cfg.drop_rate != 0:
         parser.error("--mode train compares the twins at drop_rate 0; add --drop-rate 0")
+    if args.greedy and (setup.model != ModelKind.GPT or GREEDY_PROMPT + args.greedy[1] > cfg.context_length):
+        parser.error(
+            f"--greedy needs --model gpt and {GREEDY_PROMPT} prompt + T new tokens within context_length "
+            f"{cfg.context_length}"
+        )
     seq = args.seq or min(128, cfg.context_length)
     plant, planted = None, ""
     if args.plant:
@@ -149,6 +190,11 @@ def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser)
             print(f"training: first failure at {found[0]}: {found[2]}")
         result["training"] = trained.to_json()
         passed = passed and trained.passed
+    if args.greedy:
+        greedy = _greedy(args, setup)
+        print()
+        print(f"greedy decoding, {args.dtype}: {greedy.describe()}")
+        result["greedy"] = greedy.to_json()
     if setup.meshes:
         sharded = mesh.run_sharding_parity(
             cfg,

@@ -6,10 +6,12 @@ import argparse
 import os
 
 from parity_tests import diverge
+from parity_tests.diverge import DivergeReport
+from parity_tests.step_evidence import Evidence
+from parity_tests.tolerances import train_loss_bound
 
-from .. import reports
 from ..common import JSON_HELP, write_outputs
-from ..render import progress
+from ..render import format_table, progress
 from .train import _text
 
 
@@ -67,9 +69,38 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         a, b = report.window
         judged = f"step {a}" if a == b else f"steps {a}-{b}"
         print(f"replayed from the snapshot at step {report.snapshot}; judged {judged}")
-        print(reports.diverge_table(report))
+        print(diverge_table(report))
         if not report.reproduced:
             print("note: the replay's losses are not the recorded run's (another machine or version?)")
     print(report.verdict())
     write_outputs(args, report.to_json(tensors=not args.brief))
     return 1 if report.kind == "defect" else 0
+
+
+def _judged(evidence: Evidence) -> str:
+    failure = evidence.first_failure()
+    if failure is not None:
+        return f"PAST: {failure[0]}"
+    name, margin = evidence.worst()
+    return f"ok ({margin:.2g} of bound: {name})"
+
+
+def diverge_table(report: DivergeReport) -> str:
+    """Each replayed step: the runs' losses and weights, and the step judged from the same state
+    (a defect shows here) and from each twin's own (where the runs' difference shows)."""
+    rows = [
+        [
+            r.step,
+            r.losses["torch"],
+            r.losses["flax"],
+            abs(r.losses["torch"] - r.losses["flax"]),
+            train_loss_bound(r.step),
+            r.own.differed["weights"],
+            r.weights_after,
+            _judged(r.same),
+            _judged(r.own),
+        ]
+        for r in report.steps
+    ]
+    headers = ["step", "loss torch", "loss flax", "|Δ loss|", "bound", "|Δw| before", "|Δw| after"]
+    return format_table([*headers, "from the same state", "from their own states"], rows)
