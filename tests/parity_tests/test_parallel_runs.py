@@ -141,7 +141,13 @@ def test_a_hung_rank_is_ended_by_the_timeouts(tmp_path, twin):
     with pytest.raises(parallel.RankFailure) as e:
         parallel.launch(spec, tmp_path, twin)
     message = str(e.value)
-    # torch: the hung rank is left for the launcher to stop; Flax: its own watchdog ends it too
-    ended = "torch rank 1 still running: stopped" if twin == "torch" else "TimeoutError: no progress for 20 s"
-    assert "\n" not in message and ended in message, message
+    # torch: the hung rank is left for the launcher to stop. Flax: both processes' watchdogs run out
+    # together; the hung one ends by its own, or (a race: process 0's ran out first, taking the JAX
+    # coordinator with it) the coordination client aborts it, as it did once in CI.
+    ended = (
+        ("torch rank 1 still running: stopped",)
+        if twin == "torch"
+        else ("TimeoutError: no progress for 20 s", "flax process 1 failed (killed by SIGABRT")
+    )
+    assert "\n" not in message and any(words in message for words in ended), message
     assert time.monotonic() - start < spec.timeout_s + parallel.START_GRACE_S / 2, message
