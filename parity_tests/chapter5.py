@@ -103,31 +103,43 @@ class Chapter5Report:
             return [f"the runs took {len(t.step_losses)} and {len(f.step_losses)} steps"]
         if not all(math.isfinite(x) for x in t.step_losses + f.step_losses):
             problems.append("a training loss is not finite")
-        deltas = self.step_deltas()
-        for step, delta in enumerate(deltas.tolist()):
+        problems += [line for _, line in self.parted()]
+        if t.greedy_ids != f.greedy_ids:
+            problems.append("after training, greedy generation differs")
+        if t.sampled_ids != f.sampled_ids:
+            problems.append("after training, parity sampling differs")
+        return problems
+
+    def parted(self) -> list[tuple[int, str]]:
+        """The first step whose training loss, the first evaluation and the first epoch sample that
+        pass their bound (or differ), each with the number of updates behind it: a step's loss is
+        taken before that step's update, an evaluation after it, a sample after its epoch's last."""
+        t, f = self.torch, self.flax
+        found = []
+        for step, delta in enumerate(self.step_deltas().tolist()):
             if not delta <= train_loss_bound(step):
-                problems.append(
-                    f"step {step}: |Δ training loss| {delta:.3g} > bound {train_loss_bound(step):.3g}"
-                    f" (torch {t.step_losses[step]:.6f}, flax {f.step_losses[step]:.6f})"
+                found.append(
+                    (
+                        step,
+                        f"step {step}: |Δ training loss| {delta:.3g} > bound {train_loss_bound(step):.3g}"
+                        f" (torch {t.step_losses[step]:.6f}, flax {f.step_losses[step]:.6f})",
+                    )
                 )
                 break
         train, val = self.eval_deltas()
         for point, dt, dv in zip(t.evals, train, val, strict=True):
             bound = train_loss_bound(point["step"])
             if not (dt <= bound and dv <= bound):
-                problems.append(
-                    f"evaluation at step {point['step']}: |Δ train| {dt:.3g}, |Δ val| {dv:.3g} > bound {bound:.3g}"
-                )
+                line = f"evaluation at step {point['step']}: |Δ train| {dt:.3g}, |Δ val| {dv:.3g} > bound {bound:.3g}"
+                found.append((point["step"] + 1, line))
                 break
         for epoch, (a, b) in enumerate(zip(t.samples, f.samples, strict=True), 1):
             if a != b:
-                problems.append(f"epoch {epoch}: the greedy samples differ: torch {a!r}, flax {b!r}")
+                found.append(
+                    (epoch * self.n_train_batches, f"epoch {epoch}: the greedy samples differ: torch {a!r}, flax {b!r}")
+                )
                 break
-        if t.greedy_ids != f.greedy_ids:
-            problems.append("after training, greedy generation differs")
-        if t.sampled_ids != f.sampled_ids:
-            problems.append("after training, parity sampling differs")
-        return problems
+        return found
 
     @property
     def passed(self) -> bool:

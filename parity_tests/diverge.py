@@ -35,7 +35,7 @@ import torch
 from .chapter5 import TWINS, Chapter5Report, TwinRun
 from .defects import OneStepDefect, planted
 from .progress import Progress, silent
-from .resume import SNAPSHOTS, STATE_FILES, Feed, Trainer, advance, read_state, restore_feed
+from .resume import SNAPSHOTS, STATE_FILES, Feed, Trainer, advance, read_state, restore_feed, snapshot_path
 from .step_evidence import Evidence, Probe
 from .tolerances import LOSS, train_loss_bound
 from .twins import float32_matmuls
@@ -144,24 +144,8 @@ class DivergeReport:
 
 
 def first_failure(report: Chapter5Report) -> tuple[str, int] | None:
-    """The run's first evidence past its bound, and the number of updates behind it: a step's loss
-    is taken before that step's update, an evaluation after it."""
-    found: list[tuple[int, str]] = []
-    for step, delta in enumerate(report.step_deltas().tolist()):
-        if not delta <= train_loss_bound(step):
-            found.append((step, f"step {step}: |Δ training loss| {delta:.3g} > bound {train_loss_bound(step):.3g}"))
-            break
-    train, val = report.eval_deltas()
-    for point, dt, dv in zip(report.torch.evals, train, val, strict=True):
-        bound = train_loss_bound(point["step"])
-        if not (dt <= bound and dv <= bound):
-            line = f"evaluation at step {point['step']}: |Δ train| {dt:.3g}, |Δ val| {dv:.3g} > bound {bound:.3g}"
-            found.append((point["step"] + 1, line))
-            break
-    for epoch, (a, b) in enumerate(zip(report.torch.samples, report.flax.samples, strict=True), 1):
-        if a != b:
-            found.append((epoch * report.n_train_batches, f"epoch {epoch}: the greedy samples differ"))
-            break
+    """The run's first evidence past its bound, and the number of updates behind it."""
+    found = report.parted()
     if not found:
         return None
     updates, line = min(found)
@@ -252,13 +236,11 @@ def diverge(
     replayed: list[Replayed] = []
     bar = progress(last + 1 - start)
     with float32_matmuls(), planted(defect):
-        folder = Path(run_dir) / SNAPSHOTS / f"step-{start:06d}"
-        resumed = {twin: read_state(folder / STATE_FILES[twin], text) for twin in TWINS}
+        paths = {twin: snapshot_path(run_dir, start, twin) for twin in TWINS}
+        resumed = {twin: read_state(path, text) for twin, path in paths.items()}
         for twin, state in resumed.items():
             if state.position.step != start or state.history.step_losses != report.runs[twin].step_losses[:start]:
-                raise ValueError(
-                    f"{os.fspath(folder / STATE_FILES[twin])!r} is not of this run: its steps differ from {RUN_FILE}'s"
-                )
+                raise ValueError(f"{os.fspath(paths[twin])!r} is not of this run: its steps differ from {RUN_FILE}'s")
         probe = Probe(resumed, text)
         batches = Batches(restore_feed(resumed["torch"], text), resumed["torch"])
         del resumed  # 124M: two states of 2 GB each
@@ -292,7 +274,7 @@ class Batches(Trainer):
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         torch.set_rng_state(self.rng)
-        self.position = advance(self, self.feed, self.position, self.position.step + 1, _tokenizer())
+        self.position = advance(self, self.feed, self.position, self.position.step + 1, tokenizer=None)  # no samples
         self.rng = torch.get_rng_state()
         return self.taken.pop()
 
@@ -306,12 +288,6 @@ class Batches(Trainer):
 
     def sample(self, tokenizer: Any) -> str:
         return ""
-
-
-def _tokenizer() -> Any:
-    from gpt_spec import get_tokenizer
-
-    return get_tokenizer()
 
 
 __all__ = ["RUN_FILE", "DivergeReport", "Replayed", "diverge", "examined", "first_failure", "snapshots"]
