@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from .commands import bench as bench_command
-from .commands import check, convert, diverge, generate, load_memory, mutants, parallel, train
+from .commands import check, convert, diagnose, diverge, generate, load_memory, mutants, parallel, train
 from .common import Parser, setup_model
 from .interrupt import exit_on_interrupt
 from .plan import plan_outputs
@@ -27,11 +27,12 @@ COMMANDS = {
     "convert": convert,
     "train": train,
     "diverge": diverge,
+    "diagnose": diagnose,
     "load-memory": load_memory,
     "parallel": parallel,
 }
 # Commands that read a model from the shared model arguments (--config, --checkpoint, ...).
-_WITH_MODEL = ("check", "bench", "generate")
+_WITH_MODEL = ("check", "bench", "generate", "diagnose")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,6 +50,7 @@ class Comparison:
     margin: float = float("nan")  # max |Δ| / allowed over the elements: > 1 fails
     largest_allowed: float = float("nan")  # what the bound allows at the reference's largest element
     evidence: str = "bound"  # "bound" (a named Bound) or "envelope" (derived element by element)
+    same_non_finite: int = 0  # non-finite elements both sides share, value for value (still a failure)
 
     def describe(self) -> str:
         verdict = "ok" if self.passed else "FAILED"
@@ -78,6 +79,7 @@ class Comparison:
             "n_beyond": self.n_beyond,
             "ref_max": self.ref_max,
             "size": self.size,
+            "same_non_finite": self.same_non_finite,
             "passed": self.passed,
             "problem": self.problem,
         }
@@ -124,6 +126,9 @@ def compare(name: str, reference: Any, candidate: Any, bound: Named, *, limit: n
             evidence=evidence,
         )
     shape = tuple(ref.shape)
+    bad_ref, bad_cand = ~np.isfinite(ref), ~np.isfinite(cand)
+    if bad_ref.any() and np.array_equal(bad_ref, bad_cand) and _same_values(ref[bad_ref], cand[bad_cand]):
+        return _shared_non_finite(name, ref, cand, bound, limit, bad_ref)
     for side, arr in (("reference", ref), ("candidate", cand)):
         if not np.isfinite(arr).all():
             bad = ~np.isfinite(arr)
@@ -182,6 +187,27 @@ def compare(name: str, reference: Any, candidate: Any, bound: Named, *, limit: n
         margin=float(ratio[worst]),
         largest_allowed=float(limit[np.unravel_index(int(np.argmax(ref_abs)), shape)]),
         evidence=evidence,
+    )
+
+
+def _same_values(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(np.all((a == b) | (np.isnan(a) & np.isnan(b))))
+
+
+def _shared_non_finite(name: str, ref, cand, bound: Named, limit, bad: np.ndarray) -> Comparison:
+    """Both sides non-finite at the same elements with the same values (NaN for NaN, inf of one
+    sign): still a failure, but the finite elements are compared, so a diagnosis (diagnose.py) can
+    tell two models that break alike from two that break differently."""
+    if limit is None:  # the bound's limit over the whole tensor (a carried one is element by element)
+        limit = cast(Tolerance, bound).limit(np.abs(np.where(bad, 0, ref)))
+    limit = np.broadcast_to(np.asarray(limit, dtype=np.float64), ref.shape)[~bad]
+    finite = compare(name, ref[~bad], cand[~bad], bound, limit=limit)
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    problem = f"both sides have {int(bad.sum())} non-finite value(s), the same ones, first at {where}"
+    if finite.problem:
+        problem += f"; the finite elements: {finite.problem}"
+    return dataclasses.replace(
+        finite, shape=tuple(ref.shape), worst_index=where, passed=False, problem=problem, same_non_finite=int(bad.sum())
     )
 
 

@@ -37,7 +37,7 @@ from .zoo_catalog import (
     ZooRow,
     get,
 )
-from .zoo_plant import _LAYERS, _mutant_class, plant, planted
+from .zoo_plant import _LAYERS, _mutant_class, perturb, plant, planted
 
 __all__ = [
     "BF16",
@@ -59,6 +59,7 @@ __all__ = [
     "_LAYERS",
     "_mutant_class",
     "get",
+    "perturb",
     "plant",
     "planted",
     "run_zoo",

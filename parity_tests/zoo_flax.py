@@ -18,7 +18,7 @@ from flax import nnx
 
 from gpt_flax import model as book
 from gpt_spec.checks import check_last_only
-from gpt_spec.randomness import gumbel_noise
+from gpt_spec.randomness import gumbel_noise, keep_mask, keep_scale
 
 
 def round_mantissa(x: jax.Array, bits: int | None) -> jax.Array:
@@ -145,10 +145,12 @@ class TransformerBlock(book.TransformerBlock):
 
 
 class Dropout(nnx.Dropout):
-    """Dropout that ignores eval(): always drops."""
+    """Dropout that ignores eval(): always drops, with the torch zoo's mask (gpt_spec.randomness's
+    hash, counter 0), so two twins that both carry the bug compute alike (diagnose.py)."""
 
     def __call__(self, inputs: jax.Array, **kwargs) -> jax.Array:
-        return super().__call__(inputs, deterministic=False)
+        keep = keep_mask(tuple(inputs.shape), self.rate, 0, 0)
+        return inputs * jnp.asarray(keep, inputs.dtype) * jnp.asarray(keep_scale(self.rate), inputs.dtype)
 
 
 class GPT(book._GPT):
@@ -161,7 +163,8 @@ class GPT(book._GPT):
             raise NotImplementedError("the zoo's model has no KV cache")
         in_idx = book.check_ids(in_idx, self.cfg)
         seq_len = in_idx.shape[1]
-        pos_ids = jnp.arange(seq_len) + self.bug_position_offset  # JAX's gather clamps past the end
+        # Clamped, as the torch zoo's: the bug is the offset (nnx.Embed would fill past the end with NaN).
+        pos_ids = jnp.minimum(jnp.arange(seq_len) + self.bug_position_offset, self.cfg.context_length - 1)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos_ids))
         activations = {"drop_emb": x}
         for i, block in enumerate(self.trf_blocks):

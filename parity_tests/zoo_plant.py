@@ -54,7 +54,10 @@ _LAYERS: dict[str, dict[str, tuple[type, type]]] = {
 
 @functools.cache
 def _mutant_class(zoo_cls: type, cls: type, knobs: tuple[tuple[str, Any], ...]) -> type:
-    bases = (zoo_cls,) if issubclass(zoo_cls, cls) else (zoo_cls, cls)
+    if issubclass(cls, zoo_cls):  # a mutant already (diagnose.py plants one over another): both bugs
+        bases: tuple[type, ...] = (cls,)
+    else:
+        bases = (zoo_cls,) if issubclass(zoo_cls, cls) else (zoo_cls, cls)
     label = ",".join(f"{k.removeprefix('bug_')}={v}" for k, v in knobs)
     return type(f"{cls.__name__}[{label}]", bases, dict(knobs))
 
@@ -135,3 +138,33 @@ def plant(name: str, twin: str) -> Callable[[dict[str, Any]], contextlib.Abstrac
             f"`gpt-parity mutants --mutant {name}` runs it through the generation check"
         )
     return functools.partial(planted, mutant, twin)
+
+
+@contextlib.contextmanager
+def _perturbed_loads(twin: str, param: str, eps: float, seed: int) -> Iterator[None]:
+    """The twin's load_state_dict, multiplying `param` by 1 ± eps element by element (random signs):
+    a perturbation of relative size eps in one tensor, which no bug of the zoo makes."""
+    package: Any = gpt_torch if twin == "torch" else gpt_flax
+    load = package.load_state_dict
+
+    def perturbed(sd):
+        if param not in sd:
+            raise ValueError(f"no tensor {param!r} to perturb; the state dict holds {', '.join(sorted(sd))}")
+        w = np.asarray(sd[param], np.float32)
+        signs = np.random.default_rng(seed).choice(np.array([-1.0, 1.0], np.float32), w.shape)
+        return {**sd, param: (w * (1 + np.float32(eps) * signs)).astype(np.float32)}
+
+    package.load_state_dict = lambda model, sd: load(model, perturbed(sd))
+    try:
+        yield
+    finally:
+        package.load_state_dict = load
+
+
+def perturb(param: str, eps: float, twin: str, seed: int = 0) -> Callable[[dict[str, Any]], Any]:
+    """For forward.run_parity(plant=...): one weight tensor of one twin off by a relative eps."""
+    if twin not in TWINS:
+        raise ValueError(f"twin must be one of {', '.join(TWINS)}, got {twin!r}")
+    if not eps > 0:
+        raise ValueError(f"a perturbation needs eps > 0, got {eps}")
+    return lambda models: _perturbed_loads(twin, param, eps, seed)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt_spec.checks import check_last_only
-from gpt_spec.randomness import gumbel_noise
+from gpt_spec.randomness import gumbel_noise, keep_mask, keep_scale
 from gpt_torch import model as book
 
 
@@ -152,10 +152,12 @@ class TransformerBlock(book.TransformerBlock):
 
 
 class Dropout(torch.nn.Dropout):
-    """Dropout that ignores eval(): always drops."""
+    """Dropout that ignores eval(): always drops, with the Flax zoo's mask (gpt_spec.randomness's
+    hash, counter 0), so two twins that both carry the bug compute alike (diagnose.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(x, self.p, training=True)
+        keep = torch.from_numpy(keep_mask(tuple(x.shape), self.p, 0, 0)).to(x.device)
+        return x * keep.to(x.dtype) * float(keep_scale(self.p))
 
 
 class GPT(book._GPT):

@@ -43,7 +43,8 @@ def test_non_finite_values_fail_even_when_both_sides_agree(bad):
     ref = np.ones(4)
     ref[2] = bad
     c = compare("x", ref, ref.copy(), EXACT)
-    assert not c.passed and "reference has 1 non-finite value(s), first at (2,)" in c.problem
+    assert not c.passed and "both sides have 1 non-finite value(s), the same ones, first at (2,)" in c.problem
+    assert c.same_non_finite == 1
 
 
 def test_nested_outputs_name_the_failing_leaf():

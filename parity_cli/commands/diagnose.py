@@ -1,0 +1,178 @@
+"""`gpt-parity diagnose`: when the twins' check fails, which bug of the zoo explains it."""
+
+from __future__ import annotations
+
+import argparse
+
+from gpt_spec import ModelKind
+from gpt_spec.checks import DTYPES
+from parity_tests import diagnose, zoo
+from parity_tests.diagnose import Diagnosis
+from parity_tests.forward import DIRECTIONS, ParityOptions
+
+from ..common import Setup, add_model_args, add_precision_arg, plant_arg, write_outputs
+from ..render import format_table, progress
+
+
+def perturb_arg(text: str) -> tuple[str, float, str]:
+    spec, _, twin = text.partition("@")
+    param, _, eps = spec.rpartition(":")
+    twin = twin or "flax"
+    try:
+        size = float(eps)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PARAM:EPS[@TWIN], got {text!r}") from None
+    if not param or not size > 0:
+        raise argparse.ArgumentTypeError(f"expected PARAM:EPS[@TWIN] with EPS > 0, got {text!r}")
+    if twin not in zoo.TWINS:
+        raise argparse.ArgumentTypeError(f"unknown twin {twin!r} in {text!r}; expected torch or flax")
+    return param, size, twin
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    d = sub.add_parser(
+        "diagnose",
+        help="check the twins against each other and, where they differ, plant each bug of the zoo that could "
+        "have made the first failure in each twin in turn: the one that brings every finding back under its "
+        "bound names the bug and the twin that carries it",
+    )
+    add_model_args(d)
+    d.add_argument("--dtype", default="float32", choices=list(DTYPES), help="as check's (default: float32)")
+    add_precision_arg(d)
+    d.add_argument(
+        "--plant",
+        type=plant_arg,
+        metavar="MUTANT[@TWIN]",
+        help="first plant this bug of the zoo in one twin (default: flax), to see the diagnosis find it",
+    )
+    d.add_argument(
+        "--perturb",
+        type=perturb_arg,
+        metavar="PARAM:EPS[@TWIN]",
+        help="first multiply one weight tensor of one twin (default: flax) by 1 ± EPS, element by element: "
+        "a difference no bug of the zoo makes",
+    )
+    d.add_argument(
+        "--reference",
+        default="both",
+        choices=["torch", "flax", "both"],
+        help="the twin to plant the zoo's bugs in; the other is the candidate (default: both, in turn, so the "
+        "verdict names the twin that carries the bug)",
+    )
+    d.add_argument(
+        "--direction",
+        default=None,
+        choices=list(DIRECTIONS),
+        help="check this direction only (default: both, as check does)",
+    )
+    d.add_argument(
+        "--zoo",
+        action="store_true",
+        help="the zoo in reverse: plant each forward mutant in the candidate (the twin --reference does not "
+        "name; flax when it names both) and diagnose it; exits 1 unless each is named top-1",
+    )
+    return d
+
+
+def zoo_table(rows: list[diagnose.ZooDiagnosis]) -> str:
+    body = []
+    for r in rows:
+        top = f"{r.explained[0][0]} in {r.explained[0][1]}" if r.explained else "no known bug"
+        others = ", ".join(f"{m} in {t}" for m, t in r.explained[1:]) or "-"
+        body.append([r.mutant, r.candidate, top, others, r.trials, "ok" if r.top1 else "MISSED"])
+    return format_table(["mutant planted", "in", "diagnosed as", "also explained by", "trials", "result"], body)
+
+
+def trial_table(d: Diagnosis, limit: int = 8) -> str:
+    rows = []
+    for t in [*d.trials[:limit], d.none]:
+        rows.append(
+            [
+                t.mutant or "(nothing planted)",
+                t.planted_in if t.mutant else "-",
+                t.carrier,
+                t.findings - len(t.unexplained) - t.own_rounding,
+                t.own_rounding,
+                len(t.unexplained),
+                round(t.excess, 1),
+                "yes" if t.explains else "no",
+            ]
+        )
+    head = ["mutant", "planted in", "bug in", "under bound", "own rounding", "past", "Σlog2 past", "explains"]
+    table = format_table(head, rows)
+    more = len(d.trials) - limit
+    return table + (f"\n... and {more} more (--json has them all)" if more > 0 else "")
+
+
+def _options(args: argparse.Namespace, directions: tuple[str, ...]) -> ParityOptions:
+    return ParityOptions(
+        batch=args.batch,
+        seq=args.seq,
+        seed=args.seed,
+        directions=directions,
+        dtype=args.dtype,
+        matmul_precision=args.matmul_precision,
+    )
+
+
+def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser) -> int:
+    cfg = setup.cfg
+    if setup.model != ModelKind.GPT:
+        parser.error("diagnose plants the zoo's bugs in the full GPT: needs --model gpt")
+    if setup.meshes:
+        parser.error("diagnose checks one device per twin: drop --mesh")
+    directions = DIRECTIONS if args.direction is None else (args.direction,)
+    reference = zoo.TWINS if args.reference == "both" else (args.reference,)
+    if args.zoo:
+        if args.plant or args.perturb or setup.weights is not None:
+            parser.error("--zoo plants each mutant itself on an init's weights: drop --plant, --perturb, --checkpoint")
+        candidate = "flax" if args.reference != "flax" else "torch"
+        rows = diagnose.diagnose_zoo(
+            cfg, _options(args, directions), candidate=candidate, twins=reference, progress=progress(args.quiet)
+        )
+        print(
+            f"{setup.label}, {args.dtype}, batch {args.batch} x {args.seq or min(128, cfg.context_length)} tokens, "
+            f"{', '.join(directions)}: each forward mutant planted in {candidate}, the zoo's mutants planted in "
+            f"{' and '.join(reference)} to explain it"
+        )
+        print(zoo_table(rows))
+        named = sum(r.top1 for r in rows)
+        print(f"{named} of {len(rows)} named top-1; {sum(r.alone for r in rows)} by no other mutant")
+        write_outputs(
+            args, {"config": cfg.to_dict(), "directions": list(directions), "rows": [r.to_json() for r in rows]}
+        )
+        return 0 if named == len(rows) else 1
+    if args.plant and args.perturb:
+        parser.error("--plant and --perturb: one difference at a time")
+    plant, what = None, ""
+    if args.plant:
+        name, twin = args.plant
+        mutant = zoo.get(name)
+        if mutant.shows_in != "forward":
+            parser.error(f"mutant {name} does not show in the forward ({mutant.shows_in}): diagnose reads the forward")
+        if mutant.adapt(cfg) != cfg:
+            parser.error(f"mutant {name} needs a config with {dict(mutant.needs)} to show")
+        plant, what = zoo.plant(name, twin), f", {name} planted in {twin}"
+    if args.perturb:
+        param, eps, twin = args.perturb
+        plant, what = zoo.perturb(param, eps, twin, seed=args.seed), f", {param} x (1 ± {eps:g}) in {twin}"
+    d = diagnose.diagnose(
+        cfg,
+        _options(args, directions),
+        weights=setup.weights,
+        plant=plant,
+        twins=reference,
+        progress=progress(args.quiet),
+    )
+    print(f"{setup.label}, {args.dtype}, batch {args.batch} x {d.baseline.seq} tokens{what}")
+    if d.trials:
+        print(
+            f"check failed first at {d.stage}; each suspect planted in "
+            f"{' and '.join(reference)} in turn, the check run again:"
+        )
+        print(trial_table(d))
+    if d.untried and d.trials:
+        print(f"{len(d.untried)} mutants not tried: they first fail elsewhere or need another config (--json)")
+    print(d.verdict)
+    write_outputs(args, d.to_json())
+    return 0 if d.baseline.passed else 1

@@ -1,0 +1,336 @@
+"""The zoo in reverse: from "the check fails" to "this is the bug".
+
+A candidate fails `check` against its reference. Each forward mutant of the zoo that could have
+made that first failure (its `where` holds the failing stage, and it needs nothing the config
+lacks) is planted in turn in one twin, and the same check runs again. A mutant that is the
+candidate's bug makes the two twins compute alike again, so every finding (each stage of the
+forward, each layer on its own inputs and traps) comes back under its bound; a mutant that is not
+leaves findings past theirs. The trials are ranked by that: first whether everything passes,
+then the summed log2 of the margins still past their bounds, then the largest margin left.
+
+Where a trial planted in torch brings the twins together, the bug is in flax, and the other way
+round: the verdict names the twin that carries it. Two models that both turn to NaN at the same
+elements agree there (compare.py's `same_non_finite`), so a bug that breaks the forward (a mask
+that hides every key of the first token) is matched by the same bug and by no other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import numpy as np
+
+from gpt_spec import GPTConfig
+from gpt_spec.stages import in_stage, stage_key, stage_of
+
+from .forward import ParityOptions, ParityReport, run_parity
+from .layers import Finding
+from .progress import Progress, silent
+from .tolerances import OWN_ROUNDING_SLACK
+from .twins import build_flax, build_torch
+from .zoo_catalog import FORWARD_MUTANTS, TWINS, Mutant
+from .zoo_plant import planted
+
+Plant = Callable[[dict[str, Any]], AbstractContextManager]
+MARGIN_CAP = 2.0**64  # an infinite or undefined margin (a shape, a NaN) counts as this far past
+
+
+def _other(twin: str) -> str:
+    return "flax" if twin == "torch" else "torch"
+
+
+def _matches(f: Finding) -> bool:
+    """Within its bound, or both sides broken alike with the finite elements within it."""
+    if f.passed:
+        return True
+    return bool(getattr(f, "same_non_finite", 0)) and f.margin <= 1.0
+
+
+def _log_margin(f: Finding) -> float:
+    m = f.margin
+    return math.log2(MARGIN_CAP) if not np.isfinite(m) else math.log2(min(max(m, 1.0), MARGIN_CAP))
+
+
+def _own_rounding(left: list[Finding], own: ParityReport) -> list[Finding]:
+    """Of the findings a trial leaves past their bounds, those not within OWN_ROUNDING_SLACK times
+    what the mutant leaves between two twins that both carry it (`own`), finding by finding."""
+    noise = {f.name: f.margin for r in own.rows for f in r.findings if not _matches(f)}
+    return [f for f in left if not (f.name in noise and f.margin <= OWN_ROUNDING_SLACK * noise[f.name])]
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """The check run again with `mutant` planted in `planted_in` ("" and "-": nothing planted)."""
+
+    mutant: str
+    planted_in: str
+    findings: int
+    unexplained: list[str]  # the findings still past their bounds, in the model's order
+    excess: float  # sum of log2(margin) over them
+    worst: float  # the largest margin of any finding (<= 1 when every finding matches)
+    first: str  # the first of them, described; "" when none is left
+    own_rounding: int = 0  # findings past their bounds, but within the mutant's own rounding
+
+    @property
+    def explains(self) -> bool:
+        return not self.unexplained
+
+    @property
+    def exactly(self) -> bool:
+        """Every finding under its bound, not only within the mutant's own rounding."""
+        return self.explains and not self.own_rounding
+
+    @property
+    def carrier(self) -> str:
+        """The twin the bug is in: the one the mutant was not planted in."""
+        return _other(self.planted_in) if self.mutant else "-"
+
+    def key(self) -> tuple:
+        return (not self.explains, not self.exactly, round(self.excess, 6), self.worst)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mutant": self.mutant or None,
+            "planted_in": self.planted_in if self.mutant else None,
+            "bug_in": self.carrier if self.mutant else None,
+            "explains": self.explains,
+            "findings": self.findings,
+            "unexplained": len(self.unexplained),
+            "excess_log2": self.excess,
+            "worst_margin": self.worst,
+            "first_unexplained": self.first or None,
+            "within_own_rounding": self.own_rounding,
+        }
+
+
+def _trial(mutant: str, twin: str, report: ParityReport, own: ParityReport | None = None) -> Trial:
+    findings = [f for r in report.rows for f in r.findings]
+    past = sorted((f for f in findings if not _matches(f)), key=lambda f: (stage_key(f.name), -f.margin))
+    left = past if own is None else _own_rounding(past, own)
+    worst = max((f.margin if np.isfinite(f.margin) else MARGIN_CAP for f in findings), default=0.0)
+    return Trial(
+        mutant,
+        twin,
+        len(findings),
+        [f.name for f in left],
+        sum(_log_margin(f) for f in past),
+        float(worst),
+        left[0].describe() if left else "",
+        len(past) - len(left),
+    )
+
+
+@dataclasses.dataclass
+class Diagnosis:
+    config: GPTConfig
+    baseline: ParityReport
+    stage: str  # where the check first failed ("" when it passed)
+    trials: list[Trial]  # ranked, best explanation first; the baseline (nothing planted) is not among them
+    untried: list[tuple[str, str]]  # (mutant, why it was not tried)
+
+    @property
+    def none(self) -> Trial:
+        return _trial("", "-", self.baseline)
+
+    @property
+    def explained(self) -> list[Trial]:
+        """Every trial that brings all findings back under their bounds, best first."""
+        return [t for t in self.trials if t.explains]
+
+    @property
+    def best(self) -> Trial | None:
+        return self.trials[0] if self.trials else None
+
+    @property
+    def verdict(self) -> str:
+        if self.baseline.passed:
+            return "nothing to diagnose: the check passes"
+        if not self.explained:
+            closest = self.best
+            tail = (
+                f"; closest: {closest.mutant} in {closest.carrier}, which leaves {len(closest.unexplained)} "
+                f"of {closest.findings} findings past their bounds (baseline {len(self.none.unexplained)})"
+                if closest
+                else ""
+            )
+            return f"no known bug explains it (first failure at {self.stage}){tail}"
+        best = self.explained[0]
+        if any(t.mutant == best.mutant and t.carrier != best.carrier for t in self.explained):
+            # A bug that is its own inverse (a transpose): planted in the twin that has it, it undoes it.
+            return (
+                f"consistent with {best.mutant} at {self.stage}, in torch or in flax: planted in either twin "
+                "it makes them agree, so only a third reference (the checkpoint file, transformers) tells which"
+            )
+        alike = [f"{t.mutant} in {t.carrier}" for t in self.explained[1:]]
+        also = f"; equally consistent: {', '.join(alike)}" if alike else ""
+        how = (
+            f"it brings all {best.findings} findings under their bounds (worst {best.worst:.3g} of what it allows)"
+            if best.exactly
+            else f"it brings {best.findings - best.own_rounding} of {best.findings} findings under their bounds and "
+            f"the other {best.own_rounding} within what {best.mutant} leaves between two twins that both carry it"
+        )
+        return (
+            f"consistent with {best.mutant} in {best.carrier} at {self.stage}: planted in {best.planted_in}, "
+            f"{how}; {len(self.none.unexplained)} were past before{also}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        best = self.explained[0] if self.explained else None
+        return {
+            "config": self.config.to_dict(),
+            "check_passed": self.baseline.passed,
+            "first_failure_stage": self.stage or None,
+            "verdict": self.verdict,
+            "diagnosis": None if best is None else {"mutant": best.mutant, "bug_in": best.carrier},
+            "nothing_planted": self.none.to_json(),
+            "trials": [t.to_json() for t in self.trials],
+            "untried": [{"mutant": m, "why": why} for m, why in self.untried],
+            "check": self.baseline.to_json(),
+        }
+
+
+def suspects(cfg: GPTConfig, stage: str, mutants: Sequence[Mutant]) -> tuple[list[Mutant], list[tuple[str, str]]]:
+    """The mutants that could have made a first failure at `stage`, and why each other is left out."""
+    tried, untried = [], []
+    for m in mutants:
+        if m.adapt(cfg) != cfg:
+            untried.append((m.name, f"needs {dict(m.needs)}, which the config lacks"))
+        elif not in_stage(stage, m.where):
+            untried.append((m.name, f"first fails at {m.where}, not {stage}"))
+        else:
+            tried.append(m)
+    return tried, untried
+
+
+def _both(first: Plant | None, second: Plant) -> Plant:
+    @contextlib.contextmanager
+    def plant(models: dict[str, Any]):
+        with first(models) if first is not None else contextlib.nullcontext(), second(models):
+            yield
+
+    return plant
+
+
+_OWN: dict[tuple, ParityReport] = {}  # _in_both's reports on an init's weights: the same for every candidate
+
+
+def _in_both(
+    cfg: GPTConfig, opts: ParityOptions, mutant: Mutant, weights: Any, models: dict[str, Any], *, cache: bool
+) -> ParityReport:
+    """The check with `mutant` in both twins and nothing else: what the bug leaves between two ports
+    that both carry it."""
+    key = (cfg, repr(opts), mutant.name)
+    if cache and key in _OWN:
+        return _OWN[key]
+    in_both = _both(functools.partial(planted, mutant, "torch"), functools.partial(planted, mutant, "flax"))
+    report = run_parity(cfg, opts, weights=weights, plant=in_both, models=models)
+    if cache:
+        _OWN[key] = report
+    return report
+
+
+def diagnose(
+    cfg: GPTConfig,
+    opts: ParityOptions = ParityOptions(),  # noqa: B008 - frozen, so one shared default is safe
+    *,
+    weights: Mapping[str, np.ndarray] | None = None,
+    plant: Plant | None = None,
+    mutants: Sequence[Mutant] = FORWARD_MUTANTS,
+    twins: Sequence[str] = TWINS,
+    models: dict[str, Any] | None = None,
+    progress: Progress = silent,
+) -> Diagnosis:
+    """Check the two twins against each other (`plant`: a bug to put in one first, as `check
+    --plant` does; `weights`: a checkpoint's), and if the check fails, rank each suspect mutant
+    planted in each of `twins` by how well it explains the failure. `twins` ("torch",) takes flax
+    for the candidate: only torch, the reference, gets mutants planted."""
+    for twin in twins:
+        if twin not in TWINS:
+            raise ValueError(f"twin must be one of {', '.join(TWINS)}, got {twin!r}")
+    cache = weights is None and models is None  # twins of opts.seed's init: what _OWN holds
+    if models is None:  # built once, reused by every trial
+        options = dict(opts.model_options)
+        models = {
+            "torch": build_torch(opts.model, cfg, seed=opts.seed, **options),
+            "flax": build_flax(opts.model, cfg, seed=opts.seed, **options),
+        }
+    baseline = run_parity(cfg, opts, weights=weights, plant=plant, models=models)
+    first = baseline.first_failure
+    if first is None:
+        return Diagnosis(cfg, baseline, "", [], [])
+    stage = stage_of(first[1].name)
+    tried, untried = suspects(cfg, stage, mutants)
+    prog = progress(len(tried) * len(twins))
+    trials = []
+    own: dict[str, ParityReport] = {}  # per mutant: the check with it in both twins, nothing else
+    for mutant in tried:
+        for twin in twins:
+            with prog.step(f"{mutant.name} in {twin}", phase=f"{len(tried)} suspects at {stage}"):
+                both = _both(plant, functools.partial(planted, mutant, twin))
+                report = run_parity(cfg, opts, weights=weights, plant=both, models=models)
+                if report.passed or mutant.name in own:
+                    trials.append(_trial(mutant.name, twin, report, own.get(mutant.name)))
+                    continue
+                own[mutant.name] = _in_both(cfg, opts, mutant, weights, models, cache=cache)
+                trials.append(_trial(mutant.name, twin, report, own[mutant.name]))
+    trials.sort(key=Trial.key)
+    return Diagnosis(cfg, baseline, stage, trials, untried)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooDiagnosis:
+    """One mutant of the zoo planted in the candidate twin, and what diagnose made of it."""
+
+    mutant: str
+    candidate: str
+    verdict: str
+    explained: list[tuple[str, str]]  # (mutant, twin it is in) of every trial that explains it, best first
+    trials: int
+
+    @property
+    def top1(self) -> bool:
+        return bool(self.explained) and self.explained[0] == (self.mutant, self.candidate)
+
+    @property
+    def alone(self) -> bool:
+        """Named top-1 and by no other mutant."""
+        return self.top1 and {m for m, _ in self.explained} == {self.mutant}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mutant": self.mutant,
+            "planted_in": self.candidate,
+            "top1": self.top1,
+            "alone": self.alone,
+            "explained_by": [{"mutant": m, "bug_in": t} for m, t in self.explained],
+            "trials": self.trials,
+            "verdict": self.verdict,
+        }
+
+
+def diagnose_zoo(
+    cfg: GPTConfig,
+    opts: ParityOptions = ParityOptions(),  # noqa: B008 - frozen, so one shared default is safe
+    *,
+    candidate: str = "flax",
+    mutants: Sequence[Mutant] = FORWARD_MUTANTS,
+    twins: Sequence[str] = TWINS,
+    progress: Progress = silent,
+) -> list[ZooDiagnosis]:
+    """The zoo in reverse: each forward mutant planted in `candidate` (in the config it needs), then
+    diagnosed with the zoo's mutants planted in `twins`."""
+    prog = progress(len(mutants))
+    out = []
+    for mutant in mutants:
+        with prog.step(f"{mutant.name} planted in {candidate}", phase=f"{len(mutants)} mutants"):
+            d = diagnose(mutant.adapt(cfg), opts, plant=functools.partial(planted, mutant, candidate), twins=twins)
+        out.append(
+            ZooDiagnosis(mutant.name, candidate, d.verdict, [(t.mutant, t.carrier) for t in d.explained], len(d.trials))
+        )
+    return out
