@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from .commands import bench as bench_command
-from .commands import check, convert, diagnose, diverge, generate, load_memory, mutants, parallel, train
+from .commands import check, convert, diagnose, diverge, generate, load_memory, mutants, parallel, power, train
 from .common import Parser, setup_model
 from .interrupt import exit_on_interrupt
 from .plan import plan_outputs
@@ -28,6 +28,7 @@ COMMANDS = {
     "train": train,
     "diverge": diverge,
     "diagnose": diagnose,
+    "power": power,
     "load-memory": load_memory,
     "parallel": parallel,
 }

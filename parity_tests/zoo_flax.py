@@ -76,6 +76,7 @@ class Linear(nnx.Linear):
 
 class MultiHeadAttention(book.MultiHeadAttention):
     bug_scale = "sqrt"  # scores / sqrt(head_dim); or "none", "head_dim"
+    bug_scale_power: float | None = None  # scores / head_dim ** this, overriding bug_scale
     bug_mask_diagonal = 1  # jnp.triu's k: 1 hides the future; 2 shows the next token; 0 hides self
     bug_split = "heads"  # (n_heads, head_dim); or "dims": (head_dim, n_heads)
     bug_swap_qk = False
@@ -106,6 +107,8 @@ class MultiHeadAttention(book.MultiHeadAttention):
             queries, keys = keys, queries
         bits = self.bug_operand_bits
         divisor = {"sqrt": self.head_dim**0.5, "none": 1.0, "head_dim": float(self.head_dim)}[self.bug_scale]
+        if self.bug_scale_power is not None:  # power.py's knob: head_dim ** p, 0.5 the book's
+            divisor = float(self.head_dim) ** self.bug_scale_power
         queries = queries * (1.0 / divisor)  # before the product, as gpt_flax.model does
         attn_scores = round_mantissa(queries, bits) @ round_mantissa(keys, bits).transpose(0, 1, 3, 2)
         mask = jnp.triu(jnp.ones((num_tokens, num_tokens), dtype=bool), k=self.bug_mask_diagonal)

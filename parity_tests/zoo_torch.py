@@ -84,6 +84,7 @@ class Linear(torch.nn.Linear):
 
 class MultiHeadAttention(book.MultiHeadAttention):
     bug_scale = "sqrt"  # scores / sqrt(head_dim); or "none", "head_dim"
+    bug_scale_power: float | None = None  # scores / head_dim ** this, overriding bug_scale
     bug_mask_diagonal = 1  # torch.triu's diagonal: 1 hides the future; 2 shows the next token; 0 hides self
     bug_split = "heads"  # (n_heads, head_dim); or "dims": (head_dim, n_heads)
     bug_swap_qk = False
@@ -117,6 +118,8 @@ class MultiHeadAttention(book.MultiHeadAttention):
         mask = torch.triu(torch.ones(num_tokens, num_tokens, dtype=torch.bool), diagonal=self.bug_mask_diagonal)
         attn_scores = attn_scores.masked_fill(mask, -torch.inf)
         divisor = {"sqrt": self.head_dim**0.5, "none": 1.0, "head_dim": float(self.head_dim)}[self.bug_scale]
+        if self.bug_scale_power is not None:  # power.py's knob: head_dim ** p, 0.5 the book's
+            divisor = float(self.head_dim) ** self.bug_scale_power
         attn_scores = attn_scores / divisor
         if self.bug_softmax_bf16:
             attn_weights = torch.softmax(attn_scores.to(torch.bfloat16), dim=self.bug_softmax_axis).float()
