@@ -178,7 +178,8 @@ def test_cli_examples_run(line, tmp_path, snapshot, monkeypatch, capsys):
     args = shlex.split(line)[1:]
     monkeypatch.chdir(tmp_path)
     # a planted bug must fail the check; a planted defect, the run (the tiny one's bound catches it) and diverge
-    expected = 1 if "--plant" in args or "--plant-defect" in args or args[0] == "diverge" else 0
+    planted = any(flag in args for flag in ("--plant", "--plant-defect", "--perturb"))
+    expected = 1 if planted or args[0] == "diverge" else 0
     if "--cpu-devices" in args:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         proc = subprocess.run(
