@@ -18,7 +18,7 @@ from gpt_spec.formats.canonical import check_save
 from gpt_spec.formats.torch_save import read_torch_file
 from gpt_spec.layout import in_model_order
 from gpt_spec.skeleton import canonical_state_dict
-from gpt_spec.tensors import check_bfloat16_range
+from gpt_spec.tensors import check_cast_range
 
 from .model import _GPT
 
@@ -186,20 +186,20 @@ def load(
     return cast(model, target)  # sets nnx.Embed's compute dtype; the parameters are in it already
 
 
-_JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def cast(model: _M, dtype: str) -> _M:
-    """Parameters (and so the compute) in `dtype`, "float32" or "bfloat16"; LayerNorm statistics,
+    """Parameters (and so the compute) in `dtype`, "float32", "bfloat16" or "float16"; LayerNorm statistics,
     softmax and logits stay float32. A KV cache is cast too (its keys and values rounded), as
     torch's twin casts its buffers: cached calls go on. In place; returns the model."""
     target = _JAX_DTYPES[check_dtype(dtype)]
-    if target == jnp.bfloat16:  # checked before any parameter changes
+    if target != jnp.float32:  # checked before any parameter changes
         for name, (var, _) in _params(model).items():
             if var.dtype != target and var.size:
                 value = jnp.abs(var[...])
                 largest = float(jnp.max(jnp.where(jnp.isfinite(value), value, 0)))
-                check_bfloat16_range(f"parameter {name!r}", largest)
+                check_cast_range(f"parameter {name!r}", largest, dtype)
     for var, _ in _params(model).values():
         if var.dtype != target:
             var.set_value(var[...].astype(target))  # `var[...] =` would keep the old dtype

@@ -127,13 +127,16 @@ def check_targets(input_shape: tuple[int, ...], target_shape: tuple[int, ...]) -
         raise ValueError(f"targets have shape {tuple(target_shape)}, expected the inputs' shape {tuple(input_shape)}")
 
 
-DTYPES = ("float32", "bfloat16")  # the tiers both twins run in (see each twin's cast)
+DTYPES = ("float32", "bfloat16")  # the tiers both twins run, train and are timed in (see each twin's cast)
+# ... and those they compute a forward in: float16 too (no training tier: without loss scaling its
+# gradients underflow).
+FORWARD_DTYPES = (*DTYPES, "float16")
 
 
-def check_dtype(dtype: object) -> str:
-    """Refuse a dtype name neither twin casts to; return it."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+def check_dtype(dtype: object, allowed: tuple[str, ...] = FORWARD_DTYPES) -> str:
+    """Refuse a dtype name neither twin casts to (or not `allowed` here); return it."""
+    if dtype not in allowed:
+        raise ValueError(f"dtype must be one of {', '.join(allowed)}, got {dtype!r}")
     return dtype
 
 
@@ -370,6 +373,7 @@ def check_adamw(
 __all__ = [
     "ADAM_MIN_EPS",
     "DTYPES",
+    "FORWARD_DTYPES",
     "ModelLimits",
     "bad_device",
     "check_adamw",

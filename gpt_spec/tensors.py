@@ -120,6 +120,19 @@ BFLOAT16_OVERFLOW = float((2 - 2.0**-8) * 2.0**127)
 _BFLOAT16_MAX = float((2 - 2.0**-7) * 2.0**127)
 
 
+FLOAT16_OVERFLOW = 65520.0  # the midpoint past float16's largest, 65504: rounds to inf
+
+
+def check_cast_range(what: str, max_abs: float, dtype: str) -> None:
+    """Refuse values of `what` that a cast to `dtype` would make inf (bfloat16, float16)."""
+    if dtype == "bfloat16":
+        check_bfloat16_range(what, max_abs)
+    elif dtype == "float16" and max_abs >= FLOAT16_OVERFLOW:
+        raise ValueError(
+            f"{what} holds value(s) up to {max_abs:.9g} in magnitude, which round to inf in float16 (largest 65504)"
+        )
+
+
 def check_bfloat16_range(what: str, max_abs: float) -> None:
     """Refuse values of `what` (the largest finite magnitude `max_abs`) that bfloat16 would make inf:
     a cast or a bfloat16 save must not turn a finite weight into an infinity silently."""

@@ -16,7 +16,7 @@ from gpt_spec.checks import check_dtype, check_state_dict
 from gpt_spec.formats.canonical import check_save
 from gpt_spec.formats.torch_save import read_torch_file
 from gpt_spec.skeleton import canonical_state_dict
-from gpt_spec.tensors import check_bfloat16_range
+from gpt_spec.tensors import check_cast_range
 
 from .model import _GPT
 
@@ -110,17 +110,17 @@ def load(
     return model
 
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cast(model: _M, dtype: str) -> _M:
-    """Parameters (and so the compute) in `dtype`, "float32" or "bfloat16"; LayerNorm statistics,
+    """Parameters (and so the compute) in `dtype`, "float32", "bfloat16" or "float16"; LayerNorm statistics,
     softmax and logits stay float32. A KV cache is cast too (its keys and values rounded), as
     module.to() casts buffers: cached calls go on. In place; returns the model."""
     target = _TORCH_DTYPES[check_dtype(dtype)]
-    if target == torch.bfloat16:  # checked before any parameter changes
+    if target != torch.float32:  # checked before any parameter changes
         for name, p in model.named_parameters():
             if p.dtype != target and p.numel():
                 finite = p.detach().abs()[torch.isfinite(p.detach())]
-                check_bfloat16_range(f"parameter {name!r}", float(finite.max()) if finite.numel() else 0.0)
+                check_cast_range(f"parameter {name!r}", float(finite.max()) if finite.numel() else 0.0, dtype)
     return model.to(target)

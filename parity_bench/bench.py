@@ -356,7 +356,7 @@ def _check_grid(batches: list[int], seqs: list[int], dtypes: tuple[str, ...], cf
     if not dtypes:
         raise ValueError(f"the grid needs at least one dtype of {', '.join(DTYPES)}")
     for d in dtypes:
-        check_dtype(d)
+        check_dtype(d, DTYPES)
 
 
 @dataclasses.dataclass(frozen=True)

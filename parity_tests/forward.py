@@ -29,7 +29,16 @@ from .distribution import Distribution, DistributionCheck, distribution
 from .environment import versions
 from .layers import Finding, build_probes, reference_outputs, run_probes
 from .progress import Progress, silent
-from .tolerances import BF16_FORWARD, BF16_KL_MAX, BF16_KL_MEAN, FP32_FORWARD, Bound
+from .tolerances import (
+    BF16_FORWARD,
+    BF16_KL_MAX,
+    BF16_KL_MEAN,
+    FP16_FORWARD,
+    FP16_KL_MAX,
+    FP16_KL_MEAN,
+    FP32_FORWARD,
+    Bound,
+)
 from .twins import (
     MODELS,
     MODES,
@@ -46,7 +55,8 @@ from .twins import (
 )
 
 DIRECTIONS = ("torch->flax", "flax->torch")
-DTYPE_BOUNDS = {"float32": FP32_FORWARD, "bfloat16": BF16_FORWARD}  # each tier's bound
+DTYPE_BOUNDS = {"float32": FP32_FORWARD, "bfloat16": BF16_FORWARD, "float16": FP16_FORWARD}  # each tier's bound
+KL_BOUNDS = {"bfloat16": (BF16_KL_MEAN, BF16_KL_MAX), "float16": (FP16_KL_MEAN, FP16_KL_MAX)}  # (mean, max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,7 +403,7 @@ def run_parity(
                     found = run_probes(probes, ref_outputs, backend, twin[target]) if layer_evidence else []
                     carry = carried(cpu[source], twin[source], reference, out) if dtype == "float32" else None
                 dist = distribution(reference["out_head"], out["out_head"])
-                check = DistributionCheck(dist, BF16_KL_MEAN, BF16_KL_MAX) if dtype == "bfloat16" else None
+                check = DistributionCheck(dist, *KL_BOUNDS[dtype]) if dtype in KL_BOUNDS else None
                 stages = compare_stages(reference, out, bound, carry)
                 rows.append(ParityRow(direction, cpu[source].label, backend.label, stages, found, dist, check))
         if models is not None:  # leave them as they came

@@ -145,6 +145,26 @@ BF16_FORWARD = Bound(
     measured="gpt2-small: max |Δ| 0.141 (block 11, 4.5 bf16 ulps of max |x| 7.9), logits 0.028",
 )
 
+# The float16 tier: as the bfloat16 tier, with float16's 11 significant bits (eps = 2^-10) for
+# bfloat16's 8: the same 4 eps * max|ref|, 2^-8 * max|ref|, and an atol 8x smaller. Measured
+# (AMD EPYC, AVX-512 with avx512_bf16; weights of either twin, cast, bit-identical in both):
+# gpt2-small B=2 x T=128: block 11's norm2 0.0117 (|x| 4.48, 3 float16 ulps; 0.63 of the bound),
+# logits 0.0034, both directions; the tiny config: 0.0039, 0.21 of it; the trained chapter5-tiny of
+# tests/data: 0.29 of it, logits 0.016 (|x| 22). The float16 torch twin against its own float32
+# logits: 0.0037.
+FP16_FORWARD = Bound(
+    atol=1.25e-3,
+    rtol=0.0,
+    stol=2.0**-8,
+    measured="gpt2-small: max |Δ| 0.0117 (block 11, 3 float16 ulps of max |x| 4.48), logits 0.0034",
+)
+# Its next-token distributions: KL grows with the square of the logits' error, 8x smaller than
+# bfloat16's, so the bounds are bfloat16's / 64. Measured: gpt2-small's random init mean 1.6e-7, max
+# 3.0e-7 (top-1 0.996); the trained chapter5-tiny mean 2.8e-6, max 9.9e-6, the largest seen (the
+# bounds 5.5x and 7.9x those); its logits 1% too large fail them (tests/parity_tests/test_float16.py).
+FP16_KL_MEAN = BF16_KL_MEAN / 64
+FP16_KL_MAX = BF16_KL_MAX / 64
+
 # The bfloat16 training tier: both twins trained from the same weights cast to bfloat16, with
 # bfloat16 parameters, gradients and AdamW moments (as `cast` leaves them: torch.optim.AdamW and
 # optax keep the moments in the parameters' dtype), LayerNorm, GELU, softmax and logits in

@@ -263,7 +263,7 @@ def run_training_parity(
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    check_dtype(dtype)
+    check_dtype(dtype, tuple(TRAINING_BOUNDS))  # float16 has a forward tier, not a training one
     bounds = TRAINING_BOUNDS[dtype]
     cfg = cfg.replace(drop_rate=0.0)
     prog = progress(2 + steps)

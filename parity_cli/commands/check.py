@@ -7,7 +7,7 @@ import argparse
 import gpt_flax
 import gpt_torch
 from gpt_spec import ModelKind
-from gpt_spec.checks import DTYPES
+from gpt_spec.checks import FORWARD_DTYPES
 from parity_tests import distribution, forward, mesh, training, twins, zoo, zoo_training
 
 from .. import reports
@@ -40,8 +40,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     check.add_argument(
         "--dtype",
         default="float32",
-        choices=list(DTYPES),
-        help="parameters and compute of both twins (default: float32); bfloat16 has its own bound",
+        choices=list(FORWARD_DTYPES),
+        help="parameters and compute of both twins (default: float32); bfloat16 and float16 have their own "
+        "bounds (float16: forward only, no --train-steps)",
     )
     check.add_argument("--layers", action="store_true", help="print max |Δ| of every stage")
     check.add_argument("--plot", metavar="PNG", help="save max |Δ| per stage as a log-scale plot")
@@ -110,6 +111,11 @@ def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser)
         parser.error(
             f"--greedy needs --model gpt and {GREEDY_PROMPT} prompt + T new tokens within context_length "
             f"{cfg.context_length}"
+        )
+    if args.dtype == "float16" and args.train_steps:
+        parser.error(
+            "float16 is a forward tier only (without loss scaling its gradients underflow): "
+            "drop --train-steps, or train in --dtype bfloat16"
         )
     seq = args.seq or min(128, cfg.context_length)
     plant, planted = None, ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from gpt_spec import ModelKind
-from gpt_spec.checks import DTYPES
+from gpt_spec.checks import FORWARD_DTYPES
 from parity_tests import diagnose, zoo
 from parity_tests.diagnose import Diagnosis
 from parity_tests.forward import DIRECTIONS, ParityOptions
@@ -37,7 +37,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "bound names the bug and the twin that carries it",
     )
     add_model_args(d)
-    d.add_argument("--dtype", default="float32", choices=list(DTYPES), help="as check's (default: float32)")
+    d.add_argument("--dtype", default="float32", choices=list(FORWARD_DTYPES), help="as check's (default: float32)")
     add_precision_arg(d)
     d.add_argument(
         "--plant",
