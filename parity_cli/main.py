@@ -13,7 +13,19 @@ import sys
 from collections.abc import Sequence
 
 from .commands import bench as bench_command
-from .commands import check, convert, diagnose, diverge, generate, load_memory, mutants, parallel, power, train
+from .commands import (
+    check,
+    convert,
+    diagnose,
+    diverge,
+    generate,
+    load_memory,
+    mutants,
+    parallel,
+    power,
+    precision,
+    train,
+)
 from .common import Parser, setup_model
 from .interrupt import exit_on_interrupt
 from .plan import plan_outputs
@@ -29,11 +41,12 @@ COMMANDS = {
     "diverge": diverge,
     "diagnose": diagnose,
     "power": power,
+    "precision": precision,
     "load-memory": load_memory,
     "parallel": parallel,
 }
 # Commands that read a model from the shared model arguments (--config, --checkpoint, ...).
-_WITH_MODEL = ("check", "bench", "generate", "diagnose")
+_WITH_MODEL = ("check", "bench", "generate", "diagnose", "precision")
 
 
 def build_parser() -> argparse.ArgumentParser:
