@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -70,12 +70,23 @@ def dtype_list(text: str) -> list[str]:
     return dtypes
 
 
-def mutant_list(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",")]
-    bad = [n for n in names if n not in zoo.BY_NAME]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown mutant {bad[0]!r}; `gpt-parity mutants --list` names them")
-    return names
+def names_from(known: Collection[str], what: str, hint: str | None = None) -> Callable[[str], list[str]]:
+    """An argparse type for NAME[,NAME...] of `known` names; an unknown one is refused naming them
+    (or with `hint`, where the list is long)."""
+
+    def parse(text: str) -> list[str]:
+        names = [part.strip() for part in text.split(",")]
+        bad = [n for n in names if n not in known]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {bad[0]!r}; {hint or f'known {what}s: ' + ', '.join(known)}"
+            )
+        return names
+
+    return parse
+
+
+mutant_list = names_from(zoo.BY_NAME, "mutant", "`gpt-parity mutants --list` names them")
 
 
 def plant_arg(text: str) -> tuple[str, str]:

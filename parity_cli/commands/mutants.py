@@ -8,7 +8,7 @@ from gpt_spec.config import resolve_config
 from parity_tests import decoding, zoo, zoo_training
 
 from .. import reports
-from ..common import JSON_HELP, add_precision_arg, emit, mutant_list, positive, seed_arg
+from ..common import JSON_HELP, add_precision_arg, emit, mutant_list, names_from, positive, seed_arg
 from ..render import (
     format_table,
     progress,
@@ -23,12 +23,7 @@ def kind(mutant: zoo.Mutant) -> str:
 KINDS = tuple(dict.fromkeys(kind(m) for m in zoo.MUTANTS))
 
 
-def kind_list(text: str) -> list[str]:
-    kinds = [part.strip() for part in text.split(",")]
-    bad = [k for k in kinds if k not in KINDS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown kind {bad[0]!r}; known kinds: {', '.join(KINDS)}")
-    return kinds
+kind_list = names_from(KINDS, "kind")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -10,16 +10,10 @@ from gpt_spec.config import resolve_config
 from parity_tests import power
 from parity_tests.forward import ParityOptions
 
-from ..common import JSON_HELP, positive, seed_arg, write_outputs
+from ..common import JSON_HELP, names_from, positive, seed_arg, write_outputs
 from ..render import format_table, progress, pyplot, save_figure
 
-
-def knob_list(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",")]
-    bad = [n for n in names if n not in power.BY_NAME]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown knob {bad[0]!r}; known knobs: {', '.join(power.BY_NAME)}")
-    return names
+knob_list = names_from(power.BY_NAME, "knob")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

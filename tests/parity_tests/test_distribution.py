@@ -15,7 +15,7 @@ import gpt_torch
 from parity_cli.main import main
 from parity_tests.distribution import DistributionCheck, distribution, greedy_divergence
 from parity_tests.forward import ParityOptions, run_parity
-from parity_tests.tolerances import BF16_KL_MAX, BF16_KL_MEAN
+from parity_tests.tolerances import BF16_KL_MAX, BF16_KL_MEAN, FP16_KL_MAX, FP16_KL_MEAN
 from parity_tests.twins import float32_matmuls, token_batch
 from tests.helpers import DATA, ROOT
 
@@ -39,24 +39,29 @@ def test_kl_and_agreement_on_known_cases():
         distribution(ref, ref[:, :10])
 
 
-def test_the_bfloat16_kl_bounds_hold_the_trained_twins_and_fail_logits_5_percent_too_large():
-    """On trained weights (the largest KL measured): the twins in bfloat16 are within the bounds;
-    the same logits x1.05, as a temperature or a scale off by 5% makes them, are not."""
+@pytest.mark.parametrize(
+    ("dtype", "scale", "bounds"),
+    [("bfloat16", 1.05, (BF16_KL_MEAN, BF16_KL_MAX)), ("float16", 1.01, (FP16_KL_MEAN, FP16_KL_MAX))],
+)
+def test_each_tiers_kl_bounds_hold_the_trained_twins_and_fail_logits_a_little_too_large(dtype, scale, bounds):
+    """On trained weights (the largest KL measured): the twins in the tier are within its bounds;
+    the same logits x1.05 in bfloat16 (x1.01 in float16, whose bounds are 64x tighter), as a
+    temperature or a scale off by that much makes them, are not."""
     tm, fm = (
         gpt_torch.load(DATA / "chapter5-tiny-trained.safetensors").eval(),
         gpt_flax.load(DATA / "chapter5-tiny-trained.safetensors"),
     )
     fm.eval()
-    gpt_torch.cast(tm, "bfloat16")
-    gpt_flax.cast(fm, "bfloat16")
+    gpt_torch.cast(tm, dtype)
+    gpt_flax.cast(fm, dtype)
     ids = token_batch(tm.cfg, 2, 64, 0)
     with float32_matmuls(), torch.no_grad():
         t = tm(torch.from_numpy(ids)).float().numpy()
         f = np.asarray(gpt_flax.jit_forward(fm)(ids)).astype(np.float32)
-    clean = DistributionCheck(distribution(t, f), BF16_KL_MEAN, BF16_KL_MAX)
-    off = DistributionCheck(distribution(t, f * 1.05), BF16_KL_MEAN, BF16_KL_MAX)
+    clean = DistributionCheck(distribution(t, f), *bounds)
+    off = DistributionCheck(distribution(t, f * scale), *bounds)
     assert clean.passed and clean.distribution.kl_mean > 0, clean.describe()
-    assert not off.passed and off.distribution.kl_mean > BF16_KL_MEAN, off.describe()
+    assert not off.passed and off.distribution.kl_mean > bounds[0], off.describe()
 
 
 def test_check_reports_the_distributions_in_every_tier_and_bounds_bfloat16(tmp_path, tiny_cfg):
