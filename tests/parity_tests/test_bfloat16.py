@@ -66,11 +66,11 @@ def test_a_perturbed_weight_fails_the_bf16_bound():
 def test_both_twins_refuse_an_unknown_dtype_alike():
     tm, fm = build_pair("gpt", TINY, source="torch")
     with pytest.raises(ValueError) as t_err:
-        gpt_torch.cast(tm, "float16")
+        gpt_torch.cast(tm, "float64")
     with pytest.raises(ValueError) as f_err:
-        gpt_flax.cast(fm, "float16")
-    assert str(t_err.value) == str(f_err.value) == "dtype must be one of float32, bfloat16, got 'float16'"
-    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, got 'int8'"):
+        gpt_flax.cast(fm, "float64")
+    assert str(t_err.value) == str(f_err.value) == "dtype must be one of float32, bfloat16, float16, got 'float64'"
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, got 'int8'"):
         run_parity(TINY, ParityOptions(dtype="int8"))
 
 
