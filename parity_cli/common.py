@@ -70,6 +70,18 @@ def dtype_list(text: str) -> list[str]:
     return dtypes
 
 
+def config_and_seq(args: argparse.Namespace, parser: argparse.ArgumentParser) -> GPTConfig:
+    """--config (a preset or a JSON file; default gpt2-small) for commands without the model
+    arguments, with --seq held to its context; a bad one refused in one line."""
+    try:
+        cfg = resolve_config(args.config or "gpt2-small")
+    except ValueError as e:
+        parser.error(str(e))
+    if args.seq is not None and args.seq > cfg.context_length:
+        parser.error(f"--seq {args.seq} exceeds context_length {cfg.context_length}")
+    return cfg
+
+
 def names_from(known: Collection[str], what: str, hint: str | None = None) -> Callable[[str], list[str]]:
     """An argparse type for NAME[,NAME...] of `known` names; an unknown one is refused naming them
     (or with `hint`, where the list is long)."""

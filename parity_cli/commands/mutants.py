@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from gpt_spec.config import resolve_config
 from parity_tests import decoding, zoo, zoo_training
 
 from .. import reports
-from ..common import JSON_HELP, add_precision_arg, emit, mutant_list, names_from, positive, seed_arg
+from ..common import JSON_HELP, add_precision_arg, config_and_seq, emit, mutant_list, names_from, positive, seed_arg
 from ..render import (
     format_table,
     progress,
@@ -90,12 +89,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             )
         )
         return 0
-    try:
-        cfg = resolve_config(args.config or "gpt2-small")
-    except ValueError as e:
-        parser.error(str(e))
-    if args.seq is not None and args.seq > cfg.context_length:
-        parser.error(f"--seq {args.seq} exceeds context_length {cfg.context_length}")
+    cfg = config_and_seq(args, parser)
     chosen = [zoo.get(n) for n in args.mutant] if args.mutant else list(zoo.MUTANTS)
     if args.kind:
         chosen = [m for m in chosen if kind(m) in args.kind]

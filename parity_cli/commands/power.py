@@ -6,11 +6,10 @@ import argparse
 
 import numpy as np
 
-from gpt_spec.config import resolve_config
 from parity_tests import power
 from parity_tests.forward import ParityOptions
 
-from ..common import JSON_HELP, names_from, positive, seed_arg, write_outputs
+from ..common import JSON_HELP, config_and_seq, names_from, positive, seed_arg, write_outputs
 from ..render import format_table, progress, pyplot, save_figure
 
 knob_list = names_from(power.BY_NAME, "knob")
@@ -102,12 +101,7 @@ def plot_power(report: power.PowerReport, path: str) -> None:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    try:
-        cfg = resolve_config(args.config or "gpt2-small")
-    except ValueError as e:
-        parser.error(str(e))
-    if args.seq is not None and args.seq > cfg.context_length:
-        parser.error(f"--seq {args.seq} exceeds context_length {cfg.context_length}")
+    cfg = config_and_seq(args, parser)
     knobs = [power.BY_NAME[n] for n in args.knob] if args.knob else list(power.KNOBS)
     seq = args.seq or min(128, cfg.context_length)
     opts = ParityOptions(batch=args.batch, seq=seq, seed=args.seed, directions=("torch->flax",))
