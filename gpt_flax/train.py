@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 
 from gpt_spec import StateDict
-from gpt_spec.checks import bad_device, check_adamw, check_targets, foreign_optimizer, stale_optimizer
+from gpt_spec.checks import bad_device, check_adamw, check_targets, check_trainable, foreign_optimizer, stale_optimizer
 from gpt_spec.formats.train_state import AdamWSettings, TrainState
 from gpt_spec.layout import in_model_order
 from gpt_spec.training import Log, OnEvent, check_dropout_counter, check_num_batches, check_schedule, eval_event
@@ -98,6 +98,7 @@ def adamw(
     Arguments are checked by gpt_spec.checks.check_adamw (optax checks none), so both twins refuse the
     same ones with the same ValueError."""
     lr, weight_decay, betas, eps = check_adamw(lr, weight_decay, betas, eps)
+    check_trainable(dtype_name(model))
     optimizer = nnx.Optimizer(model, _adamw_tx(lr, weight_decay, *betas, eps), wrt=nnx.Param)
     _MADE_FOR[optimizer] = (weakref.ref(model), dtype_name(model))
     _SETTINGS[optimizer] = AdamWSettings(lr, weight_decay, betas, eps)

@@ -140,6 +140,15 @@ def check_dtype(dtype: object, allowed: tuple[str, ...] = FORWARD_DTYPES) -> str
     return dtype
 
 
+def check_trainable(dtype: str) -> None:
+    """Refuse an optimizer for parameters of a forward-only tier (float16)."""
+    if dtype not in DTYPES:
+        raise ValueError(
+            f"a {dtype} model does not train here ({dtype} is a forward-only tier: without loss scaling "
+            f"its gradients underflow): cast it to {' or '.join(DTYPES)} first"
+        )
+
+
 def check_kv_cache(batch_size: object, max_len: object, cfg: GPTConfig) -> tuple[int | None, int]:
     """Check reset_kv_cache's arguments; return (batch_size, or None for the first cached call's
     batch; max_len, default context_length)."""
@@ -394,6 +403,7 @@ __all__ = [
     "check_state_dict",
     "check_targets",
     "check_token_ids",
+    "check_trainable",
     "default_context_size",
     "foreign_optimizer",
     "stale_optimizer",

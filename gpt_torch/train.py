@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt_spec import StateDict
-from gpt_spec.checks import bad_device, check_adamw, check_targets, foreign_optimizer, stale_optimizer
+from gpt_spec.checks import bad_device, check_adamw, check_targets, check_trainable, foreign_optimizer, stale_optimizer
 from gpt_spec.formats.train_state import AdamWSettings, TrainState, from_torch_optimizer
 from gpt_spec.training import Log, OnEvent, check_dropout_counter, check_num_batches, check_schedule, eval_event
 
@@ -85,6 +85,7 @@ def adamw(
     Arguments are checked by gpt_spec.checks.check_adamw, before torch.optim's own checks, so both twins
     refuse the same ones with the same ValueError."""
     lr, weight_decay, betas, eps = check_adamw(lr, weight_decay, betas, eps)
+    check_trainable(dtype_name(model))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     _MADE_FOR[optimizer] = dtype_name(model)
     return optimizer

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import gpt_flax
 import gpt_torch
@@ -39,6 +40,16 @@ def test_float16_is_a_forward_tier_only(tiny_cfg, capsys):
     with pytest.raises(SystemExit) as e:
         main(["check", "--config", config, "--dtype", "float16", "--train-steps", "1", "--quiet"])
     assert e.value.code == 2 and "float16 is a forward tier only" in capsys.readouterr().err
+    for package, build in ((gpt_torch, build_torch), (gpt_flax, build_flax)):
+        model = build("gpt", tiny_cfg, seed=0)
+        made_before = package.adamw(model)
+        package.cast(model, "float16")
+        with pytest.raises(ValueError, match="a float16 model does not train here .* cast it to float32 or bfloat16"):
+            package.adamw(model)
+        ids = np.zeros((1, 4), np.int64)
+        x = torch.from_numpy(ids) if package is gpt_torch else ids
+        with pytest.raises(ValueError, match="made for this model's float32 parameters, which are float16 now"):
+            package.train_step(model, made_before, x, x)
 
 
 @pytest.mark.parametrize("twin", ["torch", "flax"])

@@ -3,8 +3,8 @@ of the same weights through random sequences of public calls, and after every ca
 one outcome.
 
 The calls: reset the KV cache (good and bad sizes), cached and uncached forwards (good ids and bad),
-`cast` to either dtype, eval() and train() (parity dropout is on in both, so train mode drops the
-same elements), adamw and train_step (with the model's own optimizer, another model's, one made
+`cast` to each forward dtype (a float16 model does not train: both refuse its adamw), eval() and
+train() (parity dropout is on in both, so train mode drops the same elements), adamw and train_step (with the model's own optimizer, another model's, one made
 before a cast), greedy, cached and parity-sampled generation (good arguments and bad), and a
 checkpoint saved by one twin and loaded by both.
 
@@ -33,7 +33,7 @@ import gpt_flax
 import gpt_torch
 from gpt_spec import GPTConfig
 from gpt_spec.randomness import gumbel_noise
-from parity_tests.tolerances import BF16_FORWARD, BF16_LOSS, FP32_FORWARD, LOSS, Bound
+from parity_tests.tolerances import BF16_FORWARD, BF16_LOSS, FP16_FORWARD, FP32_FORWARD, LOSS, Bound
 from parity_tests.training import TRAINING_BOUNDS, weights_check
 from parity_tests.twins import float32_matmuls
 
@@ -65,7 +65,8 @@ CONFIGS = [
 DROPOUT_SEED = 5
 PARITY_SEED, TOP_K = 3, 5  # parity sampling's
 STEP_OUTLIERS = 1e-3  # of the weights may pass the training bound after one step (see train_step)
-FORWARD = {"float32": FP32_FORWARD, "bfloat16": BF16_FORWARD}
+FORWARD = {"float32": FP32_FORWARD, "bfloat16": BF16_FORWARD, "float16": FP16_FORWARD}
+LOOSENESS = ["float32", "float16", "bfloat16"]  # FORWARD's tiers, tightest first
 LOSSES = {"float32": LOSS, "bfloat16": BF16_LOSS}
 BAD_IDS = [None, "past-vocab", "negative", "float", "empty"]
 
@@ -106,7 +107,7 @@ class TwinMachine(RuleBasedStateMachine):
         self.t.eval()
         self.f.eval()
         self.dtype = "float32"
-        self.cache_bf16 = False  # the cache holds keys and values computed in bfloat16 (its bound, then)
+        self.cache_filled = set()  # the dtypes the cache's keys and values were computed in
         self.opt: tuple | None = None  # (torch optimizer, flax optimizer), made for these models
         self.other: tuple | None = None  # a second pair of models, for optimizers that are not theirs
 
@@ -193,8 +194,9 @@ class TwinMachine(RuleBasedStateMachine):
         return t, f
 
     def _bound(self, cached: bool) -> Bound:
-        """The forward's bound for this dtype; bfloat16's for what reads a cache filled in bfloat16."""
-        return FORWARD["bfloat16" if self.dtype == "bfloat16" or (cached and self.cache_bf16) else "float32"]
+        """The forward's bound for this dtype, or the loosest of those that filled the cache it reads."""
+        tiers = {self.dtype} | (self.cache_filled if cached else set())
+        return FORWARD[max(tiers, key=LOOSENESS.index)]
 
     # --- rules ---------------------------------------------------------------------------------
 
@@ -208,7 +210,7 @@ class TwinMachine(RuleBasedStateMachine):
             )
         except Refused:
             return
-        self.cache_bf16 = False
+        self.cache_filled = set()
 
     @rule(batch=st.sampled_from([1, 2, 3]), n=st.integers(1, 5), bad=st.sampled_from(BAD_IDS))
     def cached_forward(self, batch, n, bad):
@@ -216,7 +218,7 @@ class TwinMachine(RuleBasedStateMachine):
             self._forward_both(self._ids(batch, n, bad), "cached forward", use_cache=True)
         except Refused:
             return
-        self.cache_bf16 |= self.dtype == "bfloat16"
+        self.cache_filled.add(self.dtype)
 
     @rule(batch=st.sampled_from([1, 2]), n=st.integers(1, 9), bad=st.sampled_from(BAD_IDS))
     def forward(self, batch, n, bad):
@@ -339,7 +341,7 @@ class TwinMachine(RuleBasedStateMachine):
             return
         assert t.shape == f.shape and (t[:, :n_prompt] == prompt).all(), f"{kind}: {t} vs {f}"
         if kind == "cached" and max_new > 0:  # the generation reset and filled the cache
-            self.cache_bf16 = self.dtype == "bfloat16"
+            self.cache_filled = {self.dtype}
         if not np.array_equal(t, f):
             self._near_tie(replay, prompt, t, f, kind, temperature)
 
@@ -368,7 +370,7 @@ class TwinMachine(RuleBasedStateMachine):
         assert tie, f"{kind}: tokens {a} (torch) and {b} (flax) at step {step} of row {row}, not a near-tie"
         self.t.reset_kv_cache()
         self.f.reset_kv_cache()
-        self.cache_bf16 = False
+        self.cache_filled = set()
 
     @rule(saver=st.sampled_from(["torch", "flax"]), suffix=st.sampled_from([".safetensors", ".safetensors", ".pth"]))
     def save_and_load(self, saver, suffix):
@@ -390,7 +392,7 @@ class TwinMachine(RuleBasedStateMachine):
         self.f = gpt_flax.use_parity_dropout(gpt_flax.load(paths[saver]), DROPOUT_SEED)
         self.mode(training)
         self.opt = None  # made for the models replaced
-        self.cache_bf16 = False
+        self.cache_filled = set()
 
     # --- what holds after every step -------------------------------------------------------------
 
