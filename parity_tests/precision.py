@@ -22,6 +22,7 @@ import torch
 import gpt_flax
 import gpt_torch
 from gpt_spec import GPTConfig, ModelKind
+from gpt_spec.checks import DTYPES
 
 from .distribution import Distribution, GreedyDivergence, distribution
 from .progress import Progress, silent
@@ -32,6 +33,7 @@ from .zoo_plant import planted
 GREEDY_PROMPTS = 32
 PROMPT_TOKENS = 8
 GREEDY_BUCKET = 16  # greedy steps run at lengths rounded up to this: few compiles, less than the whole context
+TRAIN_STEPS = 10  # AdamW steps (the book's chapter-5 settings) each setting trains before its Δloss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,7 @@ class PrecisionRow:
     logits_max_abs: float
     distribution: Distribution
     greedy: GreedyDivergence
+    delta_loss: float | None  # after TRAIN_STEPS steps in the setting; None where its tier does not train
 
     def to_json(self) -> dict[str, Any]:
         s = self.setting
@@ -80,6 +83,7 @@ class PrecisionRow:
             "logits_max_abs": self.logits_max_abs,
             "distribution": self.distribution.to_json(),
             "greedy": self.greedy.to_json(),
+            "delta_loss": self.delta_loss,
         }
 
 
@@ -89,6 +93,7 @@ class PrecisionReport:
     batch: int
     seq: int
     rows: list[PrecisionRow]
+    reference_loss: float  # the reference's held-out loss after TRAIN_STEPS steps (each row's Δloss is from it)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -96,6 +101,8 @@ class PrecisionReport:
             "reference": "torch, float32, matmul precision 'highest'",
             "batch": self.batch,
             "seq": self.seq,
+            "train_steps": TRAIN_STEPS,
+            "reference_loss": self.reference_loss,
             "rows": [r.to_json() for r in self.rows],
         }
 
@@ -133,6 +140,33 @@ def _ulps(max_abs: float, ref_max: float) -> float:
     return max_abs / float(np.spacing(np.float32(ref_max)))
 
 
+def _batches(cfg: GPTConfig, batch: int, seq: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """TRAIN_STEPS training batches of random ids and one held-out batch after them: (inputs, targets)."""
+    ids = [token_batch(cfg, batch, seq + 1, seed + 2 + i) for i in range(TRAIN_STEPS + 1)]
+    return [(b[:, :-1], b[:, 1:]) for b in ids]
+
+
+def _trained(setting: Setting, model: Any, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict | None:
+    """The weights after TRAIN_STEPS AdamW steps of `model` in the setting (dropout off: the model is in
+    eval mode), or None where its dtype has no training tier (float16)."""
+    if setting.dtype not in DTYPES:
+        return None
+    package: Any = gpt_torch if setting.twin == "torch" else gpt_flax
+    optimizer = package.adamw(model)
+    for x, y in batches:
+        package.train_step(
+            model, optimizer, *((torch.from_numpy(x), torch.from_numpy(y)) if setting.twin == "torch" else (x, y))
+        )
+    return package.state_dict(model)
+
+
+def _held_loss(reference: Any, weights: Mapping[str, np.ndarray], held: tuple[np.ndarray, np.ndarray]) -> float:
+    """The loss of `weights` on the held-out batch, by the reference forward (torch, float32)."""
+    gpt_torch.load_state_dict(reference, {k: np.asarray(v, np.float32) for k, v in weights.items()})
+    with torch.no_grad():
+        return float(gpt_torch.calc_loss_batch(torch.from_numpy(held[0]), torch.from_numpy(held[1]), reference))
+
+
 def run_precision(
     cfg: GPTConfig,
     weights: Mapping[str, np.ndarray],
@@ -144,33 +178,28 @@ def run_precision(
     seed: int = 0,
     progress: Progress = silent,
 ) -> PrecisionReport:
-    """Each setting's logits on `batch` x `seq` random ids, and its greedy continuation of
-    GREEDY_PROMPTS random prompts for `new_tokens` (default: to the end of the context), against the
-    torch twin's in float32."""
+    """Each setting's logits on `batch` x `seq` random ids, its greedy continuation of GREEDY_PROMPTS
+    random prompts for `new_tokens` (default: to the end of the context), against the torch twin's in
+    float32; and the held-out loss (by the reference forward) of its weights after TRAIN_STEPS steps
+    on random batches, less the reference's."""
     seq = min(cfg.context_length, 128) if seq is None else seq
     new_tokens = cfg.context_length - PROMPT_TOKENS if new_tokens is None else new_tokens
     ids = token_batch(cfg, batch, seq, seed)
     prompts = token_batch(cfg, GREEDY_PROMPTS, PROMPT_TOKENS, seed + 1)
+    *train, held = _batches(cfg, batch, seq, seed)
     prog = progress(len(settings) + 1)
     with float32_matmuls():
         with prog.step("the reference: torch, float32, 'highest'"):
-            ref_model = build_torch(ModelKind.GPT, cfg, seed=seed).eval()
-            gpt_torch.load_state_dict(ref_model, weights)
+            ref_model = _built(SETTINGS[0], cfg, weights, seed)
             ref_forward = _forward(SETTINGS[0], ref_model)
             ref_logits, ref_tokens = ref_forward(ids), _greedy(ref_forward, prompts, new_tokens)
+            ref_trained = _trained(SETTINGS[0], ref_model, train)
+            assert ref_trained is not None
+            ref_loss = _held_loss(ref_model, ref_trained, held)
         rows = []
         for s in settings:
             with prog.step(f"{s.name}: {s.what}"):
-                model: Any = (
-                    build_torch(ModelKind.GPT, cfg, seed=seed).eval()
-                    if s.twin == "torch"
-                    else build_flax(ModelKind.GPT, cfg, seed=seed)
-                )
-                package: Any = gpt_torch if s.twin == "torch" else gpt_flax
-                package.load_state_dict(model, weights)
-                if s.twin == "flax":
-                    model.eval()
-                package.cast(model, s.dtype)
+                model = _built(s, cfg, weights, seed)
                 plant = (
                     planted(_operands(s.operand_bits), s.twin, {s.twin: model})
                     if s.operand_bits is not None
@@ -179,6 +208,8 @@ def run_precision(
                 with plant:
                     forward = _forward(s, model)
                     logits, tokens = forward(ids), _greedy(forward, prompts, new_tokens)
+                    trained = _trained(s, model, train)
+                delta = None if trained is None else _held_loss(ref_model, trained, held) - ref_loss
             diff = float(np.abs(logits.astype(np.float64) - ref_logits).max())
             differ = tokens != ref_tokens
             first = tuple(int(np.argmax(row)) if row.any() else new_tokens for row in differ)
@@ -189,6 +220,17 @@ def run_precision(
                     diff,
                     distribution(ref_logits, logits),
                     GreedyDivergence(PROMPT_TOKENS, new_tokens, first),
+                    delta,
                 )
             )
-    return PrecisionReport(cfg, batch, seq, rows)
+    return PrecisionReport(cfg, batch, seq, rows, ref_loss)
+
+
+def _built(setting: Setting, cfg: GPTConfig, weights: Mapping[str, np.ndarray], seed: int) -> Any:
+    """The setting's twin holding `weights`, in eval mode, cast to its dtype."""
+    package: Any = gpt_torch if setting.twin == "torch" else gpt_flax
+    model = (build_torch if setting.twin == "torch" else build_flax)(ModelKind.GPT, cfg, seed=seed)
+    package.load_state_dict(model, weights)
+    model.eval()
+    package.cast(model, setting.dtype)
+    return model

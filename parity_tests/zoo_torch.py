@@ -9,6 +9,7 @@ zoo.py makes a subclass of the layer's own class with the knobs set and swaps it
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,9 +22,14 @@ from gpt_torch import model as book
 
 def round_mantissa(x: torch.Tensor, bits: int | None) -> torch.Tensor:
     """float32 rounded to nearest (ties to even) with `bits` explicit mantissa bits, as TF32 (10)
-    or bfloat16 (7) hold it; None leaves x alone."""
+    or bfloat16 (7) hold it; None leaves x alone. Its gradient is the incoming one rounded alike
+    (jax.lax.reduce_precision's, the Flax twin's), so a model can train through it."""
     if bits is None:
         return x
+    return _RoundMantissa.apply(x, bits)
+
+
+def _round_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 7:
         return x.to(torch.bfloat16).float()
     i = x.float().contiguous().view(torch.int32)
@@ -31,6 +37,17 @@ def round_mantissa(x: torch.Tensor, bits: int | None) -> torch.Tensor:
     lsb = (i >> drop) & 1
     i = (i + (1 << (drop - 1)) - 1 + lsb) & ~((1 << drop) - 1)
     return i.view(torch.float32)
+
+
+class _RoundMantissa(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bits: int) -> torch.Tensor:
+        ctx.bits = bits
+        return _round_bits(x, bits)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _round_bits(grad, ctx.bits), None
 
 
 class LayerNorm(book.LayerNorm):

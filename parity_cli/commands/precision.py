@@ -18,7 +18,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "precision",
         help="each precision setting (torch highest/high, JAX float32/default/bf16_3x/bfloat16 passes, bfloat16 "
         "and float16 parameters) against the torch twin in float32: logits error in ulps, KL, top-10 agreement, "
-        "where greedy text parts",
+        "where greedy text parts, the loss after 10 training steps",
     )
     add_model_args(p)
     p.add_argument(
@@ -47,9 +47,21 @@ def precision_table(report: precision.PrecisionReport) -> str:
                 g.median,
                 g.p10,
                 f"{g.never}/{len(g.first)}",
+                "– (no training tier)" if r.delta_loss is None else f"{r.delta_loss:+.2g}",
             ]
         )
-    head = ["setting", "how", "logits ulps", "KL mean", "KL max", "top-10", "greedy median", "greedy p10", "never"]
+    head = [
+        "setting",
+        "how",
+        "logits ulps",
+        "KL mean",
+        "KL max",
+        "top-10",
+        "greedy median",
+        "greedy p10",
+        "never",
+        f"Δloss, {precision.TRAIN_STEPS} steps",
+    ]
     return format_table(head, rows)
 
 
@@ -77,8 +89,11 @@ def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser)
     print(
         f"{setup.label}: each setting against the torch twin in float32 ('highest'); logits of batch {report.batch} x "
         f"{report.seq}; greedy: {precision.GREEDY_PROMPTS} prompts of {precision.PROMPT_TOKENS} tokens, {new_tokens} "
-        "new; 'emulated': the GPU/TPU setting's operand rounding on this CPU (the zoo's exact rounding)"
+        f"new; Δloss: held-out loss (torch, float32) after {precision.TRAIN_STEPS} AdamW steps on random batches, less the "
+        "reference's; 'emulated': the GPU/TPU setting's operand rounding on this CPU (the zoo's exact rounding, its "
+        "gradient rounded alike)"
     )
     print(precision_table(report))
+    print(f"the reference's held-out loss after {precision.TRAIN_STEPS} steps: {report.reference_loss:.6g}")
     write_outputs(args, report.to_json())
     return 0
