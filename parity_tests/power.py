@@ -4,7 +4,7 @@ Each bug of the zoo with a natural size gets a continuous knob: LayerNorm's eps 
 constant off by a relative δ, the attention scores divided by head_dim ** (0.5 + δ), every
 matmul's operands rounded to n mantissa bits (23 is float32's: nothing lost), one weight tensor
 multiplied by 1 ± ε element by element, the learning rate times 1 + δ. The knob is planted in the
-candidate twin (flax, compared against torch) and bisected, in log2 of δ (in n for the bits), to
+candidate twin (flax by default, compared against torch) and bisected, in log2 of δ (in n for the bits), to
 the smallest setting each kind of evidence catches: the whole forward against its bound
 ("bound"), each layer against its rounding envelope ("envelope"), the test for systematic error
 ("bias"), ten AdamW steps ("training"). Each kind is assumed monotone in its knob (a larger bug
@@ -26,7 +26,7 @@ from .forward import ParityOptions, run_parity
 from .progress import Progress, silent
 from .training import run_training_parity
 from .twins import build_flax, build_torch
-from .zoo_catalog import Mutant, Swap
+from .zoo_catalog import TWINS, Mutant, Swap
 from .zoo_plant import perturb, planted
 
 FORWARD_KINDS = ("bound", "envelope", "bias")
@@ -152,12 +152,14 @@ class PowerReport:
     config: GPTConfig
     opts: ParityOptions
     knobs: list[KnobPower]
+    candidate: str = "flax"  # the twin each knob is planted in
 
     def to_json(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),
             "batch": self.opts.batch,
             "seq": self.opts.seq,
+            "candidate": self.candidate,
             "directions": list(self.opts.directions),
             "knobs": [k.to_json() for k in self.knobs],
         }
@@ -166,8 +168,8 @@ class PowerReport:
 class _Evaluator:
     """Runs the check at setting x of one knob, once per x."""
 
-    def __init__(self, cfg: GPTConfig, opts: ParityOptions, knob: Knob, models: dict[str, Any]):
-        self.cfg, self.opts, self.knob, self.models = cfg, opts, knob, models
+    def __init__(self, cfg: GPTConfig, opts: ParityOptions, knob: Knob, models: dict[str, Any], candidate: str):
+        self.cfg, self.opts, self.knob, self.models, self.candidate = cfg, opts, knob, models, candidate
         self.seen: dict[float, Point] = {}
 
     def __call__(self, x: float) -> frozenset[str]:
@@ -178,9 +180,9 @@ class _Evaluator:
     def _run(self, x: float) -> frozenset[str]:
         k = self.knob
         plant = (
-            perturb(k.weight, x, "flax", seed=self.opts.seed)
+            perturb(k.weight, x, self.candidate, seed=self.opts.seed)
             if k.weight is not None
-            else functools.partial(planted, k.mutant(x), "flax")  # type: ignore[misc]
+            else functools.partial(planted, k.mutant(x), self.candidate)  # type: ignore[misc]
         )
         if k.evidence == "training":
             report = run_training_parity(
@@ -239,9 +241,13 @@ def measure(
     opts: ParityOptions = ParityOptions(directions=("torch->flax",)),  # noqa: B008 - frozen
     *,
     knobs: Sequence[Knob] = KNOBS,
+    candidate: str = "flax",
     progress: Progress = silent,
 ) -> PowerReport:
-    """Bisect each knob to the smallest setting each kind of evidence catches."""
+    """Bisect each knob, planted in `candidate`, to the smallest setting each kind of evidence catches.
+    Planted in torch, no setting recompiles the Flax twin (each new knob class does, planted there)."""
+    if candidate not in TWINS:
+        raise ValueError(f"candidate must be one of {', '.join(TWINS)}, got {candidate!r}")
     models = {
         "torch": build_torch(ModelKind.GPT, cfg, seed=opts.seed),
         "flax": build_flax(ModelKind.GPT, cfg, seed=opts.seed),
@@ -250,7 +256,7 @@ def measure(
     out = []
     for knob in knobs:
         with prog.step(f"{knob.name}: {knob.what}", phase=f"{len(knobs)} knobs"):
-            run = _Evaluator(cfg, opts, knob, models)
+            run = _Evaluator(cfg, opts, knob, models, candidate)
             thresholds = _thresholds(knob, run)
             out.append(KnobPower(knob, thresholds, list(run.seen.values())))
-    return PowerReport(cfg, opts, out)
+    return PowerReport(cfg, opts, out, candidate)

@@ -30,6 +30,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         metavar="NAME[,NAME...]",
         help=f"only these knobs: {', '.join(power.BY_NAME)} (default: all)",
     )
+    p.add_argument(
+        "--candidate",
+        choices=["flax", "torch"],
+        default="flax",
+        help="the twin each knob is planted in (default: flax; torch recompiles nothing per setting)",
+    )
     p.add_argument("--batch", type=positive, default=2, help="batch size of each check (default: 2)")
     p.add_argument("--seq", type=positive, default=None, help="sequence length (default: 128, at most context_length)")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed for weights and token ids")
@@ -105,9 +111,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     knobs = [power.BY_NAME[n] for n in args.knob] if args.knob else list(power.KNOBS)
     seq = args.seq or min(128, cfg.context_length)
     opts = ParityOptions(batch=args.batch, seq=seq, seed=args.seed, directions=("torch->flax",))
-    report = power.measure(cfg, opts, knobs=knobs, progress=progress(args.quiet))
+    report = power.measure(cfg, opts, knobs=knobs, candidate=args.candidate, progress=progress(args.quiet))
     print(
-        f"{args.config or 'gpt2-small'}: each knob planted in flax, checked torch->flax, batch {args.batch} x {seq} "
+        f"{args.config or 'gpt2-small'}: each knob planted in {args.candidate}, checked torch->flax, batch {args.batch} x {seq} "
         f"tokens (training: {power.TRAINING_STEPS} AdamW steps, batch {args.batch} x {min(seq, 32)}); the smallest "
         f"setting caught, bisected to x{power.RESOLUTION:.3g} (bits: to 1)"
     )

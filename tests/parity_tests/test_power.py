@@ -37,19 +37,21 @@ def models():
     return {"torch": build_torch(ModelKind.GPT, TINY, seed=0), "flax": build_flax(ModelKind.GPT, TINY, seed=0)}
 
 
+@pytest.mark.parametrize("candidate", ["flax", "torch"])
 @pytest.mark.parametrize(("name", "x", "kind"), HELD)
-def test_each_knob_is_caught_just_past_its_measured_threshold(models, name, x, kind):
-    run = power._Evaluator(TINY, OPTS, power.BY_NAME[name], models)
+def test_each_knob_is_caught_just_past_its_measured_threshold(models, name, x, kind, candidate):
+    """Planted in either twin (`--candidate`): the thresholds are the check's, not one twin's."""
+    run = power._Evaluator(TINY, OPTS, power.BY_NAME[name], models, candidate)
     assert kind in run(x), f"{name} at {x:g} caught only by {sorted(run(x))}"
 
 
 @pytest.mark.parametrize("name", ["layernorm-eps", "gelu-constant", "attention-scale", "learning-rate"])
 def test_each_knob_at_the_books_setting_passes(models, name):
-    assert power._Evaluator(TINY, OPTS, power.BY_NAME[name], models)(0.0) == frozenset()
+    assert power._Evaluator(TINY, OPTS, power.BY_NAME[name], models, "flax")(0.0) == frozenset()
 
 
 def test_operands_of_full_float32_precision_pass(models):
-    assert power._Evaluator(TINY, OPTS, power.BY_NAME["operand-bits"], models)(23) == frozenset()
+    assert power._Evaluator(TINY, OPTS, power.BY_NAME["operand-bits"], models, "flax")(23) == frozenset()
 
 
 def test_bisection_finds_a_known_edge_to_its_resolution():
