@@ -4,9 +4,10 @@ one outcome.
 
 The calls: reset the KV cache (good and bad sizes), cached and uncached forwards (good ids and bad),
 `cast` to each forward dtype (a float16 model does not train: both refuse its adamw), eval() and
-train() (parity dropout is on in both, so train mode drops the same elements), adamw and train_step (with the model's own optimizer, another model's, one made
-before a cast), greedy, cached and parity-sampled generation (good arguments and bad), and a
-checkpoint saved by one twin and loaded by both.
+train() (parity dropout is on in both, so train mode drops the same elements), adamw and
+train_step (with the model's own optimizer, another model's, one made before a cast), greedy,
+cached and parity-sampled generation (good arguments and bad), and a checkpoint saved by one twin
+and loaded by both.
 
 What must hold after every step: both twins succeed with results within the tier's bound (logits,
 losses, weights after a step, generated tokens: a token may differ only where the two best logits
