@@ -21,11 +21,11 @@ import numpy as np
 
 from gpt_spec import GPTConfig, save_checkpoint
 from gpt_spec.layout import gpt_shapes
+from parity_tests import TWINS
 from parity_tests.progress import Progress, silent
 
 LAYOUTS = ("canonical", "hf")
 SCRATCH = {"canonical": "model-canonical.safetensors", "hf": "hf-snapshot"}  # written in the folder, then deleted
-TWINS = ("torch", "flax")
 # Peak resident memory a load may reach, as a multiple of the file's size.
 PEAK_OVER_FILE = 1.5
 

@@ -19,13 +19,13 @@ from gpt_spec import GPTConfig, ModelKind, get_tokenizer
 from gpt_spec.data import split_text
 from gpt_spec.training import CHAPTER5, Chapter5
 
+from . import TWINS
 from .environment import versions
 from .progress import Progress, silent
 from .tolerances import train_loss_bound
 from .twins import build_pair, float32_matmuls
 
 DROPOUT_MODES = ("parity", "off")  # each twin's own dropout draws different masks: not one run
-TWINS = ("torch", "flax")
 MODEL_FILES = {"torch": "torch.safetensors", "flax": "flax.safetensors"}  # each twin's trained model, in out_dir
 # After training, both twins continue start_context greedily and by parity sampling (the book's
 # §5.3 example settings: top_k 25, temperature 1.4).

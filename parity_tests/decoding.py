@@ -44,12 +44,12 @@ from gpt_spec import GPTConfig
 from gpt_spec.randomness import pick_token
 from gpt_spec.stages import stage_names
 
+from . import TWINS
 from .compare import compare
 from .environment import versions
 from .tolerances import FP32_FORWARD
 from .twins import build_pair, float32_matmuls
 
-TWINS = ("torch", "flax")
 PARTS = ("cached", "sliding", "sampling")
 PROMPTS = 3  # in a row through the same model: a cache not reset between them shows at the second
 PROMPT_LEN = 3

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-import gpt_flax
-import gpt_torch
 from gpt_spec import GPTConfig
 from gpt_spec.layout import gpt_shapes
+
+from . import twins
 
 SPEC = "TWIN:STEP:PARAM:FACTOR[:PART]"  # how --plant-defect is written
 PARTS = {"update": "weights", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}  # PART: the TrainState field
@@ -83,7 +83,7 @@ def planted(defect: OneStepDefect | None) -> Iterator[None]:
     if defect is None:
         yield
         return
-    package: Any = gpt_torch if defect.twin == "torch" else gpt_flax
+    package = twins.package(defect.twin)
     clean = package.train_step
 
     def train_step(model: Any, optimizer: Any, input_batch: Any, target_batch: Any) -> float:

@@ -29,12 +29,13 @@ import numpy as np
 from gpt_spec import GPTConfig
 from gpt_spec.stages import in_stage, stage_key, stage_of
 
+from . import TWINS
 from .forward import ParityOptions, ParityReport, run_parity
 from .layers import Finding
 from .progress import Progress, silent
 from .tolerances import OWN_ROUNDING_SLACK
 from .twins import build_flax, build_torch
-from .zoo_catalog import FORWARD_MUTANTS, TWINS, Mutant
+from .zoo_catalog import FORWARD_MUTANTS, Mutant
 from .zoo_plant import planted
 
 Plant = Callable[[dict[str, Any]], AbstractContextManager]

@@ -29,6 +29,7 @@ import numpy as np
 
 from gpt_spec.layout import in_model_order
 
+from . import TWINS
 from .compare import Comparison, compare
 from .environment import versions
 from .parallel_spec import (
@@ -43,7 +44,6 @@ from .progress import Progress, silent
 from .tolerances import GRADS, LOSS
 from .training import WeightCheck, weights_check
 
-TWINS = ("torch", "flax")
 # What a rank may take beyond the process group's timeout (imports, compiles) before the run is
 # ended as hung.
 START_GRACE_S = 120.0

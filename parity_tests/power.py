@@ -21,12 +21,12 @@ from typing import Any
 
 from gpt_spec import GPTConfig, ModelKind
 
-from . import zoo_training
+from . import TWINS, zoo_training
 from .forward import ParityOptions, run_parity
 from .progress import Progress, silent
 from .training import run_training_parity
 from .twins import build_flax, build_torch
-from .zoo_catalog import TWINS, Mutant, Swap
+from .zoo_catalog import Mutant, Swap
 from .zoo_plant import perturb, planted
 
 FORWARD_KINDS = ("bound", "envelope", "bias")

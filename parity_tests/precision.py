@@ -24,6 +24,7 @@ import gpt_torch
 from gpt_spec import GPTConfig, ModelKind
 from gpt_spec.checks import DTYPES
 
+from . import twins
 from .distribution import Distribution, GreedyDivergence, distribution
 from .progress import Progress, silent
 from .twins import build_flax, build_torch, float32_matmuls, token_batch
@@ -151,7 +152,7 @@ def _trained(setting: Setting, model: Any, batches: Sequence[tuple[np.ndarray, n
     eval mode), or None where its dtype has no training tier (float16)."""
     if setting.dtype not in DTYPES:
         return None
-    package: Any = gpt_torch if setting.twin == "torch" else gpt_flax
+    package = twins.package(setting.twin)
     optimizer = package.adamw(model)
     for x, y in batches:
         package.train_step(
@@ -228,7 +229,7 @@ def run_precision(
 
 def _built(setting: Setting, cfg: GPTConfig, weights: Mapping[str, np.ndarray], seed: int) -> Any:
     """The setting's twin holding `weights`, in eval mode, cast to its dtype."""
-    package: Any = gpt_torch if setting.twin == "torch" else gpt_flax
+    package = twins.package(setting.twin)
     model = (build_torch if setting.twin == "torch" else build_flax)(ModelKind.GPT, cfg, seed=seed)
     package.load_state_dict(model, weights)
     model.eval()

@@ -29,6 +29,7 @@ from gpt_spec.data import split_text
 from gpt_spec.formats.train_state import TrainState, load_train_state, save_train_state
 from gpt_spec.training import CHAPTER5, Chapter5
 
+from . import twins
 from .chapter5 import DROPOUT_MODES, TWINS, Chapter5Report, TwinRun, _generate_after, _quiet, chapter5_config
 from .progress import Progress, silent
 from .twins import build_pair, float32_matmuls
@@ -125,11 +126,11 @@ class Trainer:
         return gpt_flax.evaluate_model(self.model, _numpy(train), _numpy(val), None, self.settings.eval_iter)
 
     def sample(self, tokenizer: Any) -> str:
-        package: Any = gpt_torch if self.twin == "torch" else gpt_flax
+        package = twins.package(self.twin)
         return package.generate_and_print_sample(self.model, tokenizer, None, self.settings.start_context, log=_quiet)
 
     def state(self, **kwargs: Any) -> TrainState:
-        package: Any = gpt_torch if self.twin == "torch" else gpt_flax
+        package = twins.package(self.twin)
         return package.train_state(self.model, self.optimizer, **kwargs)
 
 
@@ -252,7 +253,7 @@ def read_state(path: str | os.PathLike[str], text: str) -> Resumed:
 
 
 def _trainer(twin: str, model: Any, settings: Chapter5, dropout: str, seed: int, record: TwinRun) -> Trainer:
-    package: Any = gpt_torch if twin == "torch" else gpt_flax
+    package = twins.package(twin)
     if dropout == "parity":
         package.use_parity_dropout(model, seed)
     optimizer = package.adamw(model, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -261,7 +262,7 @@ def _trainer(twin: str, model: Any, settings: Chapter5, dropout: str, seed: int,
 
 def restore(resumed: Resumed, twin: str, text: str) -> tuple[Trainer, Feed]:
     """`twin`'s model and optimizer continuing the state, and the book's loaders where it left them."""
-    package: Any = gpt_torch if twin == "torch" else gpt_flax
+    package = twins.package(twin)
     model = package.GPTModel(resumed.cfg) if twin == "torch" else package.GPTModel(resumed.cfg, rngs=_rngs())
     trainer = _trainer(
         twin, model, resumed.settings, resumed.dropout, resumed.seed, dataclasses.replace(resumed.history)

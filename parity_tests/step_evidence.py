@@ -16,6 +16,7 @@ import gpt_flax
 import gpt_torch
 from gpt_spec.formats.train_state import TrainState
 
+from . import twins
 from .chapter5 import TWINS
 from .compare import Comparison, compare
 from .forward import carried, compare_stages
@@ -146,7 +147,7 @@ class Probe:
 
     def load(self, states: dict[str, TrainState]) -> None:
         for twin, trainer in self.trainers.items():
-            package: Any = gpt_torch if twin == "torch" else gpt_flax
+            package = twins.package(twin)
             package.load_train_state(trainer.model, trainer.optimizer, states[twin])
 
     def evidence(self, states: dict[str, TrainState], x: torch.Tensor, y: torch.Tensor, inputs: str) -> Evidence:

@@ -25,9 +25,18 @@ from gpt_spec import GPTConfig, ModelKind
 from gpt_spec.checkpoint import Checkpoint, load_checkpoint
 from gpt_torch.model import _GPT as TorchGPT
 
+from . import TWINS
+
 MODES = ("eval", "train")
 # short name -> the class each twin's module defines
 MODELS: dict[str, str] = {kind: kind.model_class for kind in ModelKind}
+
+
+def package(twin: str) -> Any:
+    """The twin's package, gpt_torch or gpt_flax: the same public functions under the same names."""
+    if twin not in TWINS:
+        raise ValueError(f"a twin is torch or flax, got {twin!r}")
+    return gpt_torch if twin == "torch" else gpt_flax
 
 
 def _model_class(module: Any, kind: str):

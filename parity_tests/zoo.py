@@ -13,7 +13,7 @@ from typing import Any
 
 from gpt_spec import GPTConfig, ModelKind
 
-from . import zoo_decoding, zoo_training
+from . import TWINS, zoo_decoding, zoo_training
 from .environment import versions
 from .forward import DIRECTIONS, ParityOptions, run_parity
 from .progress import Progress, silent
@@ -31,7 +31,6 @@ from .zoo_catalog import (
     SAMPLER,
     TF32,
     TRAINING_MUTANTS,
-    TWINS,
     Mutant,
     Swap,
     ZooRow,

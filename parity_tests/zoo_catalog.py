@@ -12,8 +12,6 @@ from gpt_spec.stages import in_stage, stage_of
 
 from . import decoding, zoo_training
 
-TWINS = ("torch", "flax")
-
 
 @dataclasses.dataclass(frozen=True)
 class Swap:

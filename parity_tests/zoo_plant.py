@@ -22,8 +22,8 @@ from flax import nnx
 import gpt_flax
 import gpt_torch
 
-from . import zoo_flax, zoo_torch, zoo_training
-from .zoo_catalog import GENERATION, TWINS, Mutant, get
+from . import TWINS, twins, zoo_flax, zoo_torch, zoo_training
+from .zoo_catalog import GENERATION, Mutant, get
 
 # What each zoo layer replaces, per twin: (the class a module must be, the zoo's class).
 _LAYERS: dict[str, dict[str, tuple[type, type]]] = {
@@ -84,7 +84,7 @@ def _square_projection(name: str, value: np.ndarray) -> bool:
 def _untransposed_squares(twin: str) -> Iterator[None]:
     """The twin's converters, as a port that transposes only where shapes disagree: a square
     projection goes in (and comes out) the other way round."""
-    package: Any = gpt_torch if twin == "torch" else gpt_flax  # a module: its functions are patched below
+    package = twins.package(twin)
     load, export = package.load_state_dict, package.state_dict
 
     def flip(sd):
@@ -144,7 +144,7 @@ def plant(name: str, twin: str) -> Callable[[dict[str, Any]], contextlib.Abstrac
 def _perturbed_loads(twin: str, param: str, eps: float, seed: int) -> Iterator[None]:
     """The twin's load_state_dict, multiplying `param` by 1 ± eps element by element (random signs):
     a perturbation of relative size eps in one tensor, which no bug of the zoo makes."""
-    package: Any = gpt_torch if twin == "torch" else gpt_flax
+    package = twins.package(twin)
     load = package.load_state_dict
 
     def perturbed(sd):

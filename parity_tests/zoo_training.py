@@ -37,6 +37,8 @@ import gpt_torch
 import gpt_torch.train
 from gpt_spec.checks import check_targets
 
+from . import twins
+
 TRAINING = "float32 training"  # Mutant.shows_in: the loss, the gradients and the AdamW steps see it
 
 # Where a training mutant is planted, as its row must name it (`located`).
@@ -321,7 +323,7 @@ def patched(twin: str, knobs: tuple[tuple[str, Any], ...]) -> contextlib.Abstrac
     """The twin's adamw() (package and module) and, for a loss knob, its calc_loss_batch replaced by
     the porter's, until the context ends."""
     values, named = knob_values(knobs), dict(knobs)
-    package: Any = gpt_torch if twin == "torch" else gpt_flax
+    package = twins.package(twin)
     module: Any = gpt_torch.train if twin == "torch" else gpt_flax.train
     targets: list[tuple[Any, str, Any]] = []
     if set(named) - set(LOSS_KNOBS):

@@ -20,6 +20,7 @@ import gpt_flax
 import gpt_torch
 from gpt_spec import GPTConfig, load_checkpoint, save_checkpoint
 from gpt_spec.formats.canonical import FORMAT
+from parity_tests import twins
 from parity_tests.configs import TINY, TINY_BIAS
 from parity_tests.hf_reference import gpt2_config_json, random_hf_gpt2
 
@@ -176,8 +177,8 @@ def _book_state_dict(cfg, seed=0):
 def test_the_books_in_memory_state_dict_loads_straight(twin):
     book = _book_state_dict(TINY)
     model = gpt_torch.GPTModel(TINY) if twin == "torch" else gpt_flax.GPTModel(TINY, rngs=nnx.Rngs(1))
-    (gpt_torch if twin == "torch" else gpt_flax).load_state_dict(model, book)
-    got = (gpt_torch if twin == "torch" else gpt_flax).state_dict(model)
+    twins.package(twin).load_state_dict(model, book)
+    got = twins.package(twin).state_dict(model)
     np.testing.assert_array_equal(got["trf_blocks.1.att.W_key.weight"], book["trf_blocks.1.att.W_key.weight"].numpy())
 
 
@@ -241,7 +242,7 @@ def test_half_and_double_files_load_in_both_twins(tmp_path, dtype, twin):
         metadata={"format": FORMAT, "config": json.dumps(TINY_BIAS.to_dict()), "model": "GPTModel", "options": "{}"},
     )
     model = LOADERS[twin](tmp_path / "m.safetensors")
-    got = (gpt_torch if twin == "torch" else gpt_flax).state_dict(model)
+    got = twins.package(twin).state_dict(model)
     for name, value in stored.items():
         np.testing.assert_array_equal(got[name], value.astype(np.float32), err_msg=name)
     kept = "bfloat16" if dtype == "bfloat16" else "float32"
@@ -292,7 +293,7 @@ def test_float64_that_rounds_to_float32s_largest_loads_and_only_overflow_is_refu
             np.float32
         )  # the file's float64, as the twins take it
     else:
-        got = (gpt_torch if twin == "torch" else gpt_flax).state_dict(loaded)["trf_blocks.0.norm1.scale"]
+        got = twins.package(twin).state_dict(loaded)["trf_blocks.0.norm1.scale"]
     np.testing.assert_array_equal(got[:2], [FLOAT32_MAX, -FLOAT32_MAX])
     sd["trf_blocks.0.norm1.scale"][3] = -FLOAT32_OVERFLOW
     write(sd)
@@ -309,7 +310,7 @@ def test_float64_that_rounds_to_float32s_largest_loads_and_only_overflow_is_refu
 
 @pytest.mark.parametrize("twin", ["torch", "flax"])
 def test_saving_bfloat16_on_request(tmp_path, twin):
-    mod = gpt_torch if twin == "torch" else gpt_flax
+    mod = twins.package(twin)
     model = gpt_torch.GPTModel(TINY) if twin == "torch" else gpt_flax.GPTModel(TINY, rngs=nnx.Rngs(0))
     mod.save(model, tmp_path / "bf16.safetensors", dtype="bfloat16")
     assert load_checkpoint(tmp_path / "bf16.safetensors").dtypes == ("bfloat16",)
@@ -388,7 +389,7 @@ def test_save_checkpoint_validates_every_model_and_its_options(tmp_path):
 def test_save_takes_only_a_name_load_reads_as_safetensors(tmp_path, monkeypatch, twin, name):
     """save(m, "m.pth") wrote safetensors that load("m.pth") then refused as no torch.save file.
     The refusal comes before the parameters are copied out of the model."""
-    mod = gpt_torch if twin == "torch" else gpt_flax
+    mod = twins.package(twin)
     model = gpt_torch.GPTModel(TINY) if twin == "torch" else gpt_flax.GPTModel(TINY, rngs=nnx.Rngs(0))
     monkeypatch.setattr(mod.weights, "state_dict", lambda model: pytest.fail("the parameters were copied out"))
     message = (
@@ -405,7 +406,7 @@ def test_save_takes_only_a_name_load_reads_as_safetensors(tmp_path, monkeypatch,
 @pytest.mark.parametrize("twin", list(LOADERS))
 def test_save_refuses_a_path_that_names_a_folder(tmp_path, twin):
     """save(m, "xx/") wrote a file xx."""
-    mod = gpt_torch if twin == "torch" else gpt_flax
+    mod = twins.package(twin)
     model = gpt_torch.GPTModel(TINY) if twin == "torch" else gpt_flax.GPTModel(TINY, rngs=nnx.Rngs(0))
     for given in (f"{tmp_path}/xx.safetensors/", f"{tmp_path}/xx/"):
         with pytest.raises(

@@ -12,7 +12,7 @@ import torch
 import gpt_flax
 import gpt_torch
 from parity_cli.main import main
-from parity_tests import zoo
+from parity_tests import twins, zoo
 from parity_tests.forward import ParityOptions, run_parity
 from parity_tests.tolerances import FP16_FORWARD, FP16_KL_MEAN
 from parity_tests.training import run_training_parity
@@ -54,7 +54,7 @@ def test_float16_is_a_forward_tier_only(tiny_cfg, capsys):
 
 @pytest.mark.parametrize("twin", ["torch", "flax"])
 def test_a_cast_to_float16_refuses_a_weight_it_would_make_inf(tiny_cfg, twin):
-    package = gpt_torch if twin == "torch" else gpt_flax
+    package = twins.package(twin)
     model = (build_torch if twin == "torch" else build_flax)("gpt", tiny_cfg, seed=0)
     sd = package.state_dict(model)
     sd["trf_blocks.0.norm1.scale"][3] = 70000.0  # float16's largest is 65504

@@ -14,6 +14,7 @@ import gpt_torch
 from gpt_spec import GPTConfig
 from gpt_spec.stages import stage_names
 from parity_cli import reports
+from parity_tests import twins
 from parity_tests.configs import GPT_CONFIG_124M, TINY, TINY_BIAS
 from parity_tests.forward import ParityOptions, compare_stages, run_parity
 from parity_tests.tolerances import FP32_FORWARD
@@ -167,6 +168,13 @@ def test_the_jitted_forward_is_finite_wherever_torch_is():
 def test_train_mode_with_dropout_is_refused():
     with pytest.raises(ValueError, match="train-mode parity needs drop_rate 0, got 0.1"):
         run_parity(TINY, ParityOptions(mode="train"))
+
+
+def test_each_twin_by_its_name_and_no_other():
+    assert twins.package("torch") is gpt_torch and twins.package("flax") is gpt_flax
+    for wrong in ("jax", "Torch", "both"):
+        with pytest.raises(ValueError, match=f"a twin is torch or flax, got '{wrong}'"):
+            twins.package(wrong)
 
 
 @pytest.mark.slow

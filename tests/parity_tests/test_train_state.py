@@ -20,7 +20,7 @@ from gpt_spec.data import the_verdict
 from gpt_spec.formats import train_state as ts
 from gpt_spec.training import CHAPTER5
 from parity_cli.main import main
-from parity_tests import resume
+from parity_tests import resume, twins
 from parity_tests.chapter5 import Chapter5Report, TwinRun
 from parity_tests.configs import TINY
 from parity_tests.training import weights_check
@@ -105,21 +105,19 @@ def test_k_steps_then_m_steps_resumed_equal_k_plus_m_steps(tmp_path, source, tar
     with float32_matmuls():
         pair = build_pair("gpt", CFG, source="torch", seed=0, mode="train")
         ref_model = pair[0] if source == "torch" else pair[1]
-        ref_opt = (gpt_torch if source == "torch" else gpt_flax).adamw(ref_model, lr=1e-3)
+        ref_opt = twins.package(source).adamw(ref_model, lr=1e-3)
         ref_losses = [_step(source, ref_model, ref_opt, x, y) for x, y in batches]
-        ref = (gpt_torch if source == "torch" else gpt_flax).train_state(ref_model, ref_opt)
+        ref = twins.package(source).train_state(ref_model, ref_opt)
 
         pair = build_pair("gpt", CFG, source="torch", seed=0, mode="train")
         first = pair[0] if source == "torch" else pair[1]
-        first_opt = (gpt_torch if source == "torch" else gpt_flax).adamw(first, lr=1e-3)
+        first_opt = twins.package(source).adamw(first, lr=1e-3)
         losses = [_step(source, first, first_opt, x, y) for x, y in batches[:3]]
-        ts.save_train_state(
-            tmp_path / "s.safetensors", (gpt_torch if source == "torch" else gpt_flax).train_state(first, first_opt)
-        )
+        ts.save_train_state(tmp_path / "s.safetensors", twins.package(source).train_state(first, first_opt))
 
         pair = build_pair("gpt", CFG, source="torch", seed=9, mode="train")  # other weights: all overwritten
         second = pair[0] if target == "torch" else pair[1]
-        package = gpt_torch if target == "torch" else gpt_flax
+        package = twins.package(target)
         second_opt = package.adamw(second, lr=1e-3)
         package.load_train_state(second, second_opt, ts.load_train_state(tmp_path / "s.safetensors"))
         losses += [_step(target, second, second_opt, x, y) for x, y in batches[3:]]
@@ -179,7 +177,7 @@ def test_a_state_that_does_not_fit_is_refused_naming_the_field_and_changes_nothi
     state = _state(**change)
     pair = build_pair("gpt", CFG, source="torch", seed=3, mode="train")
     model = pair[0] if twin == "torch" else pair[1]
-    package = gpt_torch if twin == "torch" else gpt_flax
+    package = twins.package(twin)
     optimizer = package.adamw(model)
     before = package.state_dict(model)
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

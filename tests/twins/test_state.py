@@ -9,6 +9,7 @@ import torch
 import gpt_flax
 import gpt_spec.limits
 import gpt_torch
+from parity_tests import twins
 from parity_tests.configs import TINY
 from parity_tests.tolerances import BF16_FORWARD, FP32_FORWARD
 from parity_tests.twins import build_pair
@@ -81,7 +82,7 @@ def test_cast_between_cached_calls_casts_the_cache_and_goes_on_in_both():
     for twin, model in models.items():
         model.reset_kv_cache()
         _run(twin, model, IDS[:, :4], use_cache=True)
-        (gpt_torch if twin == "torch" else gpt_flax).cast(model, "bfloat16")
+        twins.package(twin).cast(model, "bfloat16")
         out[twin] = _run(twin, model, IDS[:, 4:], use_cache=True)
         for block in model.trf_blocks:
             assert str(block.att.cache_k.dtype).removeprefix("torch.") == "bfloat16"
@@ -114,7 +115,7 @@ def test_a_cached_call_after_a_cached_generation_is_refused_alike():
     models = _pair()
     messages = []
     for twin, model in models.items():
-        package = gpt_torch if twin == "torch" else gpt_flax
+        package = twins.package(twin)
         prompt = torch.from_numpy(IDS[:, :2]) if twin == "torch" else IDS[:, :2]
         package.generate_text_simple_cached(model, prompt, 3)
         assert _position(twin, model) == 4
@@ -146,7 +147,7 @@ def _step(twin, model, optimizer):
 def test_an_optimizer_made_for_another_model_is_refused_and_nothing_changes(twin):
     """torch's step cleared and stepped the other model's parameters and left this one's gradients
     to pile up (nothing trained, silently); the Flax step trained this model with the other's state."""
-    package = gpt_torch if twin == "torch" else gpt_flax
+    package = twins.package(twin)
     model, other = _pair()[twin], _pair()[twin]
     model.train()
     optimizer = package.adamw(other)
@@ -167,7 +168,7 @@ def test_an_optimizer_made_for_another_model_is_refused_and_nothing_changes(twin
 def test_an_optimizer_made_before_a_cast_is_refused(twin):
     """torch creates its moments at the first step, optax at adamw(): a cast between adamw() and the
     first step went on in one twin and not the other."""
-    package = gpt_torch if twin == "torch" else gpt_flax
+    package = twins.package(twin)
     model = _pair()[twin]
     model.train()
     optimizer = package.adamw(model)
