@@ -29,7 +29,7 @@ import numpy as np
 from gpt_spec import GPTConfig
 from gpt_spec.stages import in_stage, stage_key, stage_of
 
-from . import TWINS
+from . import TWINS, hf_candidate
 from .forward import ParityOptions, ParityReport, run_parity
 from .layers import Finding
 from .progress import Progress, silent
@@ -77,6 +77,7 @@ class Trial:
     worst: float  # the largest margin of any finding (<= 1 when every finding matches)
     first: str  # the first of them, described; "" when none is left
     own_rounding: int = 0  # findings past their bounds, but within the mutant's own rounding
+    candidate: str = ""  # the candidate when it is not a twin (hf_candidate.NAME): the bug is in it
 
     @property
     def explains(self) -> bool:
@@ -90,7 +91,9 @@ class Trial:
     @property
     def carrier(self) -> str:
         """The twin the bug is in: the one the mutant was not planted in."""
-        return _other(self.planted_in) if self.mutant else "-"
+        if not self.mutant:
+            return "-"
+        return self.candidate or _other(self.planted_in)
 
     def key(self) -> tuple:
         return (not self.explains, not self.exactly, round(self.excess, 6), self.worst)
@@ -110,7 +113,7 @@ class Trial:
         }
 
 
-def _trial(mutant: str, twin: str, report: ParityReport, own: ParityReport | None = None) -> Trial:
+def _trial(mutant: str, twin: str, report: ParityReport, own: ParityReport | None = None, candidate: str = "") -> Trial:
     findings = [f for r in report.rows for f in r.findings]
     past = sorted((f for f in findings if not _matches(f)), key=lambda f: (stage_key(f.name), -f.margin))
     left = past if own is None else _own_rounding(past, own)
@@ -124,6 +127,7 @@ def _trial(mutant: str, twin: str, report: ParityReport, own: ParityReport | Non
         float(worst),
         left[0].describe() if left else "",
         len(past) - len(left),
+        candidate,
     )
 
 
@@ -261,7 +265,57 @@ def diagnose(
             "torch": build_torch(opts.model, cfg, seed=opts.seed, **options),
             "flax": build_flax(opts.model, cfg, seed=opts.seed, **options),
         }
-    baseline = run_parity(cfg, opts, weights=weights, plant=plant, models=models)
+    built = models
+
+    def run(trial: Plant | None) -> ParityReport:
+        return run_parity(cfg, opts, weights=weights, plant=trial, models=built)
+
+    def own(mutant: Mutant) -> ParityReport:
+        return _in_both(cfg, opts, mutant, weights, built, cache=cache)
+
+    return _ranked(cfg, run, own, plant, mutants, twins, "", progress)
+
+
+def diagnose_hf(
+    candidate: hf_candidate.HFCandidate,
+    opts: ParityOptions = ParityOptions(),  # noqa: B008 - frozen, so one shared default is safe
+    *,
+    mutants: Sequence[Mutant] = FORWARD_MUTANTS,
+    progress: Progress = silent,
+) -> Diagnosis:
+    """Check an HF transformers model against the torch twin holding its weights and, if the check
+    fails, rank each suspect mutant planted in the twin by how well it explains the failure: the
+    bug it names is in the HF model (or in what its config.json asks of it)."""
+    cfg = candidate.config
+    reference = build_torch(opts.model, cfg, seed=opts.seed)
+    twins: dict[str, Any] = {}  # built the first time a mutant's own rounding is asked for
+
+    def run(trial: Plant | None) -> ParityReport:
+        return hf_candidate.check(candidate, opts, plant=trial, reference=reference)
+
+    def own(mutant: Mutant) -> ParityReport:
+        """transformers cannot carry a mutant: what it leaves between two twins that both carry it stands in."""
+        if not twins:
+            twins.update(torch=reference, flax=build_flax(opts.model, cfg, seed=opts.seed))
+        one_way = dataclasses.replace(opts, directions=("torch->flax",))
+        return _in_both(cfg, one_way, mutant, candidate.weights, twins, cache=False)
+
+    return _ranked(cfg, run, own, None, mutants, ("torch",), hf_candidate.NAME, progress)
+
+
+def _ranked(
+    cfg: GPTConfig,
+    run: Callable[[Plant | None], ParityReport],
+    own_rounding: Callable[[Mutant], ParityReport] | None,
+    plant: Plant | None,
+    mutants: Sequence[Mutant],
+    twins: Sequence[str],
+    candidate: str,
+    progress: Progress,
+) -> Diagnosis:
+    """The check (`run(plant)`), and where it fails each suspect planted in each of `twins` on top;
+    `own_rounding(mutant)`: the check with it in both sides, where both can carry it."""
+    baseline = run(plant)
     first = baseline.first_failure
     if first is None:
         return Diagnosis(cfg, baseline, "", [], [])
@@ -273,13 +327,12 @@ def diagnose(
     for mutant in tried:
         for twin in twins:
             with prog.step(f"{mutant.name} in {twin}", phase=f"{len(tried)} suspects at {stage}"):
-                both = _both(plant, functools.partial(planted, mutant, twin))
-                report = run_parity(cfg, opts, weights=weights, plant=both, models=models)
-                if report.passed or mutant.name in own:
-                    trials.append(_trial(mutant.name, twin, report, own.get(mutant.name)))
+                report = run(_both(plant, functools.partial(planted, mutant, twin)))
+                if report.passed or own_rounding is None or mutant.name in own:
+                    trials.append(_trial(mutant.name, twin, report, own.get(mutant.name), candidate))
                     continue
-                own[mutant.name] = _in_both(cfg, opts, mutant, weights, models, cache=cache)
-                trials.append(_trial(mutant.name, twin, report, own[mutant.name]))
+                own[mutant.name] = own_rounding(mutant)
+                trials.append(_trial(mutant.name, twin, report, own[mutant.name], candidate))
     trials.sort(key=Trial.key)
     return Diagnosis(cfg, baseline, stage, trials, untried)
 

@@ -27,7 +27,7 @@ from gpt_spec.stages import stage_key, stage_of
 from .compare import Comparison, compare
 from .distribution import Distribution, DistributionCheck, distribution
 from .environment import versions
-from .layers import Finding, build_probes, reference_outputs, run_probes
+from .layers import Finding, Probe, build_probes, reference_outputs, run_probes
 from .progress import Progress, silent
 from .tolerances import (
     BF16_FORWARD,
@@ -267,6 +267,42 @@ class ParityReport:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """The reference's side of a check, computed once: its stages on the ids, and (with layer
+    evidence) the probes built from its stream and weights with its own outputs on them."""
+
+    backend: Backend
+    model: Any
+    stages: dict[str, np.ndarray]
+    probes: list[Probe] | None
+    outputs: list[np.ndarray] | None
+
+    @classmethod
+    def run(cls, cfg: GPTConfig, kind: str, backend: Backend, model: Any, ids: np.ndarray, *, seed: int, layers: bool):
+        stages = run_backend(backend, model, ids)
+        if not layers:
+            return cls(backend, model, stages, None, None)
+        probes = build_probes(cfg, kind, stages, _TRUE_STATE_DICT[backend.framework](model), seed=seed)
+        return cls(backend, model, stages, probes, reference_outputs(probes, backend, model))
+
+    def against(
+        self, direction: str, backend: Backend, candidate: Any, ids: np.ndarray, bound: Bound, dtype: str
+    ) -> ParityRow:
+        """Every piece of evidence for `candidate` run on `backend` (a torch-like module on a torch one)."""
+        out = run_backend(backend, candidate, ids)
+        found = (
+            []
+            if self.probes is None or self.outputs is None
+            else run_probes(self.probes, self.outputs, backend, candidate)
+        )
+        carry = carried(self.backend, self.model, self.stages, out) if dtype == "float32" else None
+        dist = distribution(self.stages["out_head"], out["out_head"])
+        check = DistributionCheck(dist, *KL_BOUNDS[dtype]) if dtype in KL_BOUNDS else None
+        stages = compare_stages(self.stages, out, bound, carry)
+        return ParityRow(direction, self.backend.label, backend.label, stages, found, dist, check)
+
+
 def _check_args(model: str, mode: str, cfg: GPTConfig) -> None:
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; known models: {', '.join(MODELS)}")
@@ -391,21 +427,12 @@ def run_parity(
             ):
                 load[source](twin[source], own[source])  # back to its own weights after an earlier direction
                 load[target](twin[target], own[source])
-                reference = run_backend(cpu[source], twin[source], ids)
-                if layer_evidence:
-                    probes = build_probes(cfg, model, reference, _TRUE_STATE_DICT[source](twin[source]), seed=seed)
-                    ref_outputs = reference_outputs(probes, cpu[source], twin[source])
+                ref = Reference.run(cfg, model, cpu[source], twin[source], ids, seed=seed, layers=layer_evidence)
             for backend in backends:
                 if backend.framework != target:
                     continue
                 with prog.step(f"{direction}: {backend.label}"):
-                    out = run_backend(backend, twin[target], ids)
-                    found = run_probes(probes, ref_outputs, backend, twin[target]) if layer_evidence else []
-                    carry = carried(cpu[source], twin[source], reference, out) if dtype == "float32" else None
-                dist = distribution(reference["out_head"], out["out_head"])
-                check = DistributionCheck(dist, *KL_BOUNDS[dtype]) if dtype in KL_BOUNDS else None
-                stages = compare_stages(reference, out, bound, carry)
-                rows.append(ParityRow(direction, cpu[source].label, backend.label, stages, found, dist, check))
+                    rows.append(ref.against(direction, backend, twin[target], ids, bound, dtype))
         if models is not None:  # leave them as they came
             for name in twin:
                 load[name](twin[name], own[name])

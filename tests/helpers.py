@@ -82,3 +82,31 @@ def compilations() -> Iterator[collections.Counter[str]]:
             yield counts
     finally:
         logger.removeHandler(handler)
+
+
+def hf_gpt2(
+    vocab: int, positions: int, width: int, heads: int, layers: int, tied: bool = True, *, seed: int = 0, **config
+):
+    """transformers' GPT2LMHeadModel with GPT-2's init under `torch.manual_seed(seed)`, in eval mode;
+    `config`: more GPT2Config fields."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(
+        vocab_size=vocab,
+        n_positions=positions,
+        n_embd=width,
+        n_head=heads,
+        n_layer=layers,
+        tie_word_embeddings=tied,
+        bos_token_id=None,
+        eos_token_id=None,
+        **config,
+    )
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # GPT-2's init leaves LayerNorm at 1/0 and biases at 0: move them
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model

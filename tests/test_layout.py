@@ -138,8 +138,9 @@ def _third_party(package: str) -> set[str]:
 
 ALIASES = {"tiktoken_ext": "tiktoken", "orbax": "orbax_checkpoint"}  # tiktoken_ext: a namespace tiktoken installs
 # Imported only inside the function that needs it, and refused in one line where it is missing:
-# gpt_spec reads the book's torch.save files with torch's own unpickler.
-OPTIONAL = {"gpt_spec": {"torch"}}
+# gpt_spec reads the book's torch.save files with torch's own unpickler; parity_tests runs an HF
+# candidate (diagnose --hf) in transformers, which the dev extra installs.
+OPTIONAL = {"gpt_spec": {"torch"}, "parity_tests": {"transformers"}}
 
 
 def test_the_extras_install_what_each_package_imports_and_nothing_else():

@@ -6,7 +6,7 @@ import argparse
 
 from gpt_spec import ModelKind
 from gpt_spec.checks import FORWARD_DTYPES
-from parity_tests import diagnose, zoo
+from parity_tests import diagnose, hf_candidate, zoo
 from parity_tests.diagnose import Diagnosis
 from parity_tests.forward import DIRECTIONS, ParityOptions
 
@@ -66,6 +66,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="check this direction only (default: both, as check does)",
     )
     d.add_argument(
+        "--hf",
+        metavar="SNAPSHOT",
+        help="the candidate is transformers' GPT2LMHeadModel of this HF snapshot folder (config.json and "
+        "model.safetensors; needs the dev extra), the reference the torch twin holding its weights as the "
+        "book's GPT-2: the bug named is in the HF model or in what its config.json asks of it",
+    )
+    d.add_argument(
         "--zoo",
         action="store_true",
         help="the zoo in reverse: plant each forward mutant in the candidate (the twin --reference does not "
@@ -121,6 +128,8 @@ def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser)
         parser.error("diagnose plants the zoo's bugs in the full GPT: needs --model gpt")
     if setup.meshes:
         parser.error("diagnose checks one device per twin: drop --mesh")
+    if args.hf is not None:
+        return _run_hf(args, parser)
     directions = DIRECTIONS if args.direction is None else (args.direction,)
     reference = zoo.TWINS if args.reference == "both" else (args.reference,)
     if args.zoo:
@@ -175,4 +184,42 @@ def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser)
         print(f"{len(d.untried)} mutants not tried: they first fail elsewhere or need another config (--json)")
     print(d.verdict)
     write_outputs(args, d.to_json())
+    return 0 if d.baseline.passed else 1
+
+
+def _run_hf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    given = [
+        flag
+        for flag, value in (
+            ("--config", args.config),
+            ("--checkpoint", args.checkpoint),
+            ("--plant", args.plant),
+            ("--perturb", args.perturb),
+            ("--zoo", args.zoo),
+            ("--direction", args.direction),
+        )
+        if value
+    ]
+    if given:
+        parser.error(
+            f"--hf takes its config and weights from the snapshot and plants in the torch twin: drop {', '.join(given)}"
+        )
+    if args.reference == "flax" or args.dtype != "float32":
+        parser.error("--hf checks the HF model in float32 against the torch twin: drop --reference flax and --dtype")
+    candidate = hf_candidate.load_candidate(args.hf)
+    d = diagnose.diagnose_hf(candidate, _options(args, (hf_candidate.DIRECTION,)), progress=progress(args.quiet))
+    print(
+        f"{args.hf} ({hf_candidate.NAME}), float32, batch {args.batch} x {d.baseline.seq} tokens, against the torch twin"
+    )
+    if candidate.meaning:
+        print(
+            f"its config.json departs from the book's GPT-2: {', '.join(f'{k} = {v!r}' for k, v in candidate.meaning.items())}"
+        )
+    if d.trials:
+        print(f"check failed first at {d.stage}; each suspect planted in torch in turn, the check run again:")
+        print(trial_table(d))
+    print(d.verdict)
+    write_outputs(
+        args, {**d.to_json(), "candidate": {"hf_snapshot": candidate.folder, "config_meaning": candidate.meaning}}
+    )
     return 0 if d.baseline.passed else 1

@@ -25,6 +25,7 @@ from parity_cli.main import main  # noqa: E402
 from parity_tests.compare import assert_close  # noqa: E402
 from parity_tests.tolerances import FP32_FORWARD  # noqa: E402
 from parity_tests.twins import float32_matmuls, run_flax, run_torch  # noqa: E402
+from tests import helpers  # noqa: E402
 
 # (vocab, positions, width, heads, layers, tied): 4 heads of width 16 (where emb_dim / 64 would
 # guess 1 head), an untied head, and odd sizes where a swapped axis cannot hide.
@@ -33,27 +34,6 @@ CONFIGS = {
     "untied": (101, 24, 48, 2, 2, False),
     "odd-3x16": (97, 13, 48, 3, 3, True),
 }
-
-
-def _hf_model(vocab, positions, width, heads, layers, tied, *, seed=0, **config):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(
-        vocab_size=vocab,
-        n_positions=positions,
-        n_embd=width,
-        n_head=heads,
-        n_layer=layers,
-        tie_word_embeddings=tied,
-        bos_token_id=None,
-        eos_token_id=None,
-        **config,
-    )
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():  # GPT-2's init leaves LayerNorm at 1/0 and biases at 0: move them
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
 
 
 def _hf_logits(model, ids):
@@ -79,7 +59,7 @@ def _twins_against(reference, path, ids, **load):
 @pytest.mark.parametrize("given", ["folder", "file"])
 def test_save_pretrained_snapshots_give_transformers_logits_in_both_twins(tmp_path, name, given):
     vocab, positions, width, heads, layers, tied = CONFIGS[name]
-    model = _hf_model(*CONFIGS[name])
+    model = helpers.hf_gpt2(*CONFIGS[name])
     model.save_pretrained(tmp_path)
     ids = _ids(vocab, positions)
     path = tmp_path if given == "folder" else tmp_path / "model.safetensors"
@@ -92,7 +72,7 @@ def test_half_precision_snapshots_load_kept_or_cast(tmp_path, dtype):
     """A float16 or bfloat16 snapshot: cast to float32 (exactly) it gives transformers' float32
     logits of the same weights; a bfloat16 one is kept bfloat16 unless float32 is asked for."""
     spec = CONFIGS["issue-211v-4x16"]
-    model = _hf_model(*spec).to(getattr(torch, dtype))
+    model = helpers.hf_gpt2(*spec).to(getattr(torch, dtype))
     model.save_pretrained(tmp_path)
     widened = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = _ids(spec[0], spec[1])
@@ -107,7 +87,7 @@ def test_half_precision_snapshots_load_kept_or_cast(tmp_path, dtype):
 
 def test_sharded_snapshots_load_as_one_model(tmp_path):
     spec = CONFIGS["odd-3x16"]
-    model = _hf_model(*spec)
+    model = helpers.hf_gpt2(*spec)
     model.save_pretrained(tmp_path, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 2
@@ -140,7 +120,7 @@ def test_twins_snapshots_load_in_transformers(tmp_path, tied, qkv_bias):
 
 def test_convert_to_hf_and_back(tmp_path, capsys):
     spec = CONFIGS["untied"]
-    model = _hf_model(*spec)
+    model = helpers.hf_gpt2(*spec)
     model.save_pretrained(tmp_path / "hf")
     assert main(["convert", str(tmp_path / "hf" / "model.safetensors"), str(tmp_path / "c.safetensors")]) == 0
     out = capsys.readouterr().out
@@ -185,7 +165,7 @@ def test_config_fields_the_twins_do_not_compute_are_refused(tmp_path, field, cap
 
 def test_gelu_pytorch_tanh_is_the_books_gelu(tmp_path):
     spec = CONFIGS["issue-211v-4x16"]
-    model = _hf_model(*spec, activation_function="gelu_pytorch_tanh")
+    model = helpers.hf_gpt2(*spec, activation_function="gelu_pytorch_tanh")
     model.save_pretrained(tmp_path)
     ids = _ids(spec[0], spec[1])
     _twins_against(_hf_logits(model, ids), tmp_path, ids)
