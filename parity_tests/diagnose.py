@@ -42,6 +42,31 @@ Plant = Callable[[dict[str, Any]], AbstractContextManager]
 MARGIN_CAP = 2.0**64  # an infinite or undefined margin (a shape, a NaN) counts as this far past
 
 
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """One kind of check as diagnose reads it: its findings (each with a name, passed, margin and
+    describe()) in the order they are told, where it first fails, and whether a mutant planted at
+    `where` could have failed first there; `plant` puts a mutant of this kind in one twin."""
+
+    name: str  # "forward", "float32 training", "generation"
+    findings: Callable[[Any], list[Any]]
+    first: Callable[[Any], str | None]  # None: the check passes
+    suspect: Callable[[str, str], bool]  # (mutant's where, first failure)
+    plant: Callable[[Mutant, str, dict[str, Any]], AbstractContextManager] = planted
+
+
+def _forward_findings(report: ParityReport) -> list[Finding]:
+    return sorted((f for r in report.rows for f in r.findings), key=lambda f: (stage_key(f.name), -f.margin))
+
+
+def _forward_first(report: ParityReport) -> str | None:
+    first = report.first_failure
+    return None if first is None else stage_of(first[1].name)
+
+
+FORWARD = Kind("forward", _forward_findings, _forward_first, lambda where, first: in_stage(first, where))
+
+
 def _other(twin: str) -> str:
     return "flax" if twin == "torch" else "torch"
 
@@ -113,9 +138,16 @@ class Trial:
         }
 
 
-def _trial(mutant: str, twin: str, report: ParityReport, own: ParityReport | None = None, candidate: str = "") -> Trial:
-    findings = [f for r in report.rows for f in r.findings]
-    past = sorted((f for f in findings if not _matches(f)), key=lambda f: (stage_key(f.name), -f.margin))
+def _trial(
+    mutant: str,
+    twin: str,
+    report: Any,
+    own: ParityReport | None = None,
+    candidate: str = "",
+    kind: Kind = FORWARD,
+) -> Trial:
+    findings = kind.findings(report)
+    past = [f for f in findings if not _matches(f)]
     left = past if own is None else _own_rounding(past, own)
     worst = max((f.margin if np.isfinite(f.margin) else MARGIN_CAP for f in findings), default=0.0)
     return Trial(
@@ -134,14 +166,16 @@ def _trial(mutant: str, twin: str, report: ParityReport, own: ParityReport | Non
 @dataclasses.dataclass
 class Diagnosis:
     config: GPTConfig
-    baseline: ParityReport
+    baseline: Any  # the check's report: a ParityReport for the forward (its kind's otherwise)
     stage: str  # where the check first failed ("" when it passed)
     trials: list[Trial]  # ranked, best explanation first; the baseline (nothing planted) is not among them
     untried: list[tuple[str, str]]  # (mutant, why it was not tried)
+    kind: Kind = FORWARD
+    passed: tuple[str, ...] = ()  # the kinds of check run before this one, which passed
 
     @property
     def none(self) -> Trial:
-        return _trial("", "-", self.baseline)
+        return _trial("", "-", self.baseline, kind=self.kind)
 
     @property
     def explained(self) -> list[Trial]:
@@ -155,7 +189,10 @@ class Diagnosis:
     @property
     def verdict(self) -> str:
         if self.baseline.passed:
-            return "nothing to diagnose: the check passes"
+            if not self.passed:
+                return "nothing to diagnose: the check passes"
+            names = (*self.passed, self.kind.name)
+            return f"nothing to diagnose: the {', '.join(names[:-1])} and {names[-1]} checks pass"
         if not self.explained:
             closest = self.best
             tail = (
@@ -190,6 +227,8 @@ class Diagnosis:
         return {
             "config": self.config.to_dict(),
             "check_passed": self.baseline.passed,
+            "evidence": self.kind.name,
+            "passed_before": list(self.passed),
             "first_failure_stage": self.stage or None,
             "verdict": self.verdict,
             "diagnosis": None if best is None else {"mutant": best.mutant, "bug_in": best.carrier},
@@ -200,13 +239,15 @@ class Diagnosis:
         }
 
 
-def suspects(cfg: GPTConfig, stage: str, mutants: Sequence[Mutant]) -> tuple[list[Mutant], list[tuple[str, str]]]:
+def suspects(
+    cfg: GPTConfig, stage: str, mutants: Sequence[Mutant], kind: Kind = FORWARD
+) -> tuple[list[Mutant], list[tuple[str, str]]]:
     """The mutants that could have made a first failure at `stage`, and why each other is left out."""
     tried, untried = [], []
     for m in mutants:
         if m.adapt(cfg) != cfg:
             untried.append((m.name, f"needs {dict(m.needs)}, which the config lacks"))
-        elif not in_stage(stage, m.where):
+        elif not kind.suspect(m.where, stage):
             untried.append((m.name, f"first fails at {m.where}, not {stage}"))
         else:
             tried.append(m)
@@ -267,7 +308,7 @@ def diagnose(
         }
     built = models
 
-    def run(trial: Plant | None) -> ParityReport:
+    def run(trial: Plant | None, twin: str | None) -> ParityReport:
         return run_parity(cfg, opts, weights=weights, plant=trial, models=built)
 
     def own(mutant: Mutant) -> ParityReport:
@@ -290,7 +331,7 @@ def diagnose_hf(
     reference = build_torch(opts.model, cfg, seed=opts.seed)
     twins: dict[str, Any] = {}  # built the first time a mutant's own rounding is asked for
 
-    def run(trial: Plant | None) -> ParityReport:
+    def run(trial: Plant | None, twin: str | None) -> ParityReport:
         return hf_candidate.check(candidate, opts, plant=trial, reference=reference)
 
     def own(mutant: Mutant) -> ParityReport:
@@ -305,86 +346,34 @@ def diagnose_hf(
 
 def _ranked(
     cfg: GPTConfig,
-    run: Callable[[Plant | None], ParityReport],
+    run: Callable[[Plant | None, str | None], Any],
     own_rounding: Callable[[Mutant], ParityReport] | None,
     plant: Plant | None,
     mutants: Sequence[Mutant],
     twins: Sequence[str],
     candidate: str,
     progress: Progress,
+    kind: Kind = FORWARD,
 ) -> Diagnosis:
-    """The check (`run(plant)`), and where it fails each suspect planted in each of `twins` on top;
+    """The check (`run(plant, None)`), and where it fails each suspect planted in each of `twins` on
+    top (`run(plant and the suspect, twin)`: only `twin` differs from the first run);
     `own_rounding(mutant)`: the check with it in both sides, where both can carry it."""
-    baseline = run(plant)
-    first = baseline.first_failure
-    if first is None:
-        return Diagnosis(cfg, baseline, "", [], [])
-    stage = stage_of(first[1].name)
-    tried, untried = suspects(cfg, stage, mutants)
+    baseline = run(plant, None)
+    stage = kind.first(baseline)
+    if stage is None:
+        return Diagnosis(cfg, baseline, "", [], [], kind)
+    tried, untried = suspects(cfg, stage, mutants, kind)
     prog = progress(len(tried) * len(twins))
     trials = []
     own: dict[str, ParityReport] = {}  # per mutant: the check with it in both twins, nothing else
     for mutant in tried:
         for twin in twins:
             with prog.step(f"{mutant.name} in {twin}", phase=f"{len(tried)} suspects at {stage}"):
-                report = run(_both(plant, functools.partial(planted, mutant, twin)))
+                report = run(_both(plant, functools.partial(kind.plant, mutant, twin)), twin)
                 if report.passed or own_rounding is None or mutant.name in own:
-                    trials.append(_trial(mutant.name, twin, report, own.get(mutant.name), candidate))
+                    trials.append(_trial(mutant.name, twin, report, own.get(mutant.name), candidate, kind))
                     continue
                 own[mutant.name] = own_rounding(mutant)
-                trials.append(_trial(mutant.name, twin, report, own[mutant.name], candidate))
+                trials.append(_trial(mutant.name, twin, report, own[mutant.name], candidate, kind))
     trials.sort(key=Trial.key)
-    return Diagnosis(cfg, baseline, stage, trials, untried)
-
-
-@dataclasses.dataclass(frozen=True)
-class ZooDiagnosis:
-    """One mutant of the zoo planted in the candidate twin, and what diagnose made of it."""
-
-    mutant: str
-    candidate: str
-    verdict: str
-    explained: list[tuple[str, str]]  # (mutant, twin it is in) of every trial that explains it, best first
-    trials: int
-
-    @property
-    def top1(self) -> bool:
-        return bool(self.explained) and self.explained[0] == (self.mutant, self.candidate)
-
-    @property
-    def alone(self) -> bool:
-        """Named top-1 and by no other mutant."""
-        return self.top1 and {m for m, _ in self.explained} == {self.mutant}
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "mutant": self.mutant,
-            "planted_in": self.candidate,
-            "top1": self.top1,
-            "alone": self.alone,
-            "explained_by": [{"mutant": m, "bug_in": t} for m, t in self.explained],
-            "trials": self.trials,
-            "verdict": self.verdict,
-        }
-
-
-def diagnose_zoo(
-    cfg: GPTConfig,
-    opts: ParityOptions = ParityOptions(),  # noqa: B008 - frozen, so one shared default is safe
-    *,
-    candidate: str = "flax",
-    mutants: Sequence[Mutant] = FORWARD_MUTANTS,
-    twins: Sequence[str] = TWINS,
-    progress: Progress = silent,
-) -> list[ZooDiagnosis]:
-    """The zoo in reverse: each forward mutant planted in `candidate` (in the config it needs), then
-    diagnosed with the zoo's mutants planted in `twins`."""
-    prog = progress(len(mutants))
-    out = []
-    for mutant in mutants:
-        with prog.step(f"{mutant.name} planted in {candidate}", phase=f"{len(mutants)} mutants"):
-            d = diagnose(mutant.adapt(cfg), opts, plant=functools.partial(planted, mutant, candidate), twins=twins)
-        out.append(
-            ZooDiagnosis(mutant.name, candidate, d.verdict, [(t.mutant, t.carrier) for t in d.explained], len(d.trials))
-        )
-    return out
+    return Diagnosis(cfg, baseline, stage, trials, untried, kind)

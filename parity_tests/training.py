@@ -134,6 +134,17 @@ def noise_only(name: str) -> bool:
 
 
 @dataclasses.dataclass
+class TrainedSide:
+    """What one twin computed in a training check: the loss and gradients on the first batch, the
+    loss at each step, and its weights after each step checked."""
+
+    loss: float = 0.0
+    grads: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    losses: list[float] = dataclasses.field(default_factory=list)
+    states: dict[int, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
 class TrainingReport:
     config: GPTConfig
     model: str
@@ -147,6 +158,7 @@ class TrainingReport:
     grads: list[Comparison]
     step_losses: list[tuple[float, float]]  # (torch, flax) loss at each step, before its update
     weights: list[WeightCheck]
+    sides: dict[str, TrainedSide] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def bounds(self) -> TrainingBounds:
@@ -252,6 +264,7 @@ def run_training_parity(
     progress: Progress = silent,
     dtype: str = "float32",
     plant: Callable[[dict[str, Any]], AbstractContextManager] | None = None,
+    reuse: Mapping[str, TrainedSide] | None = None,
 ) -> TrainingReport:
     """Loss and every gradient on one batch, then `steps` AdamW steps on fresh batches in both twins.
 
@@ -260,6 +273,8 @@ def run_training_parity(
     to that tier's bounds (TRAINING_BOUNDS). Inputs and next-token targets are windows of random
     ids, as the book's data loader makes them. `plant(twins)` is entered with both twins built (a
     zoo mutant in one, as forward.run_parity takes it); `outlier_fraction` overrides the tier's.
+    `reuse`: a twin's side from an earlier report (its `sides`) of the same run, taken instead of
+    training that twin again (diagnose's trials change only the other).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -283,33 +298,47 @@ def run_training_parity(
             gpt_flax.cast(fm, dtype)
             if plant is not None:
                 stack.enter_context(plant({"torch": tm, "flax": fm}))
+        reuse = reuse or {}
+        t, f = reuse.get("torch"), reuse.get("flax")
+        sides = {"torch": t or TrainedSide(), "flax": f or TrainedSide()}
         with prog.step("loss and gradients"):
             x, y = next_batch()
-            t_loss, t_grads = gpt_torch.loss_and_grads(tm, torch.from_numpy(x), torch.from_numpy(y))
-            f_loss, f_grads = gpt_flax.loss_and_grads(fm, x, y)
+            if t is None:
+                loss_grads = gpt_torch.loss_and_grads(tm, torch.from_numpy(x), torch.from_numpy(y))
+                sides["torch"].loss, sides["torch"].grads = loss_grads
+            if f is None:
+                sides["flax"].loss, sides["flax"].grads = gpt_flax.loss_and_grads(fm, x, y)
+        t_loss, t_grads, f_loss, f_grads = (
+            sides["torch"].loss,
+            sides["torch"].grads,
+            sides["flax"].loss,
+            sides["flax"].grads,
+        )
         loss = compare("loss", np.float64(t_loss), np.float64(f_loss), bounds.loss)
         grads = [compare(f"grad {name}", t_grads[name], f_grads[name], bounds.grads) for name in t_grads]
-        t_opt, f_opt = (
-            gpt_torch.adamw(tm, lr=lr, weight_decay=weight_decay),
-            gpt_flax.adamw(fm, lr=lr, weight_decay=weight_decay),
-        )
-        step_losses: list[tuple[float, float]] = []
+        t_opt = gpt_torch.adamw(tm, lr=lr, weight_decay=weight_decay) if t is None else None
+        f_opt = gpt_flax.adamw(fm, lr=lr, weight_decay=weight_decay) if f is None else None
         weight_checks: list[WeightCheck] = []
         for step in range(1, steps + 1):
             with prog.step(f"AdamW step {step}", phase=f"{steps} AdamW steps"):
                 x, y = next_batch()
-                step_losses.append(
-                    (
-                        gpt_torch.train_step(tm, t_opt, torch.from_numpy(x), torch.from_numpy(y)),
-                        gpt_flax.train_step(fm, f_opt, x, y),
+                if t_opt is not None:
+                    sides["torch"].losses.append(
+                        gpt_torch.train_step(tm, t_opt, torch.from_numpy(x), torch.from_numpy(y))
                     )
-                )
-            if step in (1, steps):
+                if f_opt is not None:
+                    sides["flax"].losses.append(gpt_flax.train_step(fm, f_opt, x, y))
+            if step in (1, steps):  # copies: a twin's state dict may view weights the next steps update
+                if t is None:
+                    sides["torch"].states[step] = {k: np.array(v) for k, v in gpt_torch.state_dict(tm).items()}
+                if f is None:
+                    sides["flax"].states[step] = {k: np.array(v) for k, v in gpt_flax.state_dict(fm).items()}
                 weight_checks.append(
                     weights_check(
-                        step, gpt_torch.state_dict(tm), gpt_flax.state_dict(fm), lr, outlier_fraction, dtype=dtype
+                        step, sides["torch"].states[step], sides["flax"].states[step], lr, outlier_fraction, dtype=dtype
                     )
                 )
+        step_losses = list(zip(sides["torch"].losses, sides["flax"].losses, strict=True))
     return TrainingReport(
-        cfg, model, batch, seq, lr, weight_decay, precision, dtype, loss, grads, step_losses, weight_checks
+        cfg, model, batch, seq, lr, weight_decay, precision, dtype, loss, grads, step_losses, weight_checks, sides
     )

@@ -6,7 +6,7 @@ import argparse
 
 from gpt_spec import ModelKind
 from gpt_spec.checks import FORWARD_DTYPES
-from parity_tests import diagnose, hf_candidate, zoo
+from parity_tests import diagnose, diagnose_runs, hf_candidate, zoo
 from parity_tests.diagnose import Diagnosis
 from parity_tests.forward import DIRECTIONS, ParityOptions
 
@@ -27,6 +27,16 @@ def perturb_arg(text: str) -> tuple[str, float, str]:
     if twin not in zoo.TWINS:
         raise argparse.ArgumentTypeError(f"unknown twin {twin!r} in {text!r}; expected torch or flax")
     return param, size, twin
+
+
+def evidence_arg(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(","))
+    unknown = [k for k in kinds if k not in diagnose_runs.EVIDENCE]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"unknown evidence {', '.join(map(repr, unknown))}; expected {', '.join(diagnose_runs.EVIDENCE)}"
+        )
+    return kinds
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -66,6 +76,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="check this direction only (default: both, as check does)",
     )
     d.add_argument(
+        "--evidence",
+        type=evidence_arg,
+        default=None,
+        metavar="KIND[,KIND...]",
+        help="the checks to run, in this order until one fails, which is diagnosed: forward (every stage and "
+        "layer: the forward mutants), training (10 AdamW steps: the optimizer and loss mutants) (default: both)",
+    )
+    d.add_argument(
         "--hf",
         metavar="SNAPSHOT",
         help="the candidate is transformers' GPT2LMHeadModel of this HF snapshot folder (config.json and "
@@ -75,13 +93,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     d.add_argument(
         "--zoo",
         action="store_true",
-        help="the zoo in reverse: plant each forward mutant in the candidate (the twin --reference does not "
-        "name; flax when it names both) and diagnose it; exits 1 unless each is named top-1",
+        help="the zoo in reverse: plant each mutant of the --evidence kinds in the candidate (the twin --reference "
+        "does not name; flax when it names both) and diagnose it by its kind's check; exits 1 unless each is named "
+        "top-1",
     )
     return d
 
 
-def zoo_table(rows: list[diagnose.ZooDiagnosis]) -> str:
+def zoo_table(rows: list[diagnose_runs.ZooDiagnosis]) -> str:
     body = []
     for r in rows:
         top = f"{r.explained[0][0]} in {r.explained[0][1]}" if r.explained else "no known bug"
@@ -130,19 +149,30 @@ def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser)
         parser.error("diagnose checks one device per twin: drop --mesh")
     if args.hf is not None:
         return _run_hf(args, parser)
+    if args.dtype != "float32" and args.evidence not in (None, ("forward",)):
+        parser.error(f"--dtype {args.dtype}: diagnose runs only the forward check in it: drop --evidence")
+    if args.dtype != "float32":
+        evidence: tuple[str, ...] = ("forward",)
+    else:
+        evidence = args.evidence or diagnose_runs.EVIDENCE
     directions = DIRECTIONS if args.direction is None else (args.direction,)
     reference = zoo.TWINS if args.reference == "both" else (args.reference,)
     if args.zoo:
         if args.plant or args.perturb or setup.weights is not None:
             parser.error("--zoo plants each mutant itself on an init's weights: drop --plant, --perturb, --checkpoint")
         candidate = "flax" if args.reference != "flax" else "torch"
-        rows = diagnose.diagnose_zoo(
-            cfg, _options(args, directions), candidate=candidate, twins=reference, progress=progress(args.quiet)
+        rows = diagnose_runs.diagnose_zoo(
+            cfg,
+            _options(args, directions),
+            candidate=candidate,
+            evidence=evidence,
+            twins=reference,
+            progress=progress(args.quiet),
         )
         print(
             f"{setup.label}, {args.dtype}, batch {args.batch} x {args.seq or min(128, cfg.context_length)} tokens, "
-            f"{', '.join(directions)}: each forward mutant planted in {candidate}, the zoo's mutants planted in "
-            f"{' and '.join(reference)} to explain it"
+            f"{', '.join(directions)}: each {', '.join(evidence)} mutant planted in {candidate}, the zoo's mutants "
+            f"planted in {' and '.join(reference)} to explain it"
         )
         print(zoo_table(rows))
         named = sum(r.top1 for r in rows)
@@ -157,23 +187,30 @@ def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser)
     if args.plant:
         name, twin = args.plant
         mutant = zoo.get(name)
-        if mutant.shows_in != "forward":
-            parser.error(f"mutant {name} does not show in the forward ({mutant.shows_in}): diagnose reads the forward")
+        if mutant.shows_in not in diagnose_runs.SHOWS_IN:
+            parser.error(
+                f"mutant {name} shows only in {mutant.shows_in} ({mutant.where}), which diagnose does not read"
+            )
         if mutant.adapt(cfg) != cfg:
             parser.error(f"mutant {name} needs a config with {dict(mutant.needs)} to show")
-        plant, what = zoo.plant(name, twin), f", {name} planted in {twin}"
+        plant, what = diagnose_runs.plant_of(mutant, twin), f", {name} planted in {twin}"
     if args.perturb:
         param, eps, twin = args.perturb
         plant, what = zoo.perturb(param, eps, twin, seed=args.seed), f", {param} x (1 ± {eps:g}) in {twin}"
-    d = diagnose.diagnose(
+    d = diagnose_runs.diagnose_all(
         cfg,
         _options(args, directions),
         weights=setup.weights,
         plant=plant,
+        evidence=evidence,
         twins=reference,
         progress=progress(args.quiet),
     )
-    print(f"{setup.label}, {args.dtype}, batch {args.batch} x {d.baseline.seq} tokens{what}")
+    print(f"{setup.label}, {args.dtype}, batch {args.batch} x {args.seq or min(128, cfg.context_length)} tokens{what}")
+    if d.passed:
+        print(
+            f"the {' and '.join(d.passed)} check{'s' if len(d.passed) > 1 else ''} passed; then the {d.kind.name} check:"
+        )
     if d.trials:
         print(
             f"check failed first at {d.stage}; each suspect planted in "
@@ -197,6 +234,7 @@ def _run_hf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             ("--perturb", args.perturb),
             ("--zoo", args.zoo),
             ("--direction", args.direction),
+            ("--evidence", args.evidence not in (None, ("forward",))),
         )
         if value
     ]

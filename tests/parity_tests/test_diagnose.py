@@ -98,13 +98,6 @@ def test_perturb_refuses_a_tensor_the_model_lacks():
         zoo.perturb("out_head.weight", 0.0, "flax")
 
 
-@pytest.fixture
-def tiny_json(tmp_path):
-    path = tmp_path / "tiny.json"
-    path.write_text(json.dumps(TINY.to_dict()))
-    return str(path)
-
-
 def test_cli_names_the_bug_and_the_twin_and_writes_json(tiny_json, tmp_path, capsys):
     out = tmp_path / "d.json"
     argv = ["diagnose", "--config", tiny_json, "--seq", "11", "--plant", "gelu-erf@torch", "--reference", "flax"]
