@@ -46,13 +46,12 @@ MARGIN_CAP = 2.0**64  # an infinite or undefined margin (a shape, a NaN) counts 
 class Kind:
     """One kind of check as diagnose reads it: its findings (each with a name, passed, margin and
     describe()) in the order they are told, where it first fails, and whether a mutant planted at
-    `where` could have failed first there; `plant` puts a mutant of this kind in one twin."""
+    `where` could have failed first there."""
 
-    name: str  # "forward", "float32 training", "generation"
+    name: str  # "forward", "float32 training"
     findings: Callable[[Any], list[Any]]
     first: Callable[[Any], str | None]  # None: the check passes
     suspect: Callable[[str, str], bool]  # (mutant's where, first failure)
-    plant: Callable[[Mutant, str, dict[str, Any]], AbstractContextManager] = planted
 
 
 def _forward_findings(report: ParityReport) -> list[Finding]:
@@ -369,7 +368,7 @@ def _ranked(
     for mutant in tried:
         for twin in twins:
             with prog.step(f"{mutant.name} in {twin}", phase=f"{len(tried)} suspects at {stage}"):
-                report = run(_both(plant, functools.partial(kind.plant, mutant, twin)), twin)
+                report = run(_both(plant, functools.partial(planted, mutant, twin)), twin)
                 if report.passed or own_rounding is None or mutant.name in own:
                     trials.append(_trial(mutant.name, twin, report, own.get(mutant.name), candidate, kind))
                     continue

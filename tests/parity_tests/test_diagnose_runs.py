@@ -2,10 +2,8 @@
 and in the twin that carries it; `diagnose_all` runs the forward check, then the training check,
 and diagnoses the first that fails.
 
-Each training diagnosis compiles the candidate's planted optimizer once (some 20 s on 2 cores), so
-the tests take one optimizer mutant per place it first shows (the weights after step 1, from step
-2 on, the decay of biases and norms, the loss); `gpt-parity diagnose --zoo` runs all of them
-(docs/diagnosis.md records it)."""
+Every optimizer and loss mutant is tried: the candidate's planted optimizer compiles once per
+mutant, and each trial trains only the torch twin (the candidate's run is reused)."""
 
 from __future__ import annotations
 
@@ -17,7 +15,7 @@ from parity_tests.configs import TINY
 from parity_tests.forward import ParityOptions
 
 ONE_WAY = ParityOptions(batch=2, seq=11, directions=("torch->flax",))
-TRAINING = ["adam-coupled-l2", "adam-betas-swapped", "decay-masked-off-biases-and-norms", "loss-summed"]
+TRAINING = [m.name for m in zoo.OPTIMIZER_MUTANTS]
 
 
 def _named(d, name: str, twin: str = "flax") -> None:
