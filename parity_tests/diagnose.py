@@ -369,10 +369,8 @@ def _ranked(
         for twin in twins:
             with prog.step(f"{mutant.name} in {twin}", phase=f"{len(tried)} suspects at {stage}"):
                 report = run(_both(plant, functools.partial(planted, mutant, twin)), twin)
-                if report.passed or own_rounding is None or mutant.name in own:
-                    trials.append(_trial(mutant.name, twin, report, own.get(mutant.name), candidate, kind))
-                    continue
-                own[mutant.name] = own_rounding(mutant)
-                trials.append(_trial(mutant.name, twin, report, own[mutant.name], candidate, kind))
+                if not report.passed and own_rounding is not None and mutant.name not in own:
+                    own[mutant.name] = own_rounding(mutant)
+                trials.append(_trial(mutant.name, twin, report, own.get(mutant.name), candidate, kind))
     trials.sort(key=Trial.key)
     return Diagnosis(cfg, baseline, stage, trials, untried, kind)

@@ -109,7 +109,9 @@ def plant_of(mutant: Mutant, twin: str) -> Plant:
     """A forward, optimizer or loss mutant planted in one twin, as run_parity and
     run_training_parity take it."""
     if mutant.shows_in not in SHOWS_IN:
-        raise ValueError(f"mutant {mutant.name} shows in {mutant.shows_in}, which diagnose does not read")
+        raise ValueError(
+            f"mutant {mutant.name} shows only in {mutant.shows_in} ({mutant.where}), which diagnose does not read"
+        )
     return functools.partial(planted, mutant, twin)
 
 
@@ -127,20 +129,12 @@ def diagnose_all(
     unknown = [e for e in evidence if e not in EVIDENCE]
     if unknown or not evidence:
         raise ValueError(f"evidence is one or more of {', '.join(EVIDENCE)}, got {', '.join(unknown) or 'none'}")
-    passed: list[str] = []
-    d: Diagnosis | None = None
+    ran: list[Diagnosis] = []  # every kind before the last passed: the loop stops at a failure
     for kind in (e for e in EVIDENCE if e in evidence):
-        if kind == "forward":
-            d = diagnose(
-                cfg, opts, weights=weights, plant=plant, mutants=FORWARD_MUTANTS, twins=twins, progress=progress
-            )
-        else:
-            d = diagnose_training(cfg, opts, weights=weights, plant=plant, twins=twins, progress=progress)
-        if not d.baseline.passed:
+        ran.append(_DIAGNOSE[kind](cfg, opts, weights=weights, plant=plant, twins=twins, progress=progress))
+        if not ran[-1].baseline.passed:
             break
-        passed.append(d.kind.name)
-    assert d is not None
-    return dataclasses.replace(d, passed=tuple(passed[:-1]) if d.baseline.passed else tuple(passed))
+    return dataclasses.replace(ran[-1], passed=tuple(d.kind.name for d in ran[:-1]))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -149,12 +149,11 @@ def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser)
         parser.error("diagnose checks one device per twin: drop --mesh")
     if args.hf is not None:
         return _run_hf(args, parser)
-    if args.dtype != "float32" and args.evidence not in (None, ("forward",)):
-        parser.error(f"--dtype {args.dtype}: diagnose runs only the forward check in it: drop --evidence")
+    evidence: tuple[str, ...] = args.evidence or diagnose_runs.EVIDENCE
     if args.dtype != "float32":
-        evidence: tuple[str, ...] = ("forward",)
-    else:
-        evidence = args.evidence or diagnose_runs.EVIDENCE
+        if args.evidence not in (None, ("forward",)):
+            parser.error(f"--dtype {args.dtype}: diagnose runs only the forward check in it: drop --evidence")
+        evidence = ("forward",)
     directions = DIRECTIONS if args.direction is None else (args.direction,)
     reference = zoo.TWINS if args.reference == "both" else (args.reference,)
     if args.zoo:
@@ -187,13 +186,9 @@ def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser)
     if args.plant:
         name, twin = args.plant
         mutant = zoo.get(name)
-        if mutant.shows_in not in diagnose_runs.SHOWS_IN:
-            parser.error(
-                f"mutant {name} shows only in {mutant.shows_in} ({mutant.where}), which diagnose does not read"
-            )
+        plant, what = diagnose_runs.plant_of(mutant, twin), f", {name} planted in {twin}"  # refuses what it cannot read
         if mutant.adapt(cfg) != cfg:
             parser.error(f"mutant {name} needs a config with {dict(mutant.needs)} to show")
-        plant, what = diagnose_runs.plant_of(mutant, twin), f", {name} planted in {twin}"
     if args.perturb:
         param, eps, twin = args.perturb
         plant, what = zoo.perturb(param, eps, twin, seed=args.seed), f", {param} x (1 ± {eps:g}) in {twin}"
