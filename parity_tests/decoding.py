@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -76,6 +76,7 @@ class Finding:
     passed: bool
     margin: float  # |Δ| / allowed at the worst element; 1 or inf for a token or a refusal
     detail: str
+    refused: bool = False  # the twin raised here: nothing after it in its part ran on the same state
 
     @property
     def name(self) -> str:
@@ -100,18 +101,24 @@ class Finding:
             "passed": self.passed,
             "margin": self.margin,
             "detail": self.detail,
+            "refused": self.refused,
         }
 
 
 _LATER = ("logits", "tokens", "probabilities", "draws", "generate")
 
 
-def _order(f: Finding, stages: list[str]) -> tuple:
-    """Where a finding sits: part, prompt (built rows last), position, then forward order within it
-    (a refusal first: nothing after it ran), then the twin."""
-    rows = (1, 0) if f.rows == "ties" else (0, int(f.rows.split()[-1]))
+def history(f: Finding) -> tuple[tuple[int, int], int]:
+    """When a finding happened in its part's run: the rows (prompts in the order the models saw
+    them, the built rows last), then the token position."""
+    return ((1, 0) if f.rows == "ties" else (0, int(f.rows.split()[-1])), f.position)
+
+
+def order(f: Finding, stages: list[str]) -> tuple:
+    """Where a finding sits: part, history, then forward order within it (a refusal first: nothing
+    after it ran), then the twin."""
     what = -1 if f.what == "raised" else stages.index(f.what) if f.what in stages else 100 + _LATER.index(f.what)
-    return (PARTS.index(f.part), rows, f.position, what, (*TWINS, "torch vs flax").index(f.twin))
+    return (PARTS.index(f.part), *history(f), what, (*TWINS, "torch vs flax").index(f.twin))
 
 
 @dataclasses.dataclass
@@ -127,7 +134,7 @@ class DecodingReport:
     def first_failure(self) -> Finding | None:
         stages = stage_names(self.config.n_layers)
         failed = [f for f in self.findings if not f.passed]
-        return min(failed, key=lambda f: _order(f, stages)) if failed else None
+        return min(failed, key=lambda f: order(f, stages)) if failed else None
 
     @property
     def closest(self) -> Finding | None:
@@ -304,7 +311,7 @@ def _cache_part(
             run = _drive(model, calls[twin], prompt)
             runs[twin].append(run)
             if run.error is not None:
-                findings.append(Finding(part, rows, run.error[0], "raised", twin, False, np.inf, run.error[1]))
+                findings.append(Finding(part, rows, run.error[0], "raised", twin, False, np.inf, run.error[1], True))
             if not run.fed:
                 continue
             ref = _uncached(twin, model, run.tokens[:, : run.fed], window)
@@ -325,7 +332,7 @@ def _cache_part(
                 made = _production_tokens(twin, model, prompt)
             except Exception as e:  # a refusal of the production loop is a finding too
                 msg = f"generate_text_simple_cached raised {type(e).__name__}: {e}".splitlines()[0]
-                findings.append(Finding(part, rows, PROMPT_LEN, "generate", twin, False, np.inf, msg))
+                findings.append(Finding(part, rows, PROMPT_LEN, "generate", twin, False, np.inf, msg, True))
                 continue
             at = _first_difference(runs[twin][p].tokens, made)
             ok = at is None
@@ -452,7 +459,9 @@ def _sampling_part(models: dict[str, Any], prompts: np.ndarray, seed: int) -> li
             )
         except Exception as e:  # a sampler that crashes inside generate
             msg = f"generate raised {type(e).__name__}: {e}".splitlines()[0]
-            findings.append(Finding(part, f"prompt {p}", PROMPT_LEN, "generate", "torch vs flax", False, np.inf, msg))
+            findings.append(
+                Finding(part, f"prompt {p}", PROMPT_LEN, "generate", "torch vs flax", False, np.inf, msg, True)
+            )
             continue
         at = _first_difference(t, f)
         ok = at is None
@@ -480,13 +489,21 @@ def check_fits(cfg: GPTConfig) -> None:
         raise ValueError(f"the generation check's top-k rows need vocab_size >= {TOP_K + TIES}")
 
 
-def build_models(cfg: GPTConfig, seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Both twins from the same weights (the torch twin's init, copied), eval mode: for the full
-    cache, and with kv_window_size WINDOW for the sliding one."""
+def build_models(
+    cfg: GPTConfig, seed: int = 0, weights: Mapping[str, np.ndarray] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Both twins from the same weights (the torch twin's init, copied, or `weights`, a
+    checkpoint's state dict), eval mode: for the full cache, and with kv_window_size WINDOW for the
+    sliding one."""
     check_fits(cfg)
-    full = build_pair("gpt", cfg.replace(kv_window_size=None), source="torch", seed=seed)
-    sliding = build_pair("gpt", cfg.replace(kv_window_size=WINDOW), source="torch", seed=seed)
-    return {"cached": dict(zip(TWINS, full, strict=True)), "sliding": dict(zip(TWINS, sliding, strict=True))}
+    models = {}
+    for part, window in (("cached", None), ("sliding", WINDOW)):
+        tm, fm = build_pair("gpt", cfg.replace(kv_window_size=window), source="torch", seed=seed)
+        if weights is not None:
+            gpt_torch.load_state_dict(tm, weights)
+            gpt_flax.load_state_dict(fm, weights)
+        models[part] = {"torch": tm, "flax": fm}
+    return models
 
 
 def run_generation_check(

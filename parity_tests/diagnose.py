@@ -52,6 +52,8 @@ class Kind:
     findings: Callable[[Any], list[Any]]
     first: Callable[[Any], str | None]  # None: the check passes
     suspect: Callable[[str, str], bool]  # (mutant's where, first failure)
+    plant: Callable[..., AbstractContextManager] = planted  # (mutant, twin, models): the zoo's planting for it
+    settled: str = "under their bounds"  # how the verdict says a trial settled the findings
 
 
 def _forward_findings(report: ParityReport) -> list[Finding]:
@@ -82,10 +84,11 @@ def _log_margin(f: Finding) -> float:
     return math.log2(MARGIN_CAP) if not np.isfinite(m) else math.log2(min(max(m, 1.0), MARGIN_CAP))
 
 
-def _own_rounding(left: list[Finding], own: ParityReport) -> list[Finding]:
+def _own_rounding(left: list[Finding], own: Any, kind: Kind) -> list[Finding]:
     """Of the findings a trial leaves past their bounds, those not within OWN_ROUNDING_SLACK times
-    what the mutant leaves between two twins that both carry it (`own`), finding by finding."""
-    noise = {f.name: f.margin for r in own.rows for f in r.findings if not _matches(f)}
+    what the mutant leaves between two twins that both carry it (`own`, its kind's report), finding
+    by finding."""
+    noise = {f.name: f.margin for f in kind.findings(own) if not _matches(f)}
     return [f for f in left if not (f.name in noise and f.margin <= OWN_ROUNDING_SLACK * noise[f.name])]
 
 
@@ -141,13 +144,13 @@ def _trial(
     mutant: str,
     twin: str,
     report: Any,
-    own: ParityReport | None = None,
+    own: Any = None,
     candidate: str = "",
     kind: Kind = FORWARD,
 ) -> Trial:
     findings = kind.findings(report)
     past = [f for f in findings if not _matches(f)]
-    left = past if own is None else _own_rounding(past, own)
+    left = past if own is None else _own_rounding(past, own, kind)
     worst = max((f.margin if np.isfinite(f.margin) else MARGIN_CAP for f in findings), default=0.0)
     return Trial(
         mutant,
@@ -210,10 +213,11 @@ class Diagnosis:
             )
         alike = [f"{t.mutant} in {t.carrier}" for t in self.explained[1:]]
         also = f"; equally consistent: {', '.join(alike)}" if alike else ""
+        settled = self.kind.settled
         how = (
-            f"it brings all {best.findings} findings under their bounds (worst {best.worst:.3g} of what it allows)"
+            f"it brings all {best.findings} findings {settled} (worst {best.worst:.3g} of what it allows)"
             if best.exactly
-            else f"it brings {best.findings - best.own_rounding} of {best.findings} findings under their bounds and "
+            else f"it brings {best.findings - best.own_rounding} of {best.findings} findings {settled} and "
             f"the other {best.own_rounding} within what {best.mutant} leaves between two twins that both carry it"
         )
         return (
@@ -346,7 +350,7 @@ def diagnose_hf(
 def _ranked(
     cfg: GPTConfig,
     run: Callable[[Plant | None, str | None], Any],
-    own_rounding: Callable[[Mutant], ParityReport] | None,
+    own_rounding: Callable[[Mutant], Any] | None,
     plant: Plant | None,
     mutants: Sequence[Mutant],
     twins: Sequence[str],
@@ -364,13 +368,16 @@ def _ranked(
     tried, untried = suspects(cfg, stage, mutants, kind)
     prog = progress(len(tried) * len(twins))
     trials = []
-    own: dict[str, ParityReport] = {}  # per mutant: the check with it in both twins, nothing else
+    own: dict[str, Any] = {}  # per mutant: the check with it in both twins, nothing else
     for mutant in tried:
         for twin in twins:
             with prog.step(f"{mutant.name} in {twin}", phase=f"{len(tried)} suspects at {stage}"):
-                report = run(_both(plant, functools.partial(planted, mutant, twin)), twin)
-                if not report.passed and own_rounding is not None and mutant.name not in own:
-                    own[mutant.name] = own_rounding(mutant)
-                trials.append(_trial(mutant.name, twin, report, own.get(mutant.name), candidate, kind))
+                report = run(_both(plant, functools.partial(kind.plant, mutant, twin)), twin)
+                trial = _trial(mutant.name, twin, report, None, candidate, kind)
+                if not trial.explains and own_rounding is not None:
+                    if mutant.name not in own:
+                        own[mutant.name] = own_rounding(mutant)
+                    trial = _trial(mutant.name, twin, report, own[mutant.name], candidate, kind)
+                trials.append(trial)
     trials.sort(key=Trial.key)
     return Diagnosis(cfg, baseline, stage, trials, untried, kind)

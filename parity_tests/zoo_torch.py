@@ -227,11 +227,15 @@ class KVCacheGPT(book._GPT):
 
     def forward(self, in_idx, return_activations: bool = False, use_cache: bool = False, *, last_only: bool = False):
         bump = self.bug_decode_position_offset if use_cache and self.current_pos > 0 else 0
+        # The room check moves with it, as the Flax twin's compiled calls (which leave it to the
+        # caller) do not check it: the bug is the position ids, not a refusal in one twin only.
         self.current_pos += bump
+        self.cache_max_len += bump
         try:
             return super().forward(in_idx, return_activations, use_cache, last_only=last_only)
         finally:
             self.current_pos -= bump  # the counter itself stays right: only the position ids are off
+            self.cache_max_len -= bump
 
     def reset_kv_cache(self, batch_size: int | None = None, max_len: int | None = None) -> None:
         attention = self._attention()

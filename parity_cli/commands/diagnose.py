@@ -81,7 +81,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
         default=None,
         metavar="KIND[,KIND...]",
         help="the checks to run, in this order until one fails, which is diagnosed: forward (every stage and "
-        "layer: the forward mutants), training (10 AdamW steps: the optimizer and loss mutants) (default: both)",
+        "layer: the forward mutants), training (10 AdamW steps: the optimizer and loss mutants), bfloat16-training "
+        "(one bfloat16 step: the bfloat16 training mutant), generation (the KV cache, its window and parity "
+        "sampling: the decoding mutants) (default: all four)",
     )
     d.add_argument(
         "--hf",

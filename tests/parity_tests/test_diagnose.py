@@ -116,7 +116,6 @@ def test_cli_names_the_bug_and_the_twin_and_writes_json(tiny_json, tmp_path, cap
     [
         (["--perturb", "out_head.weight:-1"], "expected PARAM:EPS[@TWIN] with EPS > 0"),
         (["--perturb", "out_head.weight:x@flax"], "expected PARAM:EPS[@TWIN]"),
-        (["--plant", "top-k-exactly-k"], "shows only in generation"),
         (["--plant", "qkv-bias-dropped"], "needs a config with {'qkv_bias': True}"),
         (["--plant", "gelu-erf", "--perturb", "out_head.weight:0.1"], "one difference at a time"),
     ],
