@@ -101,12 +101,16 @@ class WeightCheck:
         return finite and self.n_outliers <= self.allowed_outliers and self.past_envelope == 0
 
     def first_tensor(self) -> Comparison | None:
-        """Where a failed check fails: the first parameter in model order with a non-finite value
-        or an element counted past the bound, else (past the envelope only) the furthest off."""
+        """Where a failed check fails: the first parameter in model order with a non-finite value or
+        more elements past the bound than its share of the allowance, else the first with any such
+        element, else (past the envelope only) the furthest off. The share keeps the blame off a
+        large tensor's few rounding-floor outliers when the excess lies elsewhere."""
         if self.passed:
             return None
-        counted = (c for c in self.tensors if c.problem or (c.n_beyond and not noise_only(c.name)))
-        return next(counted, max(self.tensors, key=lambda c: c.margin))
+        counted = [c for c in self.tensors if not noise_only(c.name)]
+        share = self.allowed_outliers / max(1, sum(c.size for c in counted))
+        over = (c for c in self.tensors if c.problem or (not noise_only(c.name) and c.n_beyond > share * c.size))
+        return next(over, next((c for c in counted if c.n_beyond), max(self.tensors, key=lambda c: c.margin)))
 
     def verdict(self) -> str:
         return (

@@ -83,6 +83,23 @@ def test_a_different_weight_decay_is_caught():
     assert not check.passed and check.n_outliers > 100
 
 
+def test_a_failed_weight_check_blames_the_tensor_past_its_share_not_a_stray_outlier():
+    """gpt2-small's weights after a step may have 1e-4 of their elements past the bound (rounding-floor
+    flips), so a large matrix with 3 of them is not where a check fails; a norm scale with all of its
+    elements past is, though it comes later in model order."""
+    rng = np.random.default_rng(0)
+    ref = {"W_key.weight": rng.normal(size=(400, 400)).astype(np.float32), "norm1.scale": np.ones(80, np.float32)}
+    cand = {k: v.copy() for k, v in ref.items()}
+    cand["W_key.weight"].flat[:3] += 1e-3
+    cand["norm1.scale"] += 1e-3
+    check = weights_check(1, ref, cand, lr=1.0, outlier_fraction=3e-4)  # 48 outliers allowed, 83 past
+    assert not check.passed and check.allowed_outliers == 48 and check.n_outliers == 83
+    assert check.first_tensor().name == "norm1.scale"
+    cand["norm1.scale"] = ref["norm1.scale"].copy()
+    cand["W_key.weight"].flat[:60] += 1e-3  # now the matrix holds the excess
+    assert weights_check(1, ref, cand, lr=1.0, outlier_fraction=3e-4).first_tensor().name == "W_key.weight"
+
+
 def test_targets_must_pair_with_inputs():
     tm, fm = build_pair("gpt", TINY, source="torch")
     x, y = np.zeros((2, 4), np.int64), np.zeros((2, 5), np.int64)
