@@ -6,9 +6,10 @@ import argparse
 
 from gpt_spec import ModelKind
 from gpt_spec.checks import FORWARD_DTYPES
-from parity_tests import diagnose, diagnose_runs, hf_candidate, zoo
+from parity_tests import decoding, diagnose, diagnose_runs, hf_candidate, zoo
 from parity_tests.diagnose import Diagnosis
 from parity_tests.forward import DIRECTIONS, ParityOptions
+from parity_tests.training import TrainingReport
 
 from ..common import Setup, add_model_args, add_precision_arg, plant_arg, write_outputs
 from ..render import format_table, progress
@@ -203,11 +204,12 @@ def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser)
         twins=reference,
         progress=progress(args.quiet),
     )
-    print(f"{setup.label}, {args.dtype}, batch {args.batch} x {args.seq or min(128, cfg.context_length)} tokens{what}")
+    print(f"{setup.label}{what}")
+    ran = f"the {d.kind.name} check ({_setup_line(d, args, directions)})"
     if d.passed:
-        print(
-            f"the {' and '.join(d.passed)} check{'s' if len(d.passed) > 1 else ''} passed; then the {d.kind.name} check:"
-        )
+        print(f"the {' and '.join(d.passed)} check{'s' if len(d.passed) > 1 else ''} passed; then {ran}:")
+    else:
+        print(f"{ran[0].upper()}{ran[1:]}:")
     if d.trials:
         print(
             f"check failed first at {d.stage}; each suspect planted in "
@@ -219,6 +221,20 @@ def run(args: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser)
     print(d.verdict)
     write_outputs(args, d.to_json())
     return 0 if d.baseline.passed else 1
+
+
+def _setup_line(d: Diagnosis, args: argparse.Namespace, directions: tuple[str, ...]) -> str:
+    """What the diagnosed check ran: each kind has its own batch, length and steps."""
+    r = d.baseline
+    if isinstance(r, TrainingReport):
+        steps = max((w.step for w in r.weights), default=0)
+        return f"batch {r.batch} x {r.seq} tokens, {steps} AdamW step{'s' if steps != 1 else ''}"  # the kind names the dtype
+    if isinstance(r, decoding.DecodingReport):
+        return (
+            f"{decoding.PROMPTS} prompts of {decoding.PROMPT_LEN} tokens, batch {decoding.BATCH}, "
+            f"{decoding.NEW_TOKENS} new tokens each, window {decoding.WINDOW}"
+        )
+    return f"{args.dtype}, batch {args.batch} x {r.seq} tokens, {', '.join(directions)}"
 
 
 def _run_hf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

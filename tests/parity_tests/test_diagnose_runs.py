@@ -50,7 +50,8 @@ def test_diagnose_all_passes_the_forward_then_names_an_optimizer_bug_in_torch(ti
     argv = ["diagnose", "--config", tiny_json, "--plant", "adam-eps-1e-6@torch", "--reference", "flax"]
     assert main([*argv, "--evidence", "forward,training", "--seq", "11", "--quiet"]) == 1
     out = capsys.readouterr().out
-    assert "the forward check passed; then the float32 training check:" in out
+    # the training check's own setup
+    assert "the forward check passed; then the float32 training check (batch 2 x 11 tokens, 10 AdamW steps):" in out
     assert "consistent with adam-eps-1e-6 in torch at weights " in out
 
 
@@ -90,6 +91,7 @@ def test_a_kv_cache_bug_in_torch_is_named_though_torch_raises_where_flax_goes_on
     argv = ["diagnose", "--config", tiny_json, "--plant", "kv-cache-stale@torch", "--reference", "flax"]
     assert main([*argv, "--evidence", "generation", "--quiet"]) == 1
     out = capsys.readouterr().out
+    assert "The generation check (3 prompts of 3 tokens, batch 2, 4 new tokens each, window 4):" in out
     assert "check failed first at cached prompt 1 position 0 trf_blocks.0.att" in out
     assert "consistent with kv-cache-stale in torch at cached prompt 1 position 0 trf_blocks.0.att" in out
     assert "planted in flax, it brings all " in out  # without the cut, only within its own rounding
