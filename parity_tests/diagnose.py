@@ -222,7 +222,8 @@ class Diagnosis:
         )
         return (
             f"consistent with {best.mutant} in {best.carrier} at {self.stage}: planted in {best.planted_in}, "
-            f"{how}; {len(self.none.unexplained)} were past before{also}"
+            f"{how}; {len(self.none.unexplained)} {'was' if len(self.none.unexplained) == 1 else 'were'} "
+            f"past before{also}"
         )
 
     def to_json(self) -> dict[str, Any]:
