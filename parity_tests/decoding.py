@@ -62,6 +62,15 @@ TIES = 3  # logits equal to the k-th largest in the built rows: the book keeps t
 # Positions the check needs: one past the last fed, so a position one off stays inside the table.
 POSITIONS = PROMPT_LEN + NEW_TOKENS
 
+
+def setup_text() -> str:
+    """The check's setup in words, as the command lines print it."""
+    return (
+        f"{PROMPTS} prompts of {BATCH} x {PROMPT_LEN} tokens + {NEW_TOKENS} new, full cache and window {WINDOW}, "
+        f"sampling at temperature {TEMPERATURE:g}, top-k {TOP_K}"
+    )
+
+
 Plant = Callable[[dict[str, Any]], contextlib.AbstractContextManager]
 _NO_PLANT: Plant = lambda models: contextlib.nullcontext()  # noqa: E731
 

@@ -230,10 +230,7 @@ def _setup_line(d: Diagnosis, args: argparse.Namespace, directions: tuple[str, .
         steps = max((w.step for w in r.weights), default=0)
         return f"batch {r.batch} x {r.seq} tokens, {steps} AdamW step{'s' if steps != 1 else ''}"  # the kind names the dtype
     if isinstance(r, decoding.DecodingReport):
-        return (
-            f"{decoding.PROMPTS} prompts of {decoding.PROMPT_LEN} tokens, batch {decoding.BATCH}, "
-            f"{decoding.NEW_TOKENS} new tokens each, window {decoding.WINDOW}"
-        )
+        return decoding.setup_text()
     return f"{args.dtype}, batch {args.batch} x {r.seq} tokens, {', '.join(directions)}"
 
 

@@ -115,10 +115,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             f"(check --train-steps {zoo_training.STEPS}), batch {report.batch} x {min(report.seq, 32)} tokens"
         )
     if any(m.shows_in == zoo.GENERATION for m in chosen):
-        print(
-            f"decoding mutants: the generation check, {decoding.PROMPTS} prompts of {decoding.BATCH} x "
-            f"{decoding.PROMPT_LEN} tokens + {decoding.NEW_TOKENS} new, full cache and window {decoding.WINDOW}, "
-            f"sampling at temperature {decoding.TEMPERATURE:g}, top-k {decoding.TOP_K}; then unplanted on the same models"
-        )
+        print(f"decoding mutants: the generation check, {decoding.setup_text()}; then unplanted on the same models")
     emit(args, report, reports.zoo_table, reports.plot_zoo)
     return 0 if report.passed else 1

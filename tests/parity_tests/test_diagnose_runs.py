@@ -91,7 +91,10 @@ def test_a_kv_cache_bug_in_torch_is_named_though_torch_raises_where_flax_goes_on
     argv = ["diagnose", "--config", tiny_json, "--plant", "kv-cache-stale@torch", "--reference", "flax"]
     assert main([*argv, "--evidence", "generation", "--quiet"]) == 1
     out = capsys.readouterr().out
-    assert "The generation check (3 prompts of 3 tokens, batch 2, 4 new tokens each, window 4):" in out
+    assert (
+        "The generation check (3 prompts of 2 x 3 tokens + 4 new, full cache and window 4, "
+        "sampling at temperature 0.7, top-k 5):" in out
+    )
     assert "check failed first at cached prompt 1 position 0 trf_blocks.0.att" in out
     assert "consistent with kv-cache-stale in torch at cached prompt 1 position 0 trf_blocks.0.att" in out
     assert "planted in flax, it brings all " in out  # without the cut, only within its own rounding
